@@ -1,0 +1,330 @@
+/**
+ * Configuration: read, parse (YAML), validate every key reporting *all* errors with key path
+ * and line, fill defaults, freeze. Nothing downstream re-checks what is validated here.
+ */
+import { readFile } from 'node:fs/promises';
+import { isIP } from 'node:net';
+import { LineCounter, parseDocument, type Document, type Node } from "yaml";
+import ipaddr from 'ipaddr.js';
+import { ProxyError } from '../errors.js';
+import { parseCidr } from '../control/ip.js';
+import type {
+  Advertise,
+  AdvertiseRule,
+  DataMode,
+  HostAndPort,
+  ListenerConfig,
+  PortRange,
+  ProxyConfig,
+  TimeoutsConfig,
+  LimitsConfig,
+} from './schema.js';
+
+export interface ConfigIssue {
+  /** Key path, e.g. `listeners[0].upstream.port`. */
+  readonly path: string;
+  /** 1-based line in the file, 0 when the key is missing. */
+  readonly line: number;
+  readonly message: string;
+}
+
+export class ConfigError extends ProxyError {
+  readonly issues: readonly ConfigIssue[];
+  constructor(source: string, issues: readonly ConfigIssue[]) {
+    super('FTPP_ERR_CONFIG', `${source}: ${issues.length} error(s)\n${issues.map(formatIssue).join('\n')}`);
+    this.name = 'ConfigError';
+    this.issues = issues;
+  }
+}
+
+export function formatIssue(issue: ConfigIssue): string {
+  return `  ${issue.path || '(root)'}${issue.line > 0 ? ` (line ${issue.line})` : ''}: ${issue.message}`;
+}
+
+const LOG_LEVELS = new Set(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']);
+const DATA_MODES: ReadonlySet<string> = new Set(['passive', 'active', 'mirror']);
+
+/** Defaults, in seconds where the YAML key says Seconds. Documented in README and conf/. */
+export const TIMEOUT_DEFAULTS = {
+  upstreamConnectSeconds: 10,
+  upstreamReplySeconds: 30,
+  dataConnectSeconds: 10,
+  dataAcceptSeconds: 30,
+  // Longer than vsftpd's idle_session_timeout (300) so the server's own 421 normally wins
+  // (protocol.md §4.3).
+  idleSeconds: 600,
+  transferReplyHoldSeconds: 30,
+  dataLingerSeconds: 10,
+  abortIdleMilliseconds: 200,
+} as const;
+
+export const LIMIT_DEFAULTS = {
+  // vsftpd's VSFTP_MAX_COMMAND_LINE (protocol.md §1.1).
+  maxLineBytes: 4096,
+  maxReplyBytes: 1024 * 1024,
+  maxQueuedCommands: 64,
+} as const;
+
+export const DEFAULT_PASSIVE_PORTS = '60000-60099';
+
+class Validator {
+  readonly issues: ConfigIssue[] = [];
+  constructor(private readonly doc: Document, private readonly lines: LineCounter) {}
+
+  lineOf(path: readonly (string | number)[]): number {
+    for (let n = path.length; n >= 0; n--) {
+      const node = (n === 0 ? this.doc.contents : this.doc.getIn(path.slice(0, n), true)) as Node | undefined;
+      const start = node && (node as { range?: [number, number, number] }).range?.[0];
+      if (typeof start === 'number') return this.lines.linePos(start).line;
+    }
+    return 0;
+  }
+
+  fail(path: readonly (string | number)[], message: string): void {
+    this.issues.push({ path: formatPath(path), line: this.lineOf(path), message });
+  }
+}
+
+function formatPath(path: readonly (string | number)[]): string {
+  let out = '';
+  for (const part of path) out += typeof part === 'number' ? `[${part}]` : out === '' ? part : `.${part}`;
+  return out;
+}
+
+type Obj = Record<string, unknown>;
+
+function isObject(value: unknown): value is Obj {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function checkKeys(v: Validator, path: (string | number)[], value: Obj, allowed: readonly string[]): void {
+  for (const key of Object.keys(value)) {
+    if (!allowed.includes(key)) v.fail([...path, key], `unknown key (allowed: ${allowed.join(', ')})`);
+  }
+}
+
+function section(v: Validator, path: (string | number)[], value: unknown, allowed: readonly string[]): Obj {
+  if (value === undefined || value === null) return {};
+  if (!isObject(value)) {
+    v.fail(path, 'must be a mapping');
+    return {};
+  }
+  checkKeys(v, path, value, allowed);
+  return value;
+}
+
+export function parsePortRange(text: string): PortRange | null {
+  const match = /^\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?$/.exec(text);
+  if (!match) return null;
+  const first = Number(match[1]);
+  const last = match[2] === undefined ? first : Number(match[2]);
+  if (first < 1 || last > 65535 || first > last) return null;
+  return { first, last };
+}
+
+/** "host:port" or "[v6]:port"; host must be an IP literal. */
+export function parseListenAddress(text: string): HostAndPort | null {
+  const v6 = /^\[([^\]]+)\]:(\d{1,5})$/.exec(text);
+  const v4 = /^([^:[\]]+):(\d{1,5})$/.exec(text);
+  const match = v6 ?? v4;
+  if (!match) return null;
+  const host = match[1]!;
+  const port = Number(match[2]);
+  if (port > 65535) return null;
+  if (v6 ? isIP(host) !== 6 : isIP(host) !== 4) return null;
+  return { host: ipaddr.parse(host).toString(), port };
+}
+
+function isHostname(text: string): boolean {
+  return text.length <= 253 && /^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/.test(text);
+}
+
+function str(v: Validator, path: (string | number)[], value: unknown, fallback: string | undefined): string | undefined {
+  if (value === undefined || value === null) {
+    if (fallback === undefined) v.fail(path, 'is required');
+    return fallback;
+  }
+  if (typeof value !== 'string' && typeof value !== 'number') {
+    v.fail(path, 'must be a string');
+    return undefined;
+  }
+  return String(value);
+}
+
+function int(v: Validator, path: (string | number)[], value: unknown, fallback: number, min: number, max: number): number {
+  if (value === undefined || value === null) return fallback;
+  if (typeof value !== 'number' || !Number.isFinite(value) || value < min || value > max) {
+    v.fail(path, `must be a number from ${min} to ${max}`);
+    return fallback;
+  }
+  return value;
+}
+
+function bool(v: Validator, path: (string | number)[], value: unknown, fallback: boolean): boolean {
+  if (value === undefined || value === null) return fallback;
+  if (typeof value !== 'boolean') {
+    v.fail(path, 'must be true or false');
+    return fallback;
+  }
+  return value;
+}
+
+function validateListener(v: Validator, index: number, raw: unknown): ListenerConfig | null {
+  const base: (string | number)[] = ['listeners', index];
+  const before = v.issues.length;
+  const obj = section(v, base, raw, ['name', 'listen', 'upstream', 'client', 'timeouts', 'limits']);
+  const name = str(v, [...base, 'name'], obj.name, `listener${index}`) ?? `listener${index}`;
+  if (!/^[A-Za-z0-9_.-]{1,64}$/.test(name)) v.fail([...base, 'name'], 'must be 1-64 characters of A-Z a-z 0-9 _ . -');
+
+  const listenText = str(v, [...base, 'listen'], obj.listen, undefined);
+  const listen = listenText === undefined ? null : parseListenAddress(listenText);
+  if (listenText !== undefined && !listen) v.fail([...base, 'listen'], `"${listenText}" is not host:port with an IP host (IPv6 as "[::1]:21")`);
+
+  const up = section(v, [...base, 'upstream'], obj.upstream, ['host', 'port', 'dataMode', 'activePorts', 'bind']);
+  if (obj.upstream === undefined) v.fail([...base, 'upstream'], 'is required');
+  const upHost = str(v, [...base, 'upstream', 'host'], up.host, obj.upstream === undefined ? '' : undefined) ?? '';
+  if (upHost !== '' && !isIP(upHost) && !isHostname(upHost)) v.fail([...base, 'upstream', 'host'], `"${upHost}" is neither an IP address nor a hostname`);
+  const upPort = int(v, [...base, 'upstream', 'port'], up.port, 21, 1, 65535);
+  const dataModeText = str(v, [...base, 'upstream', 'dataMode'], up.dataMode, 'passive') ?? 'passive';
+  if (!DATA_MODES.has(dataModeText)) v.fail([...base, 'upstream', 'dataMode'], 'must be passive, active or mirror');
+  const dataMode = (DATA_MODES.has(dataModeText) ? dataModeText : 'passive') as DataMode;
+  let activePorts: PortRange | null = null;
+  if (up.activePorts !== undefined && up.activePorts !== null) {
+    activePorts = parsePortRange(String(up.activePorts));
+    if (!activePorts) v.fail([...base, 'upstream', 'activePorts'], 'must be "first-last" within 1-65535');
+  } else if (dataMode !== 'passive') {
+    v.fail([...base, 'upstream', 'activePorts'], `is required when dataMode is ${dataMode}`);
+  }
+  let bind: string | null = null;
+  if (up.bind !== undefined && up.bind !== null) {
+    bind = String(up.bind);
+    if (!isIP(bind)) v.fail([...base, 'upstream', 'bind'], 'must be an IP address');
+    else bind = ipaddr.parse(bind).toString();
+  }
+
+  const cl = section(v, [...base, 'client'], obj.client, ['advertise', 'advertiseFor', 'passivePorts', 'portNatFixup']);
+  const advertiseText = str(v, [...base, 'client', 'advertise'], cl.advertise, 'auto') ?? 'auto';
+  let advertise: Advertise = { kind: 'auto' };
+  if (advertiseText === 'auto') advertise = { kind: 'auto' };
+  else if (isIP(advertiseText)) advertise = { kind: 'ip', address: ipaddr.parse(advertiseText).toString() };
+  else if (isHostname(advertiseText)) advertise = { kind: 'hostname', hostname: advertiseText };
+  else v.fail([...base, 'client', 'advertise'], 'must be an IP address, a hostname or "auto"');
+  if (advertise.kind === 'ip' && isIP(advertise.address) !== 4) {
+    v.fail([...base, 'client', 'advertise'], 'must be an IPv4 address: 227 replies carry IPv4 only (IPv6 clients use EPSV)');
+  }
+
+  const advertiseFor: AdvertiseRule[] = [];
+  if (cl.advertiseFor !== undefined && cl.advertiseFor !== null) {
+    if (!Array.isArray(cl.advertiseFor)) v.fail([...base, 'client', 'advertiseFor'], 'must be a list');
+    else {
+      cl.advertiseFor.forEach((rule: unknown, i: number) => {
+        const rp = [...base, 'client', 'advertiseFor', i];
+        const r = section(v, rp, rule, ['from', 'address']);
+        const fromText = str(v, [...rp, 'from'], r.from, undefined);
+        const address = str(v, [...rp, 'address'], r.address, undefined);
+        let from = null;
+        if (fromText !== undefined) {
+          try {
+            from = parseCidr(fromText);
+          } catch {
+            v.fail([...rp, 'from'], `"${fromText}" is not a CIDR such as 10.0.0.0/8`);
+          }
+        }
+        if (address !== undefined && isIP(address) !== 4) v.fail([...rp, 'address'], 'must be an IPv4 address');
+        if (from && fromText !== undefined && address !== undefined && isIP(address) === 4) {
+          advertiseFor.push(Object.freeze({ from, fromText, address: ipaddr.parse(address).toString() }));
+        }
+      });
+    }
+  }
+  const passiveText = str(v, [...base, 'client', 'passivePorts'], cl.passivePorts, DEFAULT_PASSIVE_PORTS) ?? DEFAULT_PASSIVE_PORTS;
+  const passivePorts = parsePortRange(passiveText);
+  if (!passivePorts) v.fail([...base, 'client', 'passivePorts'], 'must be "first-last" within 1-65535');
+  const portNatFixup = bool(v, [...base, 'client', 'portNatFixup'], cl.portNatFixup, true);
+
+  const tp = [...base, 'timeouts'];
+  const t = section(v, tp, obj.timeouts, [...Object.keys(TIMEOUT_DEFAULTS)]);
+  const seconds = (key: keyof typeof TIMEOUT_DEFAULTS, max = 86400): number =>
+    Math.round(int(v, [...tp, key], t[key], TIMEOUT_DEFAULTS[key], 0.001, max) * 1000);
+  const timeouts: TimeoutsConfig = {
+    upstreamConnectMs: seconds('upstreamConnectSeconds'),
+    upstreamReplyMs: seconds('upstreamReplySeconds'),
+    dataConnectMs: seconds('dataConnectSeconds'),
+    dataAcceptMs: seconds('dataAcceptSeconds'),
+    idleMs: seconds('idleSeconds'),
+    transferReplyHoldMs: seconds('transferReplyHoldSeconds'),
+    dataLingerMs: seconds('dataLingerSeconds'),
+    abortIdleMs: Math.round(int(v, [...tp, 'abortIdleMilliseconds'], t.abortIdleMilliseconds, TIMEOUT_DEFAULTS.abortIdleMilliseconds, 1, 10000)),
+  };
+
+  const lp = [...base, 'limits'];
+  const l = section(v, lp, obj.limits, [...Object.keys(LIMIT_DEFAULTS)]);
+  const limits: LimitsConfig = {
+    maxLineBytes: Math.floor(int(v, [...lp, 'maxLineBytes'], l.maxLineBytes, LIMIT_DEFAULTS.maxLineBytes, 512, 65536)),
+    maxReplyBytes: Math.floor(int(v, [...lp, 'maxReplyBytes'], l.maxReplyBytes, LIMIT_DEFAULTS.maxReplyBytes, 4096, 64 * 1024 * 1024)),
+    maxQueuedCommands: Math.floor(int(v, [...lp, 'maxQueuedCommands'], l.maxQueuedCommands, LIMIT_DEFAULTS.maxQueuedCommands, 1, 10000)),
+  };
+
+  if (v.issues.length > before || !listen || !passivePorts) return null;
+  return {
+    name,
+    listen,
+    upstream: { host: upHost, port: upPort, dataMode, activePorts, bind },
+    client: { advertise, advertiseFor, passivePorts, portNatFixup },
+    timeouts,
+    limits,
+  };
+}
+
+/** Validate a parsed YAML document. Throws ConfigError listing every problem. */
+export function validateConfigText(text: string, source = 'config'): ProxyConfig {
+  const lines = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false, uniqueKeys: true });
+  const v = new Validator(doc, lines);
+  for (const err of doc.errors) {
+    v.issues.push({ path: '', line: err.linePos?.[0]?.line ?? 0, message: `YAML: ${err.message.split('\n')[0]}` });
+  }
+  if (v.issues.length > 0) throw new ConfigError(source, v.issues);
+  const root = doc.toJS() as unknown;
+  if (!isObject(root)) throw new ConfigError(source, [{ path: '', line: 1, message: 'must be a mapping with a "listeners" list' }]);
+  checkKeys(v, [], root, ['log', 'listeners']);
+  const logObj = section(v, ['log'], root.log, ['level']);
+  const level = str(v, ['log', 'level'], logObj.level, 'info') ?? 'info';
+  if (!LOG_LEVELS.has(level)) v.fail(['log', 'level'], `must be one of ${[...LOG_LEVELS].join(', ')}`);
+
+  const listeners: ListenerConfig[] = [];
+  if (!Array.isArray(root.listeners) || root.listeners.length === 0) {
+    v.fail(['listeners'], 'must be a non-empty list');
+  } else {
+    root.listeners.forEach((raw: unknown, i: number) => {
+      const listener = validateListener(v, i, raw);
+      if (listener) listeners.push(listener);
+    });
+    const names = new Set<string>();
+    listeners.forEach((l, i) => {
+      if (names.has(l.name)) v.fail(['listeners', i, 'name'], `duplicate listener name "${l.name}"`);
+      names.add(l.name);
+    });
+  }
+  if (v.issues.length > 0) throw new ConfigError(source, v.issues);
+  return deepFreeze({ log: { level }, listeners });
+}
+
+export async function loadConfigFile(path: string): Promise<ProxyConfig> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    throw new ConfigError(path, [{ path: '', line: 0, message: `cannot read file: ${(err as Error).message}` }]);
+  }
+  return validateConfigText(text, path);
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value && typeof value === 'object' && !Object.isFrozen(value)) {
+    Object.freeze(value);
+    for (const inner of Object.values(value as object)) deepFreeze(inner);
+  }
+  return value;
+}
+

@@ -1,0 +1,199 @@
+/**
+ * The rewrite decision: what the proxy does with each client command and with the server
+ * replies it must interpret. Pure: the session module carries the decisions out on sockets.
+ */
+import {
+  parseEprtArgument,
+  parseEpsvArgument,
+  parseEpsvReply,
+  parsePasvReply,
+  parsePortArgument,
+  type HostPort,
+} from './address.js';
+import type { Family } from './ip.js';
+import { decideActiveTarget } from './policy.js';
+import type { ClientCommand } from './command.js';
+import type { Reply } from './reply.js';
+import type { ErrorCode } from '../errors.js';
+
+/** What the proxy knows about a session when it decides. */
+export interface SessionView {
+  /** Family of the client's control connection. */
+  readonly controlFamily: Family;
+  /** The client's real address (normalized). */
+  readonly clientIp: string;
+  /** EPSV ALL was accepted earlier in this session (RFC 2428 §3). */
+  readonly epsvAll: boolean;
+  /** Apply the PORT NAT fix-up (protocol.md §4.1). */
+  readonly allowNatFixup: boolean;
+}
+
+export type TransferDirection = 'download' | 'upload';
+
+export type CommandDecision =
+  /** Send upstream as is; relay the reply. */
+  | { readonly kind: 'forward' }
+  /** FEAT: send upstream, edit the 211 reply (editFeatReply). */
+  | { readonly kind: 'feat' }
+  /** A command that moves data over the pending data channel. */
+  | { readonly kind: 'transfer'; readonly direction: TransferDirection }
+  /** PASV or EPSV: the client will connect to a relay port. */
+  | { readonly kind: 'passive'; readonly style: 'pasv' | 'epsv' }
+  /** PORT or EPRT: the proxy will connect to the client. */
+  | { readonly kind: 'active'; readonly style: 'port' | 'eprt'; readonly target: HostPort; readonly natFixup: boolean }
+  /** EPSV ALL: answered locally, later PASV/PORT/EPRT refused. */
+  | { readonly kind: 'epsv-all' }
+  /** ABOR: reset the data legs, then forward a clean ABOR. */
+  | { readonly kind: 'abort' }
+  /** Answered by the proxy; nothing goes upstream. */
+  | { readonly kind: 'reply'; readonly line: string; readonly errorCode: ErrorCode };
+
+const TRANSFER_VERBS: ReadonlyMap<string, TransferDirection> = new Map([
+  ['RETR', 'download'],
+  ['LIST', 'download'],
+  ['NLST', 'download'],
+  ['MLSD', 'download'],
+  ['STOR', 'upload'],
+  ['STOU', 'upload'],
+  ['APPE', 'upload'],
+]);
+
+/**
+ * Security-layer commands (RFC 2228). The proxy does not terminate TLS yet, and passing AUTH
+ * through would encrypt the control stream end to end so nothing could be rewritten
+ * (protocol.md §5.3): refuse them; clients such as lftp then continue in plain text.
+ */
+const SECURITY_VERBS: ReadonlySet<string> = new Set(['AUTH', 'ADAT', 'PBSZ', 'PROT', 'CCC', 'MIC', 'CONF', 'ENC']);
+
+function reply(line: string, errorCode: ErrorCode): CommandDecision {
+  return { kind: 'reply', line, errorCode };
+}
+
+function wrongFamily(family: Family): CommandDecision {
+  return reply(`522 Network protocol not supported, use (${family === 4 ? 1 : 2})`, 'FTPP_ERR_WRONG_FAMILY');
+}
+
+const SYNTAX_REPLY = '501 Syntax error in parameters or arguments.';
+const EPSV_ALL_REPLY = '501 Only EPSV is allowed after EPSV ALL.';
+
+export function decideCommand(command: ClientCommand, view: SessionView): CommandDecision {
+  const verb = command.verb;
+  const direction = TRANSFER_VERBS.get(verb);
+  if (direction) return { kind: 'transfer', direction };
+  switch (verb) {
+    case 'PASV':
+      if (view.epsvAll) return reply(EPSV_ALL_REPLY, 'FTPP_ERR_EPSV_ALL');
+      // vsftpd answers 0,0,0,0 here; a trusting client would then dial the local host
+      // (protocol.md §2.5, §8.17).
+      if (view.controlFamily === 6) return reply('425 Use EPSV on an IPv6 connection.', 'FTPP_ERR_PASV_ON_IPV6');
+      return { kind: 'passive', style: 'pasv' };
+    case 'EPSV': {
+      const arg = parseEpsvArgument(command.argument);
+      if (arg.kind === 'all') return { kind: 'epsv-all' };
+      if (arg.kind === 'syntax') return reply(SYNTAX_REPLY, 'FTPP_ERR_BAD_ADDRESS_SYNTAX');
+      if (arg.kind === 'unsupported-family') return wrongFamily(view.controlFamily);
+      if (arg.kind === 'family' && arg.family !== view.controlFamily) return wrongFamily(view.controlFamily);
+      return { kind: 'passive', style: 'epsv' };
+    }
+    case 'PORT': {
+      if (view.epsvAll) return reply(EPSV_ALL_REPLY, 'FTPP_ERR_EPSV_ALL');
+      const parsed = parsePortArgument(command.argument);
+      if (!parsed.ok) return reply(SYNTAX_REPLY, 'FTPP_ERR_BAD_ADDRESS_SYNTAX');
+      if (view.controlFamily === 6) return reply('425 Use EPRT on an IPv6 connection.', 'FTPP_ERR_WRONG_FAMILY');
+      return activeDecision('port', parsed.value, view);
+    }
+    case 'EPRT': {
+      if (view.epsvAll) return reply(EPSV_ALL_REPLY, 'FTPP_ERR_EPSV_ALL');
+      const parsed = parseEprtArgument(command.argument);
+      if (!parsed.ok) {
+        return parsed.reason === 'family' ? wrongFamily(view.controlFamily) : reply(SYNTAX_REPLY, 'FTPP_ERR_BAD_ADDRESS_SYNTAX');
+      }
+      if (parsed.family !== view.controlFamily) return wrongFamily(view.controlFamily);
+      return activeDecision('eprt', parsed.value, view);
+    }
+    case 'LPRT':
+    case 'LPSV':
+      // RFC 1639 was superseded by RFC 2428; clients fall back to EPRT/PORT (protocol.md §2.3).
+      return reply('502 Command not implemented.', 'FTPP_ERR_NOT_IMPLEMENTED');
+    case 'REIN':
+      // Resetting the session would have to reset the proxy's own state too; vsftpd does not
+      // implement it either (protocol.md §3.5).
+      return reply('502 REIN not implemented.', 'FTPP_ERR_NOT_IMPLEMENTED');
+    case 'ABOR':
+      return { kind: 'abort' };
+    case 'FEAT':
+      return { kind: 'feat' };
+    default:
+      if (SECURITY_VERBS.has(verb)) return reply(`502 ${verb} not supported by this proxy.`, 'FTPP_ERR_NOT_IMPLEMENTED');
+      return { kind: 'forward' };
+  }
+}
+
+function activeDecision(style: 'port' | 'eprt', requested: HostPort, view: SessionView): CommandDecision {
+  const decision = decideActiveTarget(requested, view.clientIp, view.allowNatFixup);
+  if (!decision.ok) {
+    return reply(style === 'port' ? '500 Illegal PORT command.' : '500 Illegal EPRT command.', 'FTPP_ERR_BOUNCE_REFUSED');
+  }
+  return { kind: 'active', style, target: decision.target, natFixup: decision.natFixup };
+}
+
+export type UpstreamPassiveResult =
+  | { readonly ok: true; readonly port: number }
+  /** The server does not know this command: try the other one (EPSV -> PASV). */
+  | { readonly ok: false; readonly reason: 'unsupported' }
+  /** The server refused for another reason (530 not logged in...): tell the client. */
+  | { readonly ok: false; readonly reason: 'refused' }
+  /** The server said yes but the address is unreadable or out of range (octet 256...). */
+  | { readonly ok: false; readonly reason: 'malformed' };
+
+/**
+ * Interpret the server's answer to the proxy's own EPSV or PASV. The 227 address is ignored
+ * on purpose: legacy servers advertise a private or stale NAT address (protocol.md §2.4,
+ * §8.3); the proxy connects to the server's control address instead.
+ */
+export function interpretUpstreamPassiveReply(reply: Reply, sent: 'EPSV' | 'PASV'): UpstreamPassiveResult {
+  if (sent === 'EPSV') {
+    if (reply.code === 229) {
+      const parsed = parseEpsvReply(reply.lines);
+      return parsed.ok ? { ok: true, port: parsed.port } : { ok: false, reason: 'malformed' };
+    }
+    // 500/502 unknown command, 501 syntax, 522 family (vsftpd "522 Bad network protocol.").
+    if (reply.code === 500 || reply.code === 501 || reply.code === 502 || reply.code === 522) {
+      return { ok: false, reason: 'unsupported' };
+    }
+    return { ok: false, reason: 'refused' };
+  }
+  if (reply.code === 227) {
+    const parsed = parsePasvReply(reply.lines);
+    return parsed.ok ? { ok: true, port: parsed.value.port } : { ok: false, reason: 'malformed' };
+  }
+  return { ok: false, reason: 'refused' };
+}
+
+/** Features whose commands the proxy answers itself instead of the server (see SECURITY_VERBS, LPRT). */
+const FEATURES_REMOVED: ReadonlySet<string> = new Set(['AUTH', 'PBSZ', 'PROT', 'CCC', 'ADAT', 'LPRT', 'LPSV']);
+/** Features the proxy offers whatever the server does (it translates EPSV/EPRT itself). */
+const FEATURES_ADDED: readonly string[] = ['EPRT', 'EPSV'];
+
+/**
+ * Edit a FEAT reply (RFC 2389) so it lists what the proxy offers: EPRT/EPSV always (the proxy
+ * translates them), never the security extensions it refuses. Other lines pass unchanged.
+ */
+export function editFeatReply(reply: Reply): Buffer {
+  if (reply.code !== 211) return reply.raw;
+  const lines = reply.lines;
+  const first = lines.length > 1 ? lines[0]! : '211-Features:';
+  const last = lines.length > 1 ? lines[lines.length - 1]! : '211 End';
+  const inner = lines.length > 1 ? lines.slice(1, -1) : [];
+  const kept = inner.filter((line) => !FEATURES_REMOVED.has(featureName(line)));
+  const present = new Set(kept.map(featureName));
+  for (const feature of FEATURES_ADDED) {
+    if (!present.has(feature)) kept.push(` ${feature}`);
+  }
+  const text = [first.startsWith('211-') ? first : `211-${first.slice(4)}`, ...kept, last].join('\r\n') + '\r\n';
+  return Buffer.from(text, 'latin1');
+}
+
+function featureName(line: string): string {
+  return line.trim().split(/\s+/, 1)[0]!.toUpperCase();
+}

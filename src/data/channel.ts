@@ -1,0 +1,191 @@
+/**
+ * One data channel of a session: a client leg and an upstream leg, each either a one-shot
+ * listener (the peer connects to the proxy) or an outbound dial (the proxy connects), paired
+ * into a DataRelay once both sockets exist. Single use; one idempotent teardown.
+ */
+import type net from 'node:net';
+import type { HostPort } from '../control/address.js';
+import type { TransferDirection } from '../control/rewrite.js';
+import type { PassiveAccept } from './passive.js';
+import { DataRelay, resetSocket, type RelayResult } from './relay.js';
+import type { Dial } from './dial.js';
+
+export type ClientLeg =
+  | { readonly kind: 'passive'; readonly accept: PassiveAccept }
+  | { readonly kind: 'active'; readonly target: HostPort };
+
+export type UpstreamLeg =
+  | { readonly kind: 'passive'; readonly target: HostPort }
+  | { readonly kind: 'active'; readonly accept: PassiveAccept };
+
+export type ChannelState =
+  | { readonly status: 'pending' }
+  | { readonly status: 'connecting' }
+  | { readonly status: 'relaying'; readonly relay: DataRelay }
+  | { readonly status: 'closed'; readonly reason: string };
+
+export interface PairOptions {
+  /** Already connected client socket (active client leg), else the leg's accept is awaited. */
+  readonly clientSocket: net.Socket | null;
+  /** Already connected upstream socket (passive upstream leg), else the leg's accept is awaited. */
+  readonly upstreamSocket: net.Socket | null;
+  readonly idleTimeoutMs: number;
+}
+
+let nextChannelId = 1;
+
+export class DataChannel {
+  readonly id = nextChannelId++;
+  readonly clientLeg: ClientLeg;
+  readonly upstreamLeg: UpstreamLeg;
+  private stateValue: ChannelState = { status: 'pending' };
+  private readonly dials = new Set<Dial>();
+  private readonly looseSockets = new Set<net.Socket>();
+  private lingerTimer: NodeJS.Timeout | null = null;
+  /** Kept after close so byte counts stay readable. */
+  private relay: DataRelay | null = null;
+  private readonly closedWaiters: Array<() => void> = [];
+  private readonly relayWaiters: Array<(relay: DataRelay) => void> = [];
+  /** Fires once with the relay result, or null when the channel closed before relaying. */
+  onSettled: ((result: RelayResult | null, reason: string) => void) | null = null;
+
+  constructor(clientLeg: ClientLeg, upstreamLeg: UpstreamLeg) {
+    this.clientLeg = clientLeg;
+    this.upstreamLeg = upstreamLeg;
+  }
+
+  get state(): ChannelState {
+    return this.stateValue;
+  }
+
+  get isClosed(): boolean {
+    return this.stateValue.status === 'closed';
+  }
+
+  /** Port the client connects to (passive client leg), for logs. */
+  get clientPort(): number | null {
+    return this.clientLeg.kind === 'passive' ? this.clientLeg.accept.port : this.clientLeg.target.port;
+  }
+
+  get upstreamPort(): number | null {
+    return this.upstreamLeg.kind === 'passive' ? this.upstreamLeg.target.port : this.upstreamLeg.accept.port;
+  }
+
+  /** Register an outbound connect so close() can cancel it. */
+  track(dial: Dial): Dial {
+    this.dials.add(dial);
+    dial.connected.then(
+      (socket) => {
+        this.dials.delete(dial);
+        if (this.isClosed) resetSocket(socket);
+        else this.looseSockets.add(socket);
+      },
+      () => this.dials.delete(dial),
+    );
+    return dial;
+  }
+
+  /**
+   * Wait for both sockets (accepting on listener legs), then relay. A leg that fails (accept
+   * timeout) closes the channel, which resets the other leg so the server reports 426.
+   */
+  pair(options: PairOptions): void {
+    if (this.stateValue.status !== 'pending') return;
+    this.stateValue = { status: 'connecting' };
+    const clientSocket = options.clientSocket
+      ? Promise.resolve(options.clientSocket)
+      : this.clientLeg.kind === 'passive' ? this.clientLeg.accept.accepted : Promise.reject(new Error('no client socket'));
+    const upstreamSocket = options.upstreamSocket
+      ? Promise.resolve(options.upstreamSocket)
+      : this.upstreamLeg.kind === 'active' ? this.upstreamLeg.accept.accepted : Promise.reject(new Error('no upstream socket'));
+    for (const promise of [clientSocket, upstreamSocket]) {
+      promise.then((socket) => {
+        if (this.isClosed) resetSocket(socket);
+        else this.looseSockets.add(socket);
+      }, () => {});
+    }
+    Promise.all([clientSocket, upstreamSocket]).then(
+      ([client, upstream]) => {
+        if (this.isClosed) return;
+        this.looseSockets.clear();
+        const relay = new DataRelay(client, upstream, { idleTimeoutMs: options.idleTimeoutMs });
+        this.relay = relay;
+        this.stateValue = { status: 'relaying', relay };
+        for (const waiter of this.relayWaiters.splice(0)) waiter(relay);
+        relay.done.then((result) => this.finish(result, result.outcome));
+      },
+      (err: Error) => this.close(`pairing failed: ${err.message}`),
+    );
+  }
+
+  /**
+   * Resolves when the transfer's own direction has delivered everything (protocol.md §3.3:
+   * the final reply waits for this), or when the channel closes for any reason.
+   */
+  directionDone(direction: TransferDirection): Promise<void> {
+    return new Promise<void>((resolve) => {
+      if (this.isClosed) return resolve();
+      this.closedWaiters.push(resolve);
+      const onRelay = (relay: DataRelay): void => {
+        relay.directionFinished(direction === 'download' ? 'toClient' : 'toUpstream').then(resolve);
+      };
+      if (this.stateValue.status === 'relaying') onRelay(this.stateValue.relay);
+      else this.relayWaiters.push(onRelay);
+    });
+  }
+
+  /** Bytes moved so far in each direction. */
+  get bytes(): { toClient: number; toUpstream: number } {
+    const relay = this.relay;
+    return { toClient: relay?.upstreamToClientBytes ?? 0, toUpstream: relay?.clientToUpstreamBytes ?? 0 };
+  }
+
+  /** Close the channel gracefully after `ms` unless it closes by itself first. */
+  lingerThenClose(ms: number): void {
+    if (this.isClosed || this.lingerTimer) return;
+    this.lingerTimer = setTimeout(() => this.close('linger expired'), ms);
+    this.lingerTimer.unref();
+  }
+
+  /**
+   * Tear everything down: cancel accepts and dials, reset every socket (an abortive close,
+   * so nothing half-sent looks complete). Idempotent; the first reason wins.
+   */
+  close(reason: string): void {
+    if (this.stateValue.status === 'closed') return;
+    const relay = this.stateValue.status === 'relaying' ? this.stateValue.relay : null;
+    this.stateValue = { status: 'closed', reason };
+    if (this.lingerTimer) clearTimeout(this.lingerTimer);
+    this.lingerTimer = null;
+    if (this.clientLeg.kind === 'passive') this.clientLeg.accept.cancel(reason);
+    if (this.upstreamLeg.kind === 'active') this.upstreamLeg.accept.cancel(reason);
+    for (const dial of this.dials) dial.cancel();
+    this.dials.clear();
+    for (const socket of this.looseSockets) resetSocket(socket);
+    this.looseSockets.clear();
+    for (const waiter of this.closedWaiters.splice(0)) waiter();
+    this.relayWaiters.length = 0;
+    if (relay) {
+      relay.abort();
+    } else {
+      this.settle(null, reason);
+    }
+  }
+
+  private finish(result: RelayResult, reason: string): void {
+    if (this.stateValue.status !== 'closed') {
+      this.stateValue = { status: 'closed', reason };
+      if (this.lingerTimer) clearTimeout(this.lingerTimer);
+      this.lingerTimer = null;
+      for (const waiter of this.closedWaiters.splice(0)) waiter();
+    }
+    this.settle(result, reason);
+  }
+
+  private settled = false;
+  private settle(result: RelayResult | null, reason: string): void {
+    if (this.settled) return;
+    this.settled = true;
+    this.onSettled?.(result, reason);
+  }
+}

@@ -1,0 +1,144 @@
+/**
+ * Two data sockets spliced together: backpressure both ways, a FIN ends only its own
+ * direction (allowHalfOpen, protocol.md §3.2), and an abortive close is passed on as an
+ * abortive close: a truncated upload must reach the server as a reset so it answers 426,
+ * never 226 (RFC 959 §3.3: stream mode cannot tell a complete file from a truncated one).
+ */
+import type net from 'node:net';
+
+export type RelayOutcome = 'complete' | 'reset' | 'aborted';
+
+export interface RelayResult {
+  readonly upstreamToClientBytes: number;
+  readonly clientToUpstreamBytes: number;
+  readonly outcome: RelayOutcome;
+  readonly durationMs: number;
+}
+
+export interface RelayOptions {
+  /** Reset both legs when neither moves a byte for this long (0 = never). */
+  readonly idleTimeoutMs?: number;
+  readonly now?: () => number;
+}
+
+type Direction = 'toClient' | 'toUpstream';
+
+export class DataRelay {
+  readonly client: net.Socket;
+  readonly upstream: net.Socket;
+  /** Settles once both sockets are closed. Never rejects. */
+  readonly done: Promise<RelayResult>;
+  private readonly finished: Record<Direction, Promise<void>>;
+  private readonly finishResolvers = {} as Record<Direction, () => void>;
+  private bytes: Record<Direction, number> = { toClient: 0, toUpstream: 0 };
+  private outcome: RelayOutcome = 'complete';
+  private readonly closedSockets = new Set<net.Socket>();
+  private resolveDone!: (result: RelayResult) => void;
+  private readonly startedAt: number;
+  private readonly now: () => number;
+
+  constructor(client: net.Socket, upstream: net.Socket, options: RelayOptions = {}) {
+    this.client = client;
+    this.upstream = upstream;
+    this.now = options.now ?? Date.now;
+    this.startedAt = this.now();
+    this.done = new Promise((resolve) => {
+      this.resolveDone = resolve;
+    });
+    this.finished = {
+      toClient: new Promise<void>((resolve) => { this.finishResolvers.toClient = resolve; }),
+      toUpstream: new Promise<void>((resolve) => { this.finishResolvers.toUpstream = resolve; }),
+    };
+    this.pump(upstream, client, 'toClient');
+    this.pump(client, upstream, 'toUpstream');
+    for (const socket of [client, upstream]) {
+      socket.on('error', this.onError);
+      if (socket.closed) this.handleClose(socket, false);
+      else socket.once('close', (hadError: boolean) => this.handleClose(socket, hadError));
+      if (options.idleTimeoutMs && options.idleTimeoutMs > 0) {
+        socket.setTimeout(options.idleTimeoutMs, this.onIdle);
+      }
+    }
+  }
+
+  get upstreamToClientBytes(): number {
+    return this.bytes.toClient;
+  }
+
+  get clientToUpstreamBytes(): number {
+    return this.bytes.toUpstream;
+  }
+
+  /**
+   * Resolves when every byte of one direction has been handed to the receiving socket's
+   * kernel buffer after the sender's FIN ('finish'), or when the relay ends for any reason.
+   * The session holds the server's final transfer reply on this (protocol.md §3.3).
+   */
+  directionFinished(direction: Direction): Promise<void> {
+    return this.finished[direction];
+  }
+
+  /** Reset both legs now (ABOR, failed transfer, shutdown). Idempotent. */
+  abort(): void {
+    if (this.closedSockets.size === 2) return;
+    if (this.outcome === 'complete') this.outcome = 'aborted';
+    resetSocket(this.client);
+    resetSocket(this.upstream);
+  }
+
+  private pump(source: net.Socket, sink: net.Socket, direction: Direction): void {
+    source.on('data', (chunk: Buffer) => {
+      this.bytes[direction] += chunk.length;
+      if (!sink.write(chunk)) source.pause();
+    });
+    sink.on('drain', () => {
+      if (!source.destroyed) source.resume();
+    });
+    source.on('end', () => {
+      // Half-close: pass the FIN on and keep the other direction open.
+      if (!sink.destroyed) sink.end();
+    });
+    sink.on('finish', () => this.finishResolvers[direction]());
+    source.resume();
+  }
+
+  private readonly onError = (): void => {
+    // One leg failed or was reset: the other must see a reset too, never a clean FIN.
+    if (this.outcome === 'complete') this.outcome = 'reset';
+    resetSocket(this.client);
+    resetSocket(this.upstream);
+  };
+
+  private readonly onIdle = (): void => {
+    if (this.outcome === 'complete') this.outcome = 'aborted';
+    resetSocket(this.client);
+    resetSocket(this.upstream);
+  };
+
+  private handleClose(socket: net.Socket, hadError: boolean): void {
+    if (this.closedSockets.has(socket)) return;
+    this.closedSockets.add(socket);
+    if (hadError) this.onError();
+    if (this.closedSockets.size === 2) {
+      this.finishResolvers.toClient();
+      this.finishResolvers.toUpstream();
+      this.resolveDone({
+        upstreamToClientBytes: this.bytes.toClient,
+        clientToUpstreamBytes: this.bytes.toUpstream,
+        outcome: this.outcome,
+        durationMs: this.now() - this.startedAt,
+      });
+    }
+  }
+}
+
+/** Abortive close (RST) that tolerates sockets already gone. */
+export function resetSocket(socket: net.Socket): void {
+  if (socket.destroyed) return;
+  socket.on('error', () => {});
+  try {
+    socket.resetAndDestroy();
+  } catch {
+    socket.destroy();
+  }
+}

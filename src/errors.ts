@@ -1,0 +1,89 @@
+/**
+ * Stable error codes. Every failure the proxy can hit carries one of these codes, a
+ * human message with context (session id, host:port), and maps to exactly one FTP reply
+ * the client sees (REPLY_FOR_CODE). The README table "Error codes" is kept in step with
+ * this file by test/errors.test.ts.
+ */
+export const ERROR_CODES = {
+  /** Configuration file unreadable, unparsable or invalid. */
+  FTPP_ERR_CONFIG: 'FTPP_ERR_CONFIG',
+  /** A command line from the client exceeded the configured maximum length (RFC 959 §4.2.1 "500"). */
+  FTPP_ERR_LINE_TOO_LONG: 'FTPP_ERR_LINE_TOO_LONG',
+  /** A reply line or multi-line reply from the server exceeded its bound. */
+  FTPP_ERR_UPSTREAM_REPLY_TOO_LONG: 'FTPP_ERR_UPSTREAM_REPLY_TOO_LONG',
+  /** The server sent bytes that are not an FTP reply. */
+  FTPP_ERR_UPSTREAM_PROTOCOL: 'FTPP_ERR_UPSTREAM_PROTOCOL',
+  /** The upstream control connection could not be opened (refused, unreachable, timed out). */
+  FTPP_ERR_UPSTREAM_UNREACHABLE: 'FTPP_ERR_UPSTREAM_UNREACHABLE',
+  /** The upstream control connection closed while the client was still connected. */
+  FTPP_ERR_UPSTREAM_CLOSED: 'FTPP_ERR_UPSTREAM_CLOSED',
+  /** Every port of a relay port range is leased or in use by someone else. */
+  FTPP_ERR_POOL_EXHAUSTED: 'FTPP_ERR_POOL_EXHAUSTED',
+  /** PORT/EPRT argument is not syntactically valid (RFC 959 §4.1.2, RFC 2428 §2). */
+  FTPP_ERR_BAD_ADDRESS_SYNTAX: 'FTPP_ERR_BAD_ADDRESS_SYNTAX',
+  /** PORT/EPRT names a host other than the client, or a privileged port (FTP bounce, RFC 2577 §3). */
+  FTPP_ERR_BOUNCE_REFUSED: 'FTPP_ERR_BOUNCE_REFUSED',
+  /** EPRT/EPSV family differs from the control connection's (RFC 2428 §2, "522"). */
+  FTPP_ERR_WRONG_FAMILY: 'FTPP_ERR_WRONG_FAMILY',
+  /** PASV on an IPv6 control connection: no IPv4 address can be given (protocol.md §2.5). */
+  FTPP_ERR_PASV_ON_IPV6: 'FTPP_ERR_PASV_ON_IPV6',
+  /** After EPSV ALL only EPSV may set up data connections (RFC 2428 §3). */
+  FTPP_ERR_EPSV_ALL: 'FTPP_ERR_EPSV_ALL',
+  /** The server refused or failed the upstream data-channel setup (EPSV/PASV/PORT). */
+  FTPP_ERR_UPSTREAM_DATA_SETUP: 'FTPP_ERR_UPSTREAM_DATA_SETUP',
+  /** A data connection (to the client or to the server) could not be opened in time. */
+  FTPP_ERR_DATA_CONNECT: 'FTPP_ERR_DATA_CONNECT',
+  /** No acceptable data connection arrived on a leased port before the accept timeout. */
+  FTPP_ERR_DATA_ACCEPT_TIMEOUT: 'FTPP_ERR_DATA_ACCEPT_TIMEOUT',
+  /** The advertised address for PASV could not be determined (hostname unresolvable). */
+  FTPP_ERR_ADVERTISE_UNRESOLVED: 'FTPP_ERR_ADVERTISE_UNRESOLVED',
+  /** The command is recognised but the proxy does not offer it (LPRT, LPSV, REIN, AUTH...). */
+  FTPP_ERR_NOT_IMPLEMENTED: 'FTPP_ERR_NOT_IMPLEMENTED',
+  /** No traffic on the control connection for the idle timeout. */
+  FTPP_ERR_IDLE_TIMEOUT: 'FTPP_ERR_IDLE_TIMEOUT',
+  /** Too many commands or reply bytes queued: the peer does not read what it asked for. */
+  FTPP_ERR_QUEUE_OVERFLOW: 'FTPP_ERR_QUEUE_OVERFLOW',
+  /** The proxy is shutting down. */
+  FTPP_ERR_SHUTDOWN: 'FTPP_ERR_SHUTDOWN',
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+/** The FTP reply line (without CRLF) a client sees for each error code. */
+export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze({
+  FTPP_ERR_CONFIG: '421 Service not available.',
+  FTPP_ERR_LINE_TOO_LONG: '500 Command line too long.',
+  FTPP_ERR_UPSTREAM_REPLY_TOO_LONG: '421 Service not available: server reply too long.',
+  FTPP_ERR_UPSTREAM_PROTOCOL: '421 Service not available: server protocol error.',
+  FTPP_ERR_UPSTREAM_UNREACHABLE: '421 Service not available.',
+  FTPP_ERR_UPSTREAM_CLOSED: '421 Service not available: server closed the connection.',
+  FTPP_ERR_POOL_EXHAUSTED: "425 Can't open data connection: no free relay port.",
+  FTPP_ERR_BAD_ADDRESS_SYNTAX: '501 Syntax error in parameters or arguments.',
+  FTPP_ERR_BOUNCE_REFUSED: '500 Illegal PORT command.',
+  FTPP_ERR_WRONG_FAMILY: '522 Network protocol not supported, use (1)',
+  FTPP_ERR_PASV_ON_IPV6: '425 Use EPSV on an IPv6 connection.',
+  FTPP_ERR_EPSV_ALL: '501 Only EPSV is allowed after EPSV ALL.',
+  FTPP_ERR_UPSTREAM_DATA_SETUP: "425 Can't open data connection.",
+  FTPP_ERR_DATA_CONNECT: "425 Can't open data connection.",
+  FTPP_ERR_DATA_ACCEPT_TIMEOUT: "425 Can't open data connection: accept timed out.",
+  FTPP_ERR_ADVERTISE_UNRESOLVED: "425 Can't open passive connection: address unknown.",
+  FTPP_ERR_NOT_IMPLEMENTED: '502 Command not implemented.',
+  FTPP_ERR_IDLE_TIMEOUT: '421 Timeout.',
+  FTPP_ERR_QUEUE_OVERFLOW: '421 Too many pending commands.',
+  FTPP_ERR_SHUTDOWN: '421 Service shutting down.',
+});
+
+/** Base class of every error the proxy raises on purpose. */
+export class ProxyError extends Error {
+  readonly code: ErrorCode;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'ProxyError';
+    this.code = code;
+  }
+}
+
+/** True when `err` is a ProxyError carrying `code`. */
+export function isProxyError(err: unknown, code?: ErrorCode): err is ProxyError {
+  return err instanceof ProxyError && (code === undefined || err.code === code);
+}

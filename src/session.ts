@@ -1,0 +1,811 @@
+/**
+ * One client session: the only module that knows both the FTP protocol and the sockets.
+ * It frames both control directions, asks control/rewrite.ts what to do with each command,
+ * runs the proxy's own exchanges with the server (EPSV/PASV/PORT), sets up data channels
+ * and keeps replies in order. Every socket, timer and port it takes is given back by
+ * teardown(), which runs exactly once whatever the path.
+ */
+import type net from 'node:net';
+import { parseCommandLine, isUnterminatedAbort, describeCommandForLog, type ClientCommand } from './control/command.js';
+import { LineFramer, type FramedLine } from './control/line-framer.js';
+import { ReplyAssembler, isPreliminary, replyLine, type Reply } from './control/reply.js';
+import {
+  decideCommand,
+  editFeatReply,
+  interpretUpstreamPassiveReply,
+  type CommandDecision,
+  type SessionView,
+  type TransferDirection,
+} from './control/rewrite.js';
+import { formatEprtArgument, formatEpsvReply, formatPasvReply, formatPortArgument, type HostPort } from './control/address.js';
+import { familyOf, normalizeIp, type Family } from './control/ip.js';
+import { ProxyError, REPLY_FOR_CODE, isProxyError, type ErrorCode } from './errors.js';
+import type { ListenerConfig } from './config/schema.js';
+import type { PortPool } from './data/port-pool.js';
+import { PassiveAccept } from './data/passive.js';
+import { dial } from './data/dial.js';
+import { DataChannel, type UpstreamLeg } from './data/channel.js';
+import type { RelayResult } from './data/relay.js';
+import { ReplyQueue, type ReplySlot } from './reply-queue.js';
+import type { Advertiser } from './advertise.js';
+import type { Logger } from './log.js';
+
+const CRLF = Buffer.from('\r\n');
+/** Pause reading the server while this much reply text waits for the client. */
+const REPLY_HIGH_WATER_BYTES = 256 * 1024;
+/** After the last reply is flushed, how long a closing session waits for the client's FIN. */
+const CLOSE_GRACE_MS = 2000;
+
+export interface SessionDeps {
+  readonly id: string;
+  readonly config: ListenerConfig;
+  readonly clientPool: PortPool;
+  readonly upstreamPool: PortPool | null;
+  readonly advertiser: Advertiser;
+  readonly log: Logger;
+  readonly onClosed: (session: Session) => void;
+}
+
+interface TransferContext {
+  readonly channel: DataChannel;
+  readonly command: ClientCommand;
+  readonly direction: TransferDirection;
+  readonly startedAt: number;
+}
+
+type Expectation =
+  | { readonly kind: 'client'; readonly slot: ReplySlot; readonly transform?: (reply: Reply) => Buffer; readonly transfer?: TransferContext }
+  | { readonly kind: 'internal'; readonly resolve: (reply: Reply) => void; readonly reject: (err: Error) => void; timer: NodeJS.Timeout | null };
+
+export type SessionStatus = 'connecting' | 'open' | 'closing' | 'closed';
+
+export class Session {
+  readonly id: string;
+  readonly client: net.Socket;
+  readonly clientIp: string;
+  readonly clientPort: number;
+  readonly localIp: string;
+  readonly controlFamily: Family;
+  readonly startedAt = Date.now();
+  private readonly config: ListenerConfig;
+  private readonly deps: SessionDeps;
+  private readonly log: Logger;
+  private statusValue: SessionStatus = 'connecting';
+  private upstream: net.Socket | null = null;
+  private upstreamReady: Promise<boolean>;
+  private resolveUpstreamReady!: (ok: boolean) => void;
+  private readonly clientFramer: LineFramer;
+  private readonly upstreamFramer: LineFramer;
+  private readonly replyAssembler: ReplyAssembler;
+  private readonly replies: ReplyQueue;
+  private readonly expectations: Expectation[] = [];
+  private readonly commandQueue: Array<{ line: FramedLine }> = [];
+  private processingCommands = false;
+  private pendingChannel: DataChannel | null = null;
+  private readonly activeTransfers = new Set<DataChannel>();
+  private epsvAll = false;
+  private upstreamLacksEpsv = false;
+  private quitRequested = false;
+  private serverSaid421 = false;
+  private closeAfterFlush = false;
+  private clientPaused = false;
+  private upstreamPaused = false;
+  private idleTimer: NodeJS.Timeout | null = null;
+  private abortTimer: NodeJS.Timeout | null = null;
+  private graceTimer: NodeJS.Timeout | null = null;
+  private user: string | null = null;
+  private transfers = 0;
+  private closeReason = '';
+  private resolveClosed!: () => void;
+  /** Settles when teardown has run. */
+  readonly closed: Promise<void>;
+
+  constructor(client: net.Socket, deps: SessionDeps) {
+    this.id = deps.id;
+    this.client = client;
+    this.deps = deps;
+    this.config = deps.config;
+    this.clientIp = normalizeIp(client.remoteAddress ?? '0.0.0.0');
+    this.clientPort = client.remotePort ?? 0;
+    this.localIp = normalizeIp(client.localAddress ?? '0.0.0.0');
+    this.controlFamily = familyOf(this.clientIp);
+    this.log = deps.log.child({ session: this.id, client: `${this.clientIp}:${this.clientPort}` });
+    this.clientFramer = new LineFramer(this.config.limits.maxLineBytes);
+    this.upstreamFramer = new LineFramer(Math.max(this.config.limits.maxLineBytes, 8192));
+    this.replyAssembler = new ReplyAssembler(this.config.limits.maxReplyBytes);
+    this.replies = new ReplyQueue((bytes) => this.writeClient(bytes), () => this.onRepliesChanged());
+    this.upstreamReady = new Promise((resolve) => {
+      this.resolveUpstreamReady = resolve;
+    });
+    this.closed = new Promise((resolve) => {
+      this.resolveClosed = resolve;
+    });
+  }
+
+  get status(): SessionStatus {
+    return this.statusValue;
+  }
+
+  get view(): SessionView {
+    return {
+      controlFamily: this.controlFamily,
+      clientIp: this.clientIp,
+      epsvAll: this.epsvAll,
+      allowNatFixup: this.config.client.portNatFixup,
+    };
+  }
+
+  /** Begin: connect upstream, relay the greeting, start reading the client. */
+  start(): void {
+    this.log.info({ event: 'session-start', listener: this.config.name, local: `${this.localIp}:${this.client.localPort}` }, 'session start');
+    this.client.setNoDelay(true);
+    this.client.on('data', (chunk: Buffer) => this.onClientData(chunk));
+    this.client.on('end', () => this.onClientEnd());
+    this.client.on('error', (err) => this.teardown(`client error: ${err.message}`));
+    this.client.on('close', () => this.teardown('client closed'));
+    this.client.on('drain', () => this.updateUpstreamFlow());
+    // The greeting is the reply to "connecting" (RFC 959 §5.4: 120 then 220, or 220, or 421).
+    const greeting = this.replies.open();
+    this.expectations.push({ kind: 'client', slot: greeting });
+    this.armIdleTimer();
+    const { upstream } = this.config;
+    const attempt = dial({
+      host: upstream.host,
+      port: upstream.port,
+      localAddress: upstream.bind,
+      timeoutMs: this.config.timeouts.upstreamConnectMs,
+      errorCode: 'FTPP_ERR_UPSTREAM_UNREACHABLE',
+      allowHalfOpen: false,
+    });
+    attempt.connected.then(
+      (socket) => this.onUpstreamConnected(socket),
+      (err: ProxyError) => {
+        if (this.statusValue !== 'connecting') return;
+        this.log.warn({ event: 'upstream-unreachable', code: err.code, err: err.message }, 'upstream unreachable');
+        this.expectations.length = 0;
+        this.replies.push(greeting, replyLine(REPLY_FOR_CODE.FTPP_ERR_UPSTREAM_UNREACHABLE));
+        this.replies.end(greeting);
+        this.resolveUpstreamReady(false);
+        this.beginClose('upstream unreachable');
+      },
+    );
+    this.pendingDial = attempt;
+  }
+  private pendingDial: { cancel(): void } | null = null;
+
+  private onUpstreamConnected(socket: net.Socket): void {
+    this.pendingDial = null;
+    if (this.statusValue === 'closed' || this.statusValue === 'closing') {
+      socket.destroy();
+      return;
+    }
+    this.statusValue = 'open';
+    this.upstream = socket;
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onUpstreamData(chunk));
+    socket.on('error', (err) => this.onUpstreamGone(`upstream error: ${err.message}`));
+    socket.on('close', () => this.onUpstreamGone('upstream closed'));
+    this.log.debug({ event: 'upstream-connected', upstream: `${socket.remoteAddress}:${socket.remotePort}`, via: socket.localAddress }, 'upstream connected');
+    this.resolveUpstreamReady(true);
+  }
+
+  // ---------------------------------------------------------------- client side
+
+  private onClientData(chunk: Buffer): void {
+    if (this.statusValue === 'closed') return;
+    this.armIdleTimer();
+    if (this.abortTimer) {
+      clearTimeout(this.abortTimer);
+      this.abortTimer = null;
+    }
+    const framed = this.clientFramer.push(chunk);
+    for (const line of framed.lines) this.enqueueLine(line);
+    if (framed.overflow) {
+      // RFC 959 §4.2.1 "500 Syntax error, command unrecognized ... command line too long";
+      // vsftpd also closes the session here (protocol.md §1.1, §8.18).
+      this.log.warn({ event: 'line-too-long', code: 'FTPP_ERR_LINE_TOO_LONG', limit: this.config.limits.maxLineBytes }, 'command line too long');
+      this.client.pause();
+      this.commandQueue.length = 0;
+      this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_LINE_TOO_LONG));
+      this.beginClose('line too long');
+      return;
+    }
+    if (isUnterminatedAbort(this.clientFramer.pending)) {
+      // CPython's abort() sends ABOR\r\n as urgent data; Node loses the LF (protocol.md §1.4).
+      this.abortTimer = setTimeout(() => {
+        this.abortTimer = null;
+        const line = this.clientFramer.flushPending();
+        if (line) this.enqueueLine(line);
+      }, this.config.timeouts.abortIdleMs);
+    }
+  }
+
+  private enqueueLine(line: FramedLine): void {
+    if (this.closeAfterFlush || this.statusValue === 'closed') return;
+    if (this.commandQueue.length >= this.config.limits.maxQueuedCommands) {
+      this.log.warn({ event: 'queue-overflow', code: 'FTPP_ERR_QUEUE_OVERFLOW' }, 'too many queued commands');
+      this.commandQueue.length = 0;
+      this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_QUEUE_OVERFLOW));
+      this.beginClose('command queue overflow');
+      return;
+    }
+    this.commandQueue.push({ line });
+    this.updateClientFlow();
+    void this.processCommands();
+  }
+
+  private onClientEnd(): void {
+    // The client half-closed its control connection: answer what it asked, then close.
+    this.log.debug({ event: 'client-fin' }, 'client closed its side');
+    void this.upstreamReady.then(() => {
+      if (this.statusValue === 'closed') return;
+      if (this.upstream && !this.upstream.destroyed) this.upstream.end();
+      else this.beginClose('client ended');
+    });
+  }
+
+  private async processCommands(): Promise<void> {
+    if (this.processingCommands) return;
+    this.processingCommands = true;
+    try {
+      const ready = await this.upstreamReady;
+      if (!ready) {
+        this.commandQueue.length = 0;
+        return;
+      }
+      while (this.commandQueue.length > 0 && !this.isFinished()) {
+        const item = this.commandQueue.shift()!;
+        this.updateClientFlow();
+        await this.executeLine(item.line);
+      }
+    } catch (err) {
+      if (!isProxyError(err, 'FTPP_ERR_SHUTDOWN')) {
+        this.log.error({ event: 'session-error', err }, 'unexpected error while processing a command');
+        this.replies.append(replyLine('421 Internal proxy error.'));
+        this.beginClose('internal error');
+      }
+    } finally {
+      this.processingCommands = false;
+    }
+  }
+
+  /** A method, not a field read, so TypeScript does not narrow across calls that close. */
+  private isClosed(): boolean {
+    return this.statusValue === 'closed';
+  }
+
+  private isFinished(): boolean {
+    return this.statusValue === 'closed' || this.closeAfterFlush;
+  }
+
+  private async executeLine(line: FramedLine): Promise<void> {
+    const parsed = parseCommandLine(line.text);
+    if (!parsed.ok) {
+      this.replies.append(replyLine('500 Syntax error, command unrecognized.'));
+      return;
+    }
+    const command = parsed.command;
+    this.log.debug({ event: 'command', command: describeCommandForLog(command) }, 'command');
+    if (command.verb === 'USER') this.user = command.argument.slice(0, 128);
+    if (command.verb === 'QUIT') this.quitRequested = true;
+    const decision = decideCommand(command, this.view);
+    await this.carryOut(command, decision);
+  }
+
+  private async carryOut(command: ClientCommand, decision: CommandDecision): Promise<void> {
+    switch (decision.kind) {
+      case 'forward':
+        this.forward(command);
+        return;
+      case 'feat':
+        this.forward(command, editFeatReply);
+        return;
+      case 'reply':
+        this.log.info({ event: 'command-refused', code: decision.errorCode, command: describeCommandForLog(command), reply: decision.line }, 'command refused');
+        this.replies.append(replyLine(decision.line));
+        return;
+      case 'epsv-all':
+        // Answered here: the server must stay free to use PASV/PORT on its own leg (RFC 2428 §3).
+        this.epsvAll = true;
+        this.releasePendingChannel('EPSV ALL');
+        this.replies.append(replyLine('200 EPSV ALL command successful.'));
+        return;
+      case 'abort':
+        this.abortTransfers();
+        this.forwardLine(Buffer.from('ABOR'), this.replies.open());
+        return;
+      case 'passive':
+        await this.setupPassive(decision.style);
+        return;
+      case 'active':
+        await this.setupActive(decision.style, decision.target, decision.natFixup);
+        return;
+      case 'transfer':
+        await this.startTransfer(command, decision.direction);
+        return;
+    }
+  }
+
+  private forward(command: ClientCommand, transform?: (reply: Reply) => Buffer): void {
+    this.forwardLine(command.line, this.replies.open(), transform);
+  }
+
+  private forwardLine(line: Buffer, slot: ReplySlot, transform?: (reply: Reply) => Buffer, transfer?: TransferContext): void {
+    this.expectations.push({ kind: 'client', slot, ...(transform ? { transform } : {}), ...(transfer ? { transfer } : {}) });
+    this.writeUpstream(line);
+  }
+
+  private writeUpstream(line: Buffer): void {
+    const upstream = this.upstream;
+    if (!upstream || upstream.destroyed || upstream.writableEnded) return;
+    upstream.write(Buffer.concat([line, CRLF]));
+  }
+
+  /** Send a command of the proxy's own and wait for its reply (not shown to the client). */
+  private sendInternal(line: string): Promise<Reply> {
+    return new Promise<Reply>((resolve, reject) => {
+      if (this.isFinished() || !this.upstream) {
+        reject(new ProxyError('FTPP_ERR_SHUTDOWN', 'session closing'));
+        return;
+      }
+      const expectation: Expectation = { kind: 'internal', resolve, reject, timer: null };
+      expectation.timer = setTimeout(() => {
+        this.log.warn({ event: 'upstream-timeout', command: line }, 'server did not answer');
+        this.replies.append(replyLine('421 Service not available: server does not answer.'));
+        this.beginClose('upstream reply timeout');
+      }, this.config.timeouts.upstreamReplyMs);
+      this.expectations.push(expectation);
+      this.log.debug({ event: 'upstream-command', command: line }, 'proxy command to server');
+      this.writeUpstream(Buffer.from(line, 'latin1'));
+    });
+  }
+
+  // ---------------------------------------------------------------- data channel setup
+
+  private async setupPassive(style: 'pasv' | 'epsv'): Promise<void> {
+    const slot = this.replies.open();
+    this.releasePendingChannel(`new ${style.toUpperCase()}`);
+    try {
+      let advertised: string | null = null;
+      if (style === 'pasv') {
+        advertised = await this.deps.advertiser.addressFor(this.clientIp, this.localIp);
+        if (!advertised) throw new ProxyError('FTPP_ERR_ADVERTISE_UNRESOLVED', `no IPv4 address to advertise (${this.deps.advertiser.lastError?.message ?? 'control connection is not IPv4'})`);
+      }
+      const lease = await this.deps.clientPool.lease(this.localIp);
+      const accept = new PassiveAccept(lease, {
+        expectedIp: this.clientIp,
+        timeoutMs: this.config.timeouts.dataAcceptMs,
+        onStranger: (address, port) =>
+          this.log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}` }, 'refused data connection from another address'),
+      });
+      const upstreamLeg = await this.prepareUpstreamLeg('passive').catch((err: unknown) => {
+        accept.cancel('upstream setup failed');
+        throw err;
+      });
+      if (this.isFinished()) {
+        accept.cancel('session closing');
+        if (upstreamLeg.kind === 'active') upstreamLeg.accept.cancel('session closing');
+        return;
+      }
+      this.pendingChannel = new DataChannel({ kind: 'passive', accept }, upstreamLeg);
+      this.log.debug({ event: 'data-passive', port: lease.port, upstream: describeLeg(upstreamLeg) }, 'passive channel ready');
+      this.replies.push(slot, replyLine(style === 'pasv' ? formatPasvReply(advertised!, lease.port) : formatEpsvReply(lease.port)));
+    } catch (err) {
+      this.replies.push(slot, this.failureReply(err, style.toUpperCase()));
+    } finally {
+      this.replies.end(slot);
+    }
+  }
+
+  private async setupActive(style: 'port' | 'eprt', target: HostPort, natFixup: boolean): Promise<void> {
+    const slot = this.replies.open();
+    // PASV then PORT: PORT wins (vsftpd handle_port runs pasv_cleanup; protocol.md §3.5).
+    this.releasePendingChannel(`new ${style.toUpperCase()}`);
+    if (natFixup) this.log.info({ event: 'port-nat-fixup', target: `${target.host}:${target.port}` }, 'client sent an unroutable address; using its real address');
+    try {
+      const upstreamLeg = await this.prepareUpstreamLeg('active');
+      if (this.isFinished()) {
+        if (upstreamLeg.kind === 'active') upstreamLeg.accept.cancel('session closing');
+        return;
+      }
+      this.pendingChannel = new DataChannel({ kind: 'active', target }, upstreamLeg);
+      this.log.debug({ event: 'data-active', target: `${target.host}:${target.port}`, upstream: describeLeg(upstreamLeg) }, 'active channel ready');
+      // 200 only now that the server side is ready (so REST stays right before the transfer).
+      this.replies.push(slot, replyLine(`200 ${style === 'port' ? 'PORT' : 'EPRT'} command successful.`));
+    } catch (err) {
+      this.replies.push(slot, this.failureReply(err, style.toUpperCase()));
+    } finally {
+      this.replies.end(slot);
+    }
+  }
+
+  /**
+   * Open the server's side of a data channel now, not at transfer time, so that REST stays
+   * immediately before RETR/STOR (RFC 959 §4.1.3; protocol.md §2.4).
+   */
+  private async prepareUpstreamLeg(clientMode: 'passive' | 'active'): Promise<UpstreamLeg> {
+    const configured = this.config.upstream.dataMode;
+    const mode = configured === 'mirror' ? clientMode : configured;
+    const upstream = this.upstream!;
+    const serverIp = normalizeIp(upstream.remoteAddress ?? '');
+    const localIp = normalizeIp(upstream.localAddress ?? '');
+    if (mode === 'passive') {
+      let verb: 'EPSV' | 'PASV' = this.upstreamLacksEpsv ? 'PASV' : 'EPSV';
+      let reply = await this.sendInternal(verb);
+      let result = interpretUpstreamPassiveReply(reply, verb);
+      if (!result.ok && result.reason === 'unsupported' && verb === 'EPSV') {
+        // Server without EPSV (or refusing it): fall back to PASV for the rest of the session.
+        this.upstreamLacksEpsv = true;
+        verb = 'PASV';
+        reply = await this.sendInternal(verb);
+        result = interpretUpstreamPassiveReply(reply, verb);
+      }
+      if (result.ok) {
+        // The 227 address is ignored: connect to the server's control address (protocol.md §2.4).
+        return { kind: 'passive', target: { host: serverIp, port: result.port } };
+      }
+      throw this.upstreamSetupError(reply, verb, result.reason);
+    }
+    const pool = this.deps.upstreamPool;
+    if (!pool) throw new ProxyError('FTPP_ERR_UPSTREAM_DATA_SETUP', 'dataMode needs upstream.activePorts');
+    const lease = await pool.lease(localIp);
+    const accept = new PassiveAccept(lease, {
+      expectedIp: serverIp,
+      timeoutMs: this.config.timeouts.dataAcceptMs,
+      onStranger: (address, port) =>
+        this.log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}`, side: 'upstream' }, 'refused data connection that is not from the server'),
+    });
+    // vsftpd port_promiscuous=NO: the address must be our own upstream-side address (protocol.md §2.4).
+    const line = familyOf(localIp) === 4 ? `PORT ${formatPortArgument(localIp, lease.port)}` : `EPRT ${formatEprtArgument(localIp, lease.port)}`;
+    let reply: Reply;
+    try {
+      reply = await this.sendInternal(line);
+    } catch (err) {
+      accept.cancel('session closing');
+      throw err;
+    }
+    if (reply.code >= 200 && reply.code < 300) return { kind: 'active', accept };
+    accept.cancel('server refused PORT');
+    throw this.upstreamSetupError(reply, line.slice(0, 4), 'refused');
+  }
+
+  private upstreamSetupError(reply: Reply, sent: string, reason: string): Error {
+    if (reply.code === 421 || reply.code === 530) {
+      // Meaningful to the client as is (not logged in, server going away).
+      return new ServerReplyError(reply);
+    }
+    return new ProxyError('FTPP_ERR_UPSTREAM_DATA_SETUP', `server answered ${sent} with "${reply.lines[0] ?? ''}" (${reason})`);
+  }
+
+  private failureReply(err: unknown, what: string): Buffer {
+    if (err instanceof ServerReplyError) return err.reply.raw;
+    if (isProxyError(err)) {
+      const level = err.code === 'FTPP_ERR_SHUTDOWN' ? 'debug' : 'warn';
+      this.log[level]({ event: 'data-setup-failed', code: err.code, command: what, err: err.message }, 'data channel setup failed');
+      return replyLine(REPLY_FOR_CODE[err.code]);
+    }
+    this.log.error({ event: 'data-setup-failed', command: what, err }, 'data channel setup failed');
+    return replyLine(REPLY_FOR_CODE.FTPP_ERR_DATA_CONNECT);
+  }
+
+  private releasePendingChannel(reason: string): void {
+    const channel = this.pendingChannel;
+    this.pendingChannel = null;
+    channel?.close(reason);
+  }
+
+  // ---------------------------------------------------------------- transfers
+
+  private async startTransfer(command: ClientCommand, direction: TransferDirection): Promise<void> {
+    const channel = this.pendingChannel;
+    this.pendingChannel = null;
+    const slot = this.replies.open();
+    if (!channel) {
+      // No PORT/PASV first: the server answers "425 Use PORT or PASV first." (protocol.md §3.5).
+      this.forwardLine(command.line, slot);
+      return;
+    }
+    this.activeTransfers.add(channel);
+    const context: TransferContext = { channel, command, direction, startedAt: Date.now() };
+    channel.onSettled = (result, reason) => this.onChannelSettled(context, result, reason);
+    const timeouts = this.config.timeouts;
+    // Outbound legs connect before the command goes upstream: if the client's PORT address
+    // cannot be reached, the command is never sent (protocol.md §8.14).
+    const upstreamDial =
+      channel.upstreamLeg.kind === 'passive'
+        ? channel.track(dial({ host: channel.upstreamLeg.target.host, port: channel.upstreamLeg.target.port, localAddress: normalizeIp(this.upstream?.localAddress ?? ''), timeoutMs: timeouts.dataConnectMs }))
+        : null;
+    const clientDial =
+      channel.clientLeg.kind === 'active'
+        ? channel.track(dial({ host: channel.clientLeg.target.host, port: channel.clientLeg.target.port, localAddress: this.localIp, timeoutMs: timeouts.dataConnectMs }))
+        : null;
+    let upstreamSocket: net.Socket | null = null;
+    let clientSocket: net.Socket | null = null;
+    try {
+      [upstreamSocket, clientSocket] = await Promise.all([upstreamDial?.connected ?? null, clientDial?.connected ?? null]);
+    } catch (err) {
+      this.replies.push(slot, this.failureReply(err, command.verb));
+      this.replies.end(slot);
+      channel.close('data connect failed');
+      return;
+    }
+    if (this.isFinished() || channel.isClosed) {
+      this.replies.end(slot);
+      channel.close('session closing');
+      return;
+    }
+    this.forwardLine(command.line, slot, undefined, context);
+    channel.pair({ clientSocket, upstreamSocket, idleTimeoutMs: 0 });
+  }
+
+  /** Server reply to a transfer command: 1yz passes at once, the final one is held (§3.3). */
+  private onTransferReply(expectation: { slot: ReplySlot; transfer: TransferContext }, reply: Reply): void {
+    const { slot, transfer } = expectation;
+    const channel = transfer.channel;
+    if (reply.code >= 200 && reply.code < 300) {
+      let timedOut = false;
+      const hold = this.config.timeouts.transferReplyHoldMs;
+      let timer: NodeJS.Timeout | null = null;
+      const held = Promise.race([
+        channel.directionDone(transfer.direction),
+        new Promise<void>((resolve) => {
+          timer = setTimeout(() => {
+            timedOut = true;
+            resolve();
+          }, hold);
+        }),
+      ]).then(() => {
+        if (timer) clearTimeout(timer);
+        if (timedOut) {
+          this.log.warn({ event: 'transfer-hold-timeout', holdMs: hold }, 'data not flushed in time; resetting the data connection');
+          channel.close('final reply hold timed out');
+        } else {
+          channel.lingerThenClose(this.config.timeouts.dataLingerMs);
+        }
+      });
+      this.replies.gate(slot, held);
+    } else {
+      // A failed transfer must look failed to the client: reset, never FIN (protocol.md §3.3).
+      channel.close(`server replied ${reply.code}`);
+    }
+    this.replies.push(slot, reply.raw);
+    this.replies.end(slot);
+    this.transfers += 1;
+    this.logTransfer(transfer, reply);
+  }
+
+  private logTransfer(transfer: TransferContext, reply: Reply): void {
+    const channel = transfer.channel;
+    const log = (): void => {
+      const bytes = channel.bytes;
+      this.log.info(
+        {
+          event: 'transfer',
+          command: transfer.command.verb,
+          path: transfer.command.argument.slice(0, 512),
+          user: this.user,
+          direction: transfer.direction,
+          bytes: transfer.direction === 'download' ? bytes.toClient : bytes.toUpstream,
+          durationMs: Date.now() - transfer.startedAt,
+          reply: reply.code,
+          clientDataPort: channel.clientPort,
+          upstreamDataPort: channel.upstreamPort,
+          clientMode: channel.clientLeg.kind,
+          upstreamMode: channel.upstreamLeg.kind,
+        },
+        'transfer',
+      );
+    };
+    void channel.directionDone(transfer.direction).then(log);
+  }
+
+  private onChannelSettled(transfer: TransferContext, result: RelayResult | null, reason: string): void {
+    this.activeTransfers.delete(transfer.channel);
+    this.log.debug({ event: 'data-closed', reason, outcome: result?.outcome ?? 'not-connected' }, 'data channel closed');
+  }
+
+  private abortTransfers(): void {
+    // Node cannot send urgent data either, so the proxy aborts the transfer itself: reset both
+    // legs, then send a plain ABOR; the server's 426/225/226 pass through in order (§3.4).
+    for (const channel of this.activeTransfers) channel.close('ABOR');
+    this.releasePendingChannel('ABOR');
+  }
+
+  // ---------------------------------------------------------------- server side
+
+  private onUpstreamData(chunk: Buffer): void {
+    if (this.statusValue === 'closed') return;
+    const framed = this.upstreamFramer.push(chunk);
+    for (const line of framed.lines) {
+      const pushed = this.replyAssembler.push(line);
+      if (pushed.kind === 'reply') this.dispatchReply(pushed.reply);
+      else if (pushed.kind === 'error') return this.upstreamProtocolError(pushed.reason === 'too-long' ? 'FTPP_ERR_UPSTREAM_REPLY_TOO_LONG' : 'FTPP_ERR_UPSTREAM_PROTOCOL', line.text);
+      if (this.isClosed()) return;
+    }
+    if (framed.overflow) this.upstreamProtocolError('FTPP_ERR_UPSTREAM_REPLY_TOO_LONG', null);
+  }
+
+  private upstreamProtocolError(code: ErrorCode, line: Buffer | null): void {
+    this.log.warn({ event: 'upstream-protocol-error', code, line: line?.subarray(0, 80).toString('latin1') }, 'server sent something that is not an FTP reply');
+    this.upstream?.destroy();
+    this.failExpectations();
+    this.replies.append(replyLine(REPLY_FOR_CODE[code]));
+    this.beginClose('upstream protocol error');
+  }
+
+  private dispatchReply(reply: Reply): void {
+    if (reply.code === 421) this.serverSaid421 = true;
+    const expectation = this.expectations[0];
+    if (!expectation) {
+      // Unsolicited (e.g. vsftpd's "421 Timeout."): pass it on.
+      this.replies.append(reply.raw);
+    } else if (expectation.kind === 'internal') {
+      this.expectations.shift();
+      if (expectation.timer) clearTimeout(expectation.timer);
+      expectation.resolve(reply);
+    } else if (expectation.transfer) {
+      if (!isPreliminary(reply.code)) this.expectations.shift();
+      if (isPreliminary(reply.code)) this.replies.push(expectation.slot, reply.raw);
+      else this.onTransferReply({ slot: expectation.slot, transfer: expectation.transfer }, reply);
+    } else if (isPreliminary(reply.code)) {
+      this.replies.push(expectation.slot, reply.raw);
+    } else {
+      this.expectations.shift();
+      this.replies.push(expectation.slot, expectation.transform ? expectation.transform(reply) : reply.raw);
+      this.replies.end(expectation.slot);
+    }
+    this.updateClientFlow();
+    if (reply.code === 421) {
+      // 421 closes the session (RFC 959 §4.2.1): forward it, then close after flushing.
+      this.beginClose('server sent 421');
+    }
+  }
+
+  private onUpstreamGone(reason: string): void {
+    if (this.statusValue === 'closed') return;
+    const expected = this.quitRequested || this.serverSaid421 || this.closeAfterFlush;
+    this.failExpectations();
+    if (!expected) {
+      this.log.warn({ event: 'upstream-closed', code: 'FTPP_ERR_UPSTREAM_CLOSED', reason }, 'server closed the control connection');
+      this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_UPSTREAM_CLOSED));
+    }
+    this.beginClose(reason);
+  }
+
+  /** Nothing more will come from the server: settle whatever waits for it. */
+  private failExpectations(): void {
+    for (const expectation of this.expectations.splice(0)) {
+      if (expectation.kind === 'internal') {
+        if (expectation.timer) clearTimeout(expectation.timer);
+        expectation.reject(new ProxyError('FTPP_ERR_SHUTDOWN', 'server connection gone'));
+      } else {
+        expectation.transfer?.channel.close('server connection gone');
+        this.replies.end(expectation.slot);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- flow control
+
+  private updateClientFlow(): void {
+    const busy = this.commandQueue.length >= Math.max(1, this.config.limits.maxQueuedCommands >> 1)
+      || this.expectations.length >= this.config.limits.maxQueuedCommands;
+    if (busy && !this.clientPaused) {
+      this.clientPaused = true;
+      this.client.pause();
+    } else if (!busy && this.clientPaused && !this.closeAfterFlush) {
+      this.clientPaused = false;
+      this.client.resume();
+    }
+  }
+
+  private updateUpstreamFlow(): void {
+    const upstream = this.upstream;
+    if (!upstream) return;
+    const busy = this.replies.bufferedBytes + this.client.writableLength > REPLY_HIGH_WATER_BYTES;
+    if (busy && !this.upstreamPaused) {
+      this.upstreamPaused = true;
+      upstream.pause();
+    } else if (!busy && this.upstreamPaused) {
+      this.upstreamPaused = false;
+      upstream.resume();
+    }
+  }
+
+  private writeClient(bytes: Buffer): void {
+    if (this.client.destroyed || this.client.writableEnded) return;
+    this.client.write(bytes);
+  }
+
+  private onRepliesChanged(): void {
+    this.updateUpstreamFlow();
+    if (this.closeAfterFlush && this.replies.isEmpty) this.finishClose();
+  }
+
+  // ---------------------------------------------------------------- timers
+
+  private armIdleTimer(): void {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => this.onIdle(), this.config.timeouts.idleMs);
+  }
+
+  private onIdle(): void {
+    this.idleTimer = null;
+    if (this.activeTransfers.size > 0) {
+      // A long transfer keeps the control connection quiet; that is not idleness.
+      this.armIdleTimer();
+      return;
+    }
+    this.log.info({ event: 'idle-timeout', code: 'FTPP_ERR_IDLE_TIMEOUT', idleMs: this.config.timeouts.idleMs }, 'idle timeout');
+    this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_IDLE_TIMEOUT));
+    this.beginClose('idle timeout');
+  }
+
+  // ---------------------------------------------------------------- closing
+
+  /**
+   * Stop taking commands, write every reply still owed (held ones included), then close.
+   * `shutdown` with a reply line is how the server module drains sessions.
+   */
+  beginClose(reason: string, replyText?: string): void {
+    if (this.statusValue === 'closed') return;
+    if (replyText) this.replies.append(replyLine(replyText));
+    if (this.closeAfterFlush) return;
+    this.closeReason ||= reason;
+    this.closeAfterFlush = true;
+    this.statusValue = 'closing';
+    this.commandQueue.length = 0;
+    this.client.pause();
+    this.pendingDial?.cancel();
+    this.releasePendingChannel('session closing');
+    if (this.upstream && !this.upstream.destroyed && !this.quitRequested) this.upstream.end();
+    if (this.replies.isEmpty) this.finishClose();
+  }
+
+  private finishClose(): void {
+    if (this.statusValue === 'closed' || this.graceTimer) return;
+    if (!this.client.destroyed) this.client.end();
+    // Give the client a moment to read the last reply and close; then force it.
+    this.graceTimer = setTimeout(() => this.teardown(this.closeReason || 'closed'), CLOSE_GRACE_MS);
+    this.graceTimer.unref();
+  }
+
+  /** Release everything. Idempotent; the first reason wins. */
+  teardown(reason: string): void {
+    if (this.statusValue === 'closed') return;
+    this.statusValue = 'closed';
+    this.closeReason ||= reason;
+    for (const timer of [this.idleTimer, this.abortTimer, this.graceTimer]) if (timer) clearTimeout(timer);
+    this.idleTimer = this.abortTimer = this.graceTimer = null;
+    this.pendingDial?.cancel();
+    this.resolveUpstreamReady(false);
+    this.failExpectations();
+    this.replies.clear();
+    this.commandQueue.length = 0;
+    this.releasePendingChannel('session closed');
+    for (const channel of this.activeTransfers) channel.close('session closed');
+    this.activeTransfers.clear();
+    this.client.on('error', () => {});
+    this.client.destroy();
+    if (this.upstream) {
+      this.upstream.on('error', () => {});
+      this.upstream.destroy();
+    }
+    this.log.info({ event: 'session-end', reason: this.closeReason, durationMs: Date.now() - this.startedAt, transfers: this.transfers, user: this.user }, 'session end');
+    this.deps.onClosed(this);
+    this.resolveClosed();
+  }
+}
+
+/** The server's own reply, passed to the client as the answer to PASV/PORT. */
+class ServerReplyError extends Error {
+  readonly reply: Reply;
+  constructor(reply: Reply) {
+    super(`server replied ${reply.code}`);
+    this.reply = reply;
+  }
+}
+
+function describeLeg(leg: UpstreamLeg): string {
+  return leg.kind === 'passive' ? `passive ${leg.target.host}:${leg.target.port}` : `active port ${leg.accept.port}`;
+}

@@ -1,0 +1,196 @@
+/**
+ * Start a real vsftpd for a test: own config, port, temp root and logs. vsftpd needs root;
+ * `vsftpdUnavailable()` gives the one-line reason a test skips elsewhere.
+ * Facts behind the settings: ../shared/test-environment.md.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync, readFileSync, chmodSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import net from 'node:net';
+
+export const TEST_USER = 'ftpnptest';
+export const TEST_PASSWORD = 'ftpnp-Pass-1';
+const PAM_SERVICE = 'ftpnp-test';
+const EMPTY_DIR = '/var/run/ftpnp-empty';
+
+export function vsftpdUnavailable(): string | null {
+  if (process.getuid?.() !== 0) return 'needs root (vsftpd and a local test user); CI runs as root';
+  if (!findVsftpd()) return 'vsftpd is not installed (apt-get install vsftpd)';
+  return null;
+}
+
+function findVsftpd(): string | null {
+  for (const path of ['/usr/sbin/vsftpd', '/usr/bin/vsftpd']) if (existsSync(path)) return path;
+  return null;
+}
+
+let prepared = false;
+/** Local user with a cheap password hash, a PAM service of our own, the empty chroot dir. */
+export function prepareSystem(): void {
+  if (prepared) return;
+  const exists = spawnSync('id', ['-u', TEST_USER]).status === 0;
+  if (!exists) {
+    // vsftpd changes into the home directory before local_root: it must exist.
+    const add = spawnSync('useradd', ['-M', '-d', '/', '-s', '/usr/sbin/nologin', TEST_USER], { encoding: 'utf8' });
+    if (add.status !== 0 && !/already exists/.test(add.stderr)) throw new Error(`useradd: ${add.stderr}`);
+  } else {
+    spawnSync('usermod', ['-d', '/', TEST_USER]);
+  }
+  // A low-cost hash: the default yescrypt makes each vsftpd login take ~45 ms.
+  const pw = spawnSync('chpasswd', ['-c', 'SHA512', '-s', '1000'], { input: `${TEST_USER}:${TEST_PASSWORD}\n`, encoding: 'utf8' });
+  if (pw.status !== 0) throw new Error(`chpasswd: ${pw.stderr}`);
+  writeFileSync(`/etc/pam.d/${PAM_SERVICE}`, 'auth required pam_unix.so\naccount required pam_permit.so\nsession required pam_permit.so\n');
+  mkdirSync(EMPTY_DIR, { recursive: true });
+  chmodSync(EMPTY_DIR, 0o755);
+  prepared = true;
+}
+
+export interface VsftpdOptions {
+  readonly listenAddress?: string;
+  readonly port?: number;
+  /** Address vsftpd writes into 227; a loopback alias nobody listens on makes the 227 "wrong". */
+  readonly pasvAddress?: string | null;
+  readonly pasvMinPort?: number;
+  readonly pasvMaxPort?: number;
+  /** Extra vsftpd.conf lines (key -> value). */
+  readonly extra?: Readonly<Record<string, string>>;
+  /** Run inside this network namespace (`ip netns exec`). */
+  readonly netns?: string;
+  /** Directory to serve; default a fresh temp dir. */
+  readonly root?: string;
+}
+
+export interface VsftpdInstance {
+  readonly host: string;
+  readonly port: number;
+  readonly root: string;
+  readonly user: string;
+  readonly password: string;
+  readonly pid: number;
+  /** vsftpd's protocol log (what the proxy sent upstream). */
+  protocolLog(): string;
+  stop(): Promise<void>;
+}
+
+export async function freePort(host = '127.0.0.1'): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, host, () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+export async function startVsftpd(options: VsftpdOptions = {}): Promise<VsftpdInstance> {
+  prepareSystem();
+  const binary = findVsftpd();
+  if (!binary) throw new Error('vsftpd not installed');
+  const host = options.listenAddress ?? '127.0.0.1';
+  const port = options.port ?? (await freePort(options.netns ? '127.0.0.1' : host));
+  const work = mkdtempSync(join(tmpdir(), 'ftpnp-vsftpd-'));
+  chmodSync(work, 0o755);
+  const root = options.root ?? join(work, 'root');
+  mkdirSync(root, { recursive: true });
+  spawnSync('chown', [`${TEST_USER}:`, root]);
+  const logFile = join(work, 'vsftpd.log');
+  const pasvMin = options.pasvMinPort ?? 41000 + Math.floor(Math.random() * 2000) * 10;
+  const pasvMax = options.pasvMaxPort ?? pasvMin + 9;
+  const settings: Record<string, string> = {
+    listen: 'YES',
+    listen_ipv6: 'NO',
+    background: 'NO',
+    listen_address: host,
+    listen_port: String(port),
+    anonymous_enable: 'NO',
+    local_enable: 'YES',
+    write_enable: 'YES',
+    local_umask: '022',
+    pam_service_name: PAM_SERVICE,
+    secure_chroot_dir: EMPTY_DIR,
+    seccomp_sandbox: 'NO',
+    isolate_network: 'NO',
+    local_root: root,
+    chroot_local_user: 'NO',
+    pasv_enable: 'YES',
+    port_enable: 'YES',
+    pasv_min_port: String(pasvMin),
+    pasv_max_port: String(pasvMax),
+    connect_from_port_20: 'NO',
+    xferlog_enable: 'YES',
+    xferlog_std_format: 'NO',
+    log_ftp_protocol: 'YES',
+    vsftpd_log_file: logFile,
+    max_clients: '0',
+    max_per_ip: '0',
+    use_localtime: 'NO',
+    ftpd_banner: 'ftpnp test vsftpd',
+    ...(options.extra ?? {}),
+  };
+  if (options.pasvAddress !== null) settings.pasv_address = options.pasvAddress ?? '127.0.0.9';
+  const confPath = join(work, 'vsftpd.conf');
+  writeFileSync(confPath, Object.entries(settings).map(([k, v]) => `${k}=${v}\n`).join(''));
+  const [cmd, args] = options.netns ? ['ip', ['netns', 'exec', options.netns, binary, confPath]] : [binary, [confPath]];
+  const child: ChildProcess = spawn(cmd, args as string[], { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  if (!options.netns) await waitForGreeting(host, port, 5000, () => (child.exitCode !== null ? `vsftpd exited: ${stderr}` : null));
+  const pid = child.pid!;
+  return {
+    host,
+    port,
+    root,
+    user: TEST_USER,
+    password: TEST_PASSWORD,
+    pid,
+    protocolLog: () => (existsSync(logFile) ? readFileSync(logFile, 'utf8') : ''),
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) {
+        try {
+          process.kill(-pid, 'SIGTERM'); // the process group we started (vsftpd forks per session)
+        } catch {
+          /* already gone */
+        }
+        const timer = setTimeout(() => {
+          try {
+            process.kill(-pid, 'SIGKILL');
+          } catch {
+            /* gone */
+          }
+        }, 2000);
+        await exited;
+        clearTimeout(timer);
+      }
+      rmSync(work, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Poll until something on host:port sends a 220 greeting. */
+export async function waitForGreeting(host: string, port: number, timeoutMs: number, failed: () => string | null = () => null): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const reason = failed();
+    if (reason) throw new Error(reason);
+    const ok = await new Promise<boolean>((resolve) => {
+      const socket = net.connect({ host, port });
+      let data = '';
+      const done = (result: boolean): void => {
+        socket.destroy();
+        resolve(result);
+      };
+      socket.setTimeout(1000, () => done(false));
+      socket.on('data', (d) => {
+        data += d.toString();
+        if (data.includes('\n')) done(data.startsWith('220'));
+      });
+      socket.on('error', () => done(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`no FTP greeting on ${host}:${port} within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
