@@ -731,6 +731,7 @@ export class Session {
 
   private onIdle(): void {
     this.idleTimer = null;
+    if (this.isFinished()) return;
     if (this.activeTransfers.size > 0) {
       // A long transfer keeps the control connection quiet; that is not idleness.
       this.armIdleTimer();

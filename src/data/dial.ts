@@ -40,8 +40,10 @@ export function dial(options: DialOptions): Dial {
       clearTimeout(timer);
       socket.removeListener('error', onError);
       socket.removeListener('connect', onConnect);
+      // Errors after this point belong to whoever relays the socket; until it is paired an
+      // unhandled 'error' (a reset from the peer) must not crash the process.
+      socket.on('error', ignoreError);
       if (err) {
-        socket.on('error', () => {});
         socket.destroy();
         reject(err);
       } else {
@@ -55,3 +57,5 @@ export function dial(options: DialOptions): Dial {
   connected.catch(() => {});
   return { connected, cancel: () => cancel() };
 }
+
+function ignoreError(): void {}

@@ -56,6 +56,8 @@ export class PassiveAccept {
     }
     this.settled = true;
     this.clear();
+    // Until the relay takes it over, a reset from the peer must not become an uncaught error.
+    socket.on('error', () => {});
     this.resolveAccepted(socket);
   }
 

@@ -53,7 +53,9 @@ export class DataRelay {
     this.pump(client, upstream, 'toUpstream');
     for (const socket of [client, upstream]) {
       socket.on('error', this.onError);
-      if (socket.closed) this.handleClose(socket, false);
+      // A socket that died before pairing was never ended by us (allowHalfOpen), so it did
+      // not finish cleanly: treat it as a reset so the other leg cannot look complete.
+      if (socket.destroyed) this.handleClose(socket, true);
       else socket.once('close', (hadError: boolean) => this.handleClose(socket, hadError));
       if (options.idleTimeoutMs && options.idleTimeoutMs > 0) {
         socket.setTimeout(options.idleTimeoutMs, this.onIdle);
