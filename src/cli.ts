@@ -91,19 +91,40 @@ async function main(): Promise<number> {
     return 1;
   }
   log.info({ event: 'started', version: version(), pid: process.pid }, 'ftp-nat-proxy started');
+  const configPath = args.config;
   return new Promise<number>((resolve) => {
+    let stopping = false;
     const stop = (signal: string): void => {
-      log.info({ event: 'stopping', signal }, 'stopping');
-      void proxy.close().then(() => {
+      if (stopping) {
+        // A second signal: do not wait for the drain any longer.
+        log.warn({ event: 'stop-now', signal }, 'second signal: closing every session now');
+        proxy.server.closeNow();
+        return;
+      }
+      stopping = true;
+      const drainMs = proxy.server.config.shutdown.drainMs;
+      log.info({ event: 'stopping', signal, drainMs, sessions: proxy.server.sessionCount }, 'stopping: no new sessions, draining open ones');
+      void proxy.close(drainMs).then(() => {
         log.info({ event: 'stopped' }, 'stopped');
         resolve(0);
       });
     };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-    process.on('SIGHUP', () => {
-      log.warn({ event: 'reload-unsupported' }, 'SIGHUP: configuration reload is not implemented yet; restart to apply changes');
-    });
+    const reload = async (): Promise<void> => {
+      try {
+        const next = await loadConfigFile(configPath);
+        const result = await proxy.server.reload(next);
+        log.info({ event: 'reloaded', ...result }, 'configuration reloaded; open sessions keep their settings');
+      } catch (err) {
+        if (err instanceof ConfigError) {
+          log.error({ event: 'reload-rejected', issues: err.issues }, 'new configuration is invalid; keeping the running one');
+        } else {
+          log.error({ event: 'reload-failed', err }, 'reload failed; keeping the running configuration');
+        }
+      }
+    };
+    process.on('SIGTERM', () => stop('SIGTERM'));
+    process.on('SIGINT', () => stop('SIGINT'));
+    process.on('SIGHUP', () => void reload());
   });
 }
 

@@ -45,6 +45,16 @@ export const ERROR_CODES = {
   FTPP_ERR_QUEUE_OVERFLOW: 'FTPP_ERR_QUEUE_OVERFLOW',
   /** The proxy is shutting down. */
   FTPP_ERR_SHUTDOWN: 'FTPP_ERR_SHUTDOWN',
+  /** The client address is denied by the listener's ACL. */
+  FTPP_ERR_ACL_DENIED: 'FTPP_ERR_ACL_DENIED',
+  /** A session limit (total or per client IP) is reached. */
+  FTPP_ERR_TOO_MANY_SESSIONS: 'FTPP_ERR_TOO_MANY_SESSIONS',
+  /** The session has too many data channels (listeners or transfers) open at once. */
+  FTPP_ERR_TOO_MANY_DATA_CHANNELS: 'FTPP_ERR_TOO_MANY_DATA_CHANNELS',
+  /** No successful login within the login timeout. */
+  FTPP_ERR_LOGIN_TIMEOUT: 'FTPP_ERR_LOGIN_TIMEOUT',
+  /** PROXY protocol header missing, malformed, truncated, late, or from an untrusted sender. */
+  FTPP_ERR_PROXY_PROTOCOL: 'FTPP_ERR_PROXY_PROTOCOL',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
@@ -71,6 +81,11 @@ export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze
   FTPP_ERR_IDLE_TIMEOUT: '421 Timeout.',
   FTPP_ERR_QUEUE_OVERFLOW: '421 Too many pending commands.',
   FTPP_ERR_SHUTDOWN: '421 Service shutting down.',
+  FTPP_ERR_ACL_DENIED: '421 Service not available for your address.',
+  FTPP_ERR_TOO_MANY_SESSIONS: '421 Too many connections, try again later.',
+  FTPP_ERR_TOO_MANY_DATA_CHANNELS: "425 Can't open data connection: too many data connections.",
+  FTPP_ERR_LOGIN_TIMEOUT: '421 Login timeout.',
+  FTPP_ERR_PROXY_PROTOCOL: '421 Service not available.',
 });
 
 /** Base class of every error the proxy raises on purpose. */

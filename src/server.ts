@@ -1,16 +1,21 @@
 /**
  * Listeners and the session registry. One net.Server per configured listener; each accepted
- * client becomes a Session. close() stops accepting, tells open sessions the service is
- * going away (421) and waits for every one of them to release its resources.
+ * connection is admitted (PROXY header, ACL, session limits) and becomes a Session.
+ * reload() swaps settings for new sessions without touching open ones; close() stops
+ * accepting, lets sessions finish for a drain time, then tells the rest "421" and waits
+ * until every one has released its resources.
  */
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import type { ListenerConfig, ProxyConfig } from './config/schema.js';
+import type { CidrRule, ListenerConfig, ProxyConfig } from './config/schema.js';
 import { PortPool } from './data/port-pool.js';
+import { readProxyHeader } from './data/proxy-header.js';
 import { Advertiser, type HostnameResolver } from './advertise.js';
-import { Session } from './session.js';
+import { Session, type SessionEndpoints } from './session.js';
 import type { Logger } from './log.js';
-import { REPLY_FOR_CODE } from './errors.js';
+import { REPLY_FOR_CODE, type ErrorCode } from './errors.js';
+import { ipInCidr, normalizeIp } from './control/ip.js';
+import { NOOP_METRICS, type ProxyMetrics, type RejectionReason } from './metrics.js';
 
 export interface BoundListener {
   readonly name: string;
@@ -21,30 +26,50 @@ export interface BoundListener {
 export interface ServerDeps {
   readonly log: Logger;
   readonly resolver?: HostnameResolver;
+  readonly metrics?: ProxyMetrics;
 }
 
+/** Mutable on reload: new sessions read the current values, open ones keep theirs. */
 interface ListenerRuntime {
-  readonly config: ListenerConfig;
-  readonly server: net.Server;
-  readonly clientPool: PortPool;
-  readonly upstreamPool: PortPool | null;
-  readonly advertiser: Advertiser;
+  config: ListenerConfig;
+  server: net.Server;
+  clientPool: PortPool;
+  upstreamPool: PortPool | null;
+  advertiser: Advertiser;
   readonly log: Logger;
+  readonly sessions: Set<Session>;
+  readonly perIp: Map<string, number>;
 }
 
-export type ServerStatus = 'idle' | 'running' | 'closing' | 'closed';
+export type ServerStatus = 'idle' | 'running' | 'draining' | 'closed';
+
+export interface ReloadResult {
+  readonly added: string[];
+  readonly removed: string[];
+  readonly updated: string[];
+}
+
+/** How long a refused connection may linger after its 421 before it is destroyed. */
+const REFUSAL_LINGER_MS = 2000;
+const READY_CHECK_TIMEOUT_MS = 2000;
 
 export class ProxyServer {
-  readonly config: ProxyConfig;
+  private configValue: ProxyConfig;
   private readonly deps: ServerDeps;
-  private readonly runtimes: ListenerRuntime[] = [];
+  private readonly metrics: ProxyMetrics;
+  private readonly runtimes = new Map<string, ListenerRuntime>();
   private readonly sessions = new Set<Session>();
   private statusValue: ServerStatus = 'idle';
   private closing: Promise<void> | null = null;
 
   constructor(config: ProxyConfig, deps: ServerDeps) {
-    this.config = config;
+    this.configValue = config;
     this.deps = deps;
+    this.metrics = deps.metrics ?? NOOP_METRICS;
+  }
+
+  get config(): ProxyConfig {
+    return this.configValue;
   }
 
   get status(): ServerStatus {
@@ -58,7 +83,7 @@ export class ProxyServer {
   /** Port pool statistics per listener (leased / size), for tests and metrics. */
   poolStats(): Array<{ listener: string; pool: 'passive' | 'active'; size: number; leased: number }> {
     const out: Array<{ listener: string; pool: 'passive' | 'active'; size: number; leased: number }> = [];
-    for (const runtime of this.runtimes) {
+    for (const runtime of this.runtimes.values()) {
       out.push({ listener: runtime.config.name, pool: 'passive', ...runtime.clientPool.stats });
       if (runtime.upstreamPool) out.push({ listener: runtime.config.name, pool: 'active', ...runtime.upstreamPool.stats });
     }
@@ -70,41 +95,42 @@ export class ProxyServer {
     if (this.statusValue !== 'idle') throw new Error('server already started');
     this.statusValue = 'running';
     try {
-      for (const config of this.config.listeners) this.runtimes.push(await this.bind(config));
+      for (const config of this.configValue.listeners) this.runtimes.set(config.name, await this.bind(config));
     } catch (err) {
-      await this.close();
+      await this.close(0);
       throw err;
     }
     return this.addresses();
   }
 
   addresses(): BoundListener[] {
-    return this.runtimes.map((runtime) => {
+    return [...this.runtimes.values()].map((runtime) => {
       const address = runtime.server.address() as net.AddressInfo;
       return { name: runtime.config.name, host: address.address, port: address.port };
     });
   }
 
+  private makePools(config: ListenerConfig): { clientPool: PortPool; upstreamPool: PortPool | null } {
+    return {
+      clientPool: new PortPool(config.client.passivePorts),
+      upstreamPool: config.upstream.activePorts ? new PortPool(config.upstream.activePorts) : null,
+    };
+  }
+
   private async bind(config: ListenerConfig): Promise<ListenerRuntime> {
     const log = this.deps.log.child({ listener: config.name });
-    const server = net.createServer({ allowHalfOpen: true });
+    const server = await listen(config);
     const runtime: ListenerRuntime = {
       config,
       server,
-      clientPool: new PortPool(config.client.passivePorts),
-      upstreamPool: config.upstream.activePorts ? new PortPool(config.upstream.activePorts) : null,
+      ...this.makePools(config),
       advertiser: new Advertiser(config.client, this.deps.resolver),
       log,
+      sessions: new Set(),
+      perIp: new Map(),
     };
-    server.on('connection', (socket) => this.accept(runtime, socket));
-    server.on('error', (err) => log.error({ event: 'listener-error', err }, 'listener error'));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen({ host: config.listen.host, port: config.listen.port, backlog: 511 }, () => {
-        server.removeListener('error', reject);
-        resolve();
-      });
-    });
+    this.attach(runtime);
+    this.registerPools(runtime);
     const address = server.address() as net.AddressInfo;
     log.info(
       {
@@ -113,45 +139,297 @@ export class ProxyServer {
         upstream: `${config.upstream.host}:${config.upstream.port}`,
         dataMode: config.upstream.dataMode,
         passivePorts: `${config.client.passivePorts.first}-${config.client.passivePorts.last}`,
+        proxyProtocol: config.proxyProtocol.accept,
       },
       'listening',
     );
     return runtime;
   }
 
-  private accept(runtime: ListenerRuntime, socket: net.Socket): void {
+  private attach(runtime: ListenerRuntime): void {
+    runtime.server.on('connection', (socket) => void this.admit(runtime, socket));
+    runtime.server.on('error', (err) => runtime.log.error({ event: 'listener-error', err }, 'listener error'));
+  }
+
+  private registerPools(runtime: ListenerRuntime): void {
+    const name = runtime.config.name;
+    this.metrics.registerPool(name, 'passive', () => runtime.clientPool.stats);
+    if (runtime.upstreamPool) {
+      this.metrics.registerPool(name, 'active', () => runtime.upstreamPool?.stats ?? { size: 0, leased: 0 });
+    }
+  }
+
+  /**
+   * Admission: the PROXY header (when configured) says who the client really is; the ACL and
+   * the session limits are checked on that address, before anything reaches the server.
+   */
+  private async admit(runtime: ListenerRuntime, socket: net.Socket): Promise<void> {
+    socket.on('error', () => {}); // a reset during admission must not crash the process
+    const config = runtime.config;
+    const log = runtime.log;
+    const peerIp = normalizeIp(socket.remoteAddress ?? '0.0.0.0');
+    const peer = { ip: peerIp, port: socket.remotePort ?? 0 };
     if (this.statusValue !== 'running') {
-      socket.end(`${REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN}\r\n`);
+      refuse(socket, 'FTPP_ERR_SHUTDOWN', 'reply');
+      return;
+    }
+    let endpoints: SessionEndpoints = {
+      client: peer,
+      dialled: { ip: normalizeIp(socket.localAddress ?? '0.0.0.0'), port: socket.localPort ?? 0 },
+      initialData: null,
+    };
+    const pp = config.proxyProtocol;
+    if (pp.accept !== 'off') {
+      if (!inAnyCidr(peerIp, pp.from)) {
+        this.rejected(runtime, 'proxy-protocol', { from: `${peerIp}:${peer.port}`, err: 'sender is not a trusted load balancer' });
+        socket.destroy();
+        return;
+      }
+      try {
+        const { header, rest } = await readProxyHeader(socket, pp.accept, pp.timeoutMs);
+        if (header.command === 'local') {
+          // Load-balancer health check (v2 LOCAL / v1 UNKNOWN): nothing to proxy.
+          log.debug({ event: 'proxy-local', from: `${peerIp}:${peer.port}` }, 'PROXY LOCAL connection closed');
+          socket.end();
+          socket.setTimeout(REFUSAL_LINGER_MS, () => socket.destroy());
+          return;
+        }
+        endpoints = {
+          client: { ip: normalizeIp(header.source.host), port: header.source.port },
+          dialled: { ip: normalizeIp(header.destination.host), port: header.destination.port },
+          initialData: rest,
+        };
+      } catch (err) {
+        this.rejected(runtime, 'proxy-protocol', { from: `${peerIp}:${peer.port}`, err: (err as Error).message });
+        socket.destroy();
+        return;
+      }
+      if (this.statusValue !== 'running' || socket.destroyed) {
+        refuse(socket, 'FTPP_ERR_SHUTDOWN', 'reply');
+        return;
+      }
+    }
+    const clientIp = endpoints.client.ip;
+    const clientText = `${clientIp}:${endpoints.client.port}`;
+    if (!aclAllows(clientIp, config)) {
+      this.rejected(runtime, 'acl-deny', { client: clientText });
+      refuse(socket, 'FTPP_ERR_ACL_DENIED', config.acl.action);
+      return;
+    }
+    if (runtime.sessions.size >= config.limits.maxSessions) {
+      this.rejected(runtime, 'sessions-total', { client: clientText, limit: config.limits.maxSessions });
+      refuse(socket, 'FTPP_ERR_TOO_MANY_SESSIONS', 'reply');
+      return;
+    }
+    if ((runtime.perIp.get(clientIp) ?? 0) >= config.limits.maxSessionsPerIp) {
+      this.rejected(runtime, 'sessions-per-ip', { client: clientText, limit: config.limits.maxSessionsPerIp });
+      refuse(socket, 'FTPP_ERR_TOO_MANY_SESSIONS', 'reply');
       return;
     }
     const session = new Session(socket, {
       id: randomBytes(6).toString('hex'),
-      config: runtime.config,
+      endpoints,
+      metrics: this.metrics,
+      config,
       clientPool: runtime.clientPool,
       upstreamPool: runtime.upstreamPool,
       advertiser: runtime.advertiser,
-      log: runtime.log,
-      onClosed: (closed) => this.sessions.delete(closed),
+      log,
+      onClosed: (closed) => {
+        this.sessions.delete(closed);
+        runtime.sessions.delete(closed);
+        const left = (runtime.perIp.get(clientIp) ?? 1) - 1;
+        if (left > 0) runtime.perIp.set(clientIp, left);
+        else runtime.perIp.delete(clientIp);
+      },
     });
     this.sessions.add(session);
+    runtime.sessions.add(session);
+    runtime.perIp.set(clientIp, (runtime.perIp.get(clientIp) ?? 0) + 1);
     session.start();
   }
 
+  private rejected(runtime: ListenerRuntime, reason: RejectionReason, fields: Record<string, unknown>): void {
+    this.metrics.limitHit(runtime.config.name, reason);
+    runtime.log.warn({ event: 'rejected', limit: reason, ...fields }, `connection refused: ${reason}`);
+  }
+
   /**
-   * Stop accepting, send `421` to every open session and wait until all have torn down.
-   * Idempotent.
+   * Apply a new, already validated configuration. Listeners are matched by name: the same
+   * listen address keeps its socket and only new sessions see the new settings; a changed
+   * address is bound anew (the old socket stops accepting, its sessions continue); listeners
+   * that disappeared stop accepting. On any bind failure nothing changes.
    */
-  close(): Promise<void> {
-    this.closing ??= this.doClose();
+  async reload(next: ProxyConfig): Promise<ReloadResult> {
+    if (this.statusValue !== 'running') throw new Error(`cannot reload while ${this.statusValue}`);
+    const fresh = new Map<string, net.Server>();
+    try {
+      for (const config of next.listeners) {
+        const current = this.runtimes.get(config.name);
+        if (!current || !sameListen(current.config, config)) fresh.set(config.name, await listen(config));
+      }
+    } catch (err) {
+      for (const server of fresh.values()) server.close();
+      throw err;
+    }
+    const result: ReloadResult = { added: [], removed: [], updated: [] };
+    for (const [name, runtime] of this.runtimes) {
+      if (!next.listeners.some((l) => l.name === name)) {
+        runtime.server.close();
+        this.runtimes.delete(name);
+        result.removed.push(name);
+        runtime.log.info({ event: 'listener-removed' }, 'listener removed; open sessions continue');
+      }
+    }
+    for (const config of next.listeners) {
+      const runtime = this.runtimes.get(config.name);
+      const server = fresh.get(config.name);
+      if (!runtime) {
+        const log = this.deps.log.child({ listener: config.name });
+        const added: ListenerRuntime = {
+          config,
+          server: server!,
+          ...this.makePools(config),
+          advertiser: new Advertiser(config.client, this.deps.resolver),
+          log,
+          sessions: new Set(),
+          perIp: new Map(),
+        };
+        this.attach(added);
+        this.registerPools(added);
+        this.runtimes.set(config.name, added);
+        result.added.push(config.name);
+        continue;
+      }
+      if (server) {
+        runtime.server.close();
+        runtime.server = server;
+        this.attach(runtime);
+      }
+      const old = runtime.config;
+      if (!samePorts(old, config)) {
+        Object.assign(runtime, this.makePools(config));
+        this.registerPools(runtime);
+      }
+      runtime.advertiser = new Advertiser(config.client, this.deps.resolver);
+      runtime.config = config;
+      result.updated.push(config.name);
+    }
+    this.deps.log.level = next.log.level;
+    this.configValue = next;
+    return result;
+  }
+
+  /**
+   * Readiness for a load balancer: every listener is bound and its server answers a TCP
+   * connect within a short time.
+   */
+  async readiness(): Promise<{ ready: boolean; checks: Record<string, boolean | string> }> {
+    const checks: Record<string, boolean | string> = {};
+    let ready = this.statusValue === 'running';
+    checks.running = this.statusValue === 'running' || this.statusValue;
+    await Promise.all(
+      [...this.runtimes.values()].map(async (runtime) => {
+        const name = runtime.config.name;
+        const bound = runtime.server.listening;
+        checks[`${name}.listening`] = bound;
+        const reachable = await tcpReachable(runtime.config.upstream.host, runtime.config.upstream.port, runtime.config.upstream.bind);
+        checks[`${name}.upstream`] = reachable === true ? true : reachable;
+        if (!bound || reachable !== true) ready = false;
+      }),
+    );
+    return { ready, checks };
+  }
+
+  /**
+   * Stop accepting; let open sessions finish for up to `drainMs`; then send `421` to the rest
+   * and wait until all have torn down. Idempotent (the first drain time wins).
+   */
+  close(drainMs = 0): Promise<void> {
+    this.closing ??= this.doClose(drainMs);
     return this.closing;
   }
 
-  private async doClose(): Promise<void> {
-    this.statusValue = 'closing';
-    const stopped = this.runtimes.map((runtime) => new Promise<void>((resolve) => runtime.server.close(() => resolve())));
+  /** Skip what is left of the drain time: close every session now. */
+  closeNow(): void {
+    for (const session of [...this.sessions]) session.beginClose('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
+  }
+
+  private async doClose(drainMs: number): Promise<void> {
+    this.statusValue = 'draining';
+    const stopped = [...this.runtimes.values()].map((runtime) => new Promise<void>((resolve) => runtime.server.close(() => resolve())));
+    await Promise.all(stopped);
+    if (this.sessions.size > 0 && drainMs > 0) {
+      this.deps.log.info({ event: 'draining', sessions: this.sessions.size, drainMs }, 'waiting for open sessions to finish');
+      let timer: NodeJS.Timeout | null = null;
+      await Promise.race([
+        Promise.all([...this.sessions].map((session) => session.closed)),
+        new Promise<void>((resolve) => {
+          timer = setTimeout(resolve, drainMs);
+        }),
+      ]);
+      if (timer) clearTimeout(timer);
+    }
     const sessions = [...this.sessions];
+    if (sessions.length > 0) this.deps.log.info({ event: 'drain-expired', sessions: sessions.length }, 'closing remaining sessions');
     for (const session of sessions) session.beginClose('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
-    await Promise.all([...stopped, ...sessions.map((session) => session.closed)]);
+    await Promise.all(sessions.map((session) => session.closed));
     this.statusValue = 'closed';
   }
+}
+
+function listen(config: ListenerConfig): Promise<net.Server> {
+  // pauseOnConnect: nothing is read until admission is done and the session is listening.
+  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
+  return new Promise<net.Server>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen({ host: config.listen.host, port: config.listen.port, backlog: 511 }, () => {
+      server.removeListener('error', reject);
+      resolve(server);
+    });
+  });
+}
+
+function sameListen(a: ListenerConfig, b: ListenerConfig): boolean {
+  return a.listen.host === b.listen.host && a.listen.port === b.listen.port;
+}
+
+function samePorts(a: ListenerConfig, b: ListenerConfig): boolean {
+  const range = (r: { first: number; last: number } | null): string => (r ? `${r.first}-${r.last}` : '');
+  return range(a.client.passivePorts) === range(b.client.passivePorts)
+    && range(a.upstream.activePorts) === range(b.upstream.activePorts)
+    && a.client.bindAllPassivePorts === b.client.bindAllPassivePorts;
+}
+
+function inAnyCidr(ip: string, rules: readonly CidrRule[]): boolean {
+  return rules.some((rule) => ipInCidr(ip, rule.cidr));
+}
+
+/** Deny wins; a non-empty allow list admits only its members. */
+export function aclAllows(ip: string, config: ListenerConfig): boolean {
+  if (inAnyCidr(ip, config.acl.deny)) return false;
+  return config.acl.allow.length === 0 || inAnyCidr(ip, config.acl.allow);
+}
+
+function refuse(socket: net.Socket, code: ErrorCode, action: 'reply' | 'close'): void {
+  if (action === 'close') {
+    socket.destroy();
+    return;
+  }
+  socket.end(`${REPLY_FOR_CODE[code]}\r\n`);
+  socket.setTimeout(REFUSAL_LINGER_MS, () => socket.destroy());
+}
+
+function tcpReachable(host: string, port: number, localAddress: string | null): Promise<true | string> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host, port, ...(localAddress ? { localAddress } : {}) });
+    const done = (result: true | string): void => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(result);
+    };
+    const timer = setTimeout(() => done(`no answer within ${READY_CHECK_TIMEOUT_MS} ms`), READY_CHECK_TIMEOUT_MS);
+    socket.once('connect', () => done(true));
+    socket.once('error', (err) => done(err.message));
+  });
 }

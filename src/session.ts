@@ -6,7 +6,7 @@
  * teardown(), which runs exactly once whatever the path.
  */
 import type net from 'node:net';
-import { parseCommandLine, isUnterminatedAbort, describeCommandForLog, type ClientCommand } from './control/command.js';
+import { parseCommandLine, isUnterminatedAbort, describeCommandForLog, splitGluedAbort, type ClientCommand } from './control/command.js';
 import { LineFramer, type FramedLine } from './control/line-framer.js';
 import { ReplyAssembler, isPreliminary, replyLine, type Reply } from './control/reply.js';
 import {
@@ -29,6 +29,7 @@ import type { RelayResult } from './data/relay.js';
 import { ReplyQueue, type ReplySlot } from './reply-queue.js';
 import type { Advertiser } from './advertise.js';
 import type { Logger } from './log.js';
+import type { ProxyMetrics, RejectionReason } from './metrics.js';
 
 const CRLF = Buffer.from('\r\n');
 /** Pause reading the server while this much reply text waits for the client. */
@@ -36,8 +37,20 @@ const REPLY_HIGH_WATER_BYTES = 256 * 1024;
 /** After the last reply is flushed, how long a closing session waits for the client's FIN. */
 const CLOSE_GRACE_MS = 2000;
 
+/** Where the session really comes from and what it dialled (a PROXY header may say). */
+export interface SessionEndpoints {
+  /** The real client: PROXY header source, else the socket peer. */
+  readonly client: { readonly ip: string; readonly port: number };
+  /** What the client dialled: PROXY header destination, else the socket's local address. */
+  readonly dialled: { readonly ip: string; readonly port: number };
+  /** Bytes that arrived behind a PROXY header (already FTP). */
+  readonly initialData: Buffer | null;
+}
+
 export interface SessionDeps {
   readonly id: string;
+  readonly endpoints: SessionEndpoints;
+  readonly metrics: ProxyMetrics;
   readonly config: ListenerConfig;
   readonly clientPool: PortPool;
   readonly upstreamPool: PortPool | null;
@@ -51,6 +64,8 @@ interface TransferContext {
   readonly command: ClientCommand;
   readonly direction: TransferDirection;
   readonly startedAt: number;
+  /** The client sent ABOR while this transfer ran. */
+  aborted: boolean;
 }
 
 type Expectation =
@@ -64,7 +79,10 @@ export class Session {
   readonly client: net.Socket;
   readonly clientIp: string;
   readonly clientPort: number;
+  /** The socket's own local address: relay listeners bind here, active dials leave from here. */
   readonly localIp: string;
+  /** Address the client dialled (advertise: auto writes it into 227). */
+  readonly dialledIp: string;
   readonly controlFamily: Family;
   readonly startedAt = Date.now();
   private readonly config: ListenerConfig;
@@ -83,6 +101,7 @@ export class Session {
   private processingCommands = false;
   private pendingChannel: DataChannel | null = null;
   private readonly activeTransfers = new Set<DataChannel>();
+  private readonly transferContexts = new Set<TransferContext>();
   private epsvAll = false;
   private upstreamLacksEpsv = false;
   private quitRequested = false;
@@ -94,6 +113,9 @@ export class Session {
   private abortTimer: NodeJS.Timeout | null = null;
   private graceTimer: NodeJS.Timeout | null = null;
   private user: string | null = null;
+  private loggedIn = false;
+  private loginTimer: NodeJS.Timeout | null = null;
+  private readonly limitsLogged = new Set<RejectionReason>();
   private transfers = 0;
   private closeReason = '';
   private resolveClosed!: () => void;
@@ -105,9 +127,10 @@ export class Session {
     this.client = client;
     this.deps = deps;
     this.config = deps.config;
-    this.clientIp = normalizeIp(client.remoteAddress ?? '0.0.0.0');
-    this.clientPort = client.remotePort ?? 0;
+    this.clientIp = deps.endpoints.client.ip;
+    this.clientPort = deps.endpoints.client.port;
     this.localIp = normalizeIp(client.localAddress ?? '0.0.0.0');
+    this.dialledIp = deps.endpoints.dialled.ip;
     this.controlFamily = familyOf(this.clientIp);
     this.log = deps.log.child({ session: this.id, client: `${this.clientIp}:${this.clientPort}` });
     this.clientFramer = new LineFramer(this.config.limits.maxLineBytes);
@@ -137,7 +160,9 @@ export class Session {
 
   /** Begin: connect upstream, relay the greeting, start reading the client. */
   start(): void {
-    this.log.info({ event: 'session-start', listener: this.config.name, local: `${this.localIp}:${this.client.localPort}` }, 'session start');
+    this.log.info({ event: 'session-start', listener: this.config.name, local: `${this.localIp}:${this.client.localPort}`, dialled: `${this.dialledIp}:${this.deps.endpoints.dialled.port}` }, 'session start');
+    this.deps.metrics.sessionOpened(this.config.name);
+    this.loginTimer = setTimeout(() => this.onLoginTimeout(), this.config.timeouts.loginMs);
     this.client.setNoDelay(true);
     this.client.on('data', (chunk: Buffer) => this.onClientData(chunk));
     this.client.on('end', () => this.onClientEnd());
@@ -149,6 +174,7 @@ export class Session {
     this.expectations.push({ kind: 'client', slot: greeting });
     this.armIdleTimer();
     const { upstream } = this.config;
+    const connectStarted = process.hrtime.bigint();
     const attempt = dial({
       host: upstream.host,
       port: upstream.port,
@@ -158,9 +184,14 @@ export class Session {
       allowHalfOpen: false,
     });
     attempt.connected.then(
-      (socket) => this.onUpstreamConnected(socket),
+      (socket) => {
+        this.deps.metrics.upstreamConnect(this.config.name, true, Number(process.hrtime.bigint() - connectStarted) / 1e9);
+        this.onUpstreamConnected(socket);
+      },
       (err: ProxyError) => {
         if (this.statusValue !== 'connecting') return;
+        this.deps.metrics.upstreamConnect(this.config.name, false, Number(process.hrtime.bigint() - connectStarted) / 1e9);
+        if (/timed out/.test(err.message)) this.limitHit('upstream-connect-timeout', { upstream: `${upstream.host}:${upstream.port}` });
         this.log.warn({ event: 'upstream-unreachable', code: err.code, err: err.message }, 'upstream unreachable');
         this.expectations.length = 0;
         this.replies.push(greeting, replyLine(REPLY_FOR_CODE.FTPP_ERR_UPSTREAM_UNREACHABLE));
@@ -170,6 +201,29 @@ export class Session {
       },
     );
     this.pendingDial = attempt;
+    if (this.deps.endpoints.initialData && this.deps.endpoints.initialData.length > 0) {
+      this.onClientData(this.deps.endpoints.initialData);
+    }
+    this.client.resume();
+  }
+
+  /**
+   * A limit was hit: count it every time, log it once per session with the client
+   * (the session's child logger carries the client address).
+   */
+  private limitHit(reason: RejectionReason, fields: Record<string, unknown> = {}): void {
+    this.deps.metrics.limitHit(this.config.name, reason);
+    if (this.limitsLogged.has(reason)) return;
+    this.limitsLogged.add(reason);
+    this.log.warn({ event: 'limit', limit: reason, ...fields }, `limit reached: ${reason}`);
+  }
+
+  private onLoginTimeout(): void {
+    this.loginTimer = null;
+    if (this.loggedIn || this.isFinished()) return;
+    this.limitHit('login-timeout', { code: 'FTPP_ERR_LOGIN_TIMEOUT', loginMs: this.config.timeouts.loginMs });
+    this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_LOGIN_TIMEOUT));
+    this.beginClose('login timeout');
   }
   private pendingDial: { cancel(): void } | null = null;
 
@@ -199,11 +253,13 @@ export class Session {
       this.abortTimer = null;
     }
     const framed = this.clientFramer.push(chunk);
-    for (const line of framed.lines) this.enqueueLine(line);
+    for (const line of framed.lines) {
+      for (const text of splitGluedAbort(line.text)) this.enqueueLine({ text, raw: text });
+    }
     if (framed.overflow) {
       // RFC 959 §4.2.1 "500 Syntax error, command unrecognized ... command line too long";
       // vsftpd also closes the session here (protocol.md §1.1, §8.18).
-      this.log.warn({ event: 'line-too-long', code: 'FTPP_ERR_LINE_TOO_LONG', limit: this.config.limits.maxLineBytes }, 'command line too long');
+      this.limitHit('line-too-long', { code: 'FTPP_ERR_LINE_TOO_LONG', limitBytes: this.config.limits.maxLineBytes });
       this.client.pause();
       this.commandQueue.length = 0;
       this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_LINE_TOO_LONG));
@@ -281,7 +337,8 @@ export class Session {
   private async executeLine(line: FramedLine): Promise<void> {
     const parsed = parseCommandLine(line.text);
     if (!parsed.ok) {
-      this.replies.append(replyLine('500 Syntax error, command unrecognized.'));
+      // CR/LF/NUL inside an argument is a bad parameter (501); anything else is not a command.
+      this.replies.append(replyLine(parsed.reason === 'bad-argument' ? '501 Syntax error in parameters or arguments.' : '500 Syntax error, command unrecognized.'));
       return;
     }
     const command = parsed.command;
@@ -362,21 +419,32 @@ export class Session {
 
   // ---------------------------------------------------------------- data channel setup
 
+  /** Refuse a new data channel when the session already runs as many as allowed. */
+  private checkDataChannelLimit(): void {
+    if (this.activeTransfers.size >= this.config.limits.maxDataChannelsPerSession) {
+      this.limitHit('passive-listeners', { code: 'FTPP_ERR_TOO_MANY_DATA_CHANNELS', limit: this.config.limits.maxDataChannelsPerSession });
+      throw new ProxyError('FTPP_ERR_TOO_MANY_DATA_CHANNELS', `${this.activeTransfers.size} data channels already open`);
+    }
+  }
+
   private async setupPassive(style: 'pasv' | 'epsv'): Promise<void> {
     const slot = this.replies.open();
     this.releasePendingChannel(`new ${style.toUpperCase()}`);
     try {
+      this.checkDataChannelLimit();
       let advertised: string | null = null;
       if (style === 'pasv') {
-        advertised = await this.deps.advertiser.addressFor(this.clientIp, this.localIp);
+        advertised = await this.deps.advertiser.addressFor(this.clientIp, this.dialledIp);
         if (!advertised) throw new ProxyError('FTPP_ERR_ADVERTISE_UNRESOLVED', `no IPv4 address to advertise (${this.deps.advertiser.lastError?.message ?? 'control connection is not IPv4'})`);
       }
       const lease = await this.deps.clientPool.lease(this.localIp);
       const accept = new PassiveAccept(lease, {
         expectedIp: this.clientIp,
         timeoutMs: this.config.timeouts.dataAcceptMs,
-        onStranger: (address, port) =>
-          this.log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}` }, 'refused data connection from another address'),
+        onStranger: (address, port) => {
+          this.deps.metrics.dataStranger(this.config.name);
+          this.log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}` }, 'refused data connection from another address');
+        },
       });
       const upstreamLeg = await this.prepareUpstreamLeg('passive').catch((err: unknown) => {
         accept.cancel('upstream setup failed');
@@ -403,6 +471,7 @@ export class Session {
     this.releasePendingChannel(`new ${style.toUpperCase()}`);
     if (natFixup) this.log.info({ event: 'port-nat-fixup', target: `${target.host}:${target.port}` }, 'client sent an unroutable address; using its real address');
     try {
+      this.checkDataChannelLimit();
       const upstreamLeg = await this.prepareUpstreamLeg('active');
       if (this.isFinished()) {
         if (upstreamLeg.kind === 'active') upstreamLeg.accept.cancel('session closing');
@@ -506,7 +575,8 @@ export class Session {
       return;
     }
     this.activeTransfers.add(channel);
-    const context: TransferContext = { channel, command, direction, startedAt: Date.now() };
+    const context: TransferContext = { channel, command, direction, startedAt: Date.now(), aborted: false };
+    this.transferContexts.add(context);
     channel.onSettled = (result, reason) => this.onChannelSettled(context, result, reason);
     const timeouts = this.config.timeouts;
     // Outbound legs connect before the command goes upstream: if the client's PORT address
@@ -535,7 +605,7 @@ export class Session {
       return;
     }
     this.forwardLine(command.line, slot, undefined, context);
-    channel.pair({ clientSocket, upstreamSocket, idleTimeoutMs: 0 });
+    channel.pair({ clientSocket, upstreamSocket, idleTimeoutMs: this.config.timeouts.dataIdleMs });
   }
 
   /** Server reply to a transfer command: 1yz passes at once, the final one is held (§3.3). */
@@ -578,6 +648,9 @@ export class Session {
     const channel = transfer.channel;
     const log = (): void => {
       const bytes = channel.bytes;
+      const moved = transfer.direction === 'download' ? bytes.toClient : bytes.toUpstream;
+      const result = reply.code >= 200 && reply.code < 300 ? 'ok' : transfer.aborted ? 'aborted' : 'failed';
+      this.deps.metrics.transferFinished(this.config.name, transfer.direction, result, moved, (Date.now() - transfer.startedAt) / 1000);
       this.log.info(
         {
           event: 'transfer',
@@ -585,7 +658,8 @@ export class Session {
           path: transfer.command.argument.slice(0, 512),
           user: this.user,
           direction: transfer.direction,
-          bytes: transfer.direction === 'download' ? bytes.toClient : bytes.toUpstream,
+          bytes: moved,
+          result,
           durationMs: Date.now() - transfer.startedAt,
           reply: reply.code,
           clientDataPort: channel.clientPort,
@@ -601,12 +675,19 @@ export class Session {
 
   private onChannelSettled(transfer: TransferContext, result: RelayResult | null, reason: string): void {
     this.activeTransfers.delete(transfer.channel);
+    this.transferContexts.delete(transfer);
+    if (reason.startsWith('pairing failed') && /accept/.test(reason)) {
+      this.limitHit('data-accept-timeout', { code: 'FTPP_ERR_DATA_ACCEPT_TIMEOUT', reason });
+    } else if (result?.outcome === 'idle') {
+      this.limitHit('data-idle-timeout', { dataIdleMs: this.config.timeouts.dataIdleMs });
+    }
     this.log.debug({ event: 'data-closed', reason, outcome: result?.outcome ?? 'not-connected' }, 'data channel closed');
   }
 
   private abortTransfers(): void {
     // Node cannot send urgent data either, so the proxy aborts the transfer itself: reset both
     // legs, then send a plain ABOR; the server's 426/225/226 pass through in order (§3.4).
+    for (const context of this.transferContexts) context.aborted = true;
     for (const channel of this.activeTransfers) channel.close('ABOR');
     this.releasePendingChannel('ABOR');
   }
@@ -650,6 +731,11 @@ export class Session {
     } else if (isPreliminary(reply.code)) {
       this.replies.push(expectation.slot, reply.raw);
     } else {
+      if (reply.code === 230 && !this.loggedIn) {
+        this.loggedIn = true;
+        if (this.loginTimer) clearTimeout(this.loginTimer);
+        this.loginTimer = null;
+      }
       this.expectations.shift();
       this.replies.push(expectation.slot, expectation.transform ? expectation.transform(reply) : reply.raw);
       this.replies.end(expectation.slot);
@@ -737,7 +823,7 @@ export class Session {
       this.armIdleTimer();
       return;
     }
-    this.log.info({ event: 'idle-timeout', code: 'FTPP_ERR_IDLE_TIMEOUT', idleMs: this.config.timeouts.idleMs }, 'idle timeout');
+    this.limitHit('idle-timeout', { code: 'FTPP_ERR_IDLE_TIMEOUT', idleMs: this.config.timeouts.idleMs });
     this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_IDLE_TIMEOUT));
     this.beginClose('idle timeout');
   }
@@ -776,8 +862,8 @@ export class Session {
     if (this.statusValue === 'closed') return;
     this.statusValue = 'closed';
     this.closeReason ||= reason;
-    for (const timer of [this.idleTimer, this.abortTimer, this.graceTimer]) if (timer) clearTimeout(timer);
-    this.idleTimer = this.abortTimer = this.graceTimer = null;
+    for (const timer of [this.idleTimer, this.abortTimer, this.graceTimer, this.loginTimer]) if (timer) clearTimeout(timer);
+    this.idleTimer = this.abortTimer = this.graceTimer = this.loginTimer = null;
     this.pendingDial?.cancel();
     this.resolveUpstreamReady(false);
     this.failExpectations();
@@ -793,6 +879,7 @@ export class Session {
       this.upstream.destroy();
     }
     this.log.info({ event: 'session-end', reason: this.closeReason, durationMs: Date.now() - this.startedAt, transfers: this.transfers, user: this.user }, 'session end');
+    this.deps.metrics.sessionClosed(this.config.name);
     this.deps.onClosed(this);
     this.resolveClosed();
   }

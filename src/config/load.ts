@@ -18,6 +18,11 @@ import type {
   ProxyConfig,
   TimeoutsConfig,
   LimitsConfig,
+  AclConfig,
+  AdminConfig,
+  CidrRule,
+  ProxyProtocolAccept,
+  ProxyProtocolConfig,
 } from './schema.js';
 
 export interface ConfigIssue {
@@ -56,6 +61,10 @@ export const TIMEOUT_DEFAULTS = {
   transferReplyHoldSeconds: 30,
   dataLingerSeconds: 10,
   abortIdleMilliseconds: 200,
+  // No successful login (230) within this time: 421 and close.
+  loginSeconds: 60,
+  // A data connection that moves no byte in either direction for this long is reset.
+  dataIdleSeconds: 300,
 } as const;
 
 export const LIMIT_DEFAULTS = {
@@ -63,7 +72,13 @@ export const LIMIT_DEFAULTS = {
   maxLineBytes: 4096,
   maxReplyBytes: 1024 * 1024,
   maxQueuedCommands: 64,
+  maxSessions: 1000,
+  maxSessionsPerIp: 20,
+  maxDataChannelsPerSession: 4,
 } as const;
+
+export const PROXY_PROTOCOL_TIMEOUT_SECONDS = 5;
+export const DRAIN_SECONDS = 30;
 
 export const DEFAULT_PASSIVE_PORTS = '60000-60099';
 
@@ -136,6 +151,9 @@ export function parseListenAddress(text: string): HostAndPort | null {
 }
 
 function isHostname(text: string): boolean {
+  // RFC 1123 §2.1: a host name never has the dotted-decimal form; an all-numeric last label
+  // is a mistyped IP ("203.0.113.300"), which would otherwise only fail at run time.
+  if (/(^|\.)\d+\.?$/.test(text)) return false;
   return text.length <= 253 && /^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/.test(text);
 }
 
@@ -169,10 +187,28 @@ function bool(v: Validator, path: (string | number)[], value: unknown, fallback:
   return value;
 }
 
+function cidrList(v: Validator, path: (string | number)[], value: unknown): CidrRule[] {
+  if (value === undefined || value === null) return [];
+  if (!Array.isArray(value)) {
+    v.fail(path, 'must be a list of CIDRs such as 10.0.0.0/8');
+    return [];
+  }
+  const out: CidrRule[] = [];
+  value.forEach((item: unknown, i: number) => {
+    const text = String(item);
+    try {
+      out.push(Object.freeze({ cidr: parseCidr(text), text }));
+    } catch {
+      v.fail([...path, i], `"${text}" is not a CIDR such as 10.0.0.0/8`);
+    }
+  });
+  return out;
+}
+
 function validateListener(v: Validator, index: number, raw: unknown): ListenerConfig | null {
   const base: (string | number)[] = ['listeners', index];
   const before = v.issues.length;
-  const obj = section(v, base, raw, ['name', 'listen', 'upstream', 'client', 'timeouts', 'limits']);
+  const obj = section(v, base, raw, ['name', 'listen', 'upstream', 'client', 'timeouts', 'limits', 'acl', 'proxyProtocol']);
   const name = str(v, [...base, 'name'], obj.name, `listener${index}`) ?? `listener${index}`;
   if (!/^[A-Za-z0-9_.-]{1,64}$/.test(name)) v.fail([...base, 'name'], 'must be 1-64 characters of A-Z a-z 0-9 _ . -');
 
@@ -185,6 +221,8 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
   const upHost = str(v, [...base, 'upstream', 'host'], up.host, obj.upstream === undefined ? '' : undefined) ?? '';
   if (upHost !== '' && !isIP(upHost) && !isHostname(upHost)) v.fail([...base, 'upstream', 'host'], `"${upHost}" is neither an IP address nor a hostname`);
   const upPort = int(v, [...base, 'upstream', 'port'], up.port, 21, 1, 65535);
+  // int() allows fractions (seconds); a TCP port must be whole or connect() throws at run time.
+  if (!Number.isInteger(upPort)) v.fail([...base, 'upstream', 'port'], 'must be a whole number');
   const dataModeText = str(v, [...base, 'upstream', 'dataMode'], up.dataMode, 'passive') ?? 'passive';
   if (!DATA_MODES.has(dataModeText)) v.fail([...base, 'upstream', 'dataMode'], 'must be passive, active or mirror');
   const dataMode = (DATA_MODES.has(dataModeText) ? dataModeText : 'passive') as DataMode;
@@ -202,7 +240,7 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     else bind = ipaddr.parse(bind).toString();
   }
 
-  const cl = section(v, [...base, 'client'], obj.client, ['advertise', 'advertiseFor', 'passivePorts', 'portNatFixup']);
+  const cl = section(v, [...base, 'client'], obj.client, ['advertise', 'advertiseFor', 'passivePorts', 'portNatFixup', 'bindAllPassivePorts']);
   const advertiseText = str(v, [...base, 'client', 'advertise'], cl.advertise, 'auto') ?? 'auto';
   let advertise: Advertise = { kind: 'auto' };
   if (advertiseText === 'auto') advertise = { kind: 'auto' };
@@ -241,6 +279,7 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
   const passivePorts = parsePortRange(passiveText);
   if (!passivePorts) v.fail([...base, 'client', 'passivePorts'], 'must be "first-last" within 1-65535');
   const portNatFixup = bool(v, [...base, 'client', 'portNatFixup'], cl.portNatFixup, true);
+  const bindAllPassivePorts = bool(v, [...base, 'client', 'bindAllPassivePorts'], cl.bindAllPassivePorts, false);
 
   const tp = [...base, 'timeouts'];
   const t = section(v, tp, obj.timeouts, [...Object.keys(TIMEOUT_DEFAULTS)]);
@@ -255,6 +294,8 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     transferReplyHoldMs: seconds('transferReplyHoldSeconds'),
     dataLingerMs: seconds('dataLingerSeconds'),
     abortIdleMs: Math.round(int(v, [...tp, 'abortIdleMilliseconds'], t.abortIdleMilliseconds, TIMEOUT_DEFAULTS.abortIdleMilliseconds, 1, 10000)),
+    loginMs: seconds('loginSeconds'),
+    dataIdleMs: seconds('dataIdleSeconds'),
   };
 
   const lp = [...base, 'limits'];
@@ -263,16 +304,47 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     maxLineBytes: Math.floor(int(v, [...lp, 'maxLineBytes'], l.maxLineBytes, LIMIT_DEFAULTS.maxLineBytes, 512, 65536)),
     maxReplyBytes: Math.floor(int(v, [...lp, 'maxReplyBytes'], l.maxReplyBytes, LIMIT_DEFAULTS.maxReplyBytes, 4096, 64 * 1024 * 1024)),
     maxQueuedCommands: Math.floor(int(v, [...lp, 'maxQueuedCommands'], l.maxQueuedCommands, LIMIT_DEFAULTS.maxQueuedCommands, 1, 10000)),
+    maxSessions: Math.floor(int(v, [...lp, 'maxSessions'], l.maxSessions, LIMIT_DEFAULTS.maxSessions, 1, 1_000_000)),
+    maxSessionsPerIp: Math.floor(int(v, [...lp, 'maxSessionsPerIp'], l.maxSessionsPerIp, LIMIT_DEFAULTS.maxSessionsPerIp, 1, 1_000_000)),
+    maxDataChannelsPerSession: Math.floor(int(v, [...lp, 'maxDataChannelsPerSession'], l.maxDataChannelsPerSession, LIMIT_DEFAULTS.maxDataChannelsPerSession, 1, 64)),
   };
+
+  const ap = [...base, 'acl'];
+  const a = section(v, ap, obj.acl, ['allow', 'deny', 'action']);
+  const actionText = str(v, [...ap, 'action'], a.action, 'reply') ?? 'reply';
+  if (actionText !== 'reply' && actionText !== 'close') v.fail([...ap, 'action'], 'must be reply or close');
+  const acl: AclConfig = {
+    allow: cidrList(v, [...ap, 'allow'], a.allow),
+    deny: cidrList(v, [...ap, 'deny'], a.deny),
+    action: actionText === 'close' ? 'close' : 'reply',
+  };
+
+  const pp = [...base, 'proxyProtocol'];
+  const ppo = section(v, pp, obj.proxyProtocol, ['accept', 'from', 'timeoutSeconds', 'dataPorts']);
+  const acceptText = str(v, [...pp, 'accept'], ppo.accept, 'off') ?? 'off';
+  if (!['off', 'v1', 'v2', 'any'].includes(acceptText)) v.fail([...pp, 'accept'], 'must be off, v1, v2 or any');
+  const from = cidrList(v, [...pp, 'from'], ppo.from);
+  if (acceptText !== 'off' && from.length === 0) {
+    v.fail([...pp, 'from'], 'must list the load balancers allowed to send a PROXY header');
+  }
+  const proxyProtocol: ProxyProtocolConfig = {
+    accept: (['off', 'v1', 'v2', 'any'].includes(acceptText) ? acceptText : 'off') as ProxyProtocolAccept,
+    from,
+    timeoutMs: Math.round(int(v, [...pp, 'timeoutSeconds'], ppo.timeoutSeconds, PROXY_PROTOCOL_TIMEOUT_SECONDS, 0.1, 60) * 1000),
+    dataPorts: bool(v, [...pp, 'dataPorts'], ppo.dataPorts, false),
+  };
+  if (proxyProtocol.dataPorts && proxyProtocol.accept === 'off') v.fail([...pp, 'dataPorts'], 'needs accept to be v1, v2 or any');
 
   if (v.issues.length > before || !listen || !passivePorts) return null;
   return {
     name,
     listen,
     upstream: { host: upHost, port: upPort, dataMode, activePorts, bind },
-    client: { advertise, advertiseFor, passivePorts, portNatFixup },
+    client: { advertise, advertiseFor, passivePorts, portNatFixup, bindAllPassivePorts },
     timeouts,
     limits,
+    acl,
+    proxyProtocol,
   };
 }
 
@@ -282,12 +354,24 @@ export function validateConfigText(text: string, source = 'config'): ProxyConfig
   const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false, uniqueKeys: true });
   const v = new Validator(doc, lines);
   for (const err of doc.errors) {
-    v.issues.push({ path: '', line: err.linePos?.[0]?.line ?? 0, message: `YAML: ${err.message.split('\n')[0]}` });
+    // `linePos` is only filled in with prettyErrors: true; take the line from the error's
+    // offset instead, or every syntax error is reported at line 0.
+    v.issues.push({ path: '', line: lines.linePos(err.pos[0]).line, message: `YAML: ${err.message.split('\n')[0]}` });
   }
   if (v.issues.length > 0) throw new ConfigError(source, v.issues);
   const root = doc.toJS() as unknown;
   if (!isObject(root)) throw new ConfigError(source, [{ path: '', line: 1, message: 'must be a mapping with a "listeners" list' }]);
-  checkKeys(v, [], root, ['log', 'listeners']);
+  checkKeys(v, [], root, ['log', 'listeners', 'admin', 'shutdown']);
+  const adminObj = section(v, ['admin'], root.admin, ['listen']);
+  let admin: AdminConfig | null = null;
+  if (root.admin !== undefined && root.admin !== null) {
+    const text = str(v, ['admin', 'listen'], adminObj.listen, undefined);
+    const listen = text === undefined ? null : parseListenAddress(text);
+    if (text !== undefined && !listen) v.fail(['admin', 'listen'], `"${text}" is not host:port with an IP host`);
+    if (listen) admin = { listen };
+  }
+  const shutdownObj = section(v, ['shutdown'], root.shutdown, ['drainSeconds']);
+  const drainMs = Math.round(int(v, ['shutdown', 'drainSeconds'], shutdownObj.drainSeconds, DRAIN_SECONDS, 0, 86400) * 1000);
   const logObj = section(v, ['log'], root.log, ['level']);
   const level = str(v, ['log', 'level'], logObj.level, 'info') ?? 'info';
   if (!LOG_LEVELS.has(level)) v.fail(['log', 'level'], `must be one of ${[...LOG_LEVELS].join(', ')}`);
@@ -296,18 +380,24 @@ export function validateConfigText(text: string, source = 'config'): ProxyConfig
   if (!Array.isArray(root.listeners) || root.listeners.length === 0) {
     v.fail(['listeners'], 'must be a non-empty list');
   } else {
+    // Index in the file of each valid listener: `listeners` skips invalid ones, so its own
+    // index would name the wrong entry (and line) in the duplicate-name error.
+    const fileIndex: number[] = [];
     root.listeners.forEach((raw: unknown, i: number) => {
       const listener = validateListener(v, i, raw);
-      if (listener) listeners.push(listener);
+      if (listener) {
+        listeners.push(listener);
+        fileIndex.push(i);
+      }
     });
     const names = new Set<string>();
-    listeners.forEach((l, i) => {
-      if (names.has(l.name)) v.fail(['listeners', i, 'name'], `duplicate listener name "${l.name}"`);
+    listeners.forEach((l, n) => {
+      if (names.has(l.name)) v.fail(['listeners', fileIndex[n]!, 'name'], `duplicate listener name "${l.name}"`);
       names.add(l.name);
     });
   }
   if (v.issues.length > 0) throw new ConfigError(source, v.issues);
-  return deepFreeze({ log: { level }, listeners });
+  return deepFreeze({ log: { level }, listeners, admin, shutdown: { drainMs } });
 }
 
 export async function loadConfigFile(path: string): Promise<ProxyConfig> {

@@ -41,6 +41,36 @@ export interface ClientSideConfig {
   readonly passivePorts: PortRange;
   /** Replace an unroutable PORT/EPRT address from a routable peer by the peer's (protocol.md §4.1). */
   readonly portNatFixup: boolean;
+  /**
+   * Keep every passive port bound for the life of the listener (so a load balancer can
+   * health-check them) and hand connections to the session expecting them, instead of binding
+   * a port per PASV.
+   */
+  readonly bindAllPassivePorts: boolean;
+}
+
+export interface CidrRule {
+  readonly cidr: Cidr;
+  readonly text: string;
+}
+
+export interface AclConfig {
+  /** Empty: everyone not denied may connect. */
+  readonly allow: readonly CidrRule[];
+  readonly deny: readonly CidrRule[];
+  /** What a refused client gets: a `421` line, or a plain close. */
+  readonly action: 'reply' | 'close';
+}
+
+export type ProxyProtocolAccept = 'off' | 'v1' | 'v2' | 'any';
+
+export interface ProxyProtocolConfig {
+  readonly accept: ProxyProtocolAccept;
+  /** Load balancers allowed to send a header (haproxy proxy-protocol.txt: trusted senders only). */
+  readonly from: readonly CidrRule[];
+  readonly timeoutMs: number;
+  /** Data connections to the passive ports carry a header too (NLB listeners on the data ports). */
+  readonly dataPorts: boolean;
 }
 
 export interface TimeoutsConfig {
@@ -52,12 +82,17 @@ export interface TimeoutsConfig {
   readonly transferReplyHoldMs: number;
   readonly dataLingerMs: number;
   readonly abortIdleMs: number;
+  readonly loginMs: number;
+  readonly dataIdleMs: number;
 }
 
 export interface LimitsConfig {
   readonly maxLineBytes: number;
   readonly maxReplyBytes: number;
   readonly maxQueuedCommands: number;
+  readonly maxSessions: number;
+  readonly maxSessionsPerIp: number;
+  readonly maxDataChannelsPerSession: number;
 }
 
 export interface ListenerConfig {
@@ -67,9 +102,18 @@ export interface ListenerConfig {
   readonly client: ClientSideConfig;
   readonly timeouts: TimeoutsConfig;
   readonly limits: LimitsConfig;
+  readonly acl: AclConfig;
+  readonly proxyProtocol: ProxyProtocolConfig;
+}
+
+export interface AdminConfig {
+  readonly listen: HostAndPort;
 }
 
 export interface ProxyConfig {
   readonly log: { readonly level: string };
   readonly listeners: readonly ListenerConfig[];
+  /** Off (null) unless configured. */
+  readonly admin: AdminConfig | null;
+  readonly shutdown: { readonly drainMs: number };
 }

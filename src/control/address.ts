@@ -21,13 +21,22 @@ export type AddressParse =
 const SYNTAX: AddressParse = { ok: false, reason: 'syntax' };
 const NUMBER = /^\d{1,5}$/;
 
+/**
+ * Strip SP only. String#trim() also strips TAB, CR, LF, NBSP (latin1 0xA0)..., which let
+ * `PORT 198,51,100,7,195\r,80` through; vsftpd's leniency is spaces only (protocol.md §2.1),
+ * and CR/LF/NUL inside arguments are rejected, not repaired (style.md #3).
+ */
+function trimSpaces(text: string): string {
+  return text.replace(/^ +| +$/g, '');
+}
+
 /** `h1,h2,h3,h4,p1,p2` -> host and port; spaces around numbers and leading zeros allowed. */
 export function parseHostPortFields(text: string): AddressParse {
   const fields = text.split(',');
   if (fields.length !== 6) return SYNTAX;
   const values: number[] = [];
   for (const field of fields) {
-    const trimmed = field.trim();
+    const trimmed = trimSpaces(field);
     if (!NUMBER.test(trimmed)) return SYNTAX;
     const value = Number(trimmed);
     if (value > 255) return SYNTAX;
@@ -90,7 +99,7 @@ export function formatEpsvReply(port: number): string {
  * family the proxy does not speak (-> 522), anything else is syntax (-> 501).
  */
 export function parseEprtArgument(argument: string): AddressParse {
-  const text = argument.trim();
+  const text = trimSpaces(argument);
   if (text.length < 7) return SYNTAX;
   const delimiter = text[0]!;
   const code = delimiter.charCodeAt(0);

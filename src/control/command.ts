@@ -15,7 +15,7 @@ export interface ClientCommand {
 
 export type CommandParse =
   | { readonly ok: true; readonly command: ClientCommand }
-  | { readonly ok: false; readonly reason: 'empty' | 'bad-verb' };
+  | { readonly ok: false; readonly reason: 'empty' | 'bad-verb' | 'bad-argument' };
 
 const IAC = 0xff;
 const SB = 0xfa;
@@ -84,6 +84,12 @@ export function parseCommandLine(text: Buffer): CommandParse {
     if (!isLetter) return { ok: false, reason: 'bad-verb' };
   }
   const argumentBytes = sp === -1 ? Buffer.alloc(0) : line.subarray(sp + 1);
+  // Reject, don't repair (style.md #3): a command ends at its CRLF (RFC 959 §5.3), so CR, LF
+  // or NUL inside it is not a valid argument. Forwarded as is, "NOOP\rPORT ..." would smuggle
+  // an unchecked second command to any server that ends lines at CR.
+  if (argumentBytes.indexOf(0x0d) !== -1 || argumentBytes.indexOf(0x0a) !== -1 || argumentBytes.indexOf(0x00) !== -1) {
+    return { ok: false, reason: 'bad-argument' };
+  }
   return {
     ok: true,
     command: {
@@ -105,6 +111,23 @@ export function isUnterminatedAbort(pending: Buffer): boolean {
   while (end > 0 && pending[end - 1] === 0x0d) end--;
   const cleaned = stripTelnet(pending.subarray(0, end));
   return cleaned.length === 4 && cleaned.toString('latin1').toUpperCase() === 'ABOR';
+}
+
+/**
+ * Split a line that is CPython's urgent `ABOR\r` with the next command glued behind it
+ * (test-environment.md: the LF went out as TCP urgent data and Node never sees it, so
+ * `ABOR\rNOOP\r\n` arrives as one line). Returns the pieces to treat as separate lines:
+ * `[ABOR, rest]` for such a line, `[text]` for any other.
+ */
+export function splitGluedAbort(text: Buffer): Buffer[] {
+  const cr = text.indexOf(0x0d);
+  if (cr === -1) return [text];
+  const head = stripTelnet(text.subarray(0, cr));
+  if (head.length !== 4 || head.toString('latin1').toUpperCase() !== 'ABOR') return [text];
+  let restStart = cr;
+  while (text[restStart] === 0x0d) restStart++;
+  const rest = text.subarray(restStart);
+  return rest.length > 0 ? [text.subarray(0, cr), rest] : [text.subarray(0, cr)];
 }
 
 /** Text safe for logs: the PASS argument is never shown. */

@@ -75,7 +75,10 @@ export class LineFramer {
       }
       let end = raw.length - 1;
       while (end > 0 && raw[end - 1] === CR) end--;
-      if (end > this.maxLineBytes) return this.overflow(lines);
+      // Same bound as for a pending tail (text + one spare CR, the LF excluded), so the result
+      // does not depend on where TCP cut the line (RFC 1123 §4.1.2.10): `A*max + "\r\r\n"` used
+      // to pass in one chunk but overflow when the LF came in a later chunk.
+      if (end > this.maxLineBytes || raw.length - 1 > this.maxLineBytes + 1) return this.overflow(lines);
       lines.push({ text: raw.subarray(0, end), raw });
       start = lf + 1;
     }

@@ -1,6 +1,7 @@
 /**
  * Security policy for data-connection targets. Pure.
  */
+import ipaddr from 'ipaddr.js';
 import { isUnroutableIp, sameIp } from './ip.js';
 import type { HostPort } from './address.js';
 
@@ -28,8 +29,19 @@ export function decideActiveTarget(
   if (sameIp(requested.host, clientIp)) {
     return { ok: true, target: { host: clientIp, port: requested.port }, natFixup: false };
   }
-  if (allowNatFixup && isUnroutableIp(requested.host) && !isUnroutableIp(clientIp)) {
+  if (allowNatFixup && isNatInternalIp(requested.host) && !isUnroutableIp(clientIp)) {
     return { ok: true, target: { host: clientIp, port: requested.port }, natFixup: true };
   }
   return { ok: false, reason: 'third-party' };
+}
+
+/**
+ * An address a host behind NAT writes for itself (RFC 1918, CGNAT, link-local, ULA). Loopback
+ * and unspecified are never NAT artefacts: protocol.md §8.15 wants `EPRT |2|::1|50000|` from
+ * 2001:db8::7 refused, not rewritten to the peer.
+ */
+function isNatInternalIp(address: string): boolean {
+  if (!isUnroutableIp(address)) return false;
+  const range = ipaddr.process(address).range();
+  return range !== 'loopback' && range !== 'unspecified';
 }

@@ -113,6 +113,8 @@ export function decideCommand(command: ClientCommand, view: SessionView): Comman
     }
     case 'LPRT':
     case 'LPSV':
+      // RFC 2428 §3: after EPSV ALL every data-setup command but EPSV is refused.
+      if (view.epsvAll) return reply(EPSV_ALL_REPLY, 'FTPP_ERR_EPSV_ALL');
       // RFC 1639 was superseded by RFC 2428; clients fall back to EPRT/PORT (protocol.md §2.3).
       return reply('502 Command not implemented.', 'FTPP_ERR_NOT_IMPLEMENTED');
     case 'REIN':

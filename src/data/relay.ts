@@ -6,7 +6,8 @@
  */
 import type net from 'node:net';
 
-export type RelayOutcome = 'complete' | 'reset' | 'aborted';
+/** complete: both sides ended cleanly; reset: a side failed; aborted: abort() was called; idle: no byte moved for idleTimeoutMs. */
+export type RelayOutcome = 'complete' | 'reset' | 'aborted' | 'idle';
 
 export interface RelayResult {
   readonly upstreamToClientBytes: number;
@@ -112,7 +113,7 @@ export class DataRelay {
   };
 
   private readonly onIdle = (): void => {
-    if (this.outcome === 'complete') this.outcome = 'aborted';
+    if (this.outcome === 'complete') this.outcome = 'idle';
     resetSocket(this.client);
     resetSocket(this.upstream);
   };

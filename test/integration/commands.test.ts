@@ -89,7 +89,7 @@ if (reason) {
     t.match(out, /EPSVALL 200/, 'EPSV ALL accepted');
     t.match(out, /PASV-AFTER-ALL 501/, 'PASV after EPSV ALL: 501');
     t.match(out, /EPSV-AFTER-ALL 229/, 'EPSV after EPSV ALL still works');
-    t.match(out, /LPSV 502/, 'LPSV: 502');
+    t.match(out, /LPSV 501/, 'LPSV after EPSV ALL: 501 (RFC 2428 §3)');
     t.match(out, /REIN 502/, 'REIN: 502');
     t.match(out, /AUTH 502/, 'AUTH: 502');
     t.notMatch(vsftpd.protocolLog(), /"(EPSV ALL|LPSV|REIN|AUTH TLS)"/, 'locally answered commands never reached vsftpd');

@@ -1,0 +1,138 @@
+/**
+ * CLI contract (src/cli.ts): `--check` exits 0 on a good file and 2 with every error printed on
+ * a bad one; `--version` prints package.json's version. Runs the built dist/cli.js (`npm test`
+ * builds it first through the pretest script; by hand: `npx tsc -p tsconfig.json`).
+ */
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ConfigError, formatIssue, validateConfigText } from '../../src/config/load.js';
+
+const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+const CLI = join(ROOT, 'dist', 'cli.js');
+const SHIPPED = join(ROOT, 'conf', 'ftp-nat-proxy.yaml');
+const VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
+
+interface CliResult {
+  readonly code: number | null;
+  readonly stdout: string;
+  readonly stderr: string;
+  readonly timedOut: boolean;
+}
+
+/** Run the CLI without blocking the event loop; killed (by its own pid) after `timeoutMs`. */
+function runCli(args: readonly string[], timeoutMs = 20_000): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    let timedOut = false;
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString('utf8')));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString('utf8')));
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    child.once('error', (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    child.once('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr, timedOut });
+    });
+  });
+}
+
+/** The issues the validator reports for `text` (the CLI must print every one). */
+function expectedIssues(text: string, source: string): string[] {
+  try {
+    validateConfigText(text, source);
+  } catch (err) {
+    if (err instanceof ConfigError) return err.issues.map(formatIssue);
+    throw err;
+  }
+  throw new Error('fixture unexpectedly valid');
+}
+
+const BAD = `log:
+  level: loud
+listeners:
+  - name: "bad name!"
+    listen: "0.0.0.0:99999"
+    upstream:
+      port: 0
+      dataMode: sideways
+    client:
+      passivePorts: "9-1"
+extra: 1
+`;
+
+t.test('dist/cli.js is built', async (t) => {
+  t.ok(existsSync(CLI), `${CLI} exists (run: npx tsc -p tsconfig.json)`);
+});
+
+t.test('--version prints the package.json version', async (t) => {
+  const r = await runCli(['--version']);
+  t.equal(r.timedOut, false);
+  t.equal(r.code, 0);
+  t.equal(r.stdout, `ftp-nat-proxy ${VERSION}\n`);
+  t.equal(r.stderr, '');
+});
+
+t.test('--check on the shipped config exits 0', async (t) => {
+  const r = await runCli(['--config', SHIPPED, '--check']);
+  t.equal(r.timedOut, false);
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout, `${SHIPPED}: OK (1 listener(s))\n`);
+});
+
+t.test('--config=FILE form', async (t) => {
+  const r = await runCli([`--config=${SHIPPED}`, '--check']);
+  t.equal(r.code, 0, r.stderr);
+});
+
+t.test('--check on a bad config exits 2 and prints every error', async (t) => {
+  const dir = t.testdir({});
+  const file = join(dir, 'bad.yaml');
+  writeFileSync(file, BAD);
+  const issues = expectedIssues(BAD, file);
+  t.ok(issues.length >= 7, `fixture has many errors (${issues.length})`);
+  const r = await runCli(['--config', file, '--check']);
+  t.equal(r.timedOut, false);
+  t.equal(r.code, 2);
+  t.equal(r.stdout, '', 'nothing on stdout');
+  t.ok(r.stderr.startsWith(`ftp-nat-proxy: invalid configuration ${file}:\n`), 'header');
+  const missing = issues.filter((line) => !r.stderr.includes(`${line}\n`));
+  t.same(missing, [], 'every issue line is printed');
+  t.match(r.stderr, /log\.level \(line 2\)/, 'key path and line number shown');
+});
+
+t.test('--check on a YAML syntax error exits 2 with its line', async (t) => {
+  const dir = t.testdir({});
+  const file = join(dir, 'syntax.yaml');
+  writeFileSync(file, 'listeners:\n  - listen: "0.0.0.0:21"\n\tupstream: x\n');
+  const r = await runCli(['--config', file, '--check']);
+  t.equal(r.code, 2);
+  t.match(r.stderr, /\(line 3\): YAML: /);
+});
+
+t.test('--check on a missing file exits 2', async (t) => {
+  const dir = t.testdir({});
+  const r = await runCli(['--config', join(dir, 'nope.yaml'), '--check']);
+  t.equal(r.code, 2);
+  t.match(r.stderr, /cannot read file/);
+});
+
+t.test('usage errors exit 2', async (t) => {
+  const none = await runCli([]);
+  t.equal(none.code, 2, 'no --config');
+  t.match(none.stderr, /--config is required/);
+  const unknown = await runCli(['--bogus']);
+  t.equal(unknown.code, 2, 'unknown argument');
+  t.match(unknown.stderr, /unknown argument: --bogus/);
+  const dangling = await runCli(['--config']);
+  t.equal(dangling.code, 2, '--config without a file');
+});

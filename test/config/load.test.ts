@@ -1,0 +1,413 @@
+/**
+ * Configuration: validate once, report every error with key path and 1-based line, fill
+ * defaults, freeze (style.md "fastify + pino").
+ */
+import t from 'tap';
+import { readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import {
+  ConfigError,
+  DEFAULT_PASSIVE_PORTS,
+  LIMIT_DEFAULTS,
+  TIMEOUT_DEFAULTS,
+  formatIssue,
+  loadConfigFile,
+  parseListenAddress,
+  parsePortRange,
+  validateConfigText,
+  type ConfigIssue,
+} from '../../src/config/load.js';
+import { ProxyError, isProxyError } from '../../src/errors.js';
+
+const SHIPPED = fileURLToPath(new URL('../../conf/ftp-nat-proxy.yaml', import.meta.url));
+
+/** The issues of a config that must fail; fails the test (not throws) when it validates. */
+function issuesOf(text: string): ConfigIssue[] {
+  try {
+    validateConfigText(text);
+  } catch (err) {
+    if (err instanceof ConfigError) return [...err.issues];
+    throw err;
+  }
+  return [];
+}
+
+const MINIMAL = `listeners:
+  - listen: "0.0.0.0:2121"
+    upstream:
+      host: ftp.internal.example
+`;
+
+t.test('the shipped conf/ftp-nat-proxy.yaml validates', async (t) => {
+  const config = validateConfigText(readFileSync(SHIPPED, 'utf8'), SHIPPED);
+  t.equal(config.log.level, 'info');
+  t.equal(config.listeners.length, 1);
+  const l = config.listeners[0]!;
+  t.equal(l.name, 'default');
+  t.same(l.listen, { host: '0.0.0.0', port: 2121 }, 'listen 0.0.0.0:2121');
+  t.equal(l.upstream.host, '127.0.0.1', 'upstream 127.0.0.1');
+  t.equal(l.upstream.port, 21, 'upstream port 21');
+  t.equal(l.upstream.dataMode, 'passive');
+  t.equal(l.upstream.activePorts, null);
+  t.equal(l.upstream.bind, null);
+  t.same(l.client.advertise, { kind: 'auto' });
+  t.same(l.client.passivePorts, { first: 60000, last: 60099 });
+  t.equal(l.client.portNatFixup, true);
+  t.equal(l.limits.maxLineBytes, 4096);
+});
+
+t.test('loadConfigFile reads the shipped file too', async (t) => {
+  const config = await loadConfigFile(SHIPPED);
+  t.equal(config.listeners[0]?.listen.port, 2121);
+});
+
+t.test('defaults filled in for a minimal listener', async (t) => {
+  const config = validateConfigText(MINIMAL);
+  t.equal(config.log.level, 'info');
+  const l = config.listeners[0]!;
+  t.equal(l.name, 'listener0', 'name from the index');
+  t.same(l.listen, { host: '0.0.0.0', port: 2121 });
+  t.equal(l.upstream.host, 'ftp.internal.example');
+  t.equal(l.upstream.port, 21);
+  t.equal(l.upstream.dataMode, 'passive');
+  t.equal(l.upstream.activePorts, null);
+  t.equal(l.upstream.bind, null);
+  t.same(l.client.advertise, { kind: 'auto' });
+  t.same(l.client.advertiseFor, []);
+  t.same(l.client.passivePorts, parsePortRange(DEFAULT_PASSIVE_PORTS));
+  t.equal(l.client.portNatFixup, true);
+  t.equal(l.timeouts.upstreamConnectMs, TIMEOUT_DEFAULTS.upstreamConnectSeconds * 1000);
+  t.equal(l.timeouts.upstreamReplyMs, TIMEOUT_DEFAULTS.upstreamReplySeconds * 1000);
+  t.equal(l.timeouts.dataConnectMs, TIMEOUT_DEFAULTS.dataConnectSeconds * 1000);
+  t.equal(l.timeouts.dataAcceptMs, TIMEOUT_DEFAULTS.dataAcceptSeconds * 1000);
+  t.equal(l.timeouts.idleMs, 600_000, 'idle longer than vsftpd idle_session_timeout 300 s');
+  t.equal(l.timeouts.transferReplyHoldMs, TIMEOUT_DEFAULTS.transferReplyHoldSeconds * 1000);
+  t.equal(l.timeouts.dataLingerMs, TIMEOUT_DEFAULTS.dataLingerSeconds * 1000);
+  t.equal(l.timeouts.abortIdleMs, 200, '§1.4 rule 2: about 200 ms');
+  t.equal(l.limits.maxLineBytes, LIMIT_DEFAULTS.maxLineBytes);
+  t.equal(l.limits.maxLineBytes, 4096, 'vsftpd VSFTP_MAX_COMMAND_LINE');
+  t.equal(l.limits.maxReplyBytes, LIMIT_DEFAULTS.maxReplyBytes);
+  t.equal(l.limits.maxQueuedCommands, LIMIT_DEFAULTS.maxQueuedCommands);
+});
+
+t.test('valid variants', async (t) => {
+  const config = validateConfigText(`log:
+  level: debug
+listeners:
+  - name: v6-front
+    listen: "[::]:21"
+    upstream:
+      host: 10.0.0.5
+      port: 2021
+      dataMode: active
+      activePorts: "50000-50099"
+      bind: 10.20.0.1
+    client:
+      advertise: 203.0.113.10
+      advertiseFor:
+        - { from: 10.0.0.0/8, address: 10.20.0.1 }
+        - { from: 192.168.1.7, address: 192.168.1.1 }
+      passivePorts: 50000
+      portNatFixup: false
+    timeouts:
+      idleSeconds: 0.5
+      abortIdleMilliseconds: 150
+    limits:
+      maxLineBytes: 512
+  - name: by-hostname
+    listen: "127.0.0.1:0"
+    upstream: { host: backend, dataMode: mirror, activePorts: "40000 - 40010" }
+    client: { advertise: ftp.example.com }
+`);
+  t.equal(config.log.level, 'debug');
+  const [a, b] = config.listeners;
+  t.same(a?.listen, { host: '::', port: 21 }, 'IPv6 listen in brackets');
+  t.same(a?.upstream, { host: '10.0.0.5', port: 2021, dataMode: 'active', activePorts: { first: 50000, last: 50099 }, bind: '10.20.0.1' });
+  t.same(a?.client.advertise, { kind: 'ip', address: '203.0.113.10' });
+  t.same(a?.client.advertiseFor.map((r) => [r.fromText, r.address, r.from[1]]), [
+    ['10.0.0.0/8', '10.20.0.1', 8],
+    ['192.168.1.7', '192.168.1.1', 32],
+  ]);
+  t.same(a?.client.passivePorts, { first: 50000, last: 50000 }, 'single port range');
+  t.equal(a?.client.portNatFixup, false);
+  t.equal(a?.timeouts.idleMs, 500, 'fractional seconds -> ms');
+  t.equal(a?.timeouts.abortIdleMs, 150);
+  t.equal(a?.limits.maxLineBytes, 512);
+  t.equal(b?.upstream.dataMode, 'mirror');
+  t.same(b?.upstream.activePorts, { first: 40000, last: 40010 });
+  t.same(b?.listen, { host: '127.0.0.1', port: 0 });
+  t.same(b?.client.advertise, { kind: 'hostname', hostname: 'ftp.example.com' });
+});
+
+t.test('the returned config is deeply frozen', async (t) => {
+  const config = validateConfigText(readFileSync(SHIPPED, 'utf8'));
+  const l = config.listeners[0]!;
+  const objects: [string, object][] = [
+    ['config', config],
+    ['log', config.log],
+    ['listeners', config.listeners],
+    ['listener', l],
+    ['listen', l.listen],
+    ['upstream', l.upstream],
+    ['client', l.client],
+    ['advertise', l.client.advertise],
+    ['advertiseFor', l.client.advertiseFor],
+    ['passivePorts', l.client.passivePorts],
+    ['timeouts', l.timeouts],
+    ['limits', l.limits],
+  ];
+  for (const [name, value] of objects) t.ok(Object.isFrozen(value), `${name} frozen`);
+  t.throws(() => {
+    (config.log as { level: string }).level = 'trace';
+  }, TypeError, 'assignment throws (ESM is strict)');
+  t.throws(() => {
+    (config.listeners as unknown as unknown[]).push({});
+  }, TypeError);
+  t.throws(() => {
+    (l.limits as { maxLineBytes: number }).maxLineBytes = 1;
+  }, TypeError);
+  t.equal(config.log.level, 'info', 'unchanged');
+});
+
+const MANY_ERRORS = `log:
+  level: loud
+listeners:
+  - name: "bad name!"
+    listen: "0.0.0.0:99999"
+    upstream:
+      host: "-bad-"
+      port: 0
+      dataMode: sideways
+    client:
+      advertise: "2001:db8::1"
+      passivePorts: "60100-60000"
+      portNatFixup: "yes"
+      advertiseFor:
+        - { from: "10.0.0.0/33", address: "::1" }
+    timeouts:
+      idleSeconds: -5
+      bogus: 1
+    limits:
+      maxLineBytes: 100
+  - listen: "[::]:2121"
+    upstream:
+      host: 127.0.0.1
+      dataMode: active
+extra: true
+`;
+
+t.test('bad config: ALL errors, each with key path and 1-based line', async (t) => {
+  const issues = issuesOf(MANY_ERRORS);
+  const expected: [path: string, line: number, message: RegExp][] = [
+    ['extra', 25, /unknown key/],
+    ['log.level', 2, /must be one of .*info/],
+    ['listeners[0].name', 4, /1-64 characters/],
+    ['listeners[0].listen', 5, /0\.0\.0\.0:99999/],
+    ['listeners[0].upstream.host', 7, /neither an IP address nor a hostname/],
+    ['listeners[0].upstream.port', 8, /1 to 65535/],
+    ['listeners[0].upstream.dataMode', 9, /passive, active or mirror/],
+    ['listeners[0].client.advertise', 11, /IPv4/],
+    ['listeners[0].client.advertiseFor[0].from', 15, /CIDR/],
+    ['listeners[0].client.advertiseFor[0].address', 15, /IPv4/],
+    ['listeners[0].client.passivePorts', 12, /first-last/],
+    ['listeners[0].client.portNatFixup', 13, /true or false/],
+    ['listeners[0].timeouts.bogus', 18, /unknown key/],
+    ['listeners[0].timeouts.idleSeconds', 17, /must be a number/],
+    ['listeners[0].limits.maxLineBytes', 20, /512 to 65536/],
+    // A missing key has no line of its own: the enclosing mapping's line is reported.
+    ['listeners[1].upstream.activePorts', 23, /required when dataMode is active/],
+  ];
+  const sortKey = (p: string, l: number): string => `${p}@${l}`;
+  t.same(
+    issues.map((i) => sortKey(i.path, i.line)).sort(),
+    expected.map(([p, l]) => sortKey(p, l)).sort(),
+    'exactly these (path, line) pairs, nothing stops at the first error',
+  );
+  for (const [path, line, message] of expected) {
+    const issue = issues.find((i) => i.path === path && i.line === line);
+    t.match(issue?.message ?? '', message, `${path} message`);
+  }
+  for (const issue of issues) t.ok(issue.line >= 1, `${issue.path}: line is 1-based`);
+});
+
+t.test('ConfigError carries the code and a readable message', async (t) => {
+  let caught: unknown;
+  try {
+    validateConfigText(MANY_ERRORS, 'bad.yaml');
+  } catch (err) {
+    caught = err;
+  }
+  t.ok(caught instanceof ConfigError);
+  t.ok(caught instanceof ProxyError);
+  t.ok(isProxyError(caught, 'FTPP_ERR_CONFIG'));
+  const err = caught as ConfigError;
+  t.equal(err.name, 'ConfigError');
+  t.match(err.message, /^bad\.yaml: 16 error\(s\)\n/);
+  for (const issue of err.issues) t.ok(err.message.includes(formatIssue(issue)), `message lists ${issue.path}`);
+});
+
+t.test('formatIssue', async (t) => {
+  t.equal(formatIssue({ path: 'log.level', line: 2, message: 'bad' }), '  log.level (line 2): bad');
+  t.equal(formatIssue({ path: '', line: 0, message: 'cannot read file' }), '  (root): cannot read file');
+});
+
+t.test('YAML syntax errors carry their 1-based line', async (t) => {
+  const flow = issuesOf('log:\n  level: info\nlisteners:\n  - listen: [oops\n');
+  t.equal(flow.length >= 1, true, 'reported');
+  t.ok(flow.every((i) => i.line >= 1), `lines: ${flow.map((i) => i.line).join(',')}`);
+  t.match(flow[0]?.message ?? '', /^YAML: /);
+
+  const dup = issuesOf('log:\n  level: info\nlog:\n  level: debug\nlisteners: []\n');
+  t.same(dup.map((i) => [i.path, i.line]), [['', 3]], 'duplicate key reported at its own line');
+  t.match(dup[0]?.message ?? '', /unique/);
+
+  const tab = issuesOf('listeners:\n  - listen: "0.0.0.0:21"\n\tupstream: x\n');
+  t.ok(tab.length >= 1 && tab.every((i) => i.line === 3), `tab indentation on line 3: ${JSON.stringify(tab)}`);
+});
+
+t.test('root must be a mapping with a non-empty listener list', async (t) => {
+  t.same(issuesOf(''), [{ path: '', line: 1, message: 'must be a mapping with a "listeners" list' }], 'empty file');
+  t.same(issuesOf('- a\n- b\n').map((i) => i.path), [''], 'list at the root');
+  t.same(issuesOf('log: {level: info}\n').map((i) => [i.path, i.line]), [['listeners', 1]], 'no listeners (reported at the root mapping)');
+  t.same(issuesOf('listeners: []\n').map((i) => [i.path, i.line]), [['listeners', 1]], 'empty list');
+  t.same(issuesOf('listeners: {a: 1}\n').map((i) => [i.path, i.line]), [['listeners', 1]], 'mapping instead of list');
+  t.same(
+    issuesOf('listeners:\n  - listen: "0.0.0.0:21"\n').map((i) => [i.path, i.line]),
+    [['listeners[0].upstream', 2]],
+    'upstream required, reported once',
+  );
+  t.same(
+    issuesOf('listeners:\n  - upstream: {host: h}\n').map((i) => [i.path, i.line]),
+    [['listeners[0].listen', 2]],
+    'listen required',
+  );
+  t.same(issuesOf('listeners:\n  - 42\n').map((i) => [i.path, i.line]), [['listeners[0]', 2], ['listeners[0].listen', 2], ['listeners[0].upstream', 2]], 'listener not a mapping');
+});
+
+t.test('regression: duplicate listener name is reported at the duplicate, even after an invalid listener', async (t) => {
+  const issues = issuesOf(`listeners:
+  - name: broken
+    listen: nonsense
+    upstream: { host: 127.0.0.1 }
+  - name: dup
+    listen: "0.0.0.0:21"
+    upstream: { host: 127.0.0.1 }
+  - name: dup
+    listen: "0.0.0.0:22"
+    upstream: { host: 127.0.0.1 }
+`);
+  t.same(
+    issues.map((i) => [i.path, i.line]),
+    [
+      ['listeners[0].listen', 3],
+      ['listeners[2].name', 8],
+    ],
+  );
+  t.match(issues[1]?.message ?? '', /duplicate listener name "dup"/);
+});
+
+t.test('regression: an all-numeric dotted name is a mistyped IP, not a hostname (RFC 1123 §2.1)', async (t) => {
+  const issues = issuesOf(`listeners:
+  - listen: "0.0.0.0:21"
+    upstream:
+      host: 10.0.0.300
+    client:
+      advertise: 203.0.113.300
+`);
+  t.same(
+    issues.map((i) => [i.path, i.line]),
+    [
+      ['listeners[0].upstream.host', 4],
+      ['listeners[0].client.advertise', 6],
+    ],
+  );
+  // Real hostnames with digits stay valid.
+  const ok = validateConfigText(`listeners:
+  - listen: "0.0.0.0:21"
+    upstream: { host: ftp1.example.com }
+    client: { advertise: 1.example.net }
+`);
+  t.equal(ok.listeners[0]?.upstream.host, 'ftp1.example.com');
+  t.same(ok.listeners[0]?.client.advertise, { kind: 'hostname', hostname: '1.example.net' });
+});
+
+t.test('type errors', async (t) => {
+  const issues = issuesOf(`log: info
+listeners:
+  - listen: "0.0.0.0:21"
+    upstream: { host: [a, b], port: "21" }
+    client: { portNatFixup: 1, advertiseFor: 10.0.0.0/8 }
+    timeouts: 5
+`);
+  t.same(
+    issues.map((i) => [i.path, i.line]).sort(),
+    [
+      ['listeners[0].client.advertiseFor', 5],
+      ['listeners[0].client.portNatFixup', 5],
+      ['listeners[0].timeouts', 6],
+      ['listeners[0].upstream.host', 4],
+      ['listeners[0].upstream.port', 4],
+      ['log', 1],
+    ].sort(),
+  );
+});
+
+t.test('regression: a fractional upstream port is refused at load, not at connect', async (t) => {
+  const issues = issuesOf('listeners:\n  - listen: "0.0.0.0:21"\n    upstream: {host: h, port: 21.5}\n');
+  t.same(issues.map((i) => [i.path, i.line]), [['listeners[0].upstream.port', 3]]);
+  t.match(issues[0]?.message ?? '', /whole number/);
+});
+
+t.test('loadConfigFile: unreadable file is a ConfigError, not a crash', async (t) => {
+  const dir = t.testdir({});
+  await t.rejects(loadConfigFile(`${dir}/missing.yaml`), ConfigError);
+  try {
+    await loadConfigFile(`${dir}/missing.yaml`);
+  } catch (err) {
+    t.match((err as ConfigError).issues, [{ path: '', line: 0, message: /cannot read file/ }]);
+  }
+});
+
+t.test('parsePortRange table', async (t) => {
+  const table: [string, { first: number; last: number } | null][] = [
+    ['60000-60099', { first: 60000, last: 60099 }],
+    ['60000 - 60099', { first: 60000, last: 60099 }],
+    ['50000', { first: 50000, last: 50000 }],
+    ['1-65535', { first: 1, last: 65535 }],
+    ['0-10', null],
+    ['10-65536', null],
+    ['60100-60000', null],
+    ['', null],
+    ['a-b', null],
+    ['-5', null],
+    ['1-2-3', null],
+    ['99999999999', null],
+    ['100000-100001', null],
+  ];
+  for (const [text, expected] of table) t.same(parsePortRange(text), expected, JSON.stringify(text));
+});
+
+t.test('parseListenAddress table', async (t) => {
+  const table: [string, { host: string; port: number } | null][] = [
+    ['0.0.0.0:2121', { host: '0.0.0.0', port: 2121 }],
+    ['127.0.0.1:21', { host: '127.0.0.1', port: 21 }],
+    ['[::]:2121', { host: '::', port: 2121 }],
+    ['[2001:0db8::1]:21', { host: '2001:db8::1', port: 21 }],
+    ['[::1]:65535', { host: '::1', port: 65535 }],
+    ['127.0.0.1:0', { host: '127.0.0.1', port: 0 }],
+    ['127.0.0.1:65536', null],
+    ['127.0.0.1', null],
+    [':21', null],
+    ['::1:21', null],
+    ['[127.0.0.1]:21', null],
+    ['[::1]', null],
+    ['localhost:21', null],
+    ['256.0.0.1:21', null],
+    ['1.2.3:21', null],
+    ['127.0.0.1:-1', null],
+    ['127.0.0.1:99999999999', null],
+    ['[fe80::1%eth0]:21', { host: 'fe80::1%eth0', port: 21 }], // zone-scoped bind is valid in Node
+    ['', null],
+  ];
+  for (const [text, expected] of table) t.same(parseListenAddress(text), expected, JSON.stringify(text));
+});
