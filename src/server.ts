@@ -117,13 +117,34 @@ export class ProxyServer {
     };
   }
 
+  /** Pools for a listener; with bindAllPassivePorts every relay port is bound now. */
+  private async preparePools(config: ListenerConfig, log: Logger): Promise<{ clientPool: PortPool; upstreamPool: PortPool | null }> {
+    const pools = this.makePools(config);
+    if (config.client.bindAllPassivePorts) {
+      const { bound, failed } = await pools.clientPool.bindAll(config.listen.host);
+      if (failed.length > 0) log.warn({ event: 'passive-ports-unavailable', ports: failed }, 'some passive ports are in use by another process and will not be used');
+      if (bound === 0) {
+        await pools.clientPool.close();
+        throw new Error(`listener ${config.name}: none of passivePorts ${config.client.passivePorts.first}-${config.client.passivePorts.last} could be bound`);
+      }
+    }
+    return pools;
+  }
+
   private async bind(config: ListenerConfig): Promise<ListenerRuntime> {
     const log = this.deps.log.child({ listener: config.name });
     const server = await listen(config);
+    let pools;
+    try {
+      pools = await this.preparePools(config, log);
+    } catch (err) {
+      server.close();
+      throw err;
+    }
     const runtime: ListenerRuntime = {
       config,
       server,
-      ...this.makePools(config),
+      ...pools,
       advertiser: new Advertiser(config.client, this.deps.resolver),
       log,
       sessions: new Set(),
@@ -289,7 +310,7 @@ export class ProxyServer {
         const added: ListenerRuntime = {
           config,
           server: server!,
-          ...this.makePools(config),
+          ...(await this.preparePools(config, log)),
           advertiser: new Advertiser(config.client, this.deps.resolver),
           log,
           sessions: new Set(),
@@ -308,8 +329,13 @@ export class ProxyServer {
       }
       const old = runtime.config;
       if (!samePorts(old, config)) {
-        Object.assign(runtime, this.makePools(config));
-        this.registerPools(runtime);
+        if (old.client.bindAllPassivePorts || config.client.bindAllPassivePorts) {
+          // Permanently bound ports cannot be handed over while open sessions hold leases.
+          runtime.log.warn({ event: 'reload-ports-skipped' }, 'passivePorts/activePorts changes with bindAllPassivePorts need a restart; keeping the current ports');
+        } else {
+          Object.assign(runtime, this.makePools(config));
+          this.registerPools(runtime);
+        }
       }
       runtime.advertiser = new Advertiser(config.client, this.deps.resolver);
       runtime.config = config;
@@ -374,6 +400,7 @@ export class ProxyServer {
     if (sessions.length > 0) this.deps.log.info({ event: 'drain-expired', sessions: sessions.length }, 'closing remaining sessions');
     for (const session of sessions) session.beginClose('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
     await Promise.all(sessions.map((session) => session.closed));
+    await Promise.all([...this.runtimes.values()].map((runtime) => runtime.clientPool.close()));
     this.statusValue = 'closed';
   }
 }

@@ -438,9 +438,11 @@ export class Session {
         if (!advertised) throw new ProxyError('FTPP_ERR_ADVERTISE_UNRESOLVED', `no IPv4 address to advertise (${this.deps.advertiser.lastError?.message ?? 'control connection is not IPv4'})`);
       }
       const lease = await this.deps.clientPool.lease(this.localIp);
+      const pp = this.config.proxyProtocol;
       const accept = new PassiveAccept(lease, {
         expectedIp: this.clientIp,
         timeoutMs: this.config.timeouts.dataAcceptMs,
+        ...(pp.dataPorts && pp.accept !== 'off' ? { proxyHeader: { accept: pp.accept, from: pp.from.map((rule) => rule.cidr), timeoutMs: pp.timeoutMs } } : {}),
         onStranger: (address, port) => {
           this.deps.metrics.dataStranger(this.config.name);
           this.log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}` }, 'refused data connection from another address');

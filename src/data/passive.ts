@@ -6,14 +6,27 @@
  */
 import type net from 'node:net';
 import { ProxyError } from '../errors.js';
-import { sameIp } from '../control/ip.js';
+import { ipInCidr, normalizeIp, sameIp, type Cidr } from '../control/ip.js';
+import type { ProxyProtocolVersion } from '../control/proxy-protocol.js';
 import type { PortLease } from './port-pool.js';
+import { readProxyHeader } from './proxy-header.js';
+import { resetSocket } from './relay.js';
+
+/** Data connections arrive through a load balancer that prepends a PROXY header. */
+export interface DataProxyHeaderOptions {
+  readonly accept: ProxyProtocolVersion;
+  /** Senders allowed to send a header (the load balancers). */
+  readonly from: readonly Cidr[];
+  readonly timeoutMs: number;
+}
 
 export interface PassiveAcceptOptions {
   readonly expectedIp: string;
   readonly timeoutMs: number;
   /** Called for every refused stranger (for logs and metrics). */
   readonly onStranger?: (remoteAddress: string, remotePort: number) => void;
+  /** Read a PROXY header first; its source is the address checked against expectedIp. */
+  readonly proxyHeader?: DataProxyHeaderOptions;
 }
 
 export class PassiveAccept {
@@ -36,7 +49,7 @@ export class PassiveAccept {
     });
     // A cancelled accept is normal (PASV twice); nobody needs to observe the rejection.
     this.accepted.catch(() => {});
-    lease.server.on('connection', this.onConnection);
+    lease.setConnectionHandler(this.onConnection);
     this.timer = setTimeout(() => {
       this.fail(new ProxyError('FTPP_ERR_DATA_ACCEPT_TIMEOUT', `no data connection on port ${lease.port} within ${options.timeoutMs} ms`));
     }, options.timeoutMs);
@@ -47,17 +60,45 @@ export class PassiveAccept {
   }
 
   private handleConnection(socket: net.Socket): void {
+    socket.on('error', () => {});
     const remote = socket.remoteAddress ?? '';
-    if (this.settled || !sameIp(remote, this.options.expectedIp)) {
-      socket.on('error', () => {});
-      socket.resetAndDestroy();
-      if (!this.settled) this.options.onStranger?.(remote, socket.remotePort ?? 0);
+    const viaHeader = this.options.proxyHeader;
+    if (this.settled) {
+      resetSocket(socket);
       return;
     }
+    if (!viaHeader) {
+      if (!sameIp(remote, this.options.expectedIp)) return this.refuse(socket, remote, socket.remotePort ?? 0);
+      return this.take(socket);
+    }
+    // Behind a load balancer: only it may connect, and its header names the real peer.
+    if (!viaHeader.from.some((cidr) => ipInCidr(normalizeIp(remote), cidr))) return this.refuse(socket, remote, socket.remotePort ?? 0);
+    readProxyHeader(socket, viaHeader.accept, viaHeader.timeoutMs).then(
+      ({ header, rest }) => {
+        if (header.command === 'local') {
+          socket.destroy(); // the balancer's health check
+          return;
+        }
+        if (this.settled || !sameIp(header.source.host, this.options.expectedIp)) {
+          return this.refuse(socket, header.source.host, header.source.port);
+        }
+        if (rest.length > 0) socket.unshift(rest);
+        this.take(socket);
+      },
+      () => this.refuse(socket, remote, socket.remotePort ?? 0),
+    );
+  }
+
+  private refuse(socket: net.Socket, address: string, port: number): void {
+    resetSocket(socket);
+    if (!this.settled) this.options.onStranger?.(address, port);
+  }
+
+  private take(socket: net.Socket): void {
     this.settled = true;
     this.clear();
-    // Until the relay takes it over, a reset from the peer must not become an uncaught error.
-    socket.on('error', () => {});
+    // (An 'error' listener is already attached: until the relay takes the socket over, a
+    // reset from the peer must not become an uncaught error.)
     this.resolveAccepted(socket);
   }
 
@@ -79,7 +120,7 @@ export class PassiveAccept {
   private clear(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
-    this.lease.server.removeListener('connection', this.onConnection);
+    this.lease.setConnectionHandler(null);
     this.lease.release();
   }
 }

@@ -3,6 +3,11 @@
  * out the bound listener, so there is no probe-then-bind race (unlike ftp-srv's find-port.js).
  * Ports are chosen at random within the range (RFC 2577 §8: predictable ports help port
  * stealing). Exhaustion fails closed: never a port outside the range.
+ *
+ * Two modes. On demand (default): a lease binds its port and release() closes it. Always
+ * bound (bindAll): every port of the range stays bound for the pool's life so a load
+ * balancer can health-check it; a lease only routes that port's connections to its holder,
+ * and a connection to a port nobody holds is closed at once.
  */
 import net from 'node:net';
 import { ProxyError } from '../errors.js';
@@ -11,9 +16,11 @@ import type { PortRange } from '../config/schema.js';
 export interface PortLease {
   readonly port: number;
   readonly host: string;
-  /** Bound listener; created with allowHalfOpen and pauseOnConnect. */
+  /** Bound listener; created with allowHalfOpen and pauseOnConnect (shared in always-bound mode). */
   readonly server: net.Server;
-  /** Close the listener and return the port. Idempotent. */
+  /** Route this port's connections to `handler` (null: stop routing). */
+  setConnectionHandler(handler: ((socket: net.Socket) => void) | null): void;
+  /** Give the port back (on demand: close the listener). Idempotent. */
   release(): void;
 }
 
@@ -26,6 +33,9 @@ export class PortPool {
   readonly range: PortRange;
   private readonly leased = new Set<number>();
   private readonly random: () => number;
+  /** Always-bound mode: port -> its permanent listener. */
+  private bound: Map<number, net.Server> | null = null;
+  private readonly handlers = new Map<number, (socket: net.Socket) => void>();
 
   constructor(range: PortRange, random: () => number = Math.random) {
     this.range = range;
@@ -33,7 +43,44 @@ export class PortPool {
   }
 
   get stats(): PortPoolStats {
-    return { size: this.range.last - this.range.first + 1, leased: this.leased.size };
+    const size = this.bound ? this.bound.size : this.range.last - this.range.first + 1;
+    return { size, leased: this.leased.size };
+  }
+
+  /**
+   * Switch to always-bound mode: bind every port of the range on `host` now. Ports another
+   * process holds are left out (returned in `failed`) and never leased.
+   */
+  async bindAll(host: string): Promise<{ bound: number; failed: number[] }> {
+    this.bound ??= new Map();
+    const failed: number[] = [];
+    for (let port = this.range.first; port <= this.range.last; port++) {
+      if (this.bound.has(port)) continue;
+      const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
+      try {
+        await listen(server, host, port);
+      } catch {
+        failed.push(port);
+        continue;
+      }
+      server.on('connection', (socket: net.Socket) => {
+        const handler = this.handlers.get(port);
+        if (handler) return handler(socket);
+        // Nobody expects a connection here: a health check or a stranger. Close at once.
+        socket.on('error', () => {});
+        socket.destroy();
+      });
+      this.bound.set(port, server);
+    }
+    return { bound: this.bound.size, failed };
+  }
+
+  /** Close every permanently bound listener (always-bound mode). Idempotent. */
+  async close(): Promise<void> {
+    const servers = this.bound ? [...this.bound.values()] : [];
+    this.bound?.clear();
+    this.handlers.clear();
+    await Promise.all(servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
   }
 
   /**
@@ -43,7 +90,7 @@ export class PortPool {
   async lease(host: string): Promise<PortLease> {
     const candidates: number[] = [];
     for (let port = this.range.first; port <= this.range.last; port++) {
-      if (!this.leased.has(port)) candidates.push(port);
+      if (!this.leased.has(port) && (!this.bound || this.bound.has(port))) candidates.push(port);
     }
     // Fisher-Yates: try every free port at most once, in random order.
     for (let i = candidates.length - 1; i > 0; i--) {
@@ -52,6 +99,12 @@ export class PortPool {
     }
     for (const port of candidates) {
       if (this.leased.has(port)) continue; // taken by a concurrent lease meanwhile
+      const permanent = this.bound?.get(port);
+      if (permanent) {
+        this.leased.add(port);
+        return this.makeBoundLease(permanent, host, port);
+      }
+      if (this.bound) continue;
       this.leased.add(port);
       const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
       try {
@@ -72,13 +125,36 @@ export class PortPool {
 
   private makeLease(server: net.Server, host: string, port: number): PortLease {
     let released = false;
+    let current: ((socket: net.Socket) => void) | null = null;
+    const setConnectionHandler = (handler: ((socket: net.Socket) => void) | null): void => {
+      if (current) server.removeListener('connection', current);
+      current = handler;
+      if (handler) server.on('connection', handler);
+    };
     const release = (): void => {
       if (released) return;
       released = true;
+      setConnectionHandler(null);
       server.close();
       this.leased.delete(port);
     };
-    return { port, host, server, release };
+    return { port, host, server, setConnectionHandler, release };
+  }
+
+  private makeBoundLease(server: net.Server, host: string, port: number): PortLease {
+    let released = false;
+    const setConnectionHandler = (handler: ((socket: net.Socket) => void) | null): void => {
+      if (released) return;
+      if (handler) this.handlers.set(port, handler);
+      else this.handlers.delete(port);
+    };
+    const release = (): void => {
+      if (released) return;
+      this.handlers.delete(port);
+      released = true;
+      this.leased.delete(port);
+    };
+    return { port, host, server, setConnectionHandler, release };
   }
 }
 
