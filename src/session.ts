@@ -105,6 +105,8 @@ export class Session {
   private epsvAll = false;
   private upstreamLacksEpsv = false;
   private quitRequested = false;
+  /** The client half-closed its control connection (FIN without QUIT). */
+  private clientEnded = false;
   private serverSaid421 = false;
   private closeAfterFlush = false;
   private clientPaused = false;
@@ -293,6 +295,8 @@ export class Session {
   private onClientEnd(): void {
     // The client half-closed its control connection: answer what it asked, then close.
     this.log.debug({ event: 'client-fin' }, 'client closed its side');
+    // The server's close that follows is the one the proxy asks for: not a failure, no 421.
+    this.clientEnded = true;
     void this.upstreamReady.then(() => {
       if (this.statusValue === 'closed') return;
       if (this.upstream && !this.upstream.destroyed) this.upstream.end();
@@ -751,7 +755,7 @@ export class Session {
 
   private onUpstreamGone(reason: string): void {
     if (this.statusValue === 'closed') return;
-    const expected = this.quitRequested || this.serverSaid421 || this.closeAfterFlush;
+    const expected = this.quitRequested || this.serverSaid421 || this.closeAfterFlush || this.clientEnded;
     this.failExpectations();
     if (!expected) {
       this.log.warn({ event: 'upstream-closed', code: 'FTPP_ERR_UPSTREAM_CLOSED', reason }, 'server closed the control connection');

@@ -164,6 +164,16 @@ export async function startVsftpd(options: VsftpdOptions = {}): Promise<VsftpdIn
         await exited;
         clearTimeout(timer);
       }
+      // vsftpd's per-session processes call setsid(), so they leave the process group we
+      // started; find them by our own config path and end them by PID.
+      const stray = spawnSync('pgrep', ['-f', `vsftpd ${confPath}$`], { encoding: 'utf8' });
+      for (const pid of stray.stdout.split('\n').filter(Boolean).map(Number)) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          /* gone */
+        }
+      }
       rmSync(work, { recursive: true, force: true });
     },
   };

@@ -3,6 +3,7 @@
  * IPv4-only vsftpd (RFC 6384-style EPSV/EPRT translation, protocol.md §2.5).
  */
 import t from 'tap';
+import net from 'node:net';
 import { mkdtempSync, rmSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -124,5 +125,27 @@ f.quit()
     t.match(pasv.stdout, /EPSV 522 Network protocol not supported, use \(2\)/, 'EPSV 1 on IPv6: 522 use (2)');
     t.match(pasv.stdout, /EPRT 522 Network protocol not supported, use \(2\)/, 'EPRT |1| on IPv6: 522 use (2)');
     t.match(pasv.stdout, /PORT 425/, 'PORT on IPv6 refused');
+  });
+
+  t.test('client closes without QUIT (FIN): no stray 421, no warning', async (t) => {
+    const proxy: TestProxy = await startTestProxy({ upstreamHost: vsftpd.host, upstreamPort: vsftpd.port });
+    t.teardown(() => proxy.close());
+    const socket = net.connect({ host: proxy.host, port: proxy.port });
+    let received = '';
+    socket.on('data', (d) => {
+      received += d.toString('latin1');
+      const lines = received.split('\r\n').filter(Boolean).length;
+      if (lines === 1) socket.write(`USER ${vsftpd.user}\r\n`);
+      if (lines === 2) socket.write(`PASS ${vsftpd.password}\r\n`);
+      if (lines === 3) socket.end('NOOP\r\n');
+    });
+    await new Promise<void>((resolve, reject) => {
+      socket.on('close', () => resolve());
+      socket.on('error', reject);
+      setTimeout(() => reject(new Error(`no close; got ${received}`)), 10000);
+    });
+    t.match(received, /200 NOOP ok\.\r\n$/, 'the last thing the client read is the NOOP reply');
+    t.notMatch(received, /421/, 'no 421 after the client itself closed');
+    t.notOk(proxy.logs().some((r) => r.event === 'upstream-closed'), 'no upstream-closed warning');
   });
 }

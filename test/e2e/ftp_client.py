@@ -1,0 +1,151 @@
+"""Small FTP/TCP tools the end-to-end tests run inside network namespaces.
+
+Usage: python3 ftp_client.py '<json job>'; job["tool"] picks one of the modes below. Results
+are JSON objects, one per line on stdout, so the test never parses free text. Modes:
+
+  session   log in, run every op in `ops` in order (exit 1 if any failed)
+  victim    log in, PASV, print the port, wait for a line on stdin, then take that data
+            connection and RETR (the port-stealing scenario, protocol.md section 4.2)
+  probe     connect to host:port, read until EOF/reset/timeout, report the bytes received
+  listen    accept on every port in `ports`, print one line per accepted connection
+"""
+import errno
+import ftplib
+import json
+import socket
+import sys
+import time
+
+
+def emit(**fields):
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def login(job):
+    ftp = ftplib.FTP(timeout=job.get("timeout", 15))
+    # The point of these tests is the 227 address: use it as BSD clients do (bpo-43285).
+    ftp.trust_server_pasv_ipv4_address = bool(job.get("trust", True))
+    ftp.connect(job["host"], job.get("port", 21))
+    ftp.login(job["user"], job["password"])
+    ftp.set_pasv(job.get("mode", "pasv") == "pasv")
+    return ftp
+
+
+def run_op(ftp, op):
+    kind = op[0]
+    if kind == "get":
+        with open(op[2], "wb") as out:
+            reply = ftp.retrbinary("RETR " + op[1], out.write)
+        return reply
+    if kind == "put":
+        with open(op[1], "rb") as src:
+            reply = ftp.storbinary("STOR " + op[2], src)
+        return reply
+    if kind == "raw":
+        return ftp.sendcmd(op[1])
+    if kind == "raw-any":
+        # A command whose failure is the expected outcome: report the reply, never raise.
+        try:
+            return ftp.sendcmd(op[1])
+        except ftplib.all_errors as err:
+            return str(err)
+    raise ValueError("unknown op " + kind)
+
+
+def session(job):
+    try:
+        ftp = login(job)
+    except Exception as err:  # noqa: BLE001 - report everything as data
+        emit(op="login", ok=False, error="%s: %s" % (type(err).__name__, err))
+        return 1
+    emit(op="login", ok=True)
+    status = 0
+    for op in job.get("ops", []):
+        try:
+            reply = run_op(ftp, op)
+            emit(op=op[0], arg=op[1], ok=True, reply=reply)
+        except Exception as err:  # noqa: BLE001
+            emit(op=op[0], arg=op[1], ok=False, error="%s: %s" % (type(err).__name__, err))
+            status = 1
+    try:
+        ftp.quit()
+    except Exception:  # noqa: BLE001
+        ftp.close()
+    return status
+
+
+def victim(job):
+    ftp = login(job)
+    reply = ftp.sendcmd("PASV")
+    host, port = ftplib.parse227(reply)
+    emit(op="pasv", reply=reply, host=host, port=port)
+    sys.stdin.readline()  # the attacker has had its go
+    data = socket.create_connection((host, port), timeout=10)
+    first = ftp.sendcmd("RETR " + job["remote"])
+    received = 0
+    with open(job["local"], "wb") as out:
+        while True:
+            chunk = data.recv(65536)
+            if not chunk:
+                break
+            out.write(chunk)
+            received += len(chunk)
+    data.close()
+    final = ftp.voidresp()
+    emit(op="retr", first=first, final=final, bytes=received)
+    ftp.quit()
+    return 0
+
+
+def probe(job):
+    started = time.monotonic()
+    received = 0
+    try:
+        # With a timeout, connect() is non-blocking + poll + SO_ERROR: a reset that arrives
+        # right after the handshake surfaces here as ECONNRESET rather than on recv().
+        sock = socket.create_connection((job["host"], job["port"]), timeout=job.get("timeout", 5))
+    except OSError as err:
+        emit(connected=False, errno=errno.errorcode.get(err.errno or 0, str(err)), bytes=0,
+             seconds=round(time.monotonic() - started, 3))
+        return 0
+    end = "eof"
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += len(chunk)
+    except socket.timeout:
+        end = "timeout"
+    except ConnectionResetError:
+        end = "reset"
+    sock.close()
+    emit(connected=True, bytes=received, end=end, seconds=round(time.monotonic() - started, 3))
+    return 0
+
+
+def listen(job):
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    for port in job["ports"]:
+        server = socket.create_server((job.get("host", "0.0.0.0"), port), backlog=16)
+        server.setblocking(False)
+        selector.register(server, selectors.EVENT_READ)
+    emit(ready=True)
+    while True:
+        for key, _ in selector.select():
+            conn, peer = key.fileobj.accept()
+            emit(accept="%s:%d" % peer, port=key.fileobj.getsockname()[1])
+            conn.close()
+
+
+def main():
+    job = json.loads(sys.argv[1])
+    tool = job.get("tool", "session")
+    return {"session": session, "victim": victim, "probe": probe, "listen": listen}[tool](job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

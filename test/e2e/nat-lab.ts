@@ -1,0 +1,316 @@
+/**
+ * The end-to-end NAT topology, the proxy run as a real process inside it, and drivers for the
+ * real FTP clients (tnftp, curl, lftp, CPython ftplib). Used by nat.test.ts.
+ *
+ *                           "internet" namespace: bridge br0, routes between
+ *                           203.0.113.0/24 (.254) and 198.51.100.0/24 (.254)
+ *        +--------------+--------------+-----+--------------+--------------+--------------+
+ *   pub 198.51.100.7   atk .66   rtr wan 198.51.100.1   edge wan 203.0.113.10   pubsrv .20   third .99
+ *   (public client) (attacker)   MASQUERADE, no helper  DNAT :21 -> 10.20.0.5  (vsftpd)   (must see
+ *                                 br0 192.168.50.1/24    br0 10.20.0.1/24                 nothing)
+ *                                  |           |           |           |
+ *                          lanc .10 (client)  lanp .2   srv 10.20.0.5   slan 10.20.0.7
+ *                                            (proxy)   (vsftpd, private) (client in the server LAN)
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { NetnsLab, nsRun, pythonPath, waitForFtpGreeting, type Daemon } from '../helpers/netns.js';
+import type { RunResult } from '../helpers/run.js';
+import { TEST_PASSWORD, TEST_USER } from '../helpers/vsftpd.js';
+
+export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const PROXY_CLI = join(REPO_ROOT, 'dist', 'cli.js');
+const CLIENT_SCRIPT = join(REPO_ROOT, 'test', 'e2e', 'ftp_client.py');
+
+/** Documentation ranges only (RFC 5737), RFC 1918 behind the NAT and in the server LAN. */
+export const ADDR = {
+  internetToServers: '203.0.113.254',
+  internetToClients: '198.51.100.254',
+  publicClient: '198.51.100.7',
+  attacker: '198.51.100.66',
+  routerWan: '198.51.100.1',
+  routerLan: '192.168.50.1',
+  lanClient: '192.168.50.10',
+  lanProxy: '192.168.50.2',
+  edgePublic: '203.0.113.10',
+  edgePrivate: '10.20.0.1',
+  privateServer: '10.20.0.5',
+  serverLanClient: '10.20.0.7',
+  publicServer: '203.0.113.20',
+  thirdParty: '203.0.113.99',
+} as const;
+
+export interface NatTopology {
+  readonly internet: string;
+  readonly publicClient: string;
+  readonly attacker: string;
+  readonly router: string;
+  readonly lanClient: string;
+  readonly lanProxy: string;
+  readonly edge: string;
+  readonly privateServer: string;
+  readonly serverLanClient: string;
+  readonly publicServer: string;
+  readonly thirdParty: string;
+}
+
+export function buildNatTopology(lab: NetnsLab): NatTopology {
+  const [internet, publicClient, attacker, router, lanClient, lanProxy, edge, privateServer, serverLanClient, publicServer, thirdParty] =
+    lab.addNamespaces('inet', 'pub', 'atk', 'rtr', 'lanc', 'lanp', 'edge', 'srv', 'slan', 'psrv', 'third') as [
+      string, string, string, string, string, string, string, string, string, string, string,
+    ];
+
+  // The "internet": one bridge carrying both documentation ranges, routed by this namespace.
+  lab.addBridge(internet, 'br0', [`${ADDR.internetToServers}/24`, `${ADDR.internetToClients}/24`]);
+  lab.enableForwarding(internet);
+  // Unreachable private addresses must fail at once: the default ICMP rate limit swallows the
+  // "network unreachable" a client's retried SYN should get, and curl then waits out its timeout.
+  lab.sysctl(internet, 'net.ipv4.icmp_ratelimit=0');
+  const onInternet = (fromName: string, toNs: string, toName: string, address: string): void => {
+    const clientSide = address.startsWith('198.51.100.');
+    lab.link({
+      fromNs: internet,
+      bridge: 'br0',
+      fromName,
+      toNs,
+      toName,
+      cidr: `${address}/24`,
+      gateway: clientSide ? ADDR.internetToClients : ADDR.internetToServers,
+    });
+  };
+  onInternet('pub', publicClient, 'eth0', ADDR.publicClient);
+  onInternet('atk', attacker, 'eth0', ADDR.attacker);
+  onInternet('rtr', router, 'wan', ADDR.routerWan);
+  onInternet('edge', edge, 'wan', ADDR.edgePublic);
+  onInternet('psrv', publicServer, 'eth0', ADDR.publicServer);
+  onInternet('third', thirdParty, 'eth0', ADDR.thirdParty);
+
+  // Client LAN behind a plain MASQUERADE: no FTP conntrack helper, so active FTP breaks.
+  lab.addBridge(router, 'br0', [`${ADDR.routerLan}/24`]);
+  lab.enableForwarding(router);
+  lab.iptables(router, '-t', 'nat', '-A', 'POSTROUTING', '-o', 'wan', '-j', 'MASQUERADE');
+  lab.link({ fromNs: router, bridge: 'br0', fromName: 'lanc', toNs: lanClient, toName: 'eth0', cidr: `${ADDR.lanClient}/24`, gateway: ADDR.routerLan });
+  lab.link({ fromNs: router, bridge: 'br0', fromName: 'lanp', toNs: lanProxy, toName: 'eth0', cidr: `${ADDR.lanProxy}/24`, gateway: ADDR.routerLan });
+
+  // Server LAN behind the edge host. Forwarding only serves the DNAT baseline ("without the proxy").
+  lab.addBridge(edge, 'br0', [`${ADDR.edgePrivate}/24`]);
+  lab.enableForwarding(edge);
+  lab.link({ fromNs: edge, bridge: 'br0', fromName: 'srv', toNs: privateServer, toName: 'eth0', cidr: `${ADDR.privateServer}/24`, gateway: ADDR.edgePrivate });
+  lab.link({ fromNs: edge, bridge: 'br0', fromName: 'slan', toNs: serverLanClient, toName: 'eth0', cidr: `${ADDR.serverLanClient}/24`, gateway: ADDR.edgePrivate });
+  lab.iptables(edge, '-t', 'nat', '-A', 'PREROUTING', '-i', 'wan', '-d', ADDR.edgePublic, '-p', 'tcp', '--dport', '21', '-j', 'DNAT', '--to-destination', `${ADDR.privateServer}:21`);
+
+  return { internet, publicClient, attacker, router, lanClient, lanProxy, edge, privateServer, serverLanClient, publicServer, thirdParty };
+}
+
+// ------------------------------------------------------------------------------ the proxy
+
+/** Build dist/ when it is missing or older than src/ (`npm test` does this in pretest). */
+export function ensureProxyBuilt(): string | null {
+  const newestSource = newestMtime(join(REPO_ROOT, 'src'));
+  if (existsSync(PROXY_CLI) && statSync(PROXY_CLI).mtimeMs >= newestSource) return null;
+  const tsc = join(REPO_ROOT, 'node_modules', '.bin', 'tsc');
+  const built = spawnSync(tsc, ['-p', join(REPO_ROOT, 'tsconfig.json')], { encoding: 'utf8', timeout: 120000 });
+  if (built.status !== 0) return `building the proxy failed: ${built.stdout}${built.stderr}`;
+  return existsSync(PROXY_CLI) ? null : `${PROXY_CLI} missing after the build`;
+}
+
+function newestMtime(dir: string): number {
+  let newest = 0;
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name);
+    newest = Math.max(newest, entry.isDirectory() ? newestMtime(path) : statSync(path).mtimeMs);
+  }
+  return newest;
+}
+
+export interface LabProxy {
+  readonly daemon: Daemon;
+  /** Parsed pino records so far. */
+  records(): Array<Record<string, unknown>>;
+  /** The last lines of the log, for failure messages. */
+  tail(lines?: number): string;
+}
+
+export interface ProbeFrom {
+  readonly ns: string;
+  readonly host: string;
+  readonly port: number;
+}
+
+/** Run dist/cli.js inside `ns` with this YAML; resolves once `probe` sees its 220. */
+export async function startProxyInNs(lab: NetnsLab, ns: string, name: string, yaml: string, probe: ProbeFrom): Promise<LabProxy> {
+  const config = join(lab.dir, `${name}.yaml`);
+  writeFileSync(config, yaml);
+  const daemon = lab.spawnDaemon(ns, `proxy ${name}`, process.execPath, [PROXY_CLI, '--config', config]);
+  const proxy: LabProxy = {
+    daemon,
+    records: () =>
+      daemon
+        .output()
+        .split('\n')
+        .filter((line) => line.startsWith('{'))
+        .map((line) => JSON.parse(line) as Record<string, unknown>),
+    tail: (lines = 40) => daemon.output().trimEnd().split('\n').slice(-lines).join('\n'),
+  };
+  const exited = (): string | null => (daemon.exitCode() !== null ? `proxy ${name} exited (${daemon.exitCode()}): ${proxy.tail()}` : null);
+  await waitForFtpGreeting(probe.ns, probe.host, probe.port, 15000, exited);
+  return proxy;
+}
+
+// ------------------------------------------------------------------------------ FTP clients
+
+const CLIENT_TIMEOUT_MS = 30000;
+
+/** Clients get a private HOME: no ~/.netrc, ~/.curlrc or lftp bookmarks from the machine. */
+function clientEnv(lab: NetnsLab): NodeJS.ProcessEnv {
+  return { ...process.env, HOME: lab.dir, LC_ALL: 'C' };
+}
+
+export interface Transfer {
+  /** Remote name to download and the local file to write. */
+  readonly get?: readonly [remote: string, local: string];
+  /** Local file to upload and the remote name to write. */
+  readonly put?: readonly [local: string, remote: string];
+}
+
+export interface TnftpJob extends Transfer {
+  readonly host: string;
+  readonly port: number;
+  readonly passive: boolean;
+  /** EPSV/EPRT first (tnftp's default); off gives plain PASV/PORT. */
+  readonly epsv4: boolean;
+}
+
+/** tnftp (Debian's /usr/bin/ftp): refuses a 227 address that differs from the control peer. */
+export function tnftp(lab: NetnsLab, ns: string, job: TnftpJob): Promise<RunResult> {
+  const script = [
+    `user ${TEST_USER} ${TEST_PASSWORD}`,
+    'binary',
+    `passive ${job.passive ? 'on' : 'off'}`,
+    `epsv4 ${job.epsv4 ? 'on' : 'off'}`,
+    ...(job.get ? [`get ${job.get[0]} ${job.get[1]}`] : []),
+    ...(job.put ? [`put ${job.put[0]} ${job.put[1]}`] : []),
+    'bye',
+    '',
+  ].join('\n');
+  return nsRun(ns, 'ftp', ['-n', '-v', job.host, String(job.port)], { input: script, timeoutMs: CLIENT_TIMEOUT_MS, env: clientEnv(lab), cwd: lab.dir });
+}
+
+/** curl with the test account; `args` carry the mode flags, the URL and -o/-T. */
+export function curl(lab: NetnsLab, ns: string, args: readonly string[]): Promise<RunResult> {
+  return nsRun(ns, 'curl', ['-q', '-sS', '--max-time', '20', '--connect-timeout', '5', '-u', `${TEST_USER}:${TEST_PASSWORD}`, ...args], {
+    timeoutMs: CLIENT_TIMEOUT_MS,
+    env: clientEnv(lab),
+  });
+}
+
+export interface LftpJob extends Transfer {
+  readonly host: string;
+  readonly port: number;
+  /** `set` commands, e.g. "ftp:fix-pasv-address no". */
+  readonly settings: readonly string[];
+}
+
+export function lftp(lab: NetnsLab, ns: string, job: LftpJob): Promise<RunResult> {
+  const commands = [
+    // Fail fast instead of lftp's patient reconnecting; no TLS attempt against a plain server.
+    // Every command runs even after a failure; the exit code is the last command's.
+    'set net:max-retries 1',
+    'set net:timeout 8',
+    'set net:reconnect-interval-base 1',
+    'set ftp:ssl-allow no',
+    'set xfer:clobber yes',
+    ...job.settings.map((setting) => `set ${setting}`),
+    `open -u ${TEST_USER},${TEST_PASSWORD} ftp://${job.host}:${job.port}`,
+    ...(job.get ? [`get ${job.get[0]} -o ${job.get[1]}`] : []),
+    ...(job.put ? [`put ${job.put[0]} -o ${job.put[1]}`] : []),
+  ];
+  return nsRun(ns, 'lftp', ['-c', commands.join('; ')], { timeoutMs: CLIENT_TIMEOUT_MS, env: clientEnv(lab), cwd: lab.dir });
+}
+
+export type PyOp = readonly [kind: 'get' | 'put' | 'raw' | 'raw-any', ...args: string[]];
+
+export interface PyResult {
+  readonly run: RunResult;
+  readonly records: Array<Record<string, unknown>>;
+  /** Every op and the login succeeded. */
+  readonly ok: boolean;
+}
+
+/** CPython ftplib via ftp_client.py (`tool: session`), trusting the 227 address by default. */
+export async function ftplib(lab: NetnsLab, ns: string, job: Record<string, unknown>): Promise<PyResult> {
+  const full = { tool: 'session', user: TEST_USER, password: TEST_PASSWORD, trust: true, mode: 'pasv', port: 21, ...job };
+  const result = await nsRun(ns, pythonPath(), [CLIENT_SCRIPT, JSON.stringify(full)], { timeoutMs: CLIENT_TIMEOUT_MS, env: clientEnv(lab) });
+  const records = parseJsonLines(result.stdout);
+  return { run: result, records, ok: result.code === 0 && records.length > 0 && records.every((r) => r.ok !== false) };
+}
+
+/** ftp_client.py `tool: probe`: connect and read until the other side closes. */
+export async function tcpProbe(lab: NetnsLab, ns: string, host: string, port: number): Promise<Record<string, unknown>> {
+  const result = await nsRun(ns, pythonPath(), [CLIENT_SCRIPT, JSON.stringify({ tool: 'probe', host, port, timeout: 5 })], { timeoutMs: 15000, env: clientEnv(lab) });
+  return parseJsonLines(result.stdout)[0] ?? { error: `probe printed nothing: ${result.stderr}` };
+}
+
+/** ftp_client.py `tool: listen` as a daemon; `accepts()` lists every connection it took. */
+export async function startListener(lab: NetnsLab, ns: string, ports: readonly number[]): Promise<{ accepts(): Array<Record<string, unknown>>; daemon: Daemon }> {
+  const daemon = lab.spawnDaemon(ns, `listener ${ports.join(',')}`, pythonPath(), ['-u', CLIENT_SCRIPT, JSON.stringify({ tool: 'listen', ports })], clientEnv(lab));
+  const deadline = Date.now() + 10000;
+  while (!daemon.output().includes('"ready"')) {
+    if (daemon.exitCode() !== null || Date.now() > deadline) throw new Error(`listener did not start: ${daemon.output()}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return { daemon, accepts: () => parseJsonLines(daemon.output()).filter((record) => 'accept' in record) };
+}
+
+export interface Victim {
+  /** The PASV reply and the relay port, once the victim has them. */
+  readonly pasv: Promise<Record<string, unknown>>;
+  /** Let the victim connect and RETR. */
+  go(): void;
+  /** Exit code and every record. */
+  readonly done: Promise<{ code: number | null; records: Array<Record<string, unknown>>; stderr: string }>;
+}
+
+/** ftp_client.py `tool: victim`: PASV, wait for go(), then take the data connection and RETR. */
+export function startVictim(lab: NetnsLab, ns: string, job: Record<string, unknown>): Victim {
+  const full = { tool: 'victim', user: TEST_USER, password: TEST_PASSWORD, trust: true, port: 21, ...job };
+  const child = spawn('ip', ['netns', 'exec', ns, 'timeout', '-s', 'KILL', '30', pythonPath(), '-u', CLIENT_SCRIPT, JSON.stringify(full)], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+    env: clientEnv(lab),
+  });
+  let stdout = '';
+  let stderr = '';
+  let resolvePasv!: (record: Record<string, unknown>) => void;
+  const pasv = new Promise<Record<string, unknown>>((resolve) => (resolvePasv = resolve));
+  child.stdout.on('data', (chunk: Buffer) => {
+    stdout += chunk.toString();
+    const first = parseJsonLines(stdout).find((record) => record.op === 'pasv');
+    if (first) resolvePasv(first);
+  });
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  child.stdin.on('error', () => {});
+  const killer = setTimeout(() => child.kill('SIGKILL'), 35000);
+  const done = new Promise<{ code: number | null; records: Array<Record<string, unknown>>; stderr: string }>((resolve) => {
+    child.once('close', (code) => {
+      clearTimeout(killer);
+      resolvePasv({ error: `victim exited early: ${stderr}` });
+      resolve({ code, records: parseJsonLines(stdout), stderr });
+    });
+  });
+  return { pasv, go: () => child.stdin.end('go\n'), done };
+}
+
+function parseJsonLines(text: string): Array<Record<string, unknown>> {
+  const records: Array<Record<string, unknown>> = [];
+  for (const line of text.split('\n')) {
+    if (!line.startsWith('{')) continue;
+    try {
+      records.push(JSON.parse(line) as Record<string, unknown>);
+    } catch {
+      /* a partial line still being written */
+    }
+  }
+  return records;
+}

@@ -1,0 +1,572 @@
+/**
+ * End to end through real NAT (issue 3): network namespaces, a MASQUERADE router without the
+ * FTP conntrack helper, a DNAT edge, two real vsftpd servers, the proxy as a real process
+ * (dist/cli.js) and real clients (tnftp, curl, lftp, CPython ftplib). Every scenario first shows
+ * the client failing without the proxy where that is the point, then moving several MiB each
+ * way through the proxy with matching sha256. Topology: ./nat-lab.ts. Why clients are set the
+ * way they are (trust the 227 address, EPSV off...): shared/protocol.md §1.3, §6.
+ *
+ * Needs root, iproute2, iptables, vsftpd, tnftp, curl, lftp, python3; skips with one line
+ * without root, ip, iptables or vsftpd. Runs dist/cli.js (rebuilt here when src/ is newer).
+ * FNP_E2E_LOG_DIR=<dir> keeps the proxy and vsftpd logs of the run.
+ */
+import t, { type Test } from 'tap';
+import { copyFileSync, existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { findCommand, NetnsLab, netnsUnavailable, sha256File, makeRandomFile, waitForFtpGreeting } from '../helpers/netns.js';
+import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
+import type { RunResult } from '../helpers/run.js';
+import {
+  ADDR,
+  buildNatTopology,
+  curl,
+  ensureProxyBuilt,
+  ftplib,
+  lftp,
+  startListener,
+  startProxyInNs,
+  startVictim,
+  tcpProbe,
+  tnftp,
+  type LabProxy,
+} from './nat-lab.js';
+
+const SUITE_TIMEOUT_MS = 240000;
+const CLIENT_TOOLS = ['ftp', 'curl', 'lftp', 'python3', 'timeout', 'sysctl'];
+/** Sizes that are not a multiple of any buffer size, so a truncated copy cannot look right. */
+const DOWNLOAD_BYTES = 4 * 1024 * 1024 + 4321;
+const UPLOAD_BYTES = 3 * 1024 * 1024 + 777;
+const REMOTE_FILE = 'big.bin';
+const PROXY_PORT = 2121;
+/** The third-party host listens on these; the hostile PORT/EPRT name port 2000 (7,208). */
+const THIRD_PARTY_PORTS = [21, 2000, 2121];
+/** A listener on the client in the server LAN (10.20.0.7), reachable from the edge host. */
+const INNER_HOST_PORT = 2000;
+
+const reason = netnsUnavailable() ?? vsftpdUnavailable();
+if (reason) t.plan(0, reason);
+else await main();
+
+async function main(): Promise<void> {
+  t.setTimeout(SUITE_TIMEOUT_MS);
+  const missing = CLIENT_TOOLS.filter((tool) => !findCommand(tool));
+  if (missing.length > 0) {
+    t.fail(`client tools missing: ${missing.join(', ')} (apt-get install tnftp curl lftp python3)`);
+    return;
+  }
+  const buildError = ensureProxyBuilt();
+  if (buildError) {
+    t.fail(buildError);
+    return;
+  }
+
+  const lab = new NetnsLab();
+  t.teardown(() => lab.cleanup());
+  // If the runner kills us, still leave nothing behind.
+  process.once('exit', () => lab.cleanupSync());
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+    process.once(signal, () => {
+      lab.cleanupSync();
+      process.exit(128 + (signal === 'SIGTERM' ? 15 : 2));
+    });
+  }
+  try {
+    await runSuite(lab);
+  } catch (err) {
+    // Setup went wrong (scenario failures are reported by their own subtests); teardown still runs.
+    t.fail(`suite setup failed: ${(err as Error).stack ?? String(err)}`);
+  }
+}
+
+async function runSuite(lab: NetnsLab): Promise<void> {
+  const topo = buildNatTopology(lab);
+
+  const uploadSource = join(lab.dir, 'upload.bin');
+  const uploadSha = makeRandomFile(uploadSource, UPLOAD_BYTES);
+
+  const [privateFtp, publicFtp] = await Promise.all([
+    startVsftpd({ netns: topo.privateServer, listenAddress: ADDR.privateServer, port: 21, pasvAddress: null, pasvMinPort: 42000, pasvMaxPort: 42019 }),
+    startVsftpd({ netns: topo.publicServer, listenAddress: ADDR.publicServer, port: 21, pasvAddress: null, pasvMinPort: 43000, pasvMaxPort: 43019 }),
+  ]);
+  for (const [name, server] of [['vsftpd private', privateFtp], ['vsftpd public', publicFtp]] as const) {
+    // startVsftpd keeps its config and logs in the parent of the served root.
+    lab.adopt({ name, pid: server.pid, stop: () => server.stop(), removeSync: () => rmSync(dirname(server.root), { recursive: true, force: true }) });
+  }
+  const downloadSha = makeRandomFile(join(privateFtp.root, REMOTE_FILE), DOWNLOAD_BYTES);
+  copyFileSync(join(privateFtp.root, REMOTE_FILE), join(publicFtp.root, REMOTE_FILE));
+  await Promise.all([
+    waitForFtpGreeting(topo.privateServer, ADDR.privateServer, 21, 10000),
+    waitForFtpGreeting(topo.publicServer, ADDR.publicServer, 21, 10000),
+  ]);
+  // Hosts that must never receive a connection: a third party on the internet, and a host in
+  // the server LAN that the edge proxy could reach (a bounce there would be SSRF).
+  const [thirdParty, innerHost] = await Promise.all([
+    startListener(lab, topo.thirdParty, THIRD_PARTY_PORTS),
+    startListener(lab, topo.serverLanClient, [INNER_HOST_PORT]),
+  ]);
+  // Positive controls: the edge host (where the proxy runs) can reach both, so "saw no
+  // connection" later means the proxy did not connect, not that it could not.
+  // (Asserted in a subtest: an assertion on the idle root test would let tap end it early.)
+  const controls = [
+    await tcpProbe(lab, topo.edge, ADDR.thirdParty, 2000),
+    await tcpProbe(lab, topo.edge, ADDR.serverLanClient, INNER_HOST_PORT),
+  ];
+  await waitFor(() => thirdParty.accepts().length > 0 && innerHost.accepts().length > 0, 3000);
+  const controlAccepts = [thirdParty.accepts().length, innerHost.accepts().length];
+  const newInnerHostAccepts = (): Array<Record<string, unknown>> => innerHost.accepts().slice(controlAccepts[1]);
+  const newThirdPartyAccepts = (): Array<Record<string, unknown>> => thirdParty.accepts().slice(controlAccepts[0]);
+
+  const [edgeProxy, lanProxy, routerProxy] = await Promise.all([
+    startProxyInNs(
+      lab,
+      topo.edge,
+      'edge',
+      [
+        'log: { level: debug }',
+        'listeners:',
+        '  - name: edge',
+        `    listen: "0.0.0.0:${PROXY_PORT}"`,
+        `    upstream: { host: ${ADDR.privateServer}, port: 21, dataMode: passive }`,
+        '    client:',
+        `      advertise: ${ADDR.edgePublic}`,
+        `      advertiseFor: [ { from: 10.20.0.0/24, address: ${ADDR.edgePrivate} } ]`,
+        '      passivePorts: "40000-40049"',
+      ].join('\n'),
+      { ns: topo.publicClient, host: ADDR.edgePublic, port: PROXY_PORT },
+    ),
+    startProxyInNs(
+      lab,
+      topo.lanProxy,
+      'lan',
+      [
+        'log: { level: debug }',
+        'listeners:',
+        '  - name: lan',
+        `    listen: "${ADDR.lanProxy}:${PROXY_PORT}"`,
+        `    upstream: { host: ${ADDR.publicServer}, port: 21, dataMode: passive }`,
+        '    client: { advertise: auto, passivePorts: "40100-40149" }',
+      ].join('\n'),
+      { ns: topo.lanClient, host: ADDR.lanProxy, port: PROXY_PORT },
+    ),
+    startProxyInNs(
+      lab,
+      topo.router,
+      'router',
+      [
+        'log: { level: debug }',
+        'listeners:',
+        '  - name: router',
+        `    listen: "${ADDR.routerLan}:${PROXY_PORT}"`,
+        `    upstream: { host: ${ADDR.publicServer}, port: 21, dataMode: active, activePorts: "50000-50049" }`,
+        '    client: { advertise: auto, passivePorts: "40200-40249" }',
+      ].join('\n'),
+      { ns: topo.lanClient, host: ADDR.routerLan, port: PROXY_PORT },
+    ),
+  ]);
+
+  /** Local download target and remote upload name for one client run. */
+  const paths = (label: string): { local: string; remote: string } => ({ local: join(lab.dir, `${label}.down`), remote: `${label}.up` });
+
+  async function expectRoundTrip(tt: Tap, label: string, server: VsftpdInstance, run: RunResult | null, proxy: LabProxy): Promise<void> {
+    const { local, remote } = paths(label);
+    const got = await shaOf(local);
+    const put = await shaOf(join(server.root, remote));
+    const detail = run ? `\n--- client (exit ${run.code}${run.timedOut ? ', timed out' : ''})\n${clip(run.stdout)}\n${clip(run.stderr)}` : '';
+    const downloaded = tt.equal(got, downloadSha, `${label}: download of ${DOWNLOAD_BYTES} bytes arrives intact (sha256)`);
+    const uploaded = tt.equal(put, uploadSha, `${label}: upload of ${UPLOAD_BYTES} bytes arrives intact (sha256)`);
+    if (!downloaded || !uploaded) tt.comment(`${detail}\n--- proxy log tail\n${proxy.tail(30)}`);
+  }
+
+  async function expectNothingTransferred(tt: Tap, label: string, server: VsftpdInstance, run: RunResult | null, what: string): Promise<void> {
+    const { local, remote } = paths(label);
+    const got = await shaOf(local);
+    const put = await shaOf(join(server.root, remote));
+    const detail = run ? ` (exit ${run.code}; ${lastLines(run.stdout + run.stderr, 3)})` : '';
+    tt.not(got, downloadSha, `${label}: without the proxy the download fails: ${what}${detail}`);
+    tt.not(put, uploadSha, `${label}: without the proxy the upload fails too`);
+  }
+
+  await t.test('0. the lab is wired as intended', async (t) => {
+    t.same(controlAccepts, [1, 1], `the edge host reaches the third party ${ADDR.thirdParty}:2000 and the server-LAN host ${ADDR.serverLanClient}:${INNER_HOST_PORT} (${JSON.stringify(controls)})`);
+  });
+
+  // ---------------------------------------------------------------------------------------
+  await t.test('1. edge: public client -> proxy on the edge -> private vsftpd without pasv_address', async (t) => {
+    const direct = { host: ADDR.edgePublic, port: 21 };
+    const proxied = { host: ADDR.edgePublic, port: PROXY_PORT };
+    const ns = topo.publicClient;
+
+    await t.test('without the proxy (DNAT 203.0.113.10:21 -> 10.20.0.5:21) the 227 names 10.20.0.5 and clients that trust it fail', async (t) => {
+      {
+        const label = 's1-direct-tnftp';
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...direct, passive: true, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(out.stdout + out.stderr, /Passive mode address mismatch/, 'tnftp refuses the 227 address');
+        await expectNothingTransferred(t, label, privateFtp, out, 'tnftp PASV');
+      }
+      {
+        const label = 's1-direct-ftplib';
+        const { local, remote } = paths(label);
+        const out = await ftplib(lab, ns, { ...direct, ops: [['raw', 'PASV'], ['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+        t.match(String(out.records[1]?.reply), /\(10,20,0,5,\d+,\d+\)/, 'vsftpd writes its private address into 227');
+        for (const op of ['get', 'put']) {
+          const record = out.records.find((r) => r.op === op);
+          t.equal(record?.ok, false, `ftplib (trusting the 227 address) ${op} fails: ${String(record?.error)}`);
+        }
+        await expectNothingTransferred(t, label, privateFtp, out.run, 'ftplib PASV');
+      }
+      {
+        const label = 's1-direct-curl-pasv';
+        const { local, remote } = paths(label);
+        const flags = ['-v', '--disable-epsv', '--no-ftp-skip-pasv-ip'];
+        const get = await curl(lab, ns, [...flags, '-o', local, `ftp://${direct.host}:${direct.port}/${REMOTE_FILE}`]);
+        const put = await curl(lab, ns, [...flags, '-T', uploadSource, `ftp://${direct.host}:${direct.port}/${remote}`]);
+        for (const [what, out] of [['download', get], ['upload', put]] as const) {
+          t.match(out.stderr, /Trying 10\.20\.0\.5:\d+/, `curl PASV ${what} dials the private address from the 227`);
+          t.not(out.code, 0, `and fails (${/connect to 10\.20\.0\.5 port \d+ failed: [^\n]*/.exec(out.stderr)?.[0] ?? lastLines(out.stderr, 1)})`);
+        }
+        await expectNothingTransferred(t, label, privateFtp, get, 'curl --disable-epsv --no-ftp-skip-pasv-ip');
+      }
+      {
+        const label = 's1-direct-lftp';
+        const { local, remote } = paths(label);
+        const out = await lftp(lab, ns, { ...direct, settings: ['ftp:fix-pasv-address no', 'ftp:prefer-epsv no'], get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.equal(out.stderr.match(/Network is unreachable/g)?.length, 2, `lftp with ftp:fix-pasv-address no cannot reach 10.20.0.5 for get nor put (${lastLines(out.stderr, 2)})`);
+        t.not(out.code, 0, 'lftp exits non-zero');
+        await expectNothingTransferred(t, label, privateFtp, out, 'lftp ftp:fix-pasv-address no');
+      }
+      {
+        const label = 's1-direct-curl-epsv';
+        const { local, remote } = paths(label);
+        const get = await curl(lab, ns, ['-v', '-o', local, `ftp://${direct.host}:${direct.port}/${REMOTE_FILE}`]);
+        const put = await curl(lab, ns, ['-v', '-T', uploadSource, `ftp://${direct.host}:${direct.port}/${remote}`]);
+        for (const [what, out] of [['download', get], ['upload', put]] as const) {
+          t.match(out.stderr, /229 Entering Extended Passive Mode[^]*connect to 203\.0\.113\.10 port \d+ failed: Connection refused/, `curl EPSV ${what}: the passive port is not forwarded`);
+          t.not(out.code, 0, `and curl exits ${out.code}`);
+        }
+        await expectNothingTransferred(t, label, privateFtp, get, 'curl EPSV');
+      }
+    });
+
+    await t.test('through the proxy every client and mode works', async (t) => {
+      const url = (name: string): string => `ftp://${proxied.host}:${proxied.port}/${name}`;
+      {
+        const label = 's1-tnftp-pasv';
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...proxied, passive: true, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(out.stdout, /227 Entering Passive Mode \(203,0,113,10,\d+,\d+\)/, 'tnftp sees the public address in 227');
+        await expectRoundTrip(t, label, privateFtp, out, edgeProxy);
+      }
+      {
+        const label = 's1-tnftp-epsv';
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...proxied, passive: true, epsv4: true, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(out.stdout, /229 Entering Extended Passive Mode \(\|\|\|\d+\|\)/, 'tnftp uses EPSV');
+        await expectRoundTrip(t, label, privateFtp, out, edgeProxy);
+      }
+      {
+        const label = 's1-tnftp-port';
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...proxied, passive: false, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(out.stdout, /200 PORT command successful/, 'tnftp uses PORT');
+        await expectRoundTrip(t, label, privateFtp, out, edgeProxy);
+      }
+      {
+        const label = 's1-ftplib-pasv';
+        const { local, remote } = paths(label);
+        const out = await ftplib(lab, ns, { ...proxied, ops: [['raw', 'PASV'], ['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+        t.match(String(out.records[1]?.reply), /^227 Entering Passive Mode \(203,0,113,10,\d+,\d+\)\.?$/, 'raw 227 carries the public address');
+        t.ok(out.ok, `ftplib with trust_server_pasv_ipv4_address succeeds ${JSON.stringify(out.records.at(-1))}`);
+        await expectRoundTrip(t, label, privateFtp, out.run, edgeProxy);
+      }
+      const curlModes: Array<[string, string[]]> = [
+        ['s1-curl-pasv', ['--disable-epsv', '--no-ftp-skip-pasv-ip']],
+        ['s1-curl-epsv', []],
+        ['s1-curl-port', ['-P', ADDR.publicClient, '--disable-eprt']],
+        ['s1-curl-eprt', ['-P', ADDR.publicClient]],
+      ];
+      for (const [label, flags] of curlModes) {
+        const { local, remote } = paths(label);
+        const get = await curl(lab, ns, [...flags, '-o', local, url(REMOTE_FILE)]);
+        const put = await curl(lab, ns, [...flags, '-T', uploadSource, url(remote)]);
+        t.equal(get.code, 0, `${label} download exits 0 ${get.stderr.trim()}`);
+        t.equal(put.code, 0, `${label} upload exits 0 ${put.stderr.trim()}`);
+        await expectRoundTrip(t, label, privateFtp, get.code === 0 ? put : get, edgeProxy);
+      }
+      {
+        const label = 's1-lftp-pasv';
+        const { local, remote } = paths(label);
+        const out = await lftp(lab, ns, { ...proxied, settings: ['ftp:fix-pasv-address no', 'ftp:prefer-epsv no'], get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.equal(out.code, 0, `lftp with ftp:fix-pasv-address no exits 0 ${out.stderr.trim()}`);
+        await expectRoundTrip(t, label, privateFtp, out, edgeProxy);
+      }
+      const modes = transferModes(edgeProxy);
+      t.ok(modes.has('passive/passive') && modes.has('active/passive'), `the edge proxy relayed client passive and active transfers (${[...modes].join(', ')})`);
+      const upstreamLog = privateFtp.protocolLog();
+      t.match(upstreamLog, new RegExp(`Client "${escape(ADDR.edgePrivate)}", "EPSV"`), 'vsftpd saw the proxy (10.20.0.1) open its data connections with EPSV');
+    });
+  });
+
+  // ---------------------------------------------------------------------------------------
+  await t.test('2. client side: active-only clients behind MASQUERADE -> proxy in the client LAN -> public vsftpd', async (t) => {
+    const direct = { host: ADDR.publicServer, port: 21 };
+    const proxied = { host: ADDR.lanProxy, port: PROXY_PORT };
+    const ns = topo.lanClient;
+    const url = (target: { host: string; port: number }, name: string): string => `ftp://${target.host}:${target.port}/${name}`;
+
+    await t.test('without the proxy the server refuses PORT/EPRT naming 192.168.50.10', async (t) => {
+      const mark = publicFtp.protocolLog().length;
+      {
+        const label = 's2-direct-tnftp';
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...direct, passive: false, epsv4: true, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(out.stdout, /500 Illegal (EPRT|PORT) command/, 'vsftpd refuses the private address');
+        await expectNothingTransferred(t, label, publicFtp, out, 'tnftp passive off');
+      }
+      {
+        const label = 's2-direct-curl';
+        const { local, remote } = paths(label);
+        const get = await curl(lab, ns, ['-v', '-P', '-', '-o', local, url(direct, REMOTE_FILE)]);
+        const put = await curl(lab, ns, ['-v', '-P', '-', '-T', uploadSource, url(direct, remote)]);
+        for (const [what, out] of [['download', get], ['upload', put]] as const) {
+          t.match(out.stderr, /< 500 Illegal EPRT command\.[^]*< 500 Illegal PORT command\./, `curl -P - ${what}: EPRT and PORT with 192.168.50.10 refused`);
+          t.not(out.code, 0, `and curl exits ${out.code}`);
+        }
+        await expectNothingTransferred(t, label, publicFtp, get, 'curl -P -');
+      }
+      {
+        const label = 's2-direct-ftplib';
+        const { local, remote } = paths(label);
+        const out = await ftplib(lab, ns, { ...direct, mode: 'active', ops: [['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+        for (const op of ['get', 'put']) {
+          const record = out.records.find((r) => r.op === op);
+          t.equal(record?.error, 'error_perm: 500 Illegal PORT command.', `ftplib set_pasv(False) ${op} is refused`);
+        }
+        await expectNothingTransferred(t, label, publicFtp, out.run, 'ftplib active');
+      }
+      const log = publicFtp.protocolLog().slice(mark);
+      t.match(log, new RegExp(`Client "${escape(ADDR.routerWan)}", "PORT 192,168,50,10,`), 'vsftpd saw the masqueraded client name its private address');
+    });
+
+    await t.test('through the proxy in the client LAN the same clients work', async (t) => {
+      const mark = publicFtp.protocolLog().length;
+      {
+        const label = 's2-tnftp-eprt';
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...proxied, passive: false, epsv4: true, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        await expectRoundTrip(t, label, publicFtp, out, lanProxy);
+      }
+      {
+        const label = 's2-tnftp-port';
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...proxied, passive: false, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        await expectRoundTrip(t, label, publicFtp, out, lanProxy);
+      }
+      for (const [label, flags] of [['s2-curl-eprt', ['-P', '-']], ['s2-curl-port', ['-P', '-', '--disable-eprt']]] as const) {
+        const { local, remote } = paths(label);
+        const get = await curl(lab, ns, [...flags, '-o', local, url(proxied, REMOTE_FILE)]);
+        const put = await curl(lab, ns, [...flags, '-T', uploadSource, url(proxied, remote)]);
+        t.equal(get.code, 0, `${label} download exits 0 ${get.stderr.trim()}`);
+        t.equal(put.code, 0, `${label} upload exits 0 ${put.stderr.trim()}`);
+        await expectRoundTrip(t, label, publicFtp, get.code === 0 ? put : get, lanProxy);
+      }
+      {
+        const label = 's2-ftplib-port';
+        const { local, remote } = paths(label);
+        const out = await ftplib(lab, ns, { ...proxied, mode: 'active', ops: [['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+        t.ok(out.ok, `ftplib set_pasv(False) succeeds ${JSON.stringify(out.records.at(-1))}`);
+        await expectRoundTrip(t, label, publicFtp, out.run, lanProxy);
+      }
+      const log = publicFtp.protocolLog().slice(mark);
+      t.match(log, new RegExp(`Client "${escape(ADDR.routerWan)}", "EPSV"`), 'upstream, the proxy used EPSV through the NAT (seen from 198.51.100.1)');
+      t.notMatch(log, /"(PORT|EPRT) [^"]*192[,.]168[,.]50/, 'no private address reached the server');
+      const modes = transferModes(lanProxy);
+      t.same([...modes], ['active/passive'], 'client legs active, server legs passive');
+    });
+  });
+
+  // ---------------------------------------------------------------------------------------
+  await t.test('3. client side: proxy on the NAT router, upstream dataMode active', async (t) => {
+    const proxied = { host: ADDR.routerLan, port: PROXY_PORT };
+    const ns = topo.lanClient;
+    const mark = publicFtp.protocolLog().length;
+    {
+      const label = 's3-tnftp-port';
+      const { local, remote } = paths(label);
+      const out = await tnftp(lab, ns, { ...proxied, passive: false, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+      await expectRoundTrip(t, label, publicFtp, out, routerProxy);
+    }
+    {
+      const label = 's3-curl-eprt';
+      const { local, remote } = paths(label);
+      const get = await curl(lab, ns, ['-P', '-', '-o', local, `ftp://${proxied.host}:${proxied.port}/${REMOTE_FILE}`]);
+      const put = await curl(lab, ns, ['-P', '-', '-T', uploadSource, `ftp://${proxied.host}:${proxied.port}/${remote}`]);
+      t.equal(get.code, 0, `curl -P - download exits 0 ${get.stderr.trim()}`);
+      t.equal(put.code, 0, `curl -P - upload exits 0 ${put.stderr.trim()}`);
+      await expectRoundTrip(t, label, publicFtp, get.code === 0 ? put : get, routerProxy);
+    }
+    {
+      const label = 's3-ftplib-port';
+      const { local, remote } = paths(label);
+      const out = await ftplib(lab, ns, { ...proxied, mode: 'active', ops: [['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+      t.ok(out.ok, `ftplib set_pasv(False) succeeds ${JSON.stringify(out.records.at(-1))}`);
+      await expectRoundTrip(t, label, publicFtp, out.run, routerProxy);
+    }
+    const log = publicFtp.protocolLog().slice(mark);
+    const ports = [...log.matchAll(/Client "198\.51\.100\.1", "PORT 198,51,100,1,(\d+),(\d+)"/g)].map((m) => Number(m[1]) * 256 + Number(m[2]));
+    t.ok(ports.length >= 6, `vsftpd got PORT with the router's public address for every transfer (${ports.length})`);
+    t.ok(ports.every((port) => port >= 50000 && port <= 50049), `the PORT ports come from activePorts 50000-50049 (${ports.join(', ')})`);
+    t.notMatch(log, /"(PASV|EPSV)"/, 'the proxy never used passive mode upstream');
+    t.same([...transferModes(routerProxy)], ['active/active'], 'client legs active, server legs active');
+  });
+
+  // ---------------------------------------------------------------------------------------
+  await t.test('4. split horizon: advertiseFor 10.20.0.0/24 -> 10.20.0.1, everyone else 203.0.113.10', async (t) => {
+    const inside = { host: ADDR.edgePrivate, port: PROXY_PORT };
+    const outside = { host: ADDR.edgePublic, port: PROXY_PORT };
+    {
+      const label = 's4-inside-ftplib';
+      const { local, remote } = paths(label);
+      const out = await ftplib(lab, topo.serverLanClient, { ...inside, ops: [['raw', 'PASV'], ['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+      t.match(String(out.records[1]?.reply), /^227 Entering Passive Mode \(10,20,0,1,\d+,\d+\)\.?$/, 'a client in 10.20.0.0/24 gets 10.20.0.1');
+      t.ok(out.ok, `and its transfers work ${JSON.stringify(out.records.at(-1))}`);
+      await expectRoundTrip(t, label, privateFtp, out.run, edgeProxy);
+    }
+    {
+      const label = 's4-inside-tnftp';
+      const { local, remote } = paths(label);
+      const out = await tnftp(lab, topo.serverLanClient, { ...inside, passive: true, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+      t.match(out.stdout, /227 Entering Passive Mode \(10,20,0,1,\d+,\d+\)/, 'tnftp (which demands the control address) gets 10.20.0.1');
+      await expectRoundTrip(t, label, privateFtp, out, edgeProxy);
+    }
+    {
+      const label = 's4-outside-ftplib';
+      const { local, remote } = paths(label);
+      const out = await ftplib(lab, topo.publicClient, { ...outside, ops: [['raw', 'PASV'], ['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+      t.match(String(out.records[1]?.reply), /^227 Entering Passive Mode \(203,0,113,10,\d+,\d+\)\.?$/, 'an outside client gets 203.0.113.10');
+      t.ok(out.ok, `and its transfers work ${JSON.stringify(out.records.at(-1))}`);
+      await expectRoundTrip(t, label, privateFtp, out.run, edgeProxy);
+    }
+  });
+
+  // ---------------------------------------------------------------------------------------
+  await t.test('5. hostile: FTP bounce and port stealing', async (t) => {
+    const outside = { host: ADDR.edgePublic, port: PROXY_PORT };
+    await t.test('PORT/EPRT naming a third-party host are refused and it sees no connection', async (t) => {
+      const out = await ftplib(lab, topo.publicClient, {
+        ...outside,
+        ops: [
+          ['raw-any', 'PORT 203,0,113,99,7,208'],
+          ['raw-any', 'EPRT |1|203.0.113.99|2000|'],
+          ['raw-any', `PORT ${ADDR.publicClient.replaceAll('.', ',')},0,25`],
+          ['raw-any', `RETR ${REMOTE_FILE}`],
+        ],
+      });
+      const replies = out.records.slice(1).map((record) => String(record.reply));
+      t.equal(replies[0], '500 Illegal PORT command.', 'PORT to the third-party host');
+      t.equal(replies[1], '500 Illegal EPRT command.', 'EPRT to the third-party host');
+      t.equal(replies[2], '500 Illegal PORT command.', 'PORT to a privileged port of the client itself');
+      t.match(replies[3], /^425 /, 'RETR afterwards has no data connection to use');
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      t.same(newThirdPartyAccepts(), [], 'the third-party host saw no connection');
+    });
+
+    await t.test('PORT naming a host inside the server LAN is turned back to the client itself, never dialled', async (t) => {
+      const out = await ftplib(lab, topo.publicClient, {
+        ...outside,
+        ops: [
+          ['raw-any', `PORT ${ADDR.serverLanClient.replaceAll('.', ',')},7,208`],
+          ['raw-any', `RETR ${REMOTE_FILE}`],
+        ],
+      });
+      const replies = out.records.slice(1).map((record) => String(record.reply));
+      // protocol.md §4.1: an unroutable PORT address from a public client means "behind NAT";
+      // the proxy may only ever connect back to the client's real address (nothing listens there).
+      t.match(replies[0], /^200 /, `PORT 10,20,0,7 is accepted as a NAT artefact (${replies[0]})`);
+      t.match(replies[1], /^425 /, `RETR: the proxy cannot reach ${ADDR.publicClient}:2000 (${replies[1]})`);
+      const fixups = edgeProxy.records().filter((record) => record.event === 'port-nat-fixup');
+      t.equal(String(fixups.at(-1)?.target), `${ADDR.publicClient}:2000`, 'the proxy dialled the client, not 10.20.0.7');
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      t.same(newInnerHostAccepts(), [], 'the server-LAN host saw no connection');
+    });
+
+    await t.test('a second outside host dialling the advertised relay port first gets nothing', async (t) => {
+      const label = 's5-victim';
+      const { local } = paths(label);
+      const victim = startVictim(lab, topo.publicClient, { ...outside, remote: REMOTE_FILE, local });
+      const pasv = await victim.pasv;
+      t.equal(pasv.host, ADDR.edgePublic, `the victim is told ${String(pasv.reply)}`);
+      const stolen = await tcpProbe(lab, topo.attacker, ADDR.edgePublic, Number(pasv.port));
+      t.equal(stolen.bytes, 0, `the attacker receives zero bytes (${JSON.stringify(stolen)})`);
+      // Reset right after the handshake (the port is open, so never ECONNREFUSED), not left waiting.
+      const cutOff = stolen.connected === true ? stolen.end === 'reset' || stolen.end === 'eof' : stolen.errno === 'ECONNRESET';
+      t.ok(cutOff && Number(stolen.seconds) < 2, 'and is cut off at once');
+      victim.go();
+      const done = await victim.done;
+      const retr = done.records.find((record) => record.op === 'retr');
+      t.equal(done.code, 0, `the victim's session completes ${done.stderr.trim()}`);
+      t.equal(retr?.bytes, DOWNLOAD_BYTES, `the victim's RETR gets all the data (${String(retr?.final)})`);
+      t.equal(await shaOf(local), downloadSha, 'the victim receives the right bytes (sha256)');
+      const strangers = edgeProxy.records().filter((record) => record.event === 'data-stranger');
+      t.ok(strangers.some((record) => String(record.from).startsWith(`${ADDR.attacker}:`)), 'the proxy logged the refused stranger');
+    });
+  });
+
+  t.same(newThirdPartyAccepts(), [], 'the third-party host saw no connection during the whole suite');
+  t.same(newInnerHostAccepts(), [], 'the server-LAN host saw no connection during the whole suite');
+  for (const [name, proxy] of [['edge', edgeProxy], ['lan', lanProxy], ['router', routerProxy]] as const) {
+    const lines = proxy.daemon.output().split('\n').filter((line) => line.trim() !== '');
+    t.same(lines.filter((line) => !line.startsWith('{')), [], `proxy ${name} wrote only JSON log lines (no crash trace)`);
+    // pino writes level labels here ("info"); numbers when no formatter is configured.
+    const errors = proxy.records().filter((record) => ['error', 'fatal'].includes(String(record.level)) || Number(record.level) >= 50);
+    t.same(errors, [], `proxy ${name} logged no error`);
+  }
+  saveLogs({ edge: edgeProxy.daemon.output(), lan: lanProxy.daemon.output(), router: routerProxy.daemon.output(), 'vsftpd-private': privateFtp.protocolLog(), 'vsftpd-public': publicFtp.protocolLog() });
+
+  // ---------------------------------------------------------------------------------------
+  await t.test('nothing is left behind', async (t) => {
+    const pids = [privateFtp.pid, publicFtp.pid, edgeProxy.daemon.pid, lanProxy.daemon.pid, routerProxy.daemon.pid, thirdParty.daemon.pid, innerHost.daemon.pid];
+    await lab.cleanup();
+    const left = lab.leftovers();
+    t.same(left.namespaces, [], `no namespace named ${lab.prefix}*`);
+    t.same(left.links, [], `no interface named ${lab.prefix}* in the root namespace`);
+    t.same(left.processes, [], `no process the suite started is alive (pgids ${pids.join(', ')})`);
+    t.notOk(existsSync(lab.dir), 'the scratch directory is gone');
+  });
+}
+
+type Tap = Test;
+
+/** FNP_E2E_LOG_DIR=/some/dir keeps the proxy and vsftpd logs of the run for inspection. */
+function saveLogs(logs: Record<string, string>): void {
+  const dir = process.env.FNP_E2E_LOG_DIR;
+  if (!dir) return;
+  mkdirSync(dir, { recursive: true });
+  for (const [name, text] of Object.entries(logs)) writeFileSync(join(dir, `${name}.log`), text);
+}
+
+async function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+}
+
+async function shaOf(path: string): Promise<string> {
+  return existsSync(path) ? sha256File(path) : 'missing';
+}
+
+/** "clientMode/upstreamMode" of every transfer the proxy logged. */
+function transferModes(proxy: LabProxy): Set<string> {
+  return new Set(proxy.records().filter((r) => r.event === 'transfer').map((r) => `${String(r.clientMode)}/${String(r.upstreamMode)}`));
+}
+
+function escape(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
+function clip(text: string, max = 2000): string {
+  return text.length > max ? `${text.slice(0, max)}...` : text;
+}
+
+function lastLines(text: string, count: number): string {
+  return text.trim().split('\n').slice(-count).join(' | ');
+}
