@@ -130,9 +130,12 @@ export function splitGluedAbort(text: Buffer): Buffer[] {
   return rest.length > 0 ? [text.subarray(0, cr), rest] : [text.subarray(0, cr)];
 }
 
-/** Text safe for logs: the PASS argument is never shown. */
+/** Verbs whose argument is a secret (RFC 959 §4.1.1: PASS, and ACCT's account information). */
+const SECRET_VERBS: ReadonlySet<string> = new Set(['PASS', 'ACCT']);
+
+/** Text safe for logs: the PASS (and ACCT) argument is never shown. */
 export function describeCommandForLog(command: ClientCommand): string {
-  if (command.verb === 'PASS') return 'PASS ****';
+  if (SECRET_VERBS.has(command.verb)) return `${command.verb} ****`;
   const arg = command.argument.length > 200 ? `${command.argument.slice(0, 200)}...` : command.argument;
   return arg.length > 0 ? `${command.verb} ${arg}` : command.verb;
 }

@@ -180,6 +180,7 @@ t.test('describeCommandForLog', async (t) => {
   };
   t.equal(describe('PASS secret'), 'PASS ****', 'password never shown');
   t.equal(describe('pass secret'), 'PASS ****', 'lower-case pass too');
+  t.equal(describe('ACCT billing-secret'), 'ACCT ****', 'account information never shown');
   t.equal(describe('RETR /a'), 'RETR /a');
   t.equal(describe('NOOP'), 'NOOP');
   t.equal(describe(`STOR ${'x'.repeat(300)}`), `STOR ${'x'.repeat(200)}...`, 'long arguments truncated');
