@@ -238,12 +238,12 @@ export class ProxyServer {
       return;
     }
     if (runtime.sessions.size >= config.limits.maxSessions) {
-      this.rejected(runtime, 'sessions-total', { client: clientText, limit: config.limits.maxSessions });
+      this.rejected(runtime, 'sessions-total', { client: clientText, max: config.limits.maxSessions });
       refuse(socket, 'FTPP_ERR_TOO_MANY_SESSIONS', 'reply');
       return;
     }
     if ((runtime.perIp.get(clientIp) ?? 0) >= config.limits.maxSessionsPerIp) {
-      this.rejected(runtime, 'sessions-per-ip', { client: clientText, limit: config.limits.maxSessionsPerIp });
+      this.rejected(runtime, 'sessions-per-ip', { client: clientText, max: config.limits.maxSessionsPerIp });
       refuse(socket, 'FTPP_ERR_TOO_MANY_SESSIONS', 'reply');
       return;
     }
@@ -272,7 +272,7 @@ export class ProxyServer {
 
   private rejected(runtime: ListenerRuntime, reason: RejectionReason, fields: Record<string, unknown>): void {
     this.metrics.limitHit(runtime.config.name, reason);
-    runtime.log.warn({ event: 'rejected', limit: reason, ...fields }, `connection refused: ${reason}`);
+    runtime.log.warn({ ...fields, event: 'rejected', limit: reason }, `connection refused: ${reason}`);
   }
 
   /**
@@ -383,8 +383,9 @@ export class ProxyServer {
 
   private async doClose(drainMs: number): Promise<void> {
     this.statusValue = 'draining';
+    // Stop accepting now. server.close()'s callback only runs once every connection it
+    // accepted has ended, i.e. after the drain: wait for it at the very end, not here.
     const stopped = [...this.runtimes.values()].map((runtime) => new Promise<void>((resolve) => runtime.server.close(() => resolve())));
-    await Promise.all(stopped);
     if (this.sessions.size > 0 && drainMs > 0) {
       this.deps.log.info({ event: 'draining', sessions: this.sessions.size, drainMs }, 'waiting for open sessions to finish');
       let timer: NodeJS.Timeout | null = null;
@@ -401,6 +402,7 @@ export class ProxyServer {
     for (const session of sessions) session.beginClose('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
     await Promise.all(sessions.map((session) => session.closed));
     await Promise.all([...this.runtimes.values()].map((runtime) => runtime.clientPool.close()));
+    await Promise.all(stopped);
     this.statusValue = 'closed';
   }
 }
@@ -444,6 +446,10 @@ function refuse(socket: net.Socket, code: ErrorCode, action: 'reply' | 'close'):
     return;
   }
   socket.end(`${REPLY_FOR_CODE[code]}\r\n`);
+  // Read (and drop) what the client still sends so its FIN is seen and the socket closes as
+  // soon as the client does; the timer only bounds a client that never closes.
+  socket.resume();
+  socket.once('end', () => socket.destroy());
   socket.setTimeout(REFUSAL_LINGER_MS, () => socket.destroy());
 }
 

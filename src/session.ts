@@ -217,7 +217,7 @@ export class Session {
     this.deps.metrics.limitHit(this.config.name, reason);
     if (this.limitsLogged.has(reason)) return;
     this.limitsLogged.add(reason);
-    this.log.warn({ event: 'limit', limit: reason, ...fields }, `limit reached: ${reason}`);
+    this.log.warn({ ...fields, event: 'limit', limit: reason }, `limit reached: ${reason}`);
   }
 
   private onLoginTimeout(): void {
@@ -261,7 +261,7 @@ export class Session {
     if (framed.overflow) {
       // RFC 959 §4.2.1 "500 Syntax error, command unrecognized ... command line too long";
       // vsftpd also closes the session here (protocol.md §1.1, §8.18).
-      this.limitHit('line-too-long', { code: 'FTPP_ERR_LINE_TOO_LONG', limitBytes: this.config.limits.maxLineBytes });
+      this.limitHit('line-too-long', { code: 'FTPP_ERR_LINE_TOO_LONG', maxBytes: this.config.limits.maxLineBytes });
       this.client.pause();
       this.commandQueue.length = 0;
       this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_LINE_TOO_LONG));
@@ -426,7 +426,7 @@ export class Session {
   /** Refuse a new data channel when the session already runs as many as allowed. */
   private checkDataChannelLimit(): void {
     if (this.activeTransfers.size >= this.config.limits.maxDataChannelsPerSession) {
-      this.limitHit('passive-listeners', { code: 'FTPP_ERR_TOO_MANY_DATA_CHANNELS', limit: this.config.limits.maxDataChannelsPerSession });
+      this.limitHit('passive-listeners', { code: 'FTPP_ERR_TOO_MANY_DATA_CHANNELS', max: this.config.limits.maxDataChannelsPerSession });
       throw new ProxyError('FTPP_ERR_TOO_MANY_DATA_CHANNELS', `${this.activeTransfers.size} data channels already open`);
     }
   }
