@@ -378,7 +378,7 @@ export class ProxyServer {
 
   /** Skip what is left of the drain time: close every session now. */
   closeNow(): void {
-    for (const session of [...this.sessions]) session.beginClose('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
+    for (const session of [...this.sessions]) session.abandon('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
   }
 
   private async doClose(drainMs: number): Promise<void> {
@@ -399,7 +399,8 @@ export class ProxyServer {
     }
     const sessions = [...this.sessions];
     if (sessions.length > 0) this.deps.log.info({ event: 'drain-expired', sessions: sessions.length }, 'closing remaining sessions');
-    for (const session of sessions) session.beginClose('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
+    // Drain time is over: nothing waits for a server any more (a hung one included).
+    for (const session of sessions) session.abandon('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
     await Promise.all(sessions.map((session) => session.closed));
     await Promise.all([...this.runtimes.values()].map((runtime) => runtime.clientPool.close()));
     await Promise.all(stopped);

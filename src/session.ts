@@ -36,6 +36,8 @@ const CRLF = Buffer.from('\r\n');
 const REPLY_HIGH_WATER_BYTES = 256 * 1024;
 /** After the last reply is flushed, how long a closing session waits for the client's FIN. */
 const CLOSE_GRACE_MS = 2000;
+/** After a client FIN with no transfer running: how long pending server replies may take. */
+const CLIENT_GONE_DEADLINE_MS = 4000;
 
 /** Where the session really comes from and what it dialled (a PROXY header may say). */
 export interface SessionEndpoints {
@@ -224,8 +226,7 @@ export class Session {
     this.loginTimer = null;
     if (this.loggedIn || this.isFinished()) return;
     this.limitHit('login-timeout', { code: 'FTPP_ERR_LOGIN_TIMEOUT', loginMs: this.config.timeouts.loginMs });
-    this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_LOGIN_TIMEOUT));
-    this.beginClose('login timeout');
+    this.abandon('login timeout', REPLY_FOR_CODE.FTPP_ERR_LOGIN_TIMEOUT);
   }
   private pendingDial: { cancel(): void } | null = null;
 
@@ -297,6 +298,9 @@ export class Session {
     this.log.debug({ event: 'client-fin' }, 'client closed its side');
     // The server's close that follows is the one the proxy asks for: not a failure, no 421.
     this.clientEnded = true;
+    // A server that never answers nor closes must not keep the session forever. A client
+    // that hung up without a transfer running has little left to wait for: a short deadline.
+    this.armCloseDeadline(this.activeTransfers.size > 0 ? undefined : CLIENT_GONE_DEADLINE_MS);
     void this.upstreamReady.then(() => {
       if (this.statusValue === 'closed') return;
       if (this.upstream && !this.upstream.destroyed) this.upstream.end();
@@ -411,9 +415,9 @@ export class Session {
       }
       const expectation: Expectation = { kind: 'internal', resolve, reject, timer: null };
       expectation.timer = setTimeout(() => {
-        this.log.warn({ event: 'upstream-timeout', command: line }, 'server did not answer');
-        this.replies.append(replyLine('421 Service not available: server does not answer.'));
-        this.beginClose('upstream reply timeout');
+        expectation.timer = null;
+        this.log.warn({ event: 'upstream-timeout', command: line, waitedMs: this.config.timeouts.upstreamReplyMs }, 'server did not answer');
+        this.abandon('upstream reply timeout', '421 Service not available: server does not answer.');
       }, this.config.timeouts.upstreamReplyMs);
       this.expectations.push(expectation);
       this.log.debug({ event: 'upstream-command', command: line }, 'proxy command to server');
@@ -555,8 +559,12 @@ export class Session {
   private failureReply(err: unknown, what: string): Buffer {
     if (err instanceof ServerReplyError) return err.reply.raw;
     if (isProxyError(err)) {
-      const level = err.code === 'FTPP_ERR_SHUTDOWN' ? 'debug' : 'warn';
-      this.log[level]({ event: 'data-setup-failed', code: err.code, command: what, err: err.message }, 'data channel setup failed');
+      if (err.code === 'FTPP_ERR_SHUTDOWN') {
+        // The session is closing and says so once, in its own closing reply.
+        this.log.debug({ event: 'data-setup-failed', code: err.code, command: what, err: err.message }, 'data channel setup abandoned');
+        return Buffer.alloc(0);
+      }
+      this.log.warn({ event: 'data-setup-failed', code: err.code, command: what, err: err.message }, 'data channel setup failed');
       return replyLine(REPLY_FOR_CODE[err.code]);
     }
     this.log.error({ event: 'data-setup-failed', command: what, err }, 'data channel setup failed');
@@ -830,11 +838,40 @@ export class Session {
       return;
     }
     this.limitHit('idle-timeout', { code: 'FTPP_ERR_IDLE_TIMEOUT', idleMs: this.config.timeouts.idleMs });
-    this.replies.append(replyLine(REPLY_FOR_CODE.FTPP_ERR_IDLE_TIMEOUT));
-    this.beginClose('idle timeout');
+    // Abandon, not a graceful close: if the server still owes a reply it is hung, and the
+    // 421 must not wait behind that reply.
+    this.abandon('idle timeout', REPLY_FOR_CODE.FTPP_ERR_IDLE_TIMEOUT);
   }
 
   // ---------------------------------------------------------------- closing
+
+  /**
+   * Give up on the server (it does not answer, or the proxy must stop now): drop the server
+   * connection, settle every reply the client is still owed with nothing, and close with one
+   * final `line`. Unlike beginClose, nothing waits for the server any more.
+   */
+  abandon(reason: string, line: string): void {
+    if (this.isClosed()) return;
+    const upstream = this.upstream;
+    if (upstream && !upstream.destroyed) {
+      upstream.on('error', () => {});
+      upstream.destroy();
+    }
+    this.pendingDial?.cancel();
+    this.failExpectations();
+    this.beginClose(reason, line);
+  }
+
+  /** Tear down after a bounded time, whatever is still pending (a hung peer). */
+  private armCloseDeadline(ms?: number): void {
+    if (this.closeDeadline || this.isClosed()) return;
+    const { transferReplyHoldMs, upstreamReplyMs } = this.config.timeouts;
+    this.closeDeadline = setTimeout(() => {
+      this.log.warn({ event: 'close-deadline' }, 'session did not finish closing in time; tearing down');
+      this.teardown(this.closeReason || 'close deadline');
+    }, ms ?? Math.max(transferReplyHoldMs, upstreamReplyMs) + CLOSE_GRACE_MS);
+  }
+  private closeDeadline: NodeJS.Timeout | null = null;
 
   /**
    * Stop taking commands, write every reply still owed (held ones included), then close.
@@ -847,6 +884,7 @@ export class Session {
     this.closeReason ||= reason;
     this.closeAfterFlush = true;
     this.statusValue = 'closing';
+    this.armCloseDeadline();
     this.commandQueue.length = 0;
     this.client.pause();
     this.pendingDial?.cancel();
@@ -858,6 +896,8 @@ export class Session {
   private finishClose(): void {
     if (this.statusValue === 'closed' || this.graceTimer) return;
     if (!this.client.destroyed) this.client.end();
+    // Read (and drop) what the client still sends so its FIN closes the socket at once.
+    this.client.resume();
     // Give the client a moment to read the last reply and close; then force it.
     this.graceTimer = setTimeout(() => this.teardown(this.closeReason || 'closed'), CLOSE_GRACE_MS);
     this.graceTimer.unref();
@@ -868,8 +908,8 @@ export class Session {
     if (this.statusValue === 'closed') return;
     this.statusValue = 'closed';
     this.closeReason ||= reason;
-    for (const timer of [this.idleTimer, this.abortTimer, this.graceTimer, this.loginTimer]) if (timer) clearTimeout(timer);
-    this.idleTimer = this.abortTimer = this.graceTimer = this.loginTimer = null;
+    for (const timer of [this.idleTimer, this.abortTimer, this.graceTimer, this.loginTimer, this.closeDeadline]) if (timer) clearTimeout(timer);
+    this.idleTimer = this.abortTimer = this.graceTimer = this.loginTimer = this.closeDeadline = null;
     this.pendingDial?.cancel();
     this.resolveUpstreamReady(false);
     this.failExpectations();
