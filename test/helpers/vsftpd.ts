@@ -129,7 +129,14 @@ export async function startVsftpd(options: VsftpdOptions = {}): Promise<VsftpdIn
     ftpd_banner: 'ftpnp test vsftpd',
     ...(options.extra ?? {}),
   };
-  if (options.pasvAddress !== null) settings.pasv_address = options.pasvAddress ?? '127.0.0.9';
+  if (host.includes(':')) {
+    // An IPv6-only server: vsftpd takes IPv6 addresses only through listen_ipv6/listen_address6.
+    settings.listen = 'NO';
+    settings.listen_ipv6 = 'YES';
+    delete settings.listen_address;
+    settings.listen_address6 = host;
+  }
+  if (options.pasvAddress !== null && !host.includes(':')) settings.pasv_address = options.pasvAddress ?? '127.0.0.9';
   const confPath = join(work, 'vsftpd.conf');
   writeFileSync(confPath, Object.entries(settings).map(([k, v]) => `${k}=${v}\n`).join(''));
   const [cmd, args] = options.netns ? ['ip', ['netns', 'exec', options.netns, binary, confPath]] : [binary, [confPath]];

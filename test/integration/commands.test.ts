@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
-import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
+import { startTestProxy, nextPortRange, type TestProxy } from '../helpers/proxy.js';
 import { sha256, sha256File, transfer, writeRandomFile } from '../helpers/clients.js';
 import { run } from '../helpers/run.js';
 
@@ -125,6 +125,26 @@ f.quit()
     t.match(pasv.stdout, /EPSV 522 Network protocol not supported, use \(2\)/, 'EPSV 1 on IPv6: 522 use (2)');
     t.match(pasv.stdout, /EPRT 522 Network protocol not supported, use \(2\)/, 'EPRT |1| on IPv6: 522 use (2)');
     t.match(pasv.stdout, /PORT 425/, 'PORT on IPv6 refused');
+  });
+
+  t.test('IPv4 client, IPv6-only vsftpd: PASV/PORT bridged to EPSV/EPRT |2| upstream', async (t) => {
+    const v6 = await startVsftpd({ listenAddress: '::1' });
+    t.teardown(() => v6.stop());
+    const hash = writeRandomFile(join(v6.root, 'v6.bin'), 512 * 1024 + 9);
+    for (const dataMode of ['passive', 'active'] as const) {
+      const proxy: TestProxy = await startTestProxy({ upstreamHost: '::1', upstreamPort: v6.port, dataMode, ...(dataMode === 'active' ? { activePorts: nextPortRange(5) } : {}) });
+      t.teardown(() => proxy.close());
+      const endpoint = { host: proxy.host, port: proxy.port, user: v6.user, password: v6.password, activeAddress: '127.0.0.1' };
+      for (const mode of ['pasv', 'port'] as const) {
+        const local = join(dir, `v4to6-${dataMode}-${mode}.bin`);
+        const got = await transfer('curl', mode, endpoint, 'get', 'v6.bin', local);
+        t.equal(got.code, 0, `${dataMode}/${mode}: curl exits 0 ${got.stderr}`);
+        t.equal(sha256File(local), hash, `${dataMode}/${mode}: download intact`);
+      }
+    }
+    const log = v6.protocolLog();
+    t.match(log, /"EPSV"/, 'EPSV toward the IPv6 server');
+    t.match(log, /"EPRT \|2\|::1\|\d+\|"/, 'EPRT |2| toward the IPv6 server in active mode');
   });
 
   t.test('client closes without QUIT (FIN): no stray 421, no warning', async (t) => {
