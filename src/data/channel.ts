@@ -1,13 +1,15 @@
 /**
  * One data channel of a session: a client leg and an upstream leg, each either a one-shot
  * listener (the peer connects to the proxy) or an outbound dial (the proxy connects), paired
- * into a DataRelay once both sockets exist. Single use; one idempotent teardown.
+ * into a relay (createRelay: in the kernel when it can, else DataRelay) once both sockets exist.
+ * Single use; one idempotent teardown.
  */
 import type net from 'node:net';
 import type { HostPort } from '../control/address.js';
 import type { TransferDirection } from '../control/rewrite.js';
 import type { PassiveAccept } from './passive.js';
-import { DataRelay, resetSocket, type RelayResult } from './relay.js';
+import { resetSocket, type Relay, type RelayResult } from './relay.js';
+import { createRelay } from './splice-relay.js';
 import type { Dial } from './dial.js';
 
 export type ClientLeg =
@@ -21,7 +23,7 @@ export type UpstreamLeg =
 export type ChannelState =
   | { readonly status: 'pending' }
   | { readonly status: 'connecting' }
-  | { readonly status: 'relaying'; readonly relay: DataRelay }
+  | { readonly status: 'relaying'; readonly relay: Relay }
   | { readonly status: 'closed'; readonly reason: string };
 
 export interface PairOptions {
@@ -43,15 +45,31 @@ export class DataChannel {
   private readonly looseSockets = new Set<net.Socket>();
   private lingerTimer: NodeJS.Timeout | null = null;
   /** Kept after close so byte counts stay readable. */
-  private relay: DataRelay | null = null;
+  private relay: Relay | null = null;
   private readonly closedWaiters: Array<() => void> = [];
-  private readonly relayWaiters: Array<(relay: DataRelay) => void> = [];
+  private readonly relayWaiters: Array<(relay: Relay) => void> = [];
   /** Fires once with the relay result, or null when the channel closed before relaying. */
   onSettled: ((result: RelayResult | null, reason: string) => void) | null = null;
 
   constructor(clientLeg: ClientLeg, upstreamLeg: UpstreamLeg) {
     this.clientLeg = clientLeg;
     this.upstreamLeg = upstreamLeg;
+    // Own an accepted socket from the moment it is accepted, not only once pair() runs: the
+    // client may connect right after the 227 and the channel may then be replaced (PASV
+    // again, PORT), fail (upstream dial refused) or close with the session before any
+    // transfer command. cancel() cannot reach a socket its accept already handed out, so
+    // without this the socket stayed open forever (test/data/channel.test.ts,
+    // test/session/data-lifecycle.test.ts).
+    const accepts = [
+      clientLeg.kind === 'passive' ? clientLeg.accept : null,
+      upstreamLeg.kind === 'active' ? upstreamLeg.accept : null,
+    ];
+    for (const accept of accepts) {
+      accept?.accepted.then((socket) => {
+        if (this.isClosed) resetSocket(socket);
+        else if (this.stateValue.status !== 'relaying') this.looseSockets.add(socket);
+      }, () => {});
+    }
   }
 
   get state(): ChannelState {
@@ -108,7 +126,7 @@ export class DataChannel {
       ([client, upstream]) => {
         if (this.isClosed) return;
         this.looseSockets.clear();
-        const relay = new DataRelay(client, upstream, { idleTimeoutMs: options.idleTimeoutMs });
+        const relay = createRelay(client, upstream, { idleTimeoutMs: options.idleTimeoutMs });
         this.relay = relay;
         this.stateValue = { status: 'relaying', relay };
         for (const waiter of this.relayWaiters.splice(0)) waiter(relay);
@@ -126,7 +144,7 @@ export class DataChannel {
     return new Promise<void>((resolve) => {
       if (this.isClosed) return resolve();
       this.closedWaiters.push(resolve);
-      const onRelay = (relay: DataRelay): void => {
+      const onRelay = (relay: Relay): void => {
         relay.directionFinished(direction === 'download' ? 'toClient' : 'toUpstream').then(resolve);
       };
       if (this.stateValue.status === 'relaying') onRelay(this.stateValue.relay);

@@ -6,6 +6,9 @@
  */
 import type net from 'node:net';
 
+/** Zero-length probe write that tells a FIN from an RST reported as EOF (see pump()). */
+const EMPTY = Buffer.alloc(0);
+
 /** complete: both sides ended cleanly; reset: a side failed; aborted: abort() was called; idle: no byte moved for idleTimeoutMs. */
 export type RelayOutcome = 'complete' | 'reset' | 'aborted' | 'idle';
 
@@ -24,7 +27,23 @@ export interface RelayOptions {
 
 type Direction = 'toClient' | 'toUpstream';
 
-export class DataRelay {
+/**
+ * What a data channel needs from a relay. DataRelay (this file) moves the bytes through the
+ * event loop; SpliceRelay (splice-relay.ts) moves them in the kernel with the same contract.
+ */
+export interface Relay {
+  readonly client: net.Socket;
+  readonly upstream: net.Socket;
+  /** Settles once both sockets are closed. Never rejects. */
+  readonly done: Promise<RelayResult>;
+  readonly upstreamToClientBytes: number;
+  readonly clientToUpstreamBytes: number;
+  directionFinished(direction: Direction): Promise<void>;
+  /** Reset both legs now. Idempotent. */
+  abort(): void;
+}
+
+export class DataRelay implements Relay {
   readonly client: net.Socket;
   readonly upstream: net.Socket;
   /** Settles once both sockets are closed. Never rejects. */
@@ -98,8 +117,22 @@ export class DataRelay {
       if (!source.destroyed) source.resume();
     });
     source.on('end', () => {
-      // Half-close: pass the FIN on and keep the other direction open.
-      if (!sink.destroyed) sink.end();
+      // Half-close: pass the FIN on and keep the other direction open. But check it was a
+      // FIN: libuv reports an RST that lands while reading is stopped (this relay paused the
+      // source for backpressure) as a plain EOF after the buffered bytes (POLLHUP after a
+      // partial read), and passing that on as a FIN turns a reset upload into a 226
+      // (protocol.md §3.2, §8.23; test/data/relay.test.ts "...paused (backpressure)...").
+      // A zero-length write still reaches the kernel: it succeeds on a half-closed
+      // connection and fails (ECONNRESET/EPIPE) on a reset one, which onError handles.
+      // Nothing to probe with when our side is already ended or has writes queued: trust it.
+      if (source.destroyed || source.writableEnded || source.writableLength > 0) {
+        if (!sink.destroyed) sink.end();
+        return;
+      }
+      source.write(EMPTY, (err) => {
+        if (err) this.onError();
+        else if (!sink.destroyed) sink.end();
+      });
     });
     sink.on('finish', () => this.finishResolvers[direction]());
     source.resume();

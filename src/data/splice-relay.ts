@@ -1,0 +1,293 @@
+/**
+ * A data relay that moves the bytes in the kernel (Linux splice(2), src/native/): once a
+ * data channel is paired, both sockets' descriptors go to a native thread that splices
+ * socket -> pipe -> socket; the event loop hears only "direction finished" and "ended".
+ * On a 2-core machine the JS relay spends a core copying (read into a Buffer, write it out),
+ * which is what held downloads to ~0.2x of a direct transfer (test/bench, README).
+ *
+ * Same contract as DataRelay (relay.ts): byte counts per direction, a FIN ends only its own
+ * direction (protocol.md §3.2), an error or reset on either side resets both (§3.3), abort()
+ * and the idle timeout reset both, `done` settles once both sockets are closed and never
+ * rejects. createRelay() picks this relay when the addon is built and loads and both
+ * sockets are clean (nothing buffered in JS, no FIN seen); otherwise, or with
+ * FTPNP_RELAY=js, it returns the JS relay.
+ */
+import type net from 'node:net';
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { DataRelay, resetSocket, type Relay, type RelayOptions, type RelayOutcome, type RelayResult } from './relay.js';
+
+/** The native module's surface (src/native/splice_relay.c). */
+export interface SpliceAddon {
+  start(clientFd: number, upstreamFd: number, pipeBytes: number, onEvent: (kind: number, a: number, b: number, c: number) => void): object;
+  cancel(handle: object): void;
+  bytes(handle: object, direction: 0 | 1): number;
+  idleMs(handle: object): number;
+}
+
+/** Environment switch: `js` forces the JS relay (e.g. to compare, or to rule the addon out). */
+export const RELAY_ENV = 'FTPNP_RELAY';
+/**
+ * Pipe capacity per direction; 0 keeps the kernel default (64 KiB). Larger pipes measured
+ * no faster on loopback (test/bench) and count against fs.pipe-user-pages-soft, which
+ * thousands of concurrent transfers would exhaust.
+ */
+const PIPE_BYTES = 0;
+
+const EVENT_FINISHED = 0;
+const END_COMPLETE = 0;
+const END_ERROR = 1;
+
+type Direction = 'toClient' | 'toUpstream';
+
+let loaded: { readonly addon: SpliceAddon | null; readonly reason: string } | null = null;
+
+/** Load the addon once; the reason says why it is not used when it is not. */
+export function loadSpliceAddon(): { readonly addon: SpliceAddon | null; readonly reason: string } {
+  if (loaded) return loaded;
+  if (process.platform !== 'linux') return (loaded = { addon: null, reason: `splice(2) is Linux-only (platform ${process.platform})` });
+  const here = dirname(fileURLToPath(import.meta.url));
+  // src/data -> src/native (tests run the TS sources); dist/data -> src/native (built code).
+  const candidates = [join(here, '../native/build/Release/splice_relay.node'), join(here, '../../src/native/build/Release/splice_relay.node')];
+  const path = candidates.find((p) => existsSync(p));
+  if (!path) return (loaded = { addon: null, reason: 'native addon not built (npm install runs node-gyp in src/native)' });
+  try {
+    const addon = createRequire(import.meta.url)(path) as SpliceAddon;
+    return (loaded = { addon, reason: `native addon ${path}` });
+  } catch (err) {
+    return (loaded = { addon: null, reason: `native addon failed to load: ${(err as Error).message}` });
+  }
+}
+
+/** Which relay new data channels get, and why (for logs and the benchmark). */
+export function relayImplementation(): { readonly kind: 'splice' | 'js'; readonly reason: string } {
+  if (process.env[RELAY_ENV] === 'js') return { kind: 'js', reason: `${RELAY_ENV}=js` };
+  const { addon, reason } = loadSpliceAddon();
+  return { kind: addon ? 'splice' : 'js', reason };
+}
+
+interface HandleInternals {
+  fd?: number;
+  reading?: boolean;
+  readStop?: () => number;
+}
+
+function handleOf(socket: net.Socket): HandleInternals | undefined {
+  return (socket as unknown as { _handle?: HandleInternals })._handle;
+}
+
+/**
+ * The descriptor of a socket the kernel can take over: open, connected, nothing read into
+ * JS buffers or queued for writing, no FIN seen. Otherwise null (the JS relay handles it,
+ * e.g. bytes that arrived behind a PROXY header and were unshifted).
+ */
+function spliceableFd(socket: net.Socket): number | null {
+  if (socket.destroyed || socket.connecting || !socket.readable || !socket.writable) return null;
+  if (socket.readableLength > 0 || socket.writableLength > 0 || socket.writableEnded) return null;
+  if ((socket as unknown as { _readableState?: { ended?: boolean } })._readableState?.ended) return null;
+  const fd = handleOf(socket)?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : null;
+}
+
+/** Stop libuv reading: from now on only the native thread reads this socket. */
+function stopReading(socket: net.Socket): void {
+  socket.pause();
+  const handle = handleOf(socket);
+  if (handle?.reading) {
+    handle.reading = false;
+    handle.readStop?.();
+  }
+}
+
+/** The relay for a freshly paired data channel: kernel splice when possible, else JS. */
+export function createRelay(client: net.Socket, upstream: net.Socket, options: RelayOptions = {}): Relay {
+  if (process.env[RELAY_ENV] !== 'js') {
+    const { addon } = loadSpliceAddon();
+    const clientFd = addon ? spliceableFd(client) : null;
+    const upstreamFd = addon ? spliceableFd(upstream) : null;
+    if (addon && clientFd !== null && upstreamFd !== null) {
+      try {
+        return new SpliceRelay(client, upstream, options, addon, clientFd, upstreamFd);
+      } catch {
+        // Out of descriptors or threads: the JS relay still works (it resumes reading).
+      }
+    }
+  }
+  return new DataRelay(client, upstream, options);
+}
+
+export class SpliceRelay implements Relay {
+  readonly client: net.Socket;
+  readonly upstream: net.Socket;
+  /** Settles once both sockets are closed and the native thread has ended. Never rejects. */
+  readonly done: Promise<RelayResult>;
+  private readonly addon: SpliceAddon;
+  private readonly handle: object;
+  private readonly finished: Record<Direction, Promise<void>>;
+  private readonly finishResolvers = {} as Record<Direction, () => void>;
+  private resolveDone!: (result: RelayResult) => void;
+  private outcome: RelayOutcome = 'complete';
+  private readonly closedSockets = new Set<net.Socket>();
+  private nativeEnded = false;
+  private cancelRequested = false;
+  private settled = false;
+  private finalBytes: { toClient: number; toUpstream: number } | null = null;
+  private idleTimer: NodeJS.Timeout | null = null;
+  private readonly idleTimeoutMs: number;
+  private readonly startedAt: number;
+  private readonly now: () => number;
+
+  /** Throws (before touching either socket) when the native side cannot start. */
+  constructor(client: net.Socket, upstream: net.Socket, options: RelayOptions, addon: SpliceAddon, clientFd: number, upstreamFd: number) {
+    this.client = client;
+    this.upstream = upstream;
+    this.addon = addon;
+    this.now = options.now ?? Date.now;
+    this.startedAt = this.now();
+    this.idleTimeoutMs = options.idleTimeoutMs ?? 0;
+    this.done = new Promise((resolve) => {
+      this.resolveDone = resolve;
+    });
+    this.finished = {
+      toClient: new Promise<void>((resolve) => { this.finishResolvers.toClient = resolve; }),
+      toUpstream: new Promise<void>((resolve) => { this.finishResolvers.toUpstream = resolve; }),
+    };
+    // The thread may start moving bytes at once; libuv cannot read in between, since the
+    // event loop does not run until this constructor has returned.
+    this.handle = addon.start(clientFd, upstreamFd, PIPE_BYTES, this.onNativeEvent);
+    for (const socket of [client, upstream]) {
+      stopReading(socket);
+      socket.on('error', this.onSocketError);
+      socket.once('close', (hadError: boolean) => this.handleClose(socket, hadError));
+    }
+    if (this.idleTimeoutMs > 0) this.armIdleTimer(this.idleTimeoutMs);
+  }
+
+  get upstreamToClientBytes(): number {
+    return this.finalBytes?.toClient ?? this.addon.bytes(this.handle, 0);
+  }
+
+  get clientToUpstreamBytes(): number {
+    return this.finalBytes?.toUpstream ?? this.addon.bytes(this.handle, 1);
+  }
+
+  /**
+   * Resolves when every byte of one direction has been written to the receiving socket and
+   * the FIN passed on (shutdown(SHUT_WR)), or when the relay ends for any reason.
+   */
+  directionFinished(direction: Direction): Promise<void> {
+    return this.finished[direction];
+  }
+
+  /** Reset both legs now (ABOR, failed transfer, shutdown). Idempotent. */
+  abort(): void {
+    if (this.closedSockets.size === 2) return;
+    if (this.outcome === 'complete') this.outcome = 'aborted';
+    this.resetBoth();
+  }
+
+  private resetBoth(): void {
+    this.stopNative();
+    resetSocket(this.client);
+    resetSocket(this.upstream);
+  }
+
+  private stopNative(): void {
+    if (this.nativeEnded || this.cancelRequested) return;
+    this.cancelRequested = true;
+    this.clearIdleTimer();
+    this.addon.cancel(this.handle);
+  }
+
+  /**
+   * Events from the native thread (src/native/splice_relay.c). An exception here would be
+   * swallowed by N-API with only a warning, leaving the relay unsettled: never let one out.
+   */
+  private readonly onNativeEvent = (kind: number, a: number): void => {
+    try {
+      this.handleNativeEvent(kind, a);
+    } catch {
+      this.nativeEnded = true;
+      if (this.outcome === 'complete') this.outcome = 'reset';
+      resetSocket(this.client);
+      resetSocket(this.upstream);
+      this.maybeSettle();
+    }
+  };
+
+  private handleNativeEvent(kind: number, a: number): void {
+    if (kind === EVENT_FINISHED) {
+      this.finishResolvers[a === 0 ? 'toClient' : 'toUpstream']();
+      return;
+    }
+    this.nativeEnded = true;
+    this.clearIdleTimer();
+    this.finalBytes = { toClient: this.addon.bytes(this.handle, 0), toUpstream: this.addon.bytes(this.handle, 1) };
+    if (a === END_COMPLETE) {
+      // Both FINs passed on and both read to their end: an orderly close of our descriptors.
+      this.client.destroy();
+      this.upstream.destroy();
+    } else {
+      // One leg failed or was reset (END_ERROR), or we cancelled: the other sees a reset too.
+      if (a === END_ERROR && this.outcome === 'complete') this.outcome = 'reset';
+      resetSocket(this.client);
+      resetSocket(this.upstream);
+    }
+    this.maybeSettle();
+  }
+
+  private readonly onSocketError = (): void => {
+    if (this.outcome === 'complete') this.outcome = 'reset';
+    this.resetBoth();
+  };
+
+  private handleClose(socket: net.Socket, hadError: boolean): void {
+    if (this.closedSockets.has(socket)) return;
+    this.closedSockets.add(socket);
+    if (hadError) this.onSocketError();
+    else if (!this.nativeEnded && !this.cancelRequested) {
+      // Closed under the relay by someone else: nothing more can be delivered there, and
+      // the other side must not see a clean end (relay.ts does the same on its next write).
+      this.onSocketError();
+    }
+    this.maybeSettle();
+  }
+
+  private maybeSettle(): void {
+    if (this.settled || !this.nativeEnded || this.closedSockets.size < 2) return;
+    this.settled = true;
+    this.finishResolvers.toClient();
+    this.finishResolvers.toUpstream();
+    this.resolveDone({
+      upstreamToClientBytes: this.upstreamToClientBytes,
+      clientToUpstreamBytes: this.clientToUpstreamBytes,
+      outcome: this.outcome,
+      durationMs: this.now() - this.startedAt,
+    });
+  }
+
+  private armIdleTimer(ms: number): void {
+    this.idleTimer = setTimeout(this.checkIdle, Math.max(1, ms));
+    this.idleTimer.unref();
+  }
+
+  private clearIdleTimer(): void {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer = null;
+  }
+
+  /** Reset both legs once no byte has moved either way for idleTimeoutMs (native clock). */
+  private readonly checkIdle = (): void => {
+    this.idleTimer = null;
+    if (this.nativeEnded || this.cancelRequested) return;
+    const idle = this.addon.idleMs(this.handle);
+    if (idle < this.idleTimeoutMs) {
+      this.armIdleTimer(this.idleTimeoutMs - idle);
+      return;
+    }
+    if (this.outcome === 'complete') this.outcome = 'idle';
+    this.resetBoth();
+  };
+}

@@ -1,0 +1,16 @@
+{
+  "targets": [
+    {
+      "target_name": "splice_relay",
+      "conditions": [
+        ["OS=='linux'", {
+          "sources": ["splice_relay.c"],
+          "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+          "defines": ["NAPI_VERSION=8"]
+        }, {
+          "type": "none"
+        }]
+      ]
+    }
+  ]
+}

@@ -1,0 +1,821 @@
+/**
+ * `npm run bench`: throughput, session rate, scale, idle memory and control latency of
+ * ftp-nat-proxy against the same vsftpd reached directly and through ProFTPD mod_proxy.
+ * Prints a table and writes bench-results/latest.json (git-ignored). Not part of `npm test`.
+ *
+ * As root, the whole run happens inside a network namespace created for it (its own
+ * loopback, `net.ipv4.tcp_syncookies=0` there so vsftpd's listen backlog of 32 does not
+ * drop bursts; the host's sysctls are never touched) and removed afterwards. Without root,
+ * it runs on the host's loopback and skips what needs vsftpd.
+ *
+ * Options: --quick (small sizes, few repetitions), --size-mib=N, --reps=N (every section;
+ * default 9 for throughput, whose single figures swing most, 5 elsewhere),
+ * --only=throughput,rate,noop,scale,idle, --variants=auto,js,splice (proxy relays to run).
+ */
+import { spawn } from 'node:child_process';
+import { createHash, randomFillSync } from 'node:crypto';
+import { chmodSync, createReadStream, existsSync, mkdirSync, mkdtempSync, openSync, closeSync, writeSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpus, freemem, loadavg, totalmem, release, tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { spawnSync } from 'node:child_process';
+import { run } from '../helpers/run.js';
+import { TEST_USER, vsftpdUnavailable } from '../helpers/vsftpd.js';
+import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, waitForLine, waitQuiet, type Child } from './procs.js';
+import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
+import { HOST, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
+import { fmt, median, ratio, rotate, table } from './stats.js';
+import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target } from './load-worker.js';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const MiB = 1024 * 1024;
+/** The whole inner run is killed after this, whatever happens. */
+const RUN_HARD_LIMIT_MS = 90 * 60_000;
+
+// Ports inside the bench namespace (or on the host loopback without root).
+const PORTS = {
+  vsftpd: 2100,
+  vsftpdPasv: [14000, 19999] as const,
+  proxyBase: 2121,
+  proxyPassive: (i: number): string => `${20000 + i * 3000}-${20000 + i * 3000 + 2999}`,
+  proftpd: 2200,
+  proftpdPassive: [8000, 12999] as const,
+  fakeUpstream: 2300,
+  idleProxy: 2301,
+  idlePassive: '13000-13099',
+};
+
+// ------------------------------------------------------------------------------- options
+
+interface Options {
+  readonly quick: boolean;
+  readonly sizeMiB: number;
+  /** Repetitions of every section, or null for each section's default. */
+  readonly reps: number | null;
+  readonly only: ReadonlySet<string>;
+  readonly variants: readonly string[];
+  readonly inside: boolean;
+}
+
+const SECTIONS = ['throughput', 'rate', 'noop', 'scale', 'idle'];
+
+function parseOptions(argv: readonly string[]): Options {
+  const get = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
+  const quick = argv.includes('--quick');
+  return {
+    quick,
+    sizeMiB: Number(get('size-mib') ?? (quick ? 32 : 256)),
+    reps: get('reps') !== undefined ? Number(get('reps')) : quick ? 2 : null,
+    only: new Set((get('only') ?? SECTIONS.join(',')).split(',')),
+    variants: (get('variants') ?? 'auto').split(','),
+    inside: argv.includes('--inside'),
+  };
+}
+
+function repoDir(): string {
+  let dir = HERE;
+  for (let i = 0; i < 8; i++) {
+    const pkg = join(dir, 'package.json');
+    if (existsSync(pkg) && (JSON.parse(readFileSync(pkg, 'utf8')) as { name?: string }).name === 'ftp-nat-proxy') return dir;
+    dir = dirname(dir);
+  }
+  return process.cwd();
+}
+
+// ------------------------------------------------------------------------------- outer
+
+interface SetupInfo {
+  readonly notes: string[];
+  readonly proftpd: ProftpdSetup;
+  readonly netns: string | null;
+}
+
+function sh(command: string, args: readonly string[]): { ok: boolean; out: string } {
+  const r = spawnSync(command, [...args], { encoding: 'utf8', timeout: 30_000 });
+  return { ok: r.status === 0, out: `${r.stdout ?? ''}${r.stderr ?? ''}` };
+}
+
+function createNetns(name: string): string | null {
+  if (!sh('ip', ['netns', 'add', name]).ok) return `ip netns add ${name} failed`;
+  const steps: Array<readonly string[]> = [
+    ['ip', 'link', 'set', 'lo', 'up'],
+    // Only inside this namespace: vsftpd's backlog of 32 drops bursts of connects otherwise
+    // (test-environment.md). The host's sysctls stay as they are.
+    ['sysctl', '-qw', 'net.ipv4.tcp_syncookies=0'],
+  ];
+  for (const step of steps) {
+    const r = sh('ip', ['netns', 'exec', name, ...step]);
+    if (!r.ok) {
+      deleteNetns(name);
+      return `${step.join(' ')} in the namespace failed: ${r.out.trim()}`;
+    }
+  }
+  return null;
+}
+
+function deleteNetns(name: string): void {
+  // Anything still running in it was started by this benchmark: stop it by PID.
+  const pids = sh('ip', ['netns', 'pids', name]).out.split(/\s+/).filter(Boolean).map(Number);
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  }
+  sh('ip', ['netns', 'del', name]);
+}
+
+async function outer(options: Options, argv: readonly string[]): Promise<number> {
+  const repo = repoDir();
+  if (!existsSync(join(repo, 'dist/cli.js'))) {
+    process.stderr.write('bench: dist/cli.js missing: run `npx tsc -p tsconfig.json` first (npm run bench does)\n');
+    return 2;
+  }
+  const notes = ensurePackages();
+  const proftpd: ProftpdSetup = options.only.has('throughput') || options.only.has('rate') || options.only.has('noop') || options.only.has('scale')
+    ? prepareProftpd(join(repo, 'bench-results/.proftpd'))
+    : { ok: false, reason: 'not needed for the selected sections' };
+  let netns: string | null = null;
+  if (isRoot()) {
+    const name = `ftpnpbench${process.pid}`;
+    const failed = createNetns(name);
+    if (failed) notes.push(`no private network namespace (${failed}); running on the host loopback`);
+    else netns = name;
+  } else {
+    notes.push('not root: running on the host loopback; vsftpd-based parts are skipped');
+  }
+  const setup: SetupInfo = { notes, proftpd, netns };
+  if (!netns) return inner(options, setup);
+  const nodeArgs = [fileURLToPath(import.meta.url), ...argv, '--inside'];
+  const child = spawn('ip', ['netns', 'exec', netns, 'prlimit', `--nofile=${NOFILE}:${NOFILE}`, '--', process.execPath, ...nodeArgs], {
+    stdio: 'inherit',
+    env: { ...process.env, FTPNP_BENCH_SETUP: JSON.stringify(setup) },
+  });
+  const onSignal = (sig: NodeJS.Signals): void => {
+    if (child.pid) process.kill(child.pid, sig);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const hardLimit = setTimeout(() => {
+    process.stderr.write('bench: hard time limit reached, stopping\n');
+    if (child.pid) process.kill(child.pid, 'SIGKILL');
+  }, RUN_HARD_LIMIT_MS);
+  const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
+  clearTimeout(hardLimit);
+  deleteNetns(netns);
+  return code;
+}
+
+// ------------------------------------------------------------------------------- inner
+
+interface Machine {
+  nproc: number;
+  cpuModel: string;
+  memTotal: string;
+  memFree: string;
+  freeH: string;
+  node: string;
+  kernel: string;
+  loadavgStart: number[];
+  loadavgEnd?: number[];
+  netns: string | null;
+  nofile: number;
+  proxyRelay: Record<string, string>;
+}
+
+function machineInfo(netns: string | null): Machine {
+  const free = spawnSync('free', ['-h'], { encoding: 'utf8' });
+  return {
+    nproc: cpus().length,
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    memTotal: `${(totalmem() / 1024 ** 3).toFixed(1)} GiB`,
+    memFree: `${(freemem() / 1024 ** 3).toFixed(1)} GiB`,
+    freeH: (free.stdout ?? '').trim(),
+    node: process.version,
+    kernel: release(),
+    loadavgStart: loadavg().map((v) => Number(v.toFixed(2))),
+    netns,
+    nofile: NOFILE,
+    proxyRelay: {},
+  };
+}
+
+/** What relay a proxy started with FTPNP_RELAY=`variant` uses (same node, same dist/). */
+async function describeRelay(repo: string, variant: string): Promise<string> {
+  if (variant === 'js') return 'js (FTPNP_RELAY=js)';
+  try {
+    const mod = (await import(pathToFileURL(join(repo, 'dist/data/splice-relay.js')).href)) as { relayImplementation(): { kind: string; reason: string } };
+    const saved = process.env.FTPNP_RELAY;
+    if (variant === 'auto') delete process.env.FTPNP_RELAY;
+    else process.env.FTPNP_RELAY = variant;
+    const impl = mod.relayImplementation();
+    if (saved === undefined) delete process.env.FTPNP_RELAY;
+    else process.env.FTPNP_RELAY = saved;
+    return `${impl.kind} (${impl.reason})`;
+  } catch (err) {
+    return `js (no splice relay in dist/: ${err instanceof Error ? err.message : String(err)})`;
+  }
+}
+
+function writeRandomFile(path: string, bytes: number): string {
+  const hash = createHash('sha256');
+  const fd = openSync(path, 'w', 0o644);
+  const chunk = Buffer.allocUnsafe(Math.min(bytes, 4 * MiB));
+  let left = bytes;
+  while (left > 0) {
+    const n = Math.min(left, chunk.length);
+    randomFillSync(chunk, 0, n);
+    hash.update(chunk.subarray(0, n));
+    writeSync(fd, chunk, 0, n);
+    left -= n;
+  }
+  closeSync(fd);
+  return hash.digest('hex');
+}
+
+function sha256File(path: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const hash = createHash('sha256');
+    createReadStream(path)
+      .on('data', (d) => hash.update(d))
+      .on('end', () => resolve(hash.digest('hex')))
+      .on('error', reject);
+  });
+}
+
+function targetOf(server: Server): Target {
+  return { host: server.host, port: server.port, user: server.user, password: server.password };
+}
+
+/** Run one load-worker job in its own process; resolves with its RESULT object. */
+async function runJob(job: Job, onReady?: (ready: Record<string, unknown>, worker: Child) => Promise<void>): Promise<Record<string, unknown>> {
+  const worker = startChild(`load-${job.kind}`, process.execPath, [join(HERE, 'load-worker.js'), JSON.stringify(job)], { stdin: true });
+  try {
+    const result = waitForLine(worker, (line) => (line.startsWith('RESULT ') ? (JSON.parse(line.slice(7)) as Record<string, unknown>) : null), job.maxMs + 150_000);
+    if (onReady) {
+      const ready = await waitForLine(worker, (line) => (line.startsWith('READY ') ? (JSON.parse(line.slice(6)) as Record<string, unknown>) : null), job.maxMs + 60_000);
+      await onReady(ready, worker);
+    }
+    return await result;
+  } finally {
+    await worker.stop();
+  }
+}
+
+interface CurlResult {
+  readonly ok: boolean;
+  readonly mibPerSec: number;
+  readonly seconds: number;
+  readonly bytes: number;
+  readonly error?: string;
+}
+
+async function curlTransfer(server: Server, direction: 'get' | 'put', remote: string, local: string, expectBytes: number): Promise<CurlResult> {
+  const url = `ftp://${server.host}:${server.port}/${remote}`;
+  const io = direction === 'get' ? ['-o', '/dev/null'] : ['-T', local];
+  const r = await run('curl', ['-sS', '--max-time', '300', '-u', `${server.user}:${server.password}`, ...io, '-w', '%{time_pretransfer} %{time_total} %{size_download} %{size_upload}', url], { timeoutMs: 320_000 });
+  const [pre, total, down, up] = r.stdout.trim().split(' ').map(Number);
+  const bytes = direction === 'get' ? down! : up!;
+  const seconds = total! - pre!;
+  if (r.code !== 0 || bytes !== expectBytes) {
+    return { ok: false, mibPerSec: Number.NaN, seconds, bytes, error: `curl exit ${r.code}: ${r.stderr.trim().slice(0, 200)} (${bytes}/${expectBytes} bytes)` };
+  }
+  return { ok: true, mibPerSec: bytes / MiB / seconds, seconds, bytes };
+}
+
+interface Context {
+  readonly options: Options;
+  readonly repo: string;
+  readonly work: string;
+  readonly root: string;
+  readonly direct: Server;
+  /** ftp-nat-proxy variants (first one is the headline figure). */
+  readonly proxies: Server[];
+  readonly modProxy: Server | null;
+  readonly files: { big: string; bigSha: string; upload: string; uploadSha: string; small: string; smallSha: string; scale: ScaleFile[] };
+}
+
+function allTargets(ctx: Context): Server[] {
+  return [ctx.direct, ...ctx.proxies, ...(ctx.modProxy ? [ctx.modProxy] : [])];
+}
+
+function log(text: string): void {
+  process.stderr.write(`bench: ${text}\n`);
+}
+
+/** How often the machine was busy with other work right before a measurement. */
+const quietness = { samples: 0, notQuiet: 0, maxBusyCores: 0 };
+const QUIET_WAIT_MS = 15_000;
+
+/** Before each measurement: wait (bounded) for other processes to leave the CPUs alone. */
+async function settle(): Promise<void> {
+  const q = await waitQuiet(QUIET_WAIT_MS);
+  quietness.samples += 1;
+  if (!q.quiet) quietness.notQuiet += 1;
+  quietness.maxBusyCores = Math.max(quietness.maxBusyCores, Number(q.busyCores.toFixed(2)));
+}
+
+// ---- throughput
+
+async function benchThroughput(ctx: Context): Promise<Record<string, unknown>> {
+  const { sizeMiB } = ctx.options;
+  const reps = ctx.options.reps ?? 9;
+  const bytes = sizeMiB * MiB;
+  const targets = allTargets(ctx);
+  const per: Record<string, { retr: number[]; stor: number[]; retrRatio: number[]; storRatio: number[]; cpuSecPerGiB: number[]; errors: string[] }> = {};
+  for (const t of targets) per[t.name] = { retr: [], stor: [], retrRatio: [], storRatio: [], cpuSecPerGiB: [], errors: [] };
+  const verified = new Set<string>();
+  for (let rep = 0; rep < reps; rep++) {
+    const thisRep: Record<string, { retr: number; stor: number }> = {};
+    for (const t of rotate(targets, rep)) {
+      const slot = per[t.name]!;
+      const isProxy = ctx.proxies.includes(t);
+      await settle();
+      const cpu0 = isProxy ? await readCpuSeconds(t.child.pid) : 0;
+      const get = await curlTransfer(t, 'get', 'big.bin', '', bytes);
+      const remote = `up-${t.name}-${rep}.bin`;
+      const put = await curlTransfer(t, 'put', remote, ctx.files.upload, bytes);
+      if (isProxy) slot.cpuSecPerGiB.push(((await readCpuSeconds(t.child.pid)) - cpu0) / ((2 * bytes) / 1024 ** 3));
+      const stored = join(ctx.root, remote);
+      if (put.ok) {
+        const size = existsSync(stored) ? statSync(stored).size : -1;
+        if (size !== bytes) slot.errors.push(`STOR stored ${size} bytes, expected ${bytes}`);
+        else if (!verified.has(t.name)) {
+          verified.add(t.name);
+          if ((await sha256File(stored)) !== ctx.files.uploadSha) slot.errors.push('STOR sha256 mismatch');
+        }
+      }
+      rmSync(stored, { force: true });
+      if (!get.ok) slot.errors.push(`RETR: ${get.error}`);
+      if (!put.ok) slot.errors.push(`STOR: ${put.error}`);
+      slot.retr.push(get.mibPerSec);
+      slot.stor.push(put.mibPerSec);
+      thisRep[t.name] = { retr: get.mibPerSec, stor: put.mibPerSec };
+      log(`throughput rep ${rep + 1}/${reps} ${t.name}: RETR ${fmt(get.mibPerSec)} MiB/s, STOR ${fmt(put.mibPerSec)} MiB/s`);
+    }
+    const d = thisRep[ctx.direct.name]!;
+    for (const t of targets) {
+      per[t.name]!.retrRatio.push(thisRep[t.name]!.retr / d.retr);
+      per[t.name]!.storRatio.push(thisRep[t.name]!.stor / d.stor);
+    }
+  }
+  const out: Record<string, unknown> = { sizeMiB, reps };
+  for (const t of targets) {
+    const s = per[t.name]!;
+    out[t.name] = {
+      retrMiBps: median(s.retr),
+      storMiBps: median(s.stor),
+      retrRatio: median(s.retrRatio),
+      storRatio: median(s.storRatio),
+      ...(s.cpuSecPerGiB.length ? { proxyCpuSecondsPerGiB: median(s.cpuSecPerGiB) } : {}),
+      runs: { retr: s.retr, stor: s.stor, retrRatio: s.retrRatio, storRatio: s.storRatio },
+      errors: s.errors,
+    };
+  }
+  return out;
+}
+
+// ---- session rate
+
+async function benchRate(ctx: Context, concurrency: number): Promise<Record<string, unknown>> {
+  const reps = ctx.options.reps ?? 5;
+  const count = ctx.options.quick ? (concurrency === 1 ? 100 : 500) : concurrency === 1 ? 400 : 3000;
+  const targets = allTargets(ctx);
+  const per: Record<string, { rate: number[]; ratio: number[]; p99: number[]; cpuMsPerSession: number[]; errors: number; samples: Record<string, number> }> = {};
+  for (const t of targets) per[t.name] = { rate: [], ratio: [], p99: [], cpuMsPerSession: [], errors: 0, samples: {} };
+  for (let rep = 0; rep < reps; rep++) {
+    const thisRep: Record<string, number> = {};
+    for (const t of rotate(targets, rep)) {
+      const job: RateJob = { kind: 'rate', target: targetOf(t), file: 'small.bin', sha256: ctx.files.smallSha, concurrency, count, warmupMs: 300, maxMs: concurrency === 1 ? 15_000 : 25_000 };
+      await settle();
+      const isProxy = ctx.proxies.includes(t);
+      const cpu0 = isProxy ? await readCpuSeconds(t.child.pid) : 0;
+      const r = (await runJob(job)) as { sessionsPerSecond: number; completed: number; latencyMs: { p99: number }; errors: { count: number; samples: Record<string, number> }; error?: string };
+      const slot = per[t.name]!;
+      if (isProxy && r.completed > 0) slot.cpuMsPerSession.push((((await readCpuSeconds(t.child.pid)) - cpu0) * 1000) / r.completed);
+      if (r.error) {
+        slot.errors += 1;
+        slot.samples[r.error] = (slot.samples[r.error] ?? 0) + 1;
+        thisRep[t.name] = Number.NaN;
+        continue;
+      }
+      slot.rate.push(r.sessionsPerSecond);
+      slot.p99.push(r.latencyMs.p99);
+      slot.errors += r.errors.count;
+      for (const [k, v] of Object.entries(r.errors.samples)) slot.samples[k] = (slot.samples[k] ?? 0) + v;
+      thisRep[t.name] = r.sessionsPerSecond;
+      log(`rate c=${concurrency} rep ${rep + 1}/${reps} ${t.name}: ${fmt(r.sessionsPerSecond)} sessions/s (${r.errors.count} failed)`);
+    }
+    for (const t of targets) per[t.name]!.ratio.push(thisRep[t.name]! / thisRep[ctx.direct.name]!);
+  }
+  const out: Record<string, unknown> = { concurrency, sessionsPerRun: count, reps };
+  for (const t of targets) {
+    const s = per[t.name]!;
+    out[t.name] = {
+      sessionsPerSecond: median(s.rate),
+      ratio: median(s.ratio),
+      latencyP99Ms: median(s.p99),
+      ...(s.cpuMsPerSession.length ? { proxyCpuMsPerSession: median(s.cpuMsPerSession) } : {}),
+      failed: s.errors,
+      errorSamples: s.samples,
+      runs: { rate: s.rate, ratio: s.ratio },
+    };
+  }
+  return out;
+}
+
+// ---- NOOP latency
+
+async function benchNoop(ctx: Context): Promise<Record<string, unknown>> {
+  const reps = ctx.options.reps ?? 5;
+  const targets = allTargets(ctx);
+  const per: Record<string, { p50: number[]; p99: number[]; over50: number[]; over99: number[] }> = {};
+  for (const t of targets) per[t.name] = { p50: [], p99: [], over50: [], over99: [] };
+  for (let rep = 0; rep < reps; rep++) {
+    const thisRep: Record<string, { p50Ms: number; p99Ms: number }> = {};
+    for (const t of rotate(targets, rep)) {
+      const job: NoopJob = { kind: 'noop', target: targetOf(t), warmup: 300, count: ctx.options.quick ? 1000 : 3000, maxMs: 30_000 };
+      await settle();
+      const r = (await runJob(job)) as { p50Ms: number; p99Ms: number; error?: string };
+      thisRep[t.name] = r.error ? { p50Ms: Number.NaN, p99Ms: Number.NaN } : r;
+      per[t.name]!.p50.push(thisRep[t.name]!.p50Ms);
+      per[t.name]!.p99.push(thisRep[t.name]!.p99Ms);
+    }
+    const d = thisRep[ctx.direct.name]!;
+    for (const t of targets) {
+      per[t.name]!.over50.push(thisRep[t.name]!.p50Ms - d.p50Ms);
+      per[t.name]!.over99.push(thisRep[t.name]!.p99Ms - d.p99Ms);
+    }
+    log(`noop rep ${rep + 1}/${reps}: ${targets.map((t) => `${t.name} p50 ${fmt(thisRep[t.name]!.p50Ms, 3)} p99 ${fmt(thisRep[t.name]!.p99Ms, 3)} ms`).join(', ')}`);
+  }
+  const out: Record<string, unknown> = { reps };
+  for (const t of targets) {
+    const s = per[t.name]!;
+    out[t.name] = { p50Ms: median(s.p50), p99Ms: median(s.p99), overheadP50Ms: median(s.over50), overheadP99Ms: median(s.over99), runs: s };
+  }
+  return out;
+}
+
+// ---- 1,000 concurrent sessions
+
+async function benchScale(ctx: Context): Promise<Record<string, unknown>> {
+  const sessions = ctx.options.quick ? 200 : 1000;
+  const targets = [ctx.direct, ...ctx.proxies.slice(0, 1), ...(ctx.modProxy ? [ctx.modProxy] : [])];
+  const out: Record<string, unknown> = { sessions };
+  for (const t of targets) {
+    const prefix = `scale-${t.name}-`;
+    const job: ScaleJob = {
+      kind: 'scale',
+      target: targetOf(t),
+      sessions,
+      rampConcurrency: 32,
+      downloads: ctx.files.scale,
+      uploadPrefix: prefix,
+      uploadMinBytes: 1024,
+      uploadMaxBytes: 256 * 1024,
+      maxMs: 240_000,
+    };
+    await settle();
+    const peakFds = { value: 0 };
+    const sampler = ctx.proxies.includes(t)
+      ? setInterval(() => void countFds(t.child.pid).then((n) => (peakFds.value = Math.max(peakFds.value, n))), 200)
+      : null;
+    const r = (await runJob(job)) as {
+      failed: number;
+      uploads: Array<{ name: string; sha256: string; bytes: number }>;
+      downloads: number;
+      downloadsOk: number;
+      maxConcurrentTransfers: number;
+      loginPhaseMs: number | null;
+      transferPhaseMs: number | null;
+      errors: { count: number; samples: Record<string, number> };
+      error?: string;
+    };
+    if (sampler) clearInterval(sampler);
+    if (r.error) {
+      out[t.name] = { failed: sessions, error: r.error };
+      continue;
+    }
+    let badUploads = 0;
+    for (const up of r.uploads) {
+      const path = join(ctx.root, up.name);
+      const ok = existsSync(path) && statSync(path).size === up.bytes && (await sha256File(path)) === up.sha256;
+      if (!ok) badUploads += 1;
+      rmSync(path, { force: true });
+    }
+    const failures = r.failed + badUploads;
+    out[t.name] = {
+      failed: failures,
+      sessionFailures: r.failed,
+      uploadsVerified: r.uploads.length - badUploads,
+      uploads: r.uploads.length,
+      downloadsVerified: r.downloadsOk,
+      downloads: r.downloads,
+      maxConcurrentTransfers: r.maxConcurrentTransfers,
+      loginPhaseMs: r.loginPhaseMs,
+      transferPhaseMs: r.transferPhaseMs,
+      ...(sampler ? { proxyPeakFds: peakFds.value } : {}),
+      errorSamples: r.errors.samples,
+    };
+    log(`scale ${t.name}: ${sessions} sessions, ${failures} failures, ${r.maxConcurrentTransfers} transfers at once`);
+  }
+  return out;
+}
+
+// ---- idle sessions: RSS per session
+
+async function benchIdle(options: Options, repo: string, work: string): Promise<Record<string, unknown>> {
+  const sessions = options.quick ? 1000 : 5000;
+  const [fakeCommand, fakeArgs] = withNofile(process.execPath, [join(HERE, 'fake-upstream.js'), HOST, String(PORTS.fakeUpstream), '900000']);
+  const fake = startChild('fake-upstream', fakeCommand, fakeArgs);
+  try {
+    await waitForLine(fake, (line) => (line.startsWith('LISTENING') ? true : null), 10_000);
+    const proxy = await startBenchProxy({
+      name: 'proxy-idle',
+      port: PORTS.idleProxy,
+      work,
+      upstreamPort: PORTS.fakeUpstream,
+      passivePorts: PORTS.idlePassive,
+      repoDir: repo,
+      user: 'idle',
+      password: 'idle',
+    });
+    const target = targetOf(proxy);
+    const pid = proxy.child.pid;
+    const rssStart = await readRssKiB(pid);
+    // Warm-up: the first sessions load code and grow the heap once; not per-session cost.
+    await runJob({ kind: 'idle', target, sessions: 200, rampConcurrency: 50, maxMs: 2000 } satisfies IdleJob);
+    await new Promise((r) => setTimeout(r, 1500));
+    const rssBefore = await readRssKiB(pid);
+    const fdsBefore = await countFds(pid);
+    let rssAfter = 0;
+    let fdsAfter = 0;
+    let ready: Record<string, unknown> = {};
+    const result = await runJob({ kind: 'idle', target, sessions, rampConcurrency: 100, maxMs: 120_000 } satisfies IdleJob, async (r, worker) => {
+      ready = r;
+      // Let the sessions sit idle, then sample.
+      const samples: number[] = [];
+      for (let i = 0; i < 5; i++) {
+        await new Promise((res) => setTimeout(res, 600));
+        samples.push(await readRssKiB(pid));
+      }
+      rssAfter = median(samples);
+      fdsAfter = await countFds(pid);
+      worker.process.stdin?.write('close\n');
+    });
+    const open = Number(ready.open ?? 0);
+    await proxy.child.stop();
+    const perSessionKiB = open > 0 ? (rssAfter - rssBefore) / open : Number.NaN;
+    log(`idle: ${open} sessions, RSS ${rssBefore} -> ${rssAfter} KiB: ${fmt(perSessionKiB, 1)} KiB per session`);
+    return {
+      sessions,
+      open,
+      aliveAfterIdle: result.aliveAfterIdle,
+      failed: result.failed,
+      loginMs: ready.loginMs,
+      rssStartKiB: rssStart,
+      rssBeforeKiB: rssBefore,
+      rssAfterKiB: rssAfter,
+      perSessionKiB,
+      fdsBefore,
+      fdsAfter,
+      errorSamples: (result.errors as { samples?: unknown } | undefined)?.samples ?? {},
+    };
+  } finally {
+    await fake.stop();
+  }
+}
+
+// ---- report
+
+interface Verdict {
+  readonly name: string;
+  readonly pass: boolean | null;
+  readonly detail: string;
+}
+
+function num(obj: unknown, ...path: string[]): number {
+  let v: unknown = obj;
+  for (const p of path) v = (v as Record<string, unknown> | undefined)?.[p];
+  return typeof v === 'number' ? v : Number.NaN;
+}
+
+function report(results: Record<string, unknown>, ctxNames: { proxy: string; modProxy: string | null; variants: string[] }): { text: string; verdicts: Verdict[] } {
+  const rows: string[][] = [['measure', 'direct', 'ftp-nat-proxy', 'mod_proxy', 'target', 'result']];
+  const verdicts: Verdict[] = [];
+  const p = ctxNames.proxy;
+  const m = ctxNames.modProxy;
+  const mp = (cell: string): string => (m ? cell : 'unavailable');
+  const passText = (pass: boolean | null): string => (pass === null ? 'n/a' : pass ? 'PASS' : 'FAIL');
+  const tp = results.throughput as Record<string, unknown> | undefined;
+  if (tp) {
+    for (const [op, key, rkey] of [['RETR', 'retrMiBps', 'retrRatio'], ['STOR', 'storMiBps', 'storRatio']] as const) {
+      const pr = num(tp, p, rkey);
+      const mr = m ? num(tp, m, rkey) : Number.NaN;
+      const pass = Number.isFinite(pr) ? pr >= 0.95 && (!m || !Number.isFinite(mr) || pr > mr) : null;
+      verdicts.push({ name: `${op} >= 0.95 of direct and above mod_proxy`, pass, detail: `${ratio(pr)} vs mod_proxy ${ratio(mr)}` });
+      rows.push([
+        `${op} ${tp.sizeMiB} MiB, MiB/s (median of ${tp.reps})`,
+        fmt(num(tp, 'direct', key)),
+        `${fmt(num(tp, p, key))} (${ratio(pr)})`,
+        mp(`${fmt(num(tp, m ?? '', key))} (${ratio(mr)})`),
+        '>= 0.95x, > mod_proxy',
+        passText(pass),
+      ]);
+      for (const v of ctxNames.variants.slice(1)) {
+        rows.push([`  ${op} via ${v}`, '', `${fmt(num(tp, v, key))} (${ratio(num(tp, v, rkey))})`, '', '', '']);
+      }
+    }
+  }
+  for (const c of [1, 50]) {
+    const r = results[`rate_c${c}`] as Record<string, unknown> | undefined;
+    if (!r) continue;
+    const pr = num(r, p, 'ratio');
+    const failed = num(r, p, 'failed');
+    const pass = Number.isFinite(pr) ? pr >= 0.9 && failed === 0 : null;
+    verdicts.push({ name: `sessions/s at concurrency ${c} >= 0.9 of direct`, pass, detail: `${ratio(pr)}, ${failed} failed` });
+    rows.push([
+      `sessions/s, c=${c} (connect+login+PASV+RETR 4 KiB+QUIT)`,
+      fmt(num(r, 'direct', 'sessionsPerSecond')),
+      `${fmt(num(r, p, 'sessionsPerSecond'))} (${ratio(pr)})`,
+      mp(`${fmt(num(r, m ?? '', 'sessionsPerSecond'))} (${ratio(num(r, m ?? '', 'ratio'))})`),
+      '>= 0.90x',
+      passText(pass),
+    ]);
+  }
+  const sc = results.scale as Record<string, unknown> | undefined;
+  if (sc) {
+    const failed = num(sc, p, 'failed');
+    const pass = Number.isFinite(failed) ? failed === 0 : null;
+    verdicts.push({ name: `${sc.sessions} concurrent sessions: 0 failures, every sha256 right`, pass, detail: `${failed} failures` });
+    const cell = (name: string): string => `${num(sc, name, 'failed')} failed, ${num(sc, name, 'maxConcurrentTransfers')} at once`;
+    rows.push([`${sc.sessions} concurrent sessions (mixed RETR/STOR, sha256)`, cell('direct'), cell(p), mp(m ? cell(m) : ''), '0 failures', passText(pass)]);
+  }
+  const idle = results.idle as Record<string, unknown> | undefined;
+  if (idle) {
+    const per = num(idle, 'perSessionKiB');
+    const alive = num(idle, 'aliveAfterIdle');
+    const pass = Number.isFinite(per) ? per <= 20 && alive === num(idle, 'sessions') : null;
+    verdicts.push({ name: `RSS per idle session <= 20 KiB (${idle.sessions} sessions)`, pass, detail: `${fmt(per, 1)} KiB, ${alive} alive after idling` });
+    rows.push([`RSS per idle session (${idle.sessions} idle, logged in)`, '-', `${fmt(per, 1)} KiB`, '-', '<= 20 KiB', passText(pass)]);
+  }
+  const noop = results.noop as Record<string, unknown> | undefined;
+  if (noop) {
+    const o99 = num(noop, p, 'overheadP99Ms');
+    const pass = Number.isFinite(o99) ? o99 < 0.5 : null;
+    verdicts.push({ name: 'NOOP p99 overhead < 0.5 ms', pass, detail: `p50 +${fmt(num(noop, p, 'overheadP50Ms'), 3)} ms, p99 +${fmt(o99, 3)} ms` });
+    const cell = (name: string): string => `${fmt(num(noop, name, 'p50Ms'), 3)} / ${fmt(num(noop, name, 'p99Ms'), 3)}`;
+    rows.push([
+      'NOOP round trip p50 / p99, ms',
+      cell('direct'),
+      `${cell(p)} (+${fmt(num(noop, p, 'overheadP50Ms'), 3)} / +${fmt(o99, 3)})`,
+      mp(m ? `${cell(m)} (+${fmt(num(noop, m, 'overheadP50Ms'), 3)} / +${fmt(num(noop, m, 'overheadP99Ms'), 3)})` : ''),
+      'p99 overhead < 0.5 ms',
+      passText(pass),
+    ]);
+  }
+  return { text: table(rows), verdicts };
+}
+
+/** Figures that explain the verdicts: proxy CPU per GiB and per session, idle descriptors. */
+function diagnosticLines(results: Record<string, unknown>, variants: readonly string[]): string[] {
+  const lines: string[] = [];
+  const tp = results.throughput as Record<string, unknown> | undefined;
+  for (const v of variants) {
+    const parts: string[] = [];
+    if (tp) parts.push(`${fmt(num(tp, v, 'proxyCpuSecondsPerGiB'), 2)} CPU s per GiB relayed`);
+    for (const c of [1, 50]) {
+      const r = results[`rate_c${c}`] as Record<string, unknown> | undefined;
+      if (r) parts.push(`${fmt(num(r, v, 'proxyCpuMsPerSession'), 2)} CPU ms per session at c=${c}`);
+    }
+    if (parts.length) lines.push(`${v}: ${parts.join(', ')}`);
+  }
+  const idle = results.idle as Record<string, unknown> | undefined;
+  if (idle) lines.push(`idle: ${idle.open} sessions open, ${idle.aliveAfterIdle} answered NOOP after idling, proxy descriptors ${idle.fdsBefore} -> ${idle.fdsAfter}, RSS ${idle.rssBeforeKiB} -> ${idle.rssAfterKiB} KiB`);
+  return lines;
+}
+
+async function inner(options: Options, setup: SetupInfo): Promise<number> {
+  const repo = repoDir();
+  const machine = machineInfo(setup.netns);
+  const results: Record<string, unknown> = {};
+  const notes = [...setup.notes];
+  const shm = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+  const work = mkdtempSync(join(shm, 'ftpnp-bench-'));
+  chmodSync(work, 0o755);
+  const stop = async (): Promise<void> => {
+    await stopAllChildren();
+    rmSync(work, { recursive: true, force: true });
+  };
+  process.on('SIGINT', () => void stop().then(() => process.exit(130)));
+  process.on('SIGTERM', () => void stop().then(() => process.exit(143)));
+  const started = Date.now();
+  let modProxyReason: string | null = setup.proftpd.ok ? null : setup.proftpd.reason;
+  let ctxNames = { proxy: 'proxy', modProxy: null as string | null, variants: [] as string[] };
+  try {
+    const vsftpdMissing = vsftpdUnavailable();
+    const needsVsftpd = ['throughput', 'rate', 'noop', 'scale'].some((s) => options.only.has(s));
+    if (needsVsftpd && vsftpdMissing) notes.push(`vsftpd sections skipped: ${vsftpdMissing}`);
+    if (needsVsftpd && !vsftpdMissing) {
+      const root = join(work, 'root');
+      mkdirSync(root);
+      log(`writing test files (${options.sizeMiB} MiB x2) to ${work}`);
+      const bigSha = writeRandomFile(join(root, 'big.bin'), options.sizeMiB * MiB);
+      const uploadSha = writeRandomFile(join(work, 'upload.bin'), options.sizeMiB * MiB);
+      const smallSha = writeRandomFile(join(root, 'small.bin'), 4096);
+      const scale: ScaleFile[] = [];
+      for (let i = 0; i < 8; i++) {
+        const bytes = 1024 + Math.floor(Math.random() * 255 * 1024);
+        scale.push({ name: `scale-src-${i}.bin`, sha256: writeRandomFile(join(root, `scale-src-${i}.bin`), bytes), bytes });
+      }
+      spawnSync('chown', ['-R', `${TEST_USER}:`, root]);
+      const direct = await startBenchVsftpd({ port: PORTS.vsftpd, work: join(work, 'vsftpd'), root, pasvMin: PORTS.vsftpdPasv[0], pasvMax: PORTS.vsftpdPasv[1] });
+      const proxies: Server[] = [];
+      for (const [i, variant] of options.variants.entries()) {
+        const name = i === 0 ? 'proxy' : `proxy-${variant}`;
+        const env: NodeJS.ProcessEnv = variant === 'auto' ? {} : { FTPNP_RELAY: variant };
+        proxies.push(await startBenchProxy({ name, port: PORTS.proxyBase + i, work: join(work, 'proxy'), upstreamPort: PORTS.vsftpd, passivePorts: PORTS.proxyPassive(i), repoDir: repo, env }));
+        machine.proxyRelay[name] = await describeRelay(repo, variant);
+      }
+      ctxNames = { proxy: 'proxy', modProxy: null, variants: proxies.map((p) => p.name) };
+      let modProxy: Server | null = null;
+      if (setup.proftpd.ok) {
+        try {
+          modProxy = await startBenchProftpd({
+            root: setup.proftpd.root,
+            libraryPath: setup.proftpd.libraryPath,
+            port: PORTS.proftpd,
+            work: join(work, 'proftpd'),
+            upstreamPort: PORTS.vsftpd,
+            passiveMin: PORTS.proftpdPassive[0],
+            passiveMax: PORTS.proftpdPassive[1],
+          });
+          ctxNames.modProxy = modProxy.name;
+        } catch (err) {
+          modProxyReason = err instanceof Error ? err.message : String(err);
+        }
+      }
+      if (modProxyReason) log(`mod_proxy: unavailable (${modProxyReason})`);
+      const ctx: Context = {
+        options,
+        repo,
+        work,
+        root,
+        direct,
+        proxies,
+        modProxy,
+        files: { big: 'big.bin', bigSha, upload: join(work, 'upload.bin'), uploadSha, small: 'small.bin', smallSha, scale },
+      };
+      if (options.only.has('throughput')) results.throughput = await benchThroughput(ctx);
+      if (options.only.has('rate')) {
+        results.rate_c1 = await benchRate(ctx, 1);
+        results.rate_c50 = await benchRate(ctx, 50);
+      }
+      if (options.only.has('noop')) results.noop = await benchNoop(ctx);
+      if (options.only.has('scale')) results.scale = await benchScale(ctx);
+      for (const p of proxies) await p.child.stop();
+      if (modProxy) await modProxy.child.stop();
+      await direct.child.stop();
+    }
+    if (options.only.has('idle')) results.idle = await benchIdle(options, repo, join(work, 'idle'));
+  } finally {
+    await stop();
+  }
+  machine.loadavgEnd = loadavg().map((v) => Number(v.toFixed(2)));
+  const { text, verdicts } = report(results, ctxNames);
+  const header = [
+    `ftp-nat-proxy benchmark, ${new Date().toISOString()}, ${((Date.now() - started) / 1000).toFixed(0)} s`,
+    `machine: nproc ${machine.nproc} (${machine.cpuModel}), memory ${machine.memTotal}, node ${machine.node}, kernel ${machine.kernel}, load ${machine.loadavgStart.join(' ')}`,
+    `network: ${setup.netns ? `private namespace ${setup.netns} (loopback, tcp_syncookies=0)` : 'host loopback'}; relays: ${Object.entries(machine.proxyRelay).map(([k, v]) => `${k}=${v}`).join(', ') || 'n/a'}`,
+    `mod_proxy: ${modProxyReason ? `unavailable (${modProxyReason})` : 'ProFTPD 1.3.8 + mod_proxy (reverse), unpacked privately'}`,
+    `quiet check: ${quietness.samples - quietness.notQuiet}/${quietness.samples} measurements started with the machine idle (other work up to ${quietness.maxBusyCores} cores)`,
+    ...notes.map((n) => `note: ${n}`),
+  ].join('\n');
+  const summary = verdicts.map((v) => `${v.pass === null ? 'n/a ' : v.pass ? 'PASS' : 'FAIL'}  ${v.name}: ${v.detail}`).join('\n');
+  const diagnostics = diagnosticLines(results, ctxNames.variants);
+  process.stdout.write(`\n${header}\n\n${text}\n\n${summary}\n${diagnostics.length ? `\n${diagnostics.join('\n')}\n` : ''}`);
+  const outDir = join(repo, 'bench-results');
+  mkdirSync(outDir, { recursive: true });
+  const json = JSON.stringify({ machine, quietness, options: { ...options, only: [...options.only] }, modProxy: modProxyReason ? { available: false, reason: modProxyReason } : { available: true }, notes, results, verdicts }, null, 2);
+  writeFileSync(join(outDir, 'latest.json'), `${json}\n`);
+  writeFileSync(join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, '-')}.json`), `${json}\n`);
+  process.stdout.write(`\nwritten: ${join(outDir, 'latest.json')}\n`);
+  return 0;
+}
+
+// ------------------------------------------------------------------------------- main
+
+const argv = process.argv.slice(2);
+const options = parseOptions(argv);
+const main = options.inside
+  ? inner(options, JSON.parse(process.env.FTPNP_BENCH_SETUP ?? '{"notes":[],"proftpd":{"ok":false,"reason":"no setup"},"netns":null}') as SetupInfo)
+  : outer(options, argv.filter((a) => a !== '--inside'));
+main.then(
+  (code) => process.exit(code),
+  async (err: unknown) => {
+    process.stderr.write(`bench: failed: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+    await stopAllChildren();
+    process.exit(1);
+  },
+);

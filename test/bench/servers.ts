@@ -1,0 +1,215 @@
+/**
+ * The servers under test, each a child process on 127.0.0.1: one vsftpd, ftp-nat-proxy
+ * (`node dist/cli.js --config ...`, as deployed) and ProFTPD mod_proxy in reverse mode, both
+ * in front of that same vsftpd.
+ */
+import { mkdirSync, writeFileSync, chmodSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { prepareSystem, TEST_USER, TEST_PASSWORD, waitForGreeting } from '../helpers/vsftpd.js';
+import { startChild, type Child } from './procs.js';
+
+export const HOST = '127.0.0.1';
+/**
+ * Descriptors for a process that holds thousands of sessions (each is 2-4 sockets): 65536,
+ * or the hard limit when that is lower (raising it needs CAP_SYS_RESOURCE, which containers
+ * often drop).
+ */
+export const NOFILE = ((): number => {
+  const hard = spawnSync('sh', ['-c', 'ulimit -Hn'], { encoding: 'utf8' }).stdout?.trim() ?? '';
+  return hard === 'unlimited' ? 65536 : Math.min(65536, Number(hard) || 1024);
+})();
+
+export interface Server {
+  readonly name: string;
+  readonly host: string;
+  readonly port: number;
+  readonly user: string;
+  readonly password: string;
+  readonly child: Child;
+}
+
+async function ready(child: Child, host: string, port: number): Promise<void> {
+  await waitForGreeting(host, port, 10_000, () => (child.process.exitCode !== null ? `${child.name} exited: ${child.output().slice(-800)}` : null));
+}
+
+/** prlimit raises the descriptor limit of what it runs, then execs it (same PID). */
+export function withNofile(command: string, args: readonly string[]): [string, string[]] {
+  const probe = spawnSync('prlimit', ['--version'], { encoding: 'utf8' });
+  if (probe.status === 0) return ['prlimit', [`--nofile=${NOFILE}:${NOFILE}`, '--', command, ...args]];
+  return [command, [...args]];
+}
+
+export interface VsftpdBenchOptions {
+  readonly port: number;
+  readonly work: string;
+  /** Directory served (tmpfs, so the disk is not what is measured). */
+  readonly root: string;
+  readonly pasvMin: number;
+  readonly pasvMax: number;
+}
+
+export async function startBenchVsftpd(options: VsftpdBenchOptions): Promise<Server> {
+  prepareSystem();
+  mkdirSync(options.work, { recursive: true });
+  const settings: Record<string, string> = {
+    listen: 'YES',
+    listen_ipv6: 'NO',
+    background: 'NO',
+    listen_address: HOST,
+    listen_port: String(options.port),
+    anonymous_enable: 'NO',
+    local_enable: 'YES',
+    write_enable: 'YES',
+    local_umask: '022',
+    pam_service_name: 'ftpnp-test',
+    secure_chroot_dir: '/var/run/ftpnp-empty',
+    seccomp_sandbox: 'NO',
+    isolate_network: 'NO',
+    local_root: options.root,
+    chroot_local_user: 'NO',
+    pasv_enable: 'YES',
+    port_enable: 'YES',
+    pasv_min_port: String(options.pasvMin),
+    pasv_max_port: String(options.pasvMax),
+    connect_from_port_20: 'NO',
+    // No per-command or per-transfer logging: it would be part of every figure.
+    xferlog_enable: 'NO',
+    log_ftp_protocol: 'NO',
+    vsftpd_log_file: join(options.work, 'vsftpd.log'),
+    max_clients: '0',
+    max_per_ip: '0',
+    use_localtime: 'NO',
+    ftpd_banner: 'ftpnp bench vsftpd',
+  };
+  const conf = join(options.work, 'vsftpd.conf');
+  writeFileSync(conf, Object.entries(settings).map(([k, v]) => `${k}=${v}\n`).join(''));
+  const child = startChild('vsftpd', '/usr/sbin/vsftpd', [conf], { group: true });
+  await ready(child, HOST, options.port);
+  return { name: 'direct', host: HOST, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child };
+}
+
+export interface ProxyBenchOptions {
+  readonly name: string;
+  readonly port: number;
+  readonly work: string;
+  readonly upstreamPort: number;
+  readonly passivePorts: string;
+  readonly repoDir: string;
+  /** Extra environment (e.g. FTPNP_RELAY to pick the data relay). */
+  readonly env?: NodeJS.ProcessEnv;
+  readonly nodeArgs?: readonly string[];
+  readonly user?: string;
+  readonly password?: string;
+}
+
+export function proxyBenchYaml(options: ProxyBenchOptions): string {
+  return [
+    'log: { level: warn }',
+    'listeners:',
+    '  - name: bench',
+    `    listen: "${HOST}:${options.port}"`,
+    '    upstream:',
+    `      host: ${HOST}`,
+    `      port: ${options.upstreamPort}`,
+    '      dataMode: passive',
+    '    client:',
+    '      advertise: auto',
+    `      passivePorts: "${options.passivePorts}"`,
+    '    limits:',
+    // Every bench client comes from 127.0.0.1.
+    '      maxSessions: 100000',
+    '      maxSessionsPerIp: 100000',
+    '',
+  ].join('\n');
+}
+
+export async function startBenchProxy(options: ProxyBenchOptions): Promise<Server> {
+  mkdirSync(options.work, { recursive: true });
+  const yaml = join(options.work, `${options.name}.yaml`);
+  writeFileSync(yaml, proxyBenchYaml(options));
+  const [command, args] = withNofile(process.execPath, [...(options.nodeArgs ?? []), join(options.repoDir, 'dist/cli.js'), '--config', yaml]);
+  const child = startChild(options.name, command, args, { env: { ...process.env, ...(options.env ?? {}) } });
+  await ready(child, HOST, options.port);
+  return { name: options.name, host: HOST, port: options.port, user: options.user ?? TEST_USER, password: options.password ?? TEST_PASSWORD, child };
+}
+
+export interface ProftpdBenchOptions {
+  readonly root: string;
+  readonly libraryPath: string;
+  readonly port: number;
+  readonly work: string;
+  readonly upstreamPort: number;
+  readonly passiveMin: number;
+  readonly passiveMax: number;
+}
+
+/**
+ * ProFTPD 1.3.8 + mod_proxy 0.9 as a reverse proxy in the foreground. mod_tls is loaded
+ * before mod_proxy or mod_proxy.so fails with "undefined symbol: OPENSSL_init_ssl".
+ */
+export function proftpdConf(options: ProftpdBenchOptions): string {
+  const run = join(options.work, 'run');
+  const tables = join(options.work, 'tables');
+  return [
+    'ServerName "ftpnp bench mod_proxy"',
+    'ServerType standalone',
+    'DefaultServer on',
+    `Port ${options.port}`,
+    `DefaultAddress ${HOST}`,
+    'UseIPv6 off',
+    'User nobody',
+    'Group nogroup',
+    `ScoreboardFile ${join(run, 'proftpd.scoreboard')}`,
+    `PidFile ${join(run, 'proftpd.pid')}`,
+    'DelayTable none',
+    'WtmpLog off',
+    'UseReverseDNS off',
+    '<IfModule mod_ident.c>',
+    '  IdentLookups off',
+    '</IfModule>',
+    '<IfModule mod_ctrls.c>',
+    '  ControlsEngine off',
+    '</IfModule>',
+    // The defaults (MaxInstances 30) would turn the 50-session test away.
+    'MaxInstances 20000',
+    'TCPBacklog 255', // its maximum
+    'MaxClients none',
+    `PassivePorts ${options.passiveMin} ${options.passiveMax}`,
+    `SystemLog ${join(options.work, 'proftpd.log')}`,
+    `ModulePath ${join(options.root, 'usr/lib/proftpd')}`,
+    'LoadModule mod_tls.c',
+    'LoadModule mod_proxy.c',
+    'ProxyEngine on',
+    'ProxyRole reverse',
+    // Plain FTP on both sides. Left at its default, mod_proxy sets up its TLS context (CA
+    // bundle, tables) for every session: ~190 ms per login here, which is not what this
+    // comparison is about.
+    'ProxyTLSEngine off',
+    `ProxyTables ${tables}`,
+    `ProxyReverseServers ftp://${HOST}:${options.upstreamPort}`,
+    '',
+  ].join('\n');
+}
+
+export async function startBenchProftpd(options: ProftpdBenchOptions): Promise<Server> {
+  const run = join(options.work, 'run');
+  const tables = join(options.work, 'tables');
+  mkdirSync(run, { recursive: true });
+  mkdirSync(tables, { recursive: true });
+  chmodSync(tables, 0o777);
+  const conf = join(options.work, 'proftpd.conf');
+  writeFileSync(conf, proftpdConf(options));
+  const binary = join(options.root, 'usr/sbin/proftpd');
+  if (!existsSync(binary)) throw new Error(`${binary} missing`);
+  const env = { ...process.env, LD_LIBRARY_PATH: options.libraryPath };
+  const check = spawnSync(binary, ['-t', '-c', conf], { encoding: 'utf8', env, timeout: 20_000 });
+  if (check.status !== 0) {
+    const said = `${check.stdout ?? ''}${check.stderr ?? ''}`.trim().split('\n').filter((l) => !/^Checking syntax/.test(l));
+    throw new Error(`config check failed: ${said.slice(-2).join(' ') || `exit ${check.status}`}`);
+  }
+  const [command, args] = withNofile(binary, ['-n', '-c', conf]);
+  const child = startChild('proftpd', command, args, { group: true, env });
+  await ready(child, HOST, options.port);
+  return { name: 'mod_proxy', host: HOST, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child };
+}

@@ -1,0 +1,38 @@
+/**
+ * Small statistics and text-table helpers. On a 2-core machine single figures swing by
+ * ±30 %, so the benchmark reports medians of several runs and ratios taken within a run.
+ */
+
+export function median(values: readonly number[]): number {
+  const finite = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b);
+  if (finite.length === 0) return Number.NaN;
+  const mid = finite.length >> 1;
+  return finite.length % 2 === 1 ? finite[mid]! : (finite[mid - 1]! + finite[mid]!) / 2;
+}
+
+export function fmt(value: number, digits = 0): string {
+  if (!Number.isFinite(value)) return 'n/a';
+  return value.toFixed(digits);
+}
+
+export function ratio(value: number, digits = 2): string {
+  return Number.isFinite(value) ? `${value.toFixed(digits)}x` : 'n/a';
+}
+
+/** Render rows as a fixed-width text table; the first row is the header. */
+export function table(rows: ReadonlyArray<readonly string[]>): string {
+  const widths: number[] = [];
+  for (const row of rows) row.forEach((cell, i) => (widths[i] = Math.max(widths[i] ?? 0, cell.length)));
+  const line = (row: readonly string[]): string => row.map((cell, i) => cell.padEnd(widths[i]!)).join('  ').trimEnd();
+  const out = [line(rows[0]!), widths.map((w) => '-'.repeat(w)).join('  ')];
+  for (const row of rows.slice(1)) out.push(line(row));
+  return out.join('\n');
+}
+
+/** Rotate so each target goes first once every `items.length` repetitions (order effects). */
+export function rotate<T>(items: readonly T[], by: number): T[] {
+  const n = items.length;
+  if (n === 0) return [];
+  const k = ((by % n) + n) % n;
+  return [...items.slice(k), ...items.slice(0, k)];
+}
