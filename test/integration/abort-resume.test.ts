@@ -95,6 +95,30 @@ if (reason) {
         t.match(commands[rest + 1] ?? '', /"RETR small\.bin"/, 'the very next command vsftpd saw was RETR');
       });
 
+      t.test('REST + STOR resume upload (ftplib storbinary rest=)', async (t) => {
+        const name = `rest-stor-${asyncAbor}.bin`;
+        const full = readFileSync(join(vsftpd.root, 'small.bin'));
+        const offset = 654_321;
+        const remote = join(vsftpd.root, name);
+        writeFileSync(remote, full.subarray(0, offset));
+        await run('chown', [`${vsftpd.user}:`, remote]);
+        const script = [
+          'import ftplib, sys, io',
+          'f = ftplib.FTP(); f.connect(sys.argv[1], int(sys.argv[2]), timeout=20); f.login(sys.argv[3], sys.argv[4])',
+          'data = open(sys.argv[5], "rb").read()',
+          'f.voidcmd("TYPE I")',
+          `print(f.storbinary("STOR ${name}", io.BytesIO(data[${offset}:]), rest=${offset})[:3])`,
+          'f.quit()',
+        ].join('\n');
+        const r = await run('python3', ['-c', script, proxy.host, String(proxy.port), vsftpd.user, vsftpd.password, join(vsftpd.root, 'small.bin')], { timeoutMs: 20000 });
+        t.equal(r.stdout.trim(), '226', `STOR after REST completes ${r.stderr.slice(-300)}`);
+        t.equal(sha256(readFileSync(remote)), smallHash, 'the resumed upload completes the file');
+        const commands = vsftpd.protocolLog().split('\n').filter((line) => line.includes('FTP command:'));
+        const rest = commands.findIndex((line) => line.includes(`"REST ${offset}"`));
+        t.ok(rest >= 0, 'REST reached vsftpd');
+        t.match(commands[rest + 1] ?? '', new RegExp(`"STOR ${name}"`), 'the very next command vsftpd saw was STOR');
+      });
+
       t.test('APPE resume upload (curl -C - -T)', async (t) => {
         const dir = mkdtempSync(join(tmpdir(), 'ftpnp-appe-'));
         t.teardown(() => rmSync(dir, { recursive: true, force: true }));

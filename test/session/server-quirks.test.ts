@@ -146,3 +146,29 @@ t.test('a 226 for a transfer whose data connection the client never opened is st
   t.ok(Date.now() - started < 4000, 'released by the hold timeout');
   await noLeaks(t, h, client);
 });
+
+t.test('MLSD (RFC 3659) is relayed like any listing', async (t) => {
+  const listing = 'type=file;size=5; a.txt\r\ntype=dir; sub\r\n';
+  const h = await startHarness(t, { ports, fake: { handler: async (command, session) => {
+    if (command.verb !== 'MLSD') return false;
+    const data = await session.takeData();
+    if (!data) return session.reply('425 Failed to establish connection.'), true;
+    session.reply('150 Here comes the listing.');
+    data.end(listing);
+    await new Promise((r) => data.once('close', r));
+    session.reply('226 Listing sent.');
+    return true;
+  } } });
+  const client = await h.login();
+  const epsv = await client.command('EPSV');
+  t.equal(epsv.code, 229, epsv.text);
+  const port = Number(/\|\|\|(\d+)\|/.exec(epsv.text)![1]);
+  const data = await openData('127.0.0.1', port);
+  t.teardown(() => data.destroy());
+  const reading = readAll(data, 10000);
+  client.send('MLSD');
+  t.equal((await client.readReply()).code, 150, '150');
+  t.equal((await client.readReply(10000)).code, 226, '226');
+  t.equal((await reading).data.toString('latin1'), listing, 'listing intact');
+  await noLeaks(t, h, client);
+});
