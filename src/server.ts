@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto';
 import type { CidrRule, ListenerConfig, ProxyConfig } from './config/schema.js';
 import { PortPool } from './data/port-pool.js';
 import { readProxyHeader } from './data/proxy-header.js';
+import { dial } from './data/dial.js';
 import { Advertiser, type HostnameResolver } from './advertise.js';
 import { Session, type SessionEndpoints } from './session.js';
 import type { Logger } from './log.js';
@@ -454,16 +455,12 @@ function refuse(socket: net.Socket, code: ErrorCode, action: 'reply' | 'close'):
   socket.setTimeout(REFUSAL_LINGER_MS, () => socket.destroy());
 }
 
-function tcpReachable(host: string, port: number, localAddress: string | null): Promise<true | string> {
-  return new Promise((resolve) => {
-    const socket = net.connect({ host, port, ...(localAddress ? { localAddress } : {}) });
-    const done = (result: true | string): void => {
-      clearTimeout(timer);
-      socket.destroy();
-      resolve(result);
-    };
-    const timer = setTimeout(() => done(`no answer within ${READY_CHECK_TIMEOUT_MS} ms`), READY_CHECK_TIMEOUT_MS);
-    socket.once('connect', () => done(true));
-    socket.once('error', (err) => done(err.message));
-  });
+async function tcpReachable(host: string, port: number, localAddress: string | null): Promise<true | string> {
+  const attempt = dial({ host, port, localAddress, timeoutMs: READY_CHECK_TIMEOUT_MS, allowHalfOpen: false });
+  try {
+    (await attempt.connected).destroy();
+    return true;
+  } catch (err) {
+    return (err as Error).message;
+  }
 }

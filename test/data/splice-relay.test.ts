@@ -11,6 +11,7 @@ import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { createRelay, loadSpliceAddon, relayImplementation, SpliceRelay, type SpliceAddon } from '../../src/data/splice-relay.js';
 import type { Relay, RelayResult } from '../../src/data/relay.js';
+import { delay, readAll, withTimeout } from '../helpers/ftp-client.js';
 
 const implementation = relayImplementation();
 if (implementation.kind !== 'splice' && process.env.CI === 'true' && process.env.FTPNP_RELAY !== 'js') {
@@ -21,54 +22,6 @@ if (implementation.kind !== 'splice' && process.env.CI === 'true' && process.env
   t.test('splice through pipes', async (t) => run(t, null));
   // The thread's fallback when no pipe can be made (descriptor or pipe-page limits).
   t.test('bounce buffer (no pipe)', async (t) => run(t, -1));
-}
-
-interface ReadResult {
-  readonly data: Buffer;
-  readonly outcome: 'end' | 'error' | 'close';
-  readonly error: NodeJS.ErrnoException | null;
-}
-
-function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | null = null;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-    timer.unref();
-  });
-  return Promise.race([promise, timeout]).finally(() => {
-    if (timer) clearTimeout(timer);
-  });
-}
-
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-/** Read to the end; an 'end' counts only if a zero-length write confirms it was a FIN. */
-function readAll(socket: net.Socket, timeoutMs: number, endOnEnd = true): Promise<ReadResult> {
-  const chunks: Buffer[] = [];
-  const result = new Promise<ReadResult>((resolve) => {
-    let error: NodeJS.ErrnoException | null = null;
-    let ended = false;
-    socket.on('data', (chunk: Buffer) => chunks.push(chunk));
-    socket.once('end', () => {
-      const confirm = (): void => {
-        ended = true;
-        if (endOnEnd && !socket.writableEnded) socket.end();
-      };
-      if (socket.destroyed || socket.writableEnded || socket.writableLength > 0) return confirm();
-      socket.write(Buffer.alloc(0), (err) => {
-        if (err) error ??= err as NodeJS.ErrnoException;
-        else confirm();
-      });
-    });
-    socket.on('error', (err: NodeJS.ErrnoException) => {
-      error ??= err;
-    });
-    socket.once('close', () => resolve({ data: Buffer.concat(chunks), outcome: error ? 'error' : ended ? 'end' : 'close', error }));
-    socket.resume();
-  });
-  return withTimeout(result, timeoutMs, 'read socket to the end');
 }
 
 /** The type of `t` inside a subtest callback. */
