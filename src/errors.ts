@@ -55,6 +55,8 @@ export const ERROR_CODES = {
   FTPP_ERR_LOGIN_TIMEOUT: 'FTPP_ERR_LOGIN_TIMEOUT',
   /** PROXY protocol header missing, malformed, truncated, late, or from an untrusted sender. */
   FTPP_ERR_PROXY_PROTOCOL: 'FTPP_ERR_PROXY_PROTOCOL',
+  /** The kernel data path (client.dataPath: kernel) cannot start, or one mapping failed (that transfer is relayed). */
+  FTPP_ERR_KERNEL_PATH: 'FTPP_ERR_KERNEL_PATH',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
@@ -86,6 +88,7 @@ export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze
   FTPP_ERR_TOO_MANY_DATA_CHANNELS: "425 Can't open data connection: too many data connections.",
   FTPP_ERR_LOGIN_TIMEOUT: '421 Login timeout.',
   FTPP_ERR_PROXY_PROTOCOL: '421 Service not available.',
+  FTPP_ERR_KERNEL_PATH: "425 Can't open data connection.",
 });
 
 /** Base class of every error the proxy raises on purpose. */

@@ -7,6 +7,7 @@ import type { ProxyConfig } from './config/schema.js';
 import type { HostnameResolver } from './advertise.js';
 import { createPromMetrics } from './metrics.js';
 import { startAdminServer, type AdminServer } from './admin.js';
+import type { KernelForwarder } from './data/kernel-forward.js';
 
 export { ProxyServer, type BoundListener, type ReloadResult } from './server.js';
 export { loadConfigFile, validateConfigText, ConfigError, type ConfigIssue } from './config/load.js';
@@ -17,6 +18,8 @@ export { createLogger } from './log.js';
 export interface StartOptions {
   readonly logger?: Logger;
   readonly resolver?: HostnameResolver;
+  /** Replaces the nftables table for `client.dataPath: kernel` (tests). */
+  readonly openKernelForwarder?: () => KernelForwarder;
 }
 
 export interface RunningProxy {
@@ -32,7 +35,12 @@ export interface RunningProxy {
 export async function startProxy(config: ProxyConfig, options: StartOptions = {}): Promise<RunningProxy> {
   const log = options.logger ?? createLogger(config.log.level);
   const metrics = createPromMetrics();
-  const server = new ProxyServer(config, { log, metrics, ...(options.resolver ? { resolver: options.resolver } : {}) });
+  const server = new ProxyServer(config, {
+    log,
+    metrics,
+    ...(options.resolver ? { resolver: options.resolver } : {}),
+    ...(options.openKernelForwarder ? { openKernelForwarder: options.openKernelForwarder } : {}),
+  });
   const listeners = await server.start();
   let admin: AdminServer | null = null;
   if (config.admin) {

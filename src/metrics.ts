@@ -38,6 +38,9 @@ type Direction = 'download' | 'upload';
 /** Which relay port range a pool serves: client-facing passive ports, or server-facing active ports. */
 export type PoolKind = 'passive' | 'active';
 
+export type KernelMappingOutcome = 'added' | 'skipped' | 'failed';
+const KERNEL_MAPPING_OUTCOMES: readonly KernelMappingOutcome[] = ['added', 'skipped', 'failed'];
+
 /** A port pool's occupancy, read at scrape time. */
 export interface PoolStats {
   readonly size: number;
@@ -58,6 +61,11 @@ export interface ProxyMetrics {
   upstreamConnect(listener: string, ok: boolean, seconds: number): void;
   /** Someone other than the expected peer dialled a relay port (and was turned away). */
   dataStranger(listener: string): void;
+  /**
+   * `client.dataPath: kernel` decided a passive channel: `added` (the kernel carries it),
+   * `skipped` (not a channel the kernel can carry: relayed), `failed` (mapping refused: relayed).
+   */
+  kernelMapping(listener: string, outcome: KernelMappingOutcome): void;
   /**
    * Report a port pool's occupancy. `stats` is called on every scrape, so it must be cheap
    * and must not block; registering the same (listener, pool) again replaces the callback.
@@ -104,6 +112,7 @@ export const NOOP_METRICS: ProxyMetrics = Object.freeze({
   limitHit(): void {},
   upstreamConnect(): void {},
   dataStranger(): void {},
+  kernelMapping(): void {},
   registerPool(): void {},
 });
 
@@ -189,6 +198,13 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     registers,
   });
 
+  const kernelMappings = new Counter({
+    name: 'ftpnp_kernel_mappings_total',
+    help: 'Passive data channels under client.dataPath: kernel, by outcome: added (NATed by the kernel, no byte counts), skipped or failed (relayed).',
+    labelNames: ['listener', 'outcome'] as const,
+    registers,
+  });
+
   // Pools are read at scrape time: the proxy never has to push occupancy, and a scrape always
   // sees the current value. The gauges are rebuilt on each collect so a replaced callback
   // leaves no stale series behind.
@@ -230,6 +246,7 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     sessionsTotal.inc({ listener }, 0);
     upstreamFailures.inc({ listener }, 0);
     strangers.inc({ listener }, 0);
+    for (const outcome of KERNEL_MAPPING_OUTCOMES) kernelMappings.inc({ listener, outcome }, 0);
     upstreamSeconds.zero({ listener });
     for (const reason of REJECTION_REASONS) rejections.inc({ listener, reason }, 0);
     for (const direction of TRANSFER_DIRECTIONS) {
@@ -268,6 +285,10 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     dataStranger(listener: string): void {
       ensureListener(listener);
       strangers.inc({ listener });
+    },
+    kernelMapping(listener: string, outcome: KernelMappingOutcome): void {
+      ensureListener(listener);
+      kernelMappings.inc({ listener, outcome });
     },
     registerPool(listener: string, pool: PoolKind, stats: () => PoolStats): void {
       ensureListener(listener);

@@ -14,9 +14,10 @@ import { dial } from './data/dial.js';
 import { Advertiser, type HostnameResolver } from './advertise.js';
 import { Session, type SessionEndpoints } from './session.js';
 import type { Logger } from './log.js';
-import { REPLY_FOR_CODE, type ErrorCode } from './errors.js';
+import { ProxyError, REPLY_FOR_CODE, type ErrorCode } from './errors.js';
 import { ipInCidr, normalizeIp } from './control/ip.js';
 import { NOOP_METRICS, type ProxyMetrics, type RejectionReason } from './metrics.js';
+import { KernelForwarder, loadNftRunner } from './data/kernel-forward.js';
 
 export interface BoundListener {
   readonly name: string;
@@ -28,6 +29,8 @@ export interface ServerDeps {
   readonly log: Logger;
   readonly resolver?: HostnameResolver;
   readonly metrics?: ProxyMetrics;
+  /** Opens the nftables table for `client.dataPath: kernel` (tests inject a fake). */
+  readonly openKernelForwarder?: () => KernelForwarder;
 }
 
 /** Mutable on reload: new sessions read the current values, open ones keep theirs. */
@@ -62,6 +65,7 @@ export class ProxyServer {
   private readonly sessions = new Set<Session>();
   private statusValue: ServerStatus = 'idle';
   private closing: Promise<void> | null = null;
+  private kernelForwarder: KernelForwarder | null = null;
 
   constructor(config: ProxyConfig, deps: ServerDeps) {
     this.configValue = config;
@@ -96,12 +100,24 @@ export class ProxyServer {
     if (this.statusValue !== 'idle') throw new Error('server already started');
     this.statusValue = 'running';
     try {
+      this.ensureKernelPath(this.configValue);
       for (const config of this.configValue.listeners) this.runtimes.set(config.name, await this.bind(config));
     } catch (err) {
       await this.close(0);
       throw err;
     }
     return this.addresses();
+  }
+
+  /**
+   * Open the nftables table once some listener asks for `client.dataPath: kernel`. An
+   * operator who asked for it gets a startup (or reload) error, not a silent relay.
+   */
+  private ensureKernelPath(config: ProxyConfig): void {
+    if (this.kernelForwarder || !config.listeners.some((l) => l.client.dataPath === 'kernel')) return;
+    const open = this.deps.openKernelForwarder ?? (() => defaultKernelForwarder(this.deps.log));
+    this.kernelForwarder = open();
+    this.deps.log.info({ event: 'kernel-path', table: this.kernelForwarder.table }, 'kernel data path ready (nftables)');
   }
 
   addresses(): BoundListener[] {
@@ -256,6 +272,7 @@ export class ProxyServer {
       clientPool: runtime.clientPool,
       upstreamPool: runtime.upstreamPool,
       advertiser: runtime.advertiser,
+      kernelForwarder: this.kernelForwarder,
       log,
       onClosed: (closed) => {
         this.sessions.delete(closed);
@@ -284,6 +301,7 @@ export class ProxyServer {
    */
   async reload(next: ProxyConfig): Promise<ReloadResult> {
     if (this.statusValue !== 'running') throw new Error(`cannot reload while ${this.statusValue}`);
+    this.ensureKernelPath(next);
     const fresh = new Map<string, net.Server>();
     try {
       for (const config of next.listeners) {
@@ -404,9 +422,21 @@ export class ProxyServer {
     for (const session of sessions) session.abandon('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
     await Promise.all(sessions.map((session) => session.closed));
     await Promise.all([...this.runtimes.values()].map((runtime) => runtime.clientPool.close()));
+    // Every session has closed its channels (and their mappings); the table goes last.
+    this.kernelForwarder?.close();
     await Promise.all(stopped);
     this.statusValue = 'closed';
   }
+}
+
+function defaultKernelForwarder(log: Logger): KernelForwarder {
+  const { run, reason } = loadNftRunner();
+  if (!run) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `client.dataPath: kernel needs the native addon and libnftables: ${reason}`);
+  const forwarder = new KernelForwarder(run, { onWarning: (message, detail) => log.warn({ event: 'kernel-path', ...detail }, message) });
+  // However the process ends short of close() (an uncaught exception), the table goes with
+  // it; only SIGKILL leaves it, for the next start to remove (staleTables).
+  process.once('exit', () => forwarder.close());
+  return forwarder;
 }
 
 function listen(config: ListenerConfig): Promise<net.Server> {

@@ -21,11 +21,12 @@ import { formatEprtArgument, formatEpsvReply, formatPasvReply, formatPortArgumen
 import { familyOf, normalizeIp, type Family } from './control/ip.js';
 import { ProxyError, REPLY_FOR_CODE, isProxyError, type ErrorCode } from './errors.js';
 import type { ListenerConfig } from './config/schema.js';
-import type { PortPool } from './data/port-pool.js';
+import type { PortLease, PortPool } from './data/port-pool.js';
 import { PassiveAccept } from './data/passive.js';
 import { dial } from './data/dial.js';
 import { DataChannel, type UpstreamLeg } from './data/channel.js';
-import type { RelayResult } from './data/relay.js';
+import { kernelPathBlocker, type ForwardMapping, type KernelForward, type KernelForwarder } from './data/kernel-forward.js';
+import { resetSocket, type RelayResult } from './data/relay.js';
 import { ReplyQueue, type ReplySlot } from './reply-queue.js';
 import type { Advertiser } from './advertise.js';
 import type { Logger } from './log.js';
@@ -57,6 +58,8 @@ export interface SessionDeps {
   readonly clientPool: PortPool;
   readonly upstreamPool: PortPool | null;
   readonly advertiser: Advertiser;
+  /** The nftables table for `client.dataPath: kernel` (null: every data channel is relayed). */
+  readonly kernelForwarder: KernelForwarder | null;
   readonly log: Logger;
   readonly onClosed: (session: Session) => void;
 }
@@ -446,32 +449,84 @@ export class Session {
         if (!advertised) throw new ProxyError('FTPP_ERR_ADVERTISE_UNRESOLVED', `no IPv4 address to advertise (${this.deps.advertiser.lastError?.message ?? 'control connection is not IPv4'})`);
       }
       const lease = await this.deps.clientPool.lease(this.localIp);
-      const pp = this.config.proxyProtocol;
-      const accept = new PassiveAccept(lease, {
-        expectedIp: this.clientIp,
-        timeoutMs: this.config.timeouts.dataAcceptMs,
-        ...(pp.dataPorts && pp.accept !== 'off' ? { proxyHeader: { accept: pp.accept, from: pp.from.map((rule) => rule.cidr), timeoutMs: pp.timeoutMs } } : {}),
-        onStranger: (address, port) => {
-          this.deps.metrics.dataStranger(this.config.name);
-          this.log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}` }, 'refused data connection from another address');
-        },
-      });
+      // Until the 227/229 goes out nobody has a reason to connect here: refuse anyone who does.
+      lease.setConnectionHandler((socket) => this.refuseStranger(lease.port, socket, 'early'));
       const upstreamLeg = await this.prepareUpstreamLeg('passive').catch((err: unknown) => {
-        accept.cancel('upstream setup failed');
+        lease.release();
         throw err;
       });
       if (this.isFinished()) {
-        accept.cancel('session closing');
+        lease.release();
         if (upstreamLeg.kind === 'active') upstreamLeg.accept.cancel('session closing');
         return;
       }
-      this.pendingChannel = new DataChannel({ kind: 'passive', accept }, upstreamLeg);
-      this.log.debug({ event: 'data-passive', port: lease.port, upstream: describeLeg(upstreamLeg) }, 'passive channel ready');
+      const forward = this.tryKernelPath(lease.port, upstreamLeg);
+      if (forward) {
+        // The kernel carries the connection; one reaching our listener missed the mapping.
+        lease.setConnectionHandler((socket) => this.refuseStranger(lease.port, socket, 'unmapped'));
+        this.pendingChannel = new DataChannel({ kind: 'forwarded', lease, forward }, upstreamLeg);
+      } else {
+        this.pendingChannel = new DataChannel({ kind: 'passive', accept: this.passiveAccept(lease) }, upstreamLeg);
+      }
+      this.log.debug({ event: 'data-passive', port: lease.port, upstream: describeLeg(upstreamLeg), dataPath: forward ? 'kernel' : 'relay' }, 'passive channel ready');
       this.replies.push(slot, replyLine(style === 'pasv' ? formatPasvReply(advertised!, lease.port) : formatEpsvReply(lease.port)));
     } catch (err) {
       this.replies.push(slot, this.failureReply(err, style.toUpperCase()));
     } finally {
       this.replies.end(slot);
+    }
+  }
+
+  /** The one-shot accept of a relayed passive channel: only the control client may connect. */
+  private passiveAccept(lease: PortLease): PassiveAccept {
+    const pp = this.config.proxyProtocol;
+    return new PassiveAccept(lease, {
+      expectedIp: this.clientIp,
+      timeoutMs: this.config.timeouts.dataAcceptMs,
+      ...(pp.dataPorts && pp.accept !== 'off' ? { proxyHeader: { accept: pp.accept, from: pp.from.map((rule) => rule.cidr), timeoutMs: pp.timeoutMs } } : {}),
+      onStranger: (address, port) => {
+        this.deps.metrics.dataStranger(this.config.name);
+        this.log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}` }, 'refused data connection from another address');
+      },
+    });
+  }
+
+  private refuseStranger(port: number, socket: net.Socket, when: 'early' | 'unmapped'): void {
+    this.deps.metrics.dataStranger(this.config.name);
+    this.log.warn({ event: 'data-stranger', port, from: `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`, when }, 'refused data connection');
+    resetSocket(socket);
+  }
+
+  /**
+   * `client.dataPath: kernel`: map the leased port to the server's passive port in nftables
+   * (kernel-forward.ts). Null when the relay carries this channel: the path is off, this
+   * channel is not one the kernel can carry, or the mapping failed (logged; the relay works).
+   */
+  private tryKernelPath(port: number, upstreamLeg: UpstreamLeg): KernelForward | null {
+    const forwarder = this.deps.kernelForwarder;
+    if (this.config.client.dataPath !== 'kernel' || !forwarder || upstreamLeg.kind !== 'passive') return null;
+    const mapping: ForwardMapping = {
+      clientIp: this.clientIp,
+      proxyIp: this.localIp,
+      proxyPort: port,
+      serverIp: upstreamLeg.target.host,
+      serverPort: upstreamLeg.target.port,
+      snatIp: normalizeIp(this.upstream?.localAddress ?? ''),
+    };
+    const blocker = kernelPathBlocker({ ...mapping, proxyProtocol: this.config.proxyProtocol.accept !== 'off' });
+    if (blocker) {
+      this.log.debug({ event: 'kernel-path-skipped', reason: blocker }, 'data channel relayed');
+      this.deps.metrics.kernelMapping(this.config.name, 'skipped');
+      return null;
+    }
+    try {
+      const forward = forwarder.forward(mapping, this.config.timeouts.dataAcceptMs);
+      this.deps.metrics.kernelMapping(this.config.name, 'added');
+      return forward;
+    } catch (err) {
+      this.deps.metrics.kernelMapping(this.config.name, 'failed');
+      this.log.warn({ event: 'kernel-path-failed', code: isProxyError(err) ? err.code : 'FTPP_ERR_KERNEL_PATH', err: (err as Error).message }, 'kernel mapping failed; relaying this data channel');
+      return null;
     }
   }
 
@@ -596,7 +651,7 @@ export class Session {
     // Outbound legs connect before the command goes upstream: if the client's PORT address
     // cannot be reached, the command is never sent (protocol.md §8.14).
     const upstreamDial =
-      channel.upstreamLeg.kind === 'passive'
+      channel.upstreamLeg.kind === 'passive' && !channel.isForwarded
         ? channel.track(dial({ host: channel.upstreamLeg.target.host, port: channel.upstreamLeg.target.port, localAddress: normalizeIp(this.upstream?.localAddress ?? ''), timeoutMs: timeouts.dataConnectMs }))
         : null;
     const clientDial =
@@ -662,9 +717,10 @@ export class Session {
     const channel = transfer.channel;
     const log = (): void => {
       const bytes = channel.bytes;
-      const moved = transfer.direction === 'download' ? bytes.toClient : bytes.toUpstream;
+      // The kernel path never sees the payload: no byte count rather than a wrong one.
+      const moved = channel.isForwarded ? null : transfer.direction === 'download' ? bytes.toClient : bytes.toUpstream;
       const result = reply.code >= 200 && reply.code < 300 ? 'ok' : transfer.aborted ? 'aborted' : 'failed';
-      this.deps.metrics.transferFinished(this.config.name, transfer.direction, result, moved, (Date.now() - transfer.startedAt) / 1000);
+      this.deps.metrics.transferFinished(this.config.name, transfer.direction, result, moved ?? Number.NaN, (Date.now() - transfer.startedAt) / 1000);
       this.log.info(
         {
           event: 'transfer',
@@ -678,7 +734,8 @@ export class Session {
           reply: reply.code,
           clientDataPort: channel.clientPort,
           upstreamDataPort: channel.upstreamPort,
-          clientMode: channel.clientLeg.kind,
+          clientMode: channel.clientLeg.kind === 'active' ? 'active' : 'passive',
+          dataPath: channel.isForwarded ? 'kernel' : 'relay',
           upstreamMode: channel.upstreamLeg.kind,
         },
         'transfer',

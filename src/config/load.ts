@@ -11,6 +11,7 @@ import { parseCidr } from '../control/ip.js';
 import type {
   Advertise,
   AdvertiseRule,
+  DataPath,
   DataMode,
   HostAndPort,
   ListenerConfig,
@@ -240,7 +241,7 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     else bind = ipaddr.parse(bind).toString();
   }
 
-  const cl = section(v, [...base, 'client'], obj.client, ['advertise', 'advertiseFor', 'passivePorts', 'portNatFixup', 'bindAllPassivePorts']);
+  const cl = section(v, [...base, 'client'], obj.client, ['advertise', 'advertiseFor', 'passivePorts', 'portNatFixup', 'bindAllPassivePorts', 'dataPath']);
   const advertiseText = str(v, [...base, 'client', 'advertise'], cl.advertise, 'auto') ?? 'auto';
   let advertise: Advertise = { kind: 'auto' };
   if (advertiseText === 'auto') advertise = { kind: 'auto' };
@@ -280,6 +281,9 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
   if (!passivePorts) v.fail([...base, 'client', 'passivePorts'], 'must be "first-last" within 1-65535');
   const portNatFixup = bool(v, [...base, 'client', 'portNatFixup'], cl.portNatFixup, true);
   const bindAllPassivePorts = bool(v, [...base, 'client', 'bindAllPassivePorts'], cl.bindAllPassivePorts, false);
+  const dataPathText = str(v, [...base, 'client', 'dataPath'], cl.dataPath, 'relay') ?? 'relay';
+  if (dataPathText !== 'relay' && dataPathText !== 'kernel') v.fail([...base, 'client', 'dataPath'], 'must be relay or kernel');
+  const dataPath: DataPath = dataPathText === 'kernel' ? 'kernel' : 'relay';
 
   const tp = [...base, 'timeouts'];
   const t = section(v, tp, obj.timeouts, [...Object.keys(TIMEOUT_DEFAULTS)]);
@@ -334,13 +338,18 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     dataPorts: bool(v, [...pp, 'dataPorts'], ppo.dataPorts, false),
   };
   if (proxyProtocol.dataPorts && proxyProtocol.accept === 'off') v.fail([...pp, 'dataPorts'], 'needs accept to be v1, v2 or any');
+  if (dataPath === 'kernel' && proxyProtocol.accept !== 'off') {
+    // Behind a PROXY-speaking load balancer the data connections come from the balancer,
+    // not from the client the kernel mapping is keyed on.
+    v.fail([...base, 'client', 'dataPath'], 'kernel cannot be used with proxyProtocol (data connections come from the load balancer); use relay');
+  }
 
   if (v.issues.length > before || !listen || !passivePorts) return null;
   return {
     name,
     listen,
     upstream: { host: upHost, port: upPort, dataMode, activePorts, bind },
-    client: { advertise, advertiseFor, passivePorts, portNatFixup, bindAllPassivePorts },
+    client: { advertise, advertiseFor, passivePorts, portNatFixup, bindAllPassivePorts, dataPath },
     timeouts,
     limits,
     acl,

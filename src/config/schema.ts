@@ -6,6 +6,13 @@ import type { Cidr } from '../control/ip.js';
 
 export type DataMode = 'passive' | 'active' | 'mirror';
 
+/**
+ * How passive data connections are carried: `relay` (the proxy accepts and relays them,
+ * splice(2) when it can) or `kernel` (a per-transfer nftables DNAT/SNAT mapping; the proxy
+ * never touches the payload; src/data/kernel-forward.ts).
+ */
+export type DataPath = 'relay' | 'kernel';
+
 export interface PortRange {
   readonly first: number;
   readonly last: number;
@@ -47,6 +54,7 @@ export interface ClientSideConfig {
    * a port per PASV.
    */
   readonly bindAllPassivePorts: boolean;
+  readonly dataPath: DataPath;
 }
 
 export interface CidrRule {

@@ -47,6 +47,11 @@ export function isUnroutableIp(address: string): boolean {
   return UNROUTABLE_RANGES.has(ipaddr.process(address).range());
 }
 
+/** 127.0.0.0/8, ::1 (and ::ffff:127.x). */
+export function isLoopbackIp(address: string): boolean {
+  return ipaddr.process(address).range() === 'loopback';
+}
+
 /** Whether `address` lies in CIDR `cidr` (families must match). */
 export function ipInCidr(address: string, cidr: readonly [ipaddr.IPv4 | ipaddr.IPv6, number]): boolean {
   const ip = ipaddr.process(address);

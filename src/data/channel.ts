@@ -2,6 +2,9 @@
  * One data channel of a session: a client leg and an upstream leg, each either a one-shot
  * listener (the peer connects to the proxy) or an outbound dial (the proxy connects), paired
  * into a relay (createRelay: in the kernel when it can, else DataRelay) once both sockets exist.
+ * A `forwarded` client leg is the kernel data path (kernel-forward.ts): the client's
+ * connection is NATed straight to the server's passive port, so the channel has no sockets
+ * and no relay; it holds the leased port and the mapping until it closes.
  * Single use; one idempotent teardown.
  */
 import type net from 'node:net';
@@ -11,10 +14,13 @@ import type { PassiveAccept } from './passive.js';
 import { resetSocket, type Relay, type RelayResult } from './relay.js';
 import { createRelay } from './splice-relay.js';
 import type { Dial } from './dial.js';
+import type { PortLease } from './port-pool.js';
+import type { KernelForward } from './kernel-forward.js';
 
 export type ClientLeg =
   | { readonly kind: 'passive'; readonly accept: PassiveAccept }
-  | { readonly kind: 'active'; readonly target: HostPort };
+  | { readonly kind: 'active'; readonly target: HostPort }
+  | { readonly kind: 'forwarded'; readonly lease: PortLease; readonly forward: KernelForward };
 
 export type UpstreamLeg =
   | { readonly kind: 'passive'; readonly target: HostPort }
@@ -24,6 +30,8 @@ export type ChannelState =
   | { readonly status: 'pending' }
   | { readonly status: 'connecting' }
   | { readonly status: 'relaying'; readonly relay: Relay }
+  /** Kernel data path: the kernel carries the bytes; nothing to wait for here. */
+  | { readonly status: 'forwarded' }
   | { readonly status: 'closed'; readonly reason: string };
 
 export interface PairOptions {
@@ -82,7 +90,18 @@ export class DataChannel {
 
   /** Port the client connects to (passive client leg), for logs. */
   get clientPort(): number | null {
-    return this.clientLeg.kind === 'passive' ? this.clientLeg.accept.port : this.clientLeg.target.port;
+    switch (this.clientLeg.kind) {
+      case 'passive':
+        return this.clientLeg.accept.port;
+      case 'forwarded':
+        return this.clientLeg.lease.port;
+      case 'active':
+        return this.clientLeg.target.port;
+    }
+  }
+
+  get isForwarded(): boolean {
+    return this.clientLeg.kind === 'forwarded';
   }
 
   get upstreamPort(): number | null {
@@ -109,6 +128,10 @@ export class DataChannel {
    */
   pair(options: PairOptions): void {
     if (this.stateValue.status !== 'pending') return;
+    if (this.clientLeg.kind === 'forwarded') {
+      this.stateValue = { status: 'forwarded' };
+      return;
+    }
     this.stateValue = { status: 'connecting' };
     const clientSocket = options.clientSocket
       ? Promise.resolve(options.clientSocket)
@@ -142,7 +165,8 @@ export class DataChannel {
    */
   directionDone(direction: TransferDirection): Promise<void> {
     return new Promise<void>((resolve) => {
-      if (this.isClosed) return resolve();
+      // Forwarded: one end-to-end TCP connection, nothing of ours in between to flush.
+      if (this.isClosed || this.clientLeg.kind === 'forwarded') return resolve();
       this.closedWaiters.push(resolve);
       const onRelay = (relay: Relay): void => {
         relay.directionFinished(direction === 'download' ? 'toClient' : 'toUpstream').then(resolve);
@@ -161,6 +185,11 @@ export class DataChannel {
   /** Close the channel gracefully after `ms` unless it closes by itself first. */
   lingerThenClose(ms: number): void {
     if (this.isClosed || this.lingerTimer) return;
+    if (this.clientLeg.kind === 'forwarded') {
+      // The connection already lives in conntrack; the mapping and port are not needed.
+      this.close('transfer finished');
+      return;
+    }
     this.lingerTimer = setTimeout(() => this.close('linger expired'), ms);
     this.lingerTimer.unref();
   }
@@ -176,6 +205,10 @@ export class DataChannel {
     if (this.lingerTimer) clearTimeout(this.lingerTimer);
     this.lingerTimer = null;
     if (this.clientLeg.kind === 'passive') this.clientLeg.accept.cancel(reason);
+    if (this.clientLeg.kind === 'forwarded') {
+      this.clientLeg.forward.remove();
+      this.clientLeg.lease.release();
+    }
     if (this.upstreamLeg.kind === 'active') this.upstreamLeg.accept.cancel(reason);
     for (const dial of this.dials) dial.cancel();
     this.dials.clear();

@@ -470,6 +470,8 @@ static napi_value idle_ms(napi_env env, napi_callback_info info) {
   return out;
 }
 
+void nftables_init(napi_env env, napi_value exports); /* nftables.c */
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"start", NULL, start, NULL, NULL, NULL, napi_default, NULL},
@@ -478,6 +480,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"idleMs", NULL, idle_ms, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  nftables_init(env, exports);
   return exports;
 }
 

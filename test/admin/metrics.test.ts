@@ -69,6 +69,7 @@ const FTPNP_METRICS: ReadonlyArray<[string, string]> = [
   ['ftpnp_upstream_connect_failures_total', 'counter'],
   ['ftpnp_upstream_connect_seconds', 'histogram'],
   ['ftpnp_data_strangers_total', 'counter'],
+  ['ftpnp_kernel_mappings_total', 'counter'],
   ['ftpnp_data_ports_leased', 'gauge'],
   ['ftpnp_data_ports_free', 'gauge'],
 ];
@@ -203,6 +204,17 @@ t.test('data strangers counted per listener', async (t) => {
   t.equal(samples.get(key('ftpnp_data_strangers_total', { listener: 'inside' })), 0, 'other listener present at 0');
 });
 
+t.test('kernel mappings counted per listener and outcome, every outcome from 0', async (t) => {
+  const metrics = createPromMetrics();
+  metrics.kernelMapping('edge', 'added');
+  metrics.kernelMapping('edge', 'added');
+  metrics.kernelMapping('edge', 'failed');
+  const { samples } = await scrape(metrics);
+  t.equal(samples.get(key('ftpnp_kernel_mappings_total', { listener: 'edge', outcome: 'added' })), 2);
+  t.equal(samples.get(key('ftpnp_kernel_mappings_total', { listener: 'edge', outcome: 'failed' })), 1);
+  t.equal(samples.get(key('ftpnp_kernel_mappings_total', { listener: 'edge', outcome: 'skipped' })), 0);
+});
+
 t.test('pool gauges are read from the stats callback at scrape time', async (t) => {
   const metrics = createPromMetrics();
   const passive = { size: 100, leased: 3 };
@@ -298,6 +310,7 @@ t.test('NOOP_METRICS accepts every call and records nothing', async (t) => {
     noop.limitHit('edge', 'idle-timeout');
     noop.upstreamConnect('edge', false, 1);
     noop.dataStranger('edge');
+    noop.kernelMapping('edge', 'added');
     noop.registerPool('edge', 'passive', () => {
       read++;
       return { size: 1, leased: 0 };
@@ -305,5 +318,5 @@ t.test('NOOP_METRICS accepts every call and records nothing', async (t) => {
   });
   t.equal(read, 0, 'pool callback never read');
   t.ok(Object.isFrozen(NOOP_METRICS), 'shared instance cannot be modified');
-  t.equal(Object.keys(NOOP_METRICS).length, 7, 'implements all seven methods');
+  t.equal(Object.keys(NOOP_METRICS).length, 8, 'implements all eight methods');
 });

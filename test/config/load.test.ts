@@ -76,6 +76,7 @@ t.test('defaults filled in for a minimal listener', async (t) => {
   t.same(l.client.advertiseFor, []);
   t.same(l.client.passivePorts, parsePortRange(DEFAULT_PASSIVE_PORTS));
   t.equal(l.client.portNatFixup, true);
+  t.equal(l.client.dataPath, 'relay', 'the kernel path needs CAP_NET_ADMIN: only on request');
   t.equal(l.timeouts.upstreamConnectMs, TIMEOUT_DEFAULTS.upstreamConnectSeconds * 1000);
   t.equal(l.timeouts.upstreamReplyMs, TIMEOUT_DEFAULTS.upstreamReplySeconds * 1000);
   t.equal(l.timeouts.dataConnectMs, TIMEOUT_DEFAULTS.dataConnectSeconds * 1000);
@@ -195,6 +196,18 @@ listeners:
       dataMode: active
 extra: true
 `;
+
+t.test('client.dataPath', async (t) => {
+  const listener = (client: string, extra = ''): string => `listeners:\n  - listen: "0.0.0.0:21"\n    upstream: { host: 10.0.0.5 }\n    client: ${client}\n${extra}`;
+  t.equal(validateConfigText(listener('{ dataPath: kernel }')).listeners[0]?.client.dataPath, 'kernel');
+  t.equal(validateConfigText(listener('{ dataPath: relay }')).listeners[0]?.client.dataPath, 'relay');
+  const bad = issuesOf(listener('{ dataPath: nat }'));
+  t.same(bad.map((i) => [i.path, i.line]), [['listeners[0].client.dataPath', 4]]);
+  t.match(bad[0]?.message, /relay or kernel/);
+  const withProxyProtocol = issuesOf(listener('{ dataPath: kernel }', '    proxyProtocol: { accept: v2, from: [10.0.0.0/8] }\n'));
+  t.same(withProxyProtocol.map((i) => i.path), ['listeners[0].client.dataPath']);
+  t.match(withProxyProtocol[0]?.message, /cannot be used with proxyProtocol/, 'behind a PROXY load balancer the data comes from the balancer');
+});
 
 t.test('bad config: ALL errors, each with key path and 1-based line', async (t) => {
   const issues = issuesOf(MANY_ERRORS);

@@ -5,6 +5,7 @@ import { Writable } from 'node:stream';
 import { validateConfigText } from '../../src/config/load.js';
 import { startProxy, type RunningProxy } from '../../src/index.js';
 import { createLogger } from '../../src/log.js';
+import type { KernelForwarder } from '../../src/data/kernel-forward.js';
 
 export interface TestProxy extends RunningProxy {
   readonly host: string;
@@ -26,6 +27,9 @@ export interface TestProxyOptions {
   /** Extra YAML lines appended under the listener (already indented by 4 spaces). */
   readonly extraYaml?: string;
   readonly level?: string;
+  readonly dataPath?: 'relay' | 'kernel';
+  /** Stands in for the nftables table (client.dataPath: kernel). */
+  readonly openKernelForwarder?: () => KernelForwarder;
 }
 
 let nextPassiveBase = 30000 + Math.floor(Math.random() * 200) * 20;
@@ -51,6 +55,7 @@ export function proxyYaml(options: TestProxyOptions): string {
     '    client:',
     `      advertise: ${options.advertise ?? 'auto'}`,
     `      passivePorts: "${options.passivePorts ?? nextPortRange()}"`,
+    ...(options.dataPath ? [`      dataPath: ${options.dataPath}`] : []),
     ...(options.extraYaml ? [options.extraYaml] : []),
   ].join('\n');
 }
@@ -65,7 +70,7 @@ export async function startTestProxy(options: TestProxyOptions): Promise<TestPro
     },
   });
   const logger = createLogger(config.log.level, sink);
-  const running = await startProxy(config, { logger });
+  const running = await startProxy(config, { logger, ...(options.openKernelForwarder ? { openKernelForwarder: options.openKernelForwarder } : {}) });
   const first = running.listeners[0]!;
   return {
     ...running,

@@ -1,0 +1,200 @@
+/**
+ * `client.dataPath: kernel` at the session level, without root: a recording nft runner
+ * stands in for libnftables, and the test plays the kernel's part (it connects straight to
+ * the server's passive port, as the DNAT would). What is checked: the mapping the session
+ * asks for, that it asks before the 227 goes out and removes it when the transfer ends, that
+ * the proxy neither dials the server's data port nor accepts on its own, that every other
+ * case (PORT, refused mapping) is relayed, and that nothing is left. The real NAT is in
+ * test/e2e/nat.test.ts and the real libnftables in test/data/kernel-forward.test.ts.
+ * Relay ports 40000-40999 belong to this file.
+ */
+import t from 'tap';
+import net from 'node:net';
+import { randomBytes } from 'node:crypto';
+import { FakeFtpServer, PortBlocks, FAST_TIMEOUTS_YAML, settleLeaks } from '../helpers/fake-server.js';
+import { FtpClient, openData, parse227, parse229, readAll, waitFor, type TapTest } from '../helpers/ftp-client.js';
+import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
+import { KernelForwarder, type NftResult } from '../../src/data/kernel-forward.js';
+import { isProxyError } from '../../src/errors.js';
+
+const ports = new PortBlocks(40000);
+const FILE = randomBytes(200 * 1024);
+
+interface Lab {
+  readonly fake: FakeFtpServer;
+  readonly proxy: TestProxy;
+  readonly scripts: string[];
+  readonly client: FtpClient;
+}
+
+async function startLab(t: TapTest, answer: (script: string) => Partial<NftResult> = () => ({})): Promise<Lab> {
+  const scripts: string[] = [];
+  const fake = await FakeFtpServer.start({ files: { 'f.bin': FILE } });
+  const proxy = await startTestProxy({
+    upstreamHost: '127.0.0.1',
+    upstreamPort: fake.port,
+    passivePorts: ports.take(10).text,
+    dataPath: 'kernel',
+    extraYaml: FAST_TIMEOUTS_YAML,
+    openKernelForwarder: () =>
+      new KernelForwarder(
+        (script) => {
+          scripts.push(script);
+          return { ok: true, output: '', error: '', ...answer(script) };
+        },
+        { pid: 4242 },
+      ),
+  });
+  const client = await FtpClient.connect(proxy.host, proxy.port);
+  t.teardown(async () => {
+    client.destroy();
+    await proxy.close();
+    await fake.close();
+  });
+  t.equal((await client.login()).code, 230, 'logged in');
+  return { fake, proxy, scripts, client };
+}
+
+/** The (client . proxy . port -> server . port) of the last mapping created. */
+function lastMapping(scripts: readonly string[]): { proxyPort: number; serverPort: number } | null {
+  for (const script of [...scripts].reverse()) {
+    const match = /create element ip ftpnp_4242 dnat_to \{ 127\.0\.0\.1 \. 127\.0\.0\.1 \. (\d+) timeout 5000ms : 127\.0\.0\.1 \. (\d+) \}/.exec(script);
+    if (match) return { proxyPort: Number(match[1]), serverPort: Number(match[2]) };
+  }
+  return null;
+}
+
+function transferRecords(proxy: TestProxy): Array<Record<string, unknown>> {
+  return proxy.logs().filter((r) => r.event === 'transfer');
+}
+
+async function connectionOutcome(port: number): Promise<string> {
+  return openData('127.0.0.1', port, { timeoutMs: 2000 }).then(
+    (socket) =>
+      new Promise<string>((resolve) => {
+        socket.on('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? 'error'));
+        socket.on('data', () => resolve('data'));
+        socket.on('end', () => resolve('end'));
+        socket.resume();
+      }),
+    (err: NodeJS.ErrnoException) => err.code ?? String(err),
+  );
+}
+
+t.test('the table is made at start and deleted at close', async (t) => {
+  const { proxy, scripts } = await startLab(t);
+  t.same(scripts.slice(0, 1), ['list tables ip']);
+  t.match(scripts[1], /^add table ip ftpnp_4242\n/);
+  t.ok(proxy.logs().some((r) => r.event === 'kernel-path' && r.table === 'ftpnp_4242'), 'logged at start');
+  await proxy.close();
+  t.equal(scripts.at(-1), 'delete table ip ftpnp_4242');
+});
+
+for (const style of ['PASV', 'EPSV'] as const) {
+  t.test(`${style} + RETR: mapped before the reply, carried by "the kernel", unmapped after 226`, async (t) => {
+    const { proxy, scripts, client, fake } = await startLab(t);
+    const reply = await client.command(style);
+    const advertised = style === 'PASV' ? parse227(reply).port : parse229(reply);
+    const mapping = lastMapping(scripts);
+    t.ok(mapping, `a mapping was created before the ${reply.code} reply: ${scripts.at(-1)}`);
+    t.equal(mapping?.proxyPort, advertised, 'for the advertised port');
+    t.match(scripts.at(-1), /create element ip ftpnp_4242 snat_to \{ 127\.0\.0\.1 \. 127\.0\.0\.1 \. \d+ timeout 5000ms : 127\.0\.0\.1 \}/, 'with its SNAT partner');
+    t.equal(await connectionOutcome(advertised), 'ECONNRESET', 'a connection reaching the proxy itself (mapping missed) is reset');
+    t.ok(proxy.logs().some((r) => r.event === 'data-stranger' && r.when === 'unmapped' && r.port === advertised), 'and logged');
+    // What the DNAT would do: the client's data connection lands on the server's passive port.
+    const data = await openData('127.0.0.1', mapping!.serverPort);
+    const download = readAll(data, 10000);
+    client.send('RETR f.bin');
+    t.equal((await client.readReply()).code, 150, '150');
+    t.equal((await client.readReply(10000)).code, 226, '226');
+    t.ok((await download).data.equals(FILE), 'the bytes arrive, end to end');
+    await waitFor(() => transferRecords(proxy).length > 0);
+    const [record] = transferRecords(proxy);
+    t.match(record, { dataPath: 'kernel', bytes: null, result: 'ok', clientMode: 'passive', clientDataPort: advertised }, 'logged as a kernel transfer without byte count');
+    t.ok(
+      scripts.includes(`delete element ip ftpnp_4242 dnat_to { 127.0.0.1 . 127.0.0.1 . ${advertised} }\ndelete element ip ftpnp_4242 snat_to { 127.0.0.1 . 127.0.0.1 . ${mapping!.serverPort} }`),
+      'both elements removed after the 226',
+    );
+    const upstream = fake.sessions[0]!;
+    t.notOk(upstream.received.some((line) => /^(PORT|EPRT)/.test(line)), 'the server was only asked for passive mode');
+    await client.quit();
+    t.same(await settleLeaks(proxy), { sessions: 0, leased: 0 }, 'no session or port left');
+  });
+}
+
+t.test('a refused mapping is relayed instead, and said so', async (t) => {
+  const { proxy, client } = await startLab(t, (script) => (script.startsWith('create element') ? { ok: false, error: 'Could not process rule: No space left on device' } : {}));
+  const port = parse227(await client.command('PASV')).port;
+  const data = await openData('127.0.0.1', port);
+  const download = readAll(data, 10000);
+  client.send('RETR f.bin');
+  t.equal((await client.readReply()).code, 150);
+  t.equal((await client.readReply(10000)).code, 226);
+  t.ok((await download).data.equals(FILE), 'relayed bytes');
+  const failed = proxy.logs().find((r) => r.event === 'kernel-path-failed');
+  t.match(failed, { code: 'FTPP_ERR_KERNEL_PATH', err: /No space left on device/ }, 'warned with nft\'s words');
+  await waitFor(() => transferRecords(proxy).length > 0);
+  t.match(transferRecords(proxy)[0], { dataPath: 'relay', bytes: FILE.length });
+  await client.quit();
+  t.same(await settleLeaks(proxy), { sessions: 0, leased: 0 });
+});
+
+t.test('PORT under dataPath: kernel is relayed (no mapping)', async (t) => {
+  const { proxy, scripts, client } = await startLab(t);
+  const listener = net.createServer();
+  await new Promise<void>((resolve) => listener.listen(0, '127.0.0.1', () => resolve()));
+  t.teardown(() => listener.close());
+  const lport = (listener.address() as net.AddressInfo).port;
+  const accepted = new Promise<net.Socket>((resolve) => listener.once('connection', resolve));
+  const before = scripts.length;
+  t.equal((await client.command(`PORT 127,0,0,1,${lport >> 8},${lport & 255}`)).code, 200);
+  client.send('RETR f.bin');
+  const socket = await accepted;
+  const download = readAll(socket, 10000);
+  t.equal((await client.readReply()).code, 150);
+  t.equal((await client.readReply(10000)).code, 226);
+  t.ok((await download).data.equals(FILE));
+  t.equal(scripts.length, before, 'nft was not asked anything');
+  await waitFor(() => transferRecords(proxy).length > 0);
+  t.match(transferRecords(proxy)[0], { dataPath: 'relay', clientMode: 'active' });
+});
+
+t.test('a mapping never used goes with PASV again, with the session, and with QUIT', async (t) => {
+  const { proxy, scripts, client } = await startLab(t);
+  const first = parse227(await client.command('PASV')).port;
+  const second = parse227(await client.command('PASV')).port;
+  t.ok(scripts.some((x) => x.startsWith(`delete element ip ftpnp_4242 dnat_to { 127.0.0.1 . 127.0.0.1 . ${first} }`)), 'the first mapping is removed when PASV replaces it');
+  await client.quit();
+  t.same(await settleLeaks(proxy), { sessions: 0, leased: 0 });
+  t.ok(scripts.some((x) => x.startsWith(`delete element ip ftpnp_4242 dnat_to { 127.0.0.1 . 127.0.0.1 . ${second} }`)), 'the second with the session');
+});
+
+t.test('a failed transfer removes the mapping at once', async (t) => {
+  const { proxy, scripts, client } = await startLab(t);
+  const port = parse227(await client.command('PASV')).port;
+  const reply = await client.command('RETR missing.bin');
+  t.equal(reply.code, 550, `the server's 550 passes: ${reply.text}`);
+  t.ok(scripts.some((x) => x.startsWith(`delete element ip ftpnp_4242 dnat_to { 127.0.0.1 . 127.0.0.1 . ${port} }`)));
+  await client.quit();
+  t.same(await settleLeaks(proxy), { sessions: 0, leased: 0 });
+});
+
+t.test('a kernel path that cannot start fails the start, binds nothing', async (t) => {
+  const fake = await FakeFtpServer.start({});
+  t.teardown(() => fake.close());
+  const range = ports.take(10);
+  const err = await startTestProxy({
+    upstreamHost: '127.0.0.1',
+    upstreamPort: fake.port,
+    passivePorts: range.text,
+    listen: '127.0.0.1:0',
+    dataPath: 'kernel',
+    openKernelForwarder: () => new KernelForwarder(() => ({ ok: false, output: '', error: 'Operation not permitted' })),
+  }).then(
+    () => null,
+    (e: unknown) => e,
+  );
+  t.ok(isProxyError(err, 'FTPP_ERR_KERNEL_PATH'), `FTPP_ERR_KERNEL_PATH: ${(err as Error)?.message}`);
+  t.match((err as Error).message, /Operation not permitted \(needs CAP_NET_ADMIN\)/);
+  t.equal(await connectionOutcome(range.first), 'ECONNREFUSED', 'no passive port bound');
+});
