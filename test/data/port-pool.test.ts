@@ -83,8 +83,26 @@ t.test('the injected random source decides the order', async (t) => {
   const pool = new PortPool(r, () => 0.999999);
   const lease = await pool.lease(HOST);
   t.teardown(() => lease.release());
-  // Fisher-Yates with random()≈1 keeps every element in place: the first candidate is tried first.
-  t.equal(lease.port, r.first, 'deterministic with a fixed random source');
+  t.equal(lease.port, r.last, 'the random probe picks the port random() names');
+  // The same port again for every probe: taken, so the pool falls back to the full shuffle,
+  // which with random()≈1 keeps every element in place and tries the first free port first.
+  const second = await pool.lease(HOST);
+  t.teardown(() => second.release());
+  t.equal(second.port, r.first, 'a crowded pick falls back to trying every free port');
+});
+
+t.test('a large range leases at random without walking it', async (t) => {
+  let calls = 0;
+  const r = { first: 1024, last: 65535 };
+  const picks = [0.5];
+  const pool = new PortPool(r, () => {
+    calls++;
+    return picks.shift() ?? Math.random();
+  });
+  const lease = await pool.lease(HOST).catch(() => null);
+  t.teardown(() => lease?.release());
+  t.ok(lease, 'a free port was found');
+  t.ok(calls <= 4, `random() called ${calls} time(s), not once per port of 64,512 (port ${lease?.port})`);
 });
 
 t.test('the pool keeps the bound listener: nobody else can bind a leased port', async (t) => {
