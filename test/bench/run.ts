@@ -10,7 +10,11 @@
  *
  * Options: --quick (small sizes, few repetitions), --size-mib=N, --reps=N (every section;
  * default 9 for throughput, whose single figures swing most, 5 elsewhere),
- * --only=throughput,rate,noop,scale,idle, --variants=auto,js,splice (proxy relays to run).
+ * --only=throughput,rate,noop,scale,idle, --variants=auto,js,splice,kernel (proxy variants
+ * to run; the first is the headline). `auto`, `js` and `splice` are `client.dataPath: relay`
+ * with FTPNP_RELAY unset, `js` or `splice`; `kernel` is `client.dataPath: kernel` (nftables
+ * DNAT/SNAT per transfer, root and libnftables needed, only ever inside the bench's own
+ * namespace). Default: `auto,kernel` when that is possible, else `auto`.
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomFillSync } from 'node:crypto';
@@ -22,7 +26,7 @@ import { spawnSync } from 'node:child_process';
 import { run } from '../helpers/run.js';
 import { TEST_USER, vsftpdUnavailable } from '../helpers/vsftpd.js';
 import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, waitForLine, waitQuiet, type Child } from './procs.js';
-import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
+import { ensurePackages, hasLibnftables, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
 import { HOST, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
 import { fmt, median, ratio, rotate, table } from './stats.js';
 import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target } from './load-worker.js';
@@ -43,6 +47,8 @@ const PORTS = {
   fakeUpstream: 2300,
   idleProxy: 2301,
   idlePassive: '13000-13099',
+  kernelProbe: 2150,
+  kernelProbePassive: '13100-13199',
 };
 
 // ------------------------------------------------------------------------------- options
@@ -53,11 +59,14 @@ interface Options {
   /** Repetitions of every section, or null for each section's default. */
   readonly reps: number | null;
   readonly only: ReadonlySet<string>;
-  readonly variants: readonly string[];
+  /** As given with --variants=, or null for the default (resolved by `resolveVariants`). */
+  readonly variants: readonly string[] | null;
   readonly inside: boolean;
 }
 
 const SECTIONS = ['throughput', 'rate', 'noop', 'scale', 'idle'];
+/** Proxy variants: the relay picked by FTPNP_RELAY (auto = unset), or the kernel data path. */
+const VARIANTS = ['auto', 'js', 'splice', 'kernel'];
 
 function parseOptions(argv: readonly string[]): Options {
   const get = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
@@ -67,7 +76,7 @@ function parseOptions(argv: readonly string[]): Options {
     sizeMiB: Number(get('size-mib') ?? (quick ? 32 : 256)),
     reps: get('reps') !== undefined ? Number(get('reps')) : quick ? 2 : null,
     only: new Set((get('only') ?? SECTIONS.join(',')).split(',')),
-    variants: (get('variants') ?? 'auto').split(','),
+    variants: get('variants')?.split(',').filter(Boolean) ?? null,
     inside: argv.includes('--inside'),
   };
 }
@@ -88,6 +97,33 @@ interface SetupInfo {
   readonly notes: string[];
   readonly proftpd: ProftpdSetup;
   readonly netns: string | null;
+  /** Proxy variants to run, in order (the first is the headline). */
+  readonly variants: readonly string[];
+}
+
+/**
+ * Why the kernel data path cannot be measured here, or null. It installs nftables rules, so
+ * it only ever runs inside the private namespace (never in the host's ruleset).
+ */
+function kernelPathUnavailable(netns: string | null): string | null {
+  if (!isRoot()) return 'not root (the kernel data path needs CAP_NET_ADMIN)';
+  if (!netns) return 'no private network namespace (its nftables rules never go into the host\'s ruleset)';
+  if (!hasLibnftables()) return 'libnftables.so.1 not found (Debian package nftables)';
+  return null;
+}
+
+/** The variants to run: as asked (kernel dropped with a note when impossible), or the default. */
+function resolveVariants(asked: readonly string[] | null, netns: string | null, notes: string[]): string[] {
+  const whyNot = kernelPathUnavailable(netns);
+  if (asked === null) {
+    if (whyNot) notes.push(`kernel data path variant skipped: ${whyNot}`);
+    return whyNot ? ['auto'] : ['auto', 'kernel'];
+  }
+  if (whyNot && asked.includes('kernel')) {
+    notes.push(`kernel data path variant skipped: ${whyNot}`);
+    return asked.filter((v) => v !== 'kernel');
+  }
+  return [...asked];
 }
 
 function sh(command: string, args: readonly string[]): { ok: boolean; out: string } {
@@ -128,6 +164,11 @@ function deleteNetns(name: string): void {
 
 async function outer(options: Options, argv: readonly string[]): Promise<number> {
   const repo = repoDir();
+  const unknown = (options.variants ?? []).filter((v) => !VARIANTS.includes(v));
+  if (unknown.length > 0 || options.variants?.length === 0 || new Set(options.variants).size !== (options.variants ?? []).length) {
+    process.stderr.write(`bench: --variants= takes distinct values out of ${VARIANTS.join(', ')}${unknown.length ? ` (unknown: ${unknown.join(', ')})` : ''}\n`);
+    return 2;
+  }
   if (!existsSync(join(repo, 'dist/cli.js'))) {
     process.stderr.write('bench: dist/cli.js missing: run `npx tsc -p tsconfig.json` first (npm run bench does)\n');
     return 2;
@@ -145,7 +186,13 @@ async function outer(options: Options, argv: readonly string[]): Promise<number>
   } else {
     notes.push('not root: running on the host loopback; vsftpd-based parts are skipped');
   }
-  const setup: SetupInfo = { notes, proftpd, netns };
+  const variants = resolveVariants(options.variants, netns, notes);
+  if (variants.length === 0) {
+    process.stderr.write(`bench: no proxy variant left to run (${notes[notes.length - 1] ?? ''})\n`);
+    if (netns) deleteNetns(netns);
+    return 2;
+  }
+  const setup: SetupInfo = { notes, proftpd, netns, variants };
   if (!netns) return inner(options, setup);
   const nodeArgs = [fileURLToPath(import.meta.url), ...argv, '--inside'];
   const child = spawn('ip', ['netns', 'exec', netns, 'prlimit', `--nofile=${NOFILE}:${NOFILE}`, '--', process.execPath, ...nodeArgs], {
@@ -182,6 +229,8 @@ interface Machine {
   netns: string | null;
   nofile: number;
   proxyRelay: Record<string, string>;
+  /** What the kernel data path probe saw (kernel variant only). */
+  kernelProbe?: KernelProbe;
 }
 
 function machineInfo(netns: string | null): Machine {
@@ -201,9 +250,13 @@ function machineInfo(netns: string | null): Machine {
   };
 }
 
-/** What relay a proxy started with FTPNP_RELAY=`variant` uses (same node, same dist/). */
-async function describeRelay(repo: string, variant: string): Promise<string> {
-  if (variant === 'js') return 'js (FTPNP_RELAY=js)';
+/**
+ * What moves the data of a proxy started as `variant` (same node, same dist/): for the relay
+ * variants, the relay FTPNP_RELAY=`variant` picks (auto: unset).
+ */
+async function describeRelay(repo: string, variant: string): Promise<{ kind: string; text: string }> {
+  if (variant === 'kernel') return { kind: 'kernel', text: 'kernel (nftables DNAT per transfer)' };
+  if (variant === 'js') return { kind: 'js', text: 'js (FTPNP_RELAY=js)' };
   try {
     const mod = (await import(pathToFileURL(join(repo, 'dist/data/splice-relay.js')).href)) as { relayImplementation(): { kind: string; reason: string } };
     const saved = process.env.FTPNP_RELAY;
@@ -212,10 +265,16 @@ async function describeRelay(repo: string, variant: string): Promise<string> {
     const impl = mod.relayImplementation();
     if (saved === undefined) delete process.env.FTPNP_RELAY;
     else process.env.FTPNP_RELAY = saved;
-    return `${impl.kind} (${impl.reason})`;
+    return { kind: impl.kind, text: `${impl.kind} (${impl.reason})` };
   } catch (err) {
-    return `js (no splice relay in dist/: ${err instanceof Error ? err.message : String(err)})`;
+    return { kind: 'js', text: `js (no splice relay in dist/: ${err instanceof Error ? err.message : String(err)})` };
   }
+}
+
+/** How a variant is named in the table: which proxy process, and what moves its data. */
+function variantLabel(name: string, variant: string, kind: string, headline: boolean): string {
+  const what = variant === 'kernel' ? 'dataPath=kernel, nft DNAT' : `relay=${kind}`;
+  return `${name} (${what}${headline && variant === 'auto' ? ', default' : ''})`;
 }
 
 function writeRandomFile(path: string, bytes: number): string {
@@ -314,6 +373,61 @@ async function settle(): Promise<void> {
   quietness.samples += 1;
   if (!q.quiet) quietness.notQuiet += 1;
   quietness.maxBusyCores = Math.max(quietness.maxBusyCores, Number(q.busyCores.toFixed(2)));
+}
+
+function oneLine(err: unknown): string {
+  return (err instanceof Error ? err.message : String(err)).replace(/\s+/g, ' ').trim().slice(0, 1200);
+}
+
+/** `nft list tables` where this process runs (inside the bench namespace), or null. */
+function nftTables(): string[] | null {
+  const r = spawnSync('nft', ['list', 'tables'], { encoding: 'utf8', timeout: 10_000 });
+  return r.status === 0 ? r.stdout.split('\n').map((l) => l.trim()).filter(Boolean) : null;
+}
+
+interface KernelProbe {
+  /** null when the transfer went through and was logged with dataPath kernel. */
+  readonly problem: string | null;
+  /** The proxy's `"event":"transfer"` log line, when there was one. */
+  readonly transfer: Record<string, unknown> | null;
+}
+
+/**
+ * Before measuring the kernel variant: one RETR (4 KiB) through a short-lived proxy with
+ * `client.dataPath: kernel` logging at info, whose transfer line must say `dataPath: kernel`
+ * (the measured proxies log at warn, so they cannot tell).
+ */
+async function probeKernelPath(repo: string, work: string): Promise<KernelProbe> {
+  let probe: Server;
+  try {
+    probe = await startBenchProxy({ name: 'proxy-kernel-probe', port: PORTS.kernelProbe, work, upstreamPort: PORTS.vsftpd, passivePorts: PORTS.kernelProbePassive, repoDir: repo, dataPath: 'kernel', logLevel: 'info' });
+  } catch (err) {
+    return { problem: `did not start: ${oneLine(err)}`, transfer: null };
+  }
+  try {
+    const logged = waitForLine(
+      probe.child,
+      (line) => {
+        try {
+          const entry = JSON.parse(line) as Record<string, unknown>;
+          return entry.event === 'transfer' ? entry : null;
+        } catch {
+          return null;
+        }
+      },
+      10_000,
+    );
+    logged.catch(() => undefined);
+    const get = await curlTransfer(probe, 'get', 'small.bin', '', 4096);
+    if (!get.ok) return { problem: `RETR failed: ${get.error}; proxy output: ${probe.child.output().trim().slice(-800)}`, transfer: null };
+    const transfer = await logged;
+    if (transfer.dataPath !== 'kernel') return { problem: `transfer logged with dataPath=${String(transfer.dataPath)}: ${JSON.stringify(transfer)}`, transfer };
+    return { problem: null, transfer };
+  } catch (err) {
+    return { problem: oneLine(err), transfer: null };
+  } finally {
+    await probe.child.stop();
+  }
 }
 
 // ---- throughput
@@ -461,7 +575,9 @@ async function benchNoop(ctx: Context): Promise<Record<string, unknown>> {
 
 async function benchScale(ctx: Context): Promise<Record<string, unknown>> {
   const sessions = ctx.options.quick ? 200 : 1000;
-  const targets = [ctx.direct, ...ctx.proxies.slice(0, 1), ...(ctx.modProxy ? [ctx.modProxy] : [])];
+  // Every proxy variant: the kernel data path is a per-transfer nftables mapping, so 1,000
+  // transfers at once are exactly what it has to survive.
+  const targets = allTargets(ctx);
   const out: Record<string, unknown> = { sessions };
   for (const t of targets) {
     const prefix = `scale-${t.name}-`;
@@ -591,8 +707,18 @@ async function benchIdle(options: Options, repo: string, work: string): Promise<
 
 interface Verdict {
   readonly name: string;
+  /** The proxy variant (process name) it is about; null when it is about none in particular. */
+  readonly variant: string | null;
   readonly pass: boolean | null;
   readonly detail: string;
+}
+
+interface ReportNames {
+  /** ftp-nat-proxy variants by process name, the headline first. */
+  readonly variants: readonly string[];
+  readonly modProxy: string | null;
+  /** What the table calls each of them (which variant, what moves its data). */
+  readonly labels: Readonly<Record<string, string>>;
 }
 
 function num(obj: unknown, ...path: string[]): number {
@@ -601,81 +727,120 @@ function num(obj: unknown, ...path: string[]): number {
   return typeof v === 'number' ? v : Number.NaN;
 }
 
-function report(results: Record<string, unknown>, ctxNames: { proxy: string; modProxy: string | null; variants: string[] }): { text: string; verdicts: Verdict[] } {
-  const rows: string[][] = [['measure', 'direct', 'ftp-nat-proxy', 'mod_proxy', 'target', 'result']];
+/**
+ * One block of rows per measure: the direct figure and the target once, then one row per
+ * proxy variant (figure, ratio to direct, verdict) and one for mod_proxy (no verdict).
+ */
+function report(results: Record<string, unknown>, names: ReportNames): { text: string; verdicts: Verdict[] } {
+  const rows: string[][] = [['measure', 'direct', 'through', 'figure (ratio to direct)', 'target', 'result']];
   const verdicts: Verdict[] = [];
-  const p = ctxNames.proxy;
-  const m = ctxNames.modProxy;
-  const mp = (cell: string): string => (m ? cell : 'unavailable');
+  const m = names.modProxy;
+  const label = (name: string): string => names.labels[name] ?? name;
   const passText = (pass: boolean | null): string => (pass === null ? 'n/a' : pass ? 'PASS' : 'FAIL');
+  const block = (title: string, direct: string, target: string, variant: (name: string) => { cell: string; pass: boolean | null }, modCell: ((name: string) => string) | null): void => {
+    if (rows.length > 1) rows.push([]);
+    names.variants.forEach((name, i) => {
+      const { cell, pass } = variant(name);
+      rows.push([i === 0 ? title : '', i === 0 ? direct : '', label(name), cell, i === 0 ? target : '', passText(pass)]);
+    });
+    if (m && modCell) rows.push(['', '', label(m), modCell(m), '', '-']);
+  };
   const tp = results.throughput as Record<string, unknown> | undefined;
   if (tp) {
     for (const [op, key, rkey] of [['RETR', 'retrMiBps', 'retrRatio'], ['STOR', 'storMiBps', 'storRatio']] as const) {
-      const pr = num(tp, p, rkey);
       const mr = m ? num(tp, m, rkey) : Number.NaN;
-      const pass = Number.isFinite(pr) ? pr >= 0.95 && (!m || !Number.isFinite(mr) || pr > mr) : null;
-      verdicts.push({ name: `${op} >= 0.95 of direct and above mod_proxy`, pass, detail: `${ratio(pr)} vs mod_proxy ${ratio(mr)}` });
-      rows.push([
+      block(
         `${op} ${tp.sizeMiB} MiB, MiB/s (median of ${tp.reps})`,
         fmt(num(tp, 'direct', key)),
-        `${fmt(num(tp, p, key))} (${ratio(pr)})`,
-        mp(`${fmt(num(tp, m ?? '', key))} (${ratio(mr)})`),
         '>= 0.95x, > mod_proxy',
-        passText(pass),
-      ]);
-      for (const v of ctxNames.variants.slice(1)) {
-        rows.push([`  ${op} via ${v}`, '', `${fmt(num(tp, v, key))} (${ratio(num(tp, v, rkey))})`, '', '', '']);
-      }
+        (name) => {
+          const pr = num(tp, name, rkey);
+          const errors = ((tp[name] as { errors?: string[] } | undefined)?.errors ?? []).length;
+          const pass = Number.isFinite(pr) ? pr >= 0.95 && (!m || !Number.isFinite(mr) || pr > mr) && errors === 0 : null;
+          verdicts.push({ name: `${op} >= 0.95 of direct and above mod_proxy`, variant: name, pass, detail: `${ratio(pr)} vs mod_proxy ${ratio(mr)}${errors ? `, ${errors} transfer errors` : ''}` });
+          return { cell: `${fmt(num(tp, name, key))} (${ratio(pr)})${errors ? `, ${errors} errors` : ''}`, pass };
+        },
+        (name) => `${fmt(num(tp, name, key))} (${ratio(mr)})`,
+      );
     }
   }
   for (const c of [1, 50]) {
     const r = results[`rate_c${c}`] as Record<string, unknown> | undefined;
     if (!r) continue;
-    const pr = num(r, p, 'ratio');
-    const failed = num(r, p, 'failed');
-    const pass = Number.isFinite(pr) ? pr >= 0.9 && failed === 0 : null;
-    verdicts.push({ name: `sessions/s at concurrency ${c} >= 0.9 of direct`, pass, detail: `${ratio(pr)}, ${failed} failed` });
-    rows.push([
+    const failedText = (name: string): string => (num(r, name, 'failed') ? `, ${num(r, name, 'failed')} failed` : '');
+    block(
       `sessions/s, c=${c} (connect+login+PASV+RETR 4 KiB+QUIT)`,
       fmt(num(r, 'direct', 'sessionsPerSecond')),
-      `${fmt(num(r, p, 'sessionsPerSecond'))} (${ratio(pr)})`,
-      mp(`${fmt(num(r, m ?? '', 'sessionsPerSecond'))} (${ratio(num(r, m ?? '', 'ratio'))})`),
       '>= 0.90x',
-      passText(pass),
-    ]);
+      (name) => {
+        const pr = num(r, name, 'ratio');
+        const failed = num(r, name, 'failed');
+        const pass = Number.isFinite(pr) ? pr >= 0.9 && failed === 0 : null;
+        verdicts.push({ name: `sessions/s at concurrency ${c} >= 0.9 of direct`, variant: name, pass, detail: `${ratio(pr)}, ${failed} failed` });
+        return { cell: `${fmt(num(r, name, 'sessionsPerSecond'))} (${ratio(pr)})${failedText(name)}`, pass };
+      },
+      (name) => `${fmt(num(r, name, 'sessionsPerSecond'))} (${ratio(num(r, name, 'ratio'))})${failedText(name)}`,
+    );
   }
   const sc = results.scale as Record<string, unknown> | undefined;
   if (sc) {
-    const failed = num(sc, p, 'failed');
-    const pass = Number.isFinite(failed) ? failed === 0 : null;
-    verdicts.push({ name: `${sc.sessions} concurrent sessions: 0 failures, every sha256 right`, pass, detail: `${failed} failures` });
-    const cell = (name: string): string => `${num(sc, name, 'failed')} failed, ${num(sc, name, 'maxConcurrentTransfers')} at once`;
-    rows.push([`${sc.sessions} concurrent sessions (mixed RETR/STOR, sha256)`, cell('direct'), cell(p), mp(m ? cell(m) : ''), '0 failures', passText(pass)]);
+    const directMs = num(sc, 'direct', 'transferPhaseMs');
+    // One run per target, so the time ratio is indicative only; the verdict is about failures.
+    const cell = (name: string): string => {
+      const ms = num(sc, name, 'transferPhaseMs');
+      const time = Number.isFinite(ms) ? `, ${fmt(ms)} ms${name !== 'direct' && Number.isFinite(directMs) && directMs > 0 ? ` (${ratio(ms / directMs)} the time)` : ''}` : '';
+      return `${num(sc, name, 'failed')} failed, ${num(sc, name, 'maxConcurrentTransfers')} at once${time}`;
+    };
+    block(
+      `${sc.sessions} concurrent sessions (mixed RETR/STOR, sha256; ms: transfer phase)`,
+      cell('direct'),
+      '0 failures',
+      (name) => {
+        const failed = num(sc, name, 'failed');
+        const pass = Number.isFinite(failed) ? failed === 0 : null;
+        verdicts.push({ name: `${sc.sessions} concurrent sessions: 0 failures, every sha256 right`, variant: name, pass, detail: `${failed} failures` });
+        return { cell: cell(name), pass };
+      },
+      cell,
+    );
   }
   const idle = results.idle as Record<string, unknown> | undefined;
   if (idle) {
+    // Control connections only (a fake upstream, no data): the same for every variant.
     const per = num(idle, 'perSessionKiB');
     const alive = num(idle, 'aliveAfterIdle');
     const pass = Number.isFinite(per) ? per <= 20 && alive === num(idle, 'sessions') : null;
-    verdicts.push({ name: `RSS per idle session <= 20 KiB (${idle.sessions} sessions)`, pass, detail: `${fmt(per, 1)} KiB, ${alive} alive after idling` });
-    rows.push([`RSS per idle session (${idle.sessions} idle, logged in)`, '-', `${fmt(per, 1)} KiB`, '-', '<= 20 KiB', passText(pass)]);
+    verdicts.push({ name: `RSS per idle session <= 20 KiB (${idle.sessions} sessions)`, variant: null, pass, detail: `${fmt(per, 1)} KiB, ${alive} alive after idling` });
+    if (rows.length > 1) rows.push([]);
+    rows.push([`RSS per idle session (${idle.sessions} idle, logged in)`, '-', 'proxy-idle (control only)', `${fmt(per, 1)} KiB`, '<= 20 KiB', passText(pass)]);
   }
   const noop = results.noop as Record<string, unknown> | undefined;
   if (noop) {
-    const o99 = num(noop, p, 'overheadP99Ms');
-    const pass = Number.isFinite(o99) ? o99 < 0.5 : null;
-    verdicts.push({ name: 'NOOP p99 overhead < 0.5 ms', pass, detail: `p50 +${fmt(num(noop, p, 'overheadP50Ms'), 3)} ms, p99 +${fmt(o99, 3)} ms` });
     const cell = (name: string): string => `${fmt(num(noop, name, 'p50Ms'), 3)} / ${fmt(num(noop, name, 'p99Ms'), 3)}`;
-    rows.push([
+    const over = (name: string): string => `${cell(name)} (+${fmt(num(noop, name, 'overheadP50Ms'), 3)} / +${fmt(num(noop, name, 'overheadP99Ms'), 3)})`;
+    block(
       'NOOP round trip p50 / p99, ms',
       cell('direct'),
-      `${cell(p)} (+${fmt(num(noop, p, 'overheadP50Ms'), 3)} / +${fmt(o99, 3)})`,
-      mp(m ? `${cell(m)} (+${fmt(num(noop, m, 'overheadP50Ms'), 3)} / +${fmt(num(noop, m, 'overheadP99Ms'), 3)})` : ''),
       'p99 overhead < 0.5 ms',
-      passText(pass),
-    ]);
+      (name) => {
+        const o99 = num(noop, name, 'overheadP99Ms');
+        const pass = Number.isFinite(o99) ? o99 < 0.5 : null;
+        verdicts.push({ name: 'NOOP p99 overhead < 0.5 ms', variant: name, pass, detail: `p50 +${fmt(num(noop, name, 'overheadP50Ms'), 3)} ms, p99 +${fmt(o99, 3)} ms` });
+        return { cell: over(name), pass };
+      },
+      over,
+    );
   }
   return { text: table(rows), verdicts };
+}
+
+/** Verdict lines grouped by variant (headline first), then those about no variant. */
+function verdictLines(verdicts: readonly Verdict[], variants: readonly string[]): string[] {
+  const order = (v: Verdict): number => (v.variant === null ? variants.length : Math.max(0, variants.indexOf(v.variant)));
+  return [...verdicts]
+    .map((v, i) => ({ v, i }))
+    .sort((a, b) => order(a.v) - order(b.v) || a.i - b.i)
+    .map(({ v }) => `${v.pass === null ? 'n/a ' : v.pass ? 'PASS' : 'FAIL'}  ${v.name}${v.variant ? ` [${v.variant}]` : ''}: ${v.detail}`);
 }
 
 /** Figures that explain the verdicts: proxy CPU per GiB and per session, idle descriptors. */
@@ -684,11 +849,13 @@ function diagnosticLines(results: Record<string, unknown>, variants: readonly st
   const tp = results.throughput as Record<string, unknown> | undefined;
   for (const v of variants) {
     const parts: string[] = [];
-    if (tp) parts.push(`${fmt(num(tp, v, 'proxyCpuSecondsPerGiB'), 2)} CPU s per GiB relayed`);
+    if (tp) parts.push(`${fmt(num(tp, v, 'proxyCpuSecondsPerGiB'), 2)} CPU s per GiB transferred`);
     for (const c of [1, 50]) {
       const r = results[`rate_c${c}`] as Record<string, unknown> | undefined;
       if (r) parts.push(`${fmt(num(r, v, 'proxyCpuMsPerSession'), 2)} CPU ms per session at c=${c}`);
     }
+    const events = (results.proxyLogEvents as Record<string, Record<string, number>> | undefined)?.[v] ?? {};
+    if (Object.keys(events).length) parts.push(`logged ${Object.entries(events).map(([e, n]) => `${e} x${n}`).join(', ')}`);
     if (parts.length) lines.push(`${v}: ${parts.join(', ')}`);
   }
   const idle = results.idle as Record<string, unknown> | undefined;
@@ -712,7 +879,8 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
   process.on('SIGTERM', () => void stop().then(() => process.exit(143)));
   const started = Date.now();
   let modProxyReason: string | null = setup.proftpd.ok ? null : setup.proftpd.reason;
-  let ctxNames = { proxy: 'proxy', modProxy: null as string | null, variants: [] as string[] };
+  const names = { modProxy: null as string | null, variants: [] as string[], labels: {} as Record<string, string> };
+  const variants = setup.variants ?? options.variants ?? ['auto'];
   try {
     const vsftpdMissing = vsftpdUnavailable();
     const needsVsftpd = ['throughput', 'rate', 'noop', 'scale'].some((s) => options.only.has(s));
@@ -732,13 +900,51 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
       spawnSync('chown', ['-R', `${TEST_USER}:`, root]);
       const direct = await startBenchVsftpd({ port: PORTS.vsftpd, work: join(work, 'vsftpd'), root, pasvMin: PORTS.vsftpdPasv[0], pasvMax: PORTS.vsftpdPasv[1] });
       const proxies: Server[] = [];
-      for (const [i, variant] of options.variants.entries()) {
+      for (const [i, variant] of variants.entries()) {
         const name = i === 0 ? 'proxy' : `proxy-${variant}`;
-        const env: NodeJS.ProcessEnv = variant === 'auto' ? {} : { FTPNP_RELAY: variant };
-        proxies.push(await startBenchProxy({ name, port: PORTS.proxyBase + i, work: join(work, 'proxy'), upstreamPort: PORTS.vsftpd, passivePorts: PORTS.proxyPassive(i), repoDir: repo, env }));
-        machine.proxyRelay[name] = await describeRelay(repo, variant);
+        const kernel = variant === 'kernel';
+        // The kernel variant: client.dataPath kernel and no FTPNP_RELAY override.
+        const env: NodeJS.ProcessEnv = variant === 'auto' || kernel ? {} : { FTPNP_RELAY: variant };
+        const described = await describeRelay(repo, variant);
+        let text = described.text;
+        if (kernel) {
+          const probe = await probeKernelPath(repo, join(work, 'proxy'));
+          machine.kernelProbe = probe;
+          text += probe.problem ? `; probe: ${probe.problem}` : '; probe: transfer logged with dataPath=kernel';
+          if (probe.problem) notes.push(`kernel data path probe (one RETR through a proxy logging at info): ${probe.problem}`);
+        }
+        try {
+          proxies.push(
+            await startBenchProxy({ name, port: PORTS.proxyBase + i, work: join(work, 'proxy'), upstreamPort: PORTS.vsftpd, passivePorts: PORTS.proxyPassive(i), repoDir: repo, env, ...(kernel ? { dataPath: 'kernel' as const } : {}) }),
+          );
+        } catch (err) {
+          // Without the kernel variant the rest of the run still means something.
+          if (!kernel) throw err;
+          notes.push(`kernel data path variant not measured, ${name} did not start: ${oneLine(err)}`);
+          log(`${name}: did not start: ${oneLine(err)}`);
+          continue;
+        }
+        machine.proxyRelay[name] = text;
+        names.labels[name] = variantLabel(name, variant, described.kind, i === 0);
       }
-      ctxNames = { proxy: 'proxy', modProxy: null, variants: proxies.map((p) => p.name) };
+      if (proxies.length === 0) throw new Error(`no proxy variant started (${notes[notes.length - 1] ?? ''})`);
+      names.variants = proxies.map((p) => p.name);
+      // What the proxies log at warn and above, by event: a kernel-path proxy that fell back to
+      // its relay for some transfers says so here (kernel-path-failed).
+      const logEvents: Record<string, Record<string, number>> = {};
+      results.proxyLogEvents = logEvents;
+      for (const p of proxies) {
+        const counts: Record<string, number> = (logEvents[p.name] = {});
+        p.child.onLine((line) => {
+          if (!line.includes('"event"')) return;
+          try {
+            const event = (JSON.parse(line) as { event?: unknown }).event;
+            if (typeof event === 'string') counts[event] = (counts[event] ?? 0) + 1;
+          } catch {
+            /* not a log line */
+          }
+        });
+      }
       let modProxy: Server | null = null;
       if (setup.proftpd.ok) {
         try {
@@ -751,7 +957,8 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
             passiveMin: PORTS.proftpdPassive[0],
             passiveMax: PORTS.proftpdPassive[1],
           });
-          ctxNames.modProxy = modProxy.name;
+          names.modProxy = modProxy.name;
+          names.labels[modProxy.name] = 'mod_proxy (ProFTPD 1.3.8)';
         } catch (err) {
           modProxyReason = err instanceof Error ? err.message : String(err);
         }
@@ -777,27 +984,36 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
       for (const p of proxies) await p.child.stop();
       if (modProxy) await modProxy.child.stop();
       await direct.child.stop();
+      // A kernel-path proxy removes its own nftables table when it stops (only looked at in
+      // the bench's own namespace, which is removed afterwards anyway).
+      for (const [name, counts] of Object.entries(logEvents)) {
+        if (counts['kernel-path-failed']) notes.push(`${name}: ${counts['kernel-path-failed']} data channels fell back to the relay (kernel-path-failed logged)`);
+      }
+      if (setup.netns && variants.includes('kernel')) {
+        const left = nftTables()?.filter((t) => /\bftpnp_/.test(t)) ?? [];
+        if (left.length > 0) notes.push(`nftables tables left behind after the proxies stopped: ${left.join(', ')}`);
+      }
     }
     if (options.only.has('idle')) results.idle = await benchIdle(options, repo, join(work, 'idle'));
   } finally {
     await stop();
   }
   machine.loadavgEnd = loadavg().map((v) => Number(v.toFixed(2)));
-  const { text, verdicts } = report(results, ctxNames);
+  const { text, verdicts } = report(results, names);
   const header = [
     `ftp-nat-proxy benchmark, ${new Date().toISOString()}, ${((Date.now() - started) / 1000).toFixed(0)} s`,
     `machine: nproc ${machine.nproc} (${machine.cpuModel}), memory ${machine.memTotal}, node ${machine.node}, kernel ${machine.kernel}, load ${machine.loadavgStart.join(' ')}`,
-    `network: ${setup.netns ? `private namespace ${setup.netns} (loopback, tcp_syncookies=0)` : 'host loopback'}; relays: ${Object.entries(machine.proxyRelay).map(([k, v]) => `${k}=${v}`).join(', ') || 'n/a'}`,
+    `network: ${setup.netns ? `private namespace ${setup.netns} (loopback, tcp_syncookies=0)` : 'host loopback'}; proxy variants: ${Object.entries(machine.proxyRelay).map(([k, v]) => `${k}=${v}`).join(', ') || 'n/a'}`,
     `mod_proxy: ${modProxyReason ? `unavailable (${modProxyReason})` : 'ProFTPD 1.3.8 + mod_proxy (reverse), unpacked privately'}`,
     `quiet check: ${quietness.samples - quietness.notQuiet}/${quietness.samples} measurements started with the machine idle (other work up to ${quietness.maxBusyCores} cores)`,
     ...notes.map((n) => `note: ${n}`),
   ].join('\n');
-  const summary = verdicts.map((v) => `${v.pass === null ? 'n/a ' : v.pass ? 'PASS' : 'FAIL'}  ${v.name}: ${v.detail}`).join('\n');
-  const diagnostics = diagnosticLines(results, ctxNames.variants);
+  const summary = verdictLines(verdicts, names.variants).join('\n');
+  const diagnostics = diagnosticLines(results, names.variants);
   process.stdout.write(`\n${header}\n\n${text}\n\n${summary}\n${diagnostics.length ? `\n${diagnostics.join('\n')}\n` : ''}`);
   const outDir = join(repo, 'bench-results');
   mkdirSync(outDir, { recursive: true });
-  const json = JSON.stringify({ machine, quietness, options: { ...options, only: [...options.only] }, modProxy: modProxyReason ? { available: false, reason: modProxyReason } : { available: true }, notes, results, verdicts }, null, 2);
+  const json = JSON.stringify({ machine, quietness, options: { ...options, only: [...options.only], variants }, variantLabels: names.labels, modProxy: modProxyReason ? { available: false, reason: modProxyReason } : { available: true }, notes, results, verdicts }, null, 2);
   writeFileSync(join(outDir, 'latest.json'), `${json}\n`);
   writeFileSync(join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, '-')}.json`), `${json}\n`);
   process.stdout.write(`\nwritten: ${join(outDir, 'latest.json')}\n`);

@@ -98,6 +98,13 @@ export interface ProxyBenchOptions {
   readonly repoDir: string;
   /** Extra environment (e.g. FTPNP_RELAY to pick the data relay). */
   readonly env?: NodeJS.ProcessEnv;
+  /**
+   * `client.dataPath`: `relay` (the proxy's own relay; also what leaving it out means) or
+   * `kernel` (a per-transfer nftables DNAT/SNAT mapping, root and libnftables needed).
+   */
+  readonly dataPath?: 'relay' | 'kernel';
+  /** `log.level`; `warn` unless told (per-session info lines would be part of every figure). */
+  readonly logLevel?: string;
   readonly nodeArgs?: readonly string[];
   readonly user?: string;
   readonly password?: string;
@@ -105,7 +112,7 @@ export interface ProxyBenchOptions {
 
 export function proxyBenchYaml(options: ProxyBenchOptions): string {
   return [
-    'log: { level: warn }',
+    `log: { level: ${options.logLevel ?? 'warn'} }`,
     'listeners:',
     '  - name: bench',
     `    listen: "${HOST}:${options.port}"`,
@@ -116,6 +123,7 @@ export function proxyBenchYaml(options: ProxyBenchOptions): string {
     '    client:',
     '      advertise: auto',
     `      passivePorts: "${options.passivePorts}"`,
+    ...(options.dataPath ? [`      dataPath: ${options.dataPath}`] : []),
     '    limits:',
     // Every bench client comes from 127.0.0.1.
     '      maxSessions: 100000',

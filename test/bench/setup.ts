@@ -37,18 +37,36 @@ function aptUpdate(): void {
   sh('apt-get', ['update', '-qq'], { timeoutMs: APT_TIMEOUT_MS });
 }
 
-/** Install vsftpd, curl, iproute2 (and util-linux for prlimit) when missing; returns notes. */
+/**
+ * libnftables.so.1 (Debian package nftables, via libnftables1), which the proxy's
+ * `client.dataPath: kernel` loads through its native addon.
+ */
+export function hasLibnftables(): boolean {
+  for (const base of ['/usr/lib', '/lib']) {
+    if (existsSync(join(base, 'libnftables.so.1'))) return true;
+    if (!existsSync(base)) continue;
+    for (const entry of readdirSync(base)) if (/-linux-gnu/.test(entry) && existsSync(join(base, entry, 'libnftables.so.1'))) return true;
+  }
+  const ldconfig = sh('ldconfig', ['-p']);
+  return ldconfig.ok && /\blibnftables\.so\.1\b/.test(ldconfig.out);
+}
+
+/**
+ * Install vsftpd, curl, iproute2, util-linux (for prlimit) and nftables (libnftables, for
+ * the kernel data path variant) when missing; returns notes.
+ */
 export function ensurePackages(): string[] {
   const notes: string[] = [];
   const need = (
     [
-      ['vsftpd', 'vsftpd'],
-      ['curl', 'curl'],
-      ['ip', 'iproute2'],
-      ['prlimit', 'util-linux'],
+      [() => have('vsftpd'), 'vsftpd'],
+      [() => have('curl'), 'curl'],
+      [() => have('ip'), 'iproute2'],
+      [() => have('prlimit'), 'util-linux'],
+      [() => hasLibnftables() && have('nft'), 'nftables'],
     ] as const
   )
-    .filter(([binary]) => !have(binary))
+    .filter(([present]) => !present())
     .map(([, pkg]) => pkg);
   if (need.length === 0) return notes;
   if (!isRoot()) {
