@@ -8,7 +8,11 @@
  *
  * The client's connection to the leased port is then DNATed by the kernel straight to the
  * server's passive port, and SNATed so the server sees the proxy's address (vsftpd
- * pasv_promiscuous=NO checks it equals the control peer; protocol.md §2.4). This is OpenBSD
+ * pasv_promiscuous=NO checks it equals the control peer; protocol.md §2.4). An SNAT element
+ * can be shared: vsftpd closes its passive listener once the data connection is accepted, so
+ * the same port may be handed to the next PASV while the first transfer still runs (seen at
+ * 50 concurrent sessions in test/bench). SNAT elements are therefore reference-counted and
+ * carry no timeout; they open nothing by themselves (only flows we DNATed are SNATed). This is OpenBSD
  * ftp-proxy's per-transfer pf rule, with nftables maps instead of anchors. The payload never
  * crosses a second TCP connection: on the bench machine a user-space relay, even splice(2),
  * holds a transfer to about half of direct because every byte is received and re-sent by a
@@ -102,7 +106,7 @@ export function tableScript(table: string): string {
     `delete table ip ${table}`,
     `table ip ${table} {`,
     '  map dnat_to { type ipv4_addr . ipv4_addr . inet_service : ipv4_addr . inet_service; flags timeout; }',
-    '  map snat_to { type ipv4_addr . ipv4_addr . inet_service : ipv4_addr; flags timeout; }',
+    '  map snat_to { type ipv4_addr . ipv4_addr . inet_service : ipv4_addr; }',
     // Remote clients arrive through prerouting; clients on this host through output.
     '  chain prerouting { type nat hook prerouting priority dstnat; policy accept; dnat ip to ip saddr . ip daddr . tcp dport map @dnat_to; }',
     '  chain output { type nat hook output priority -100; policy accept; dnat ip to ip saddr . ip daddr . tcp dport map @dnat_to; }',
@@ -117,23 +121,34 @@ function nftTimeout(ms: number): string {
 }
 
 /**
- * `create`, not `add`: `add` silently accepts an element that is already there, and a key
- * already mapped means a mapping we failed to remove; that transfer is relayed instead.
+ * The DNAT element with `create`, not `add`: `add` silently accepts an element that is already
+ * there, and a key already mapped means a mapping we failed to remove; that transfer is relayed
+ * instead. The SNAT element only when no other mapping holds it yet (`withSnat`).
  */
-export function addMappingScript(table: string, m: ForwardMapping, timeoutMs: number): string {
-  const timeout = nftTimeout(timeoutMs);
+export function addMappingScript(table: string, m: ForwardMapping, timeoutMs: number, withSnat = true): string {
   return [
-    `create element ip ${table} snat_to { ${m.clientIp} . ${m.serverIp} . ${m.serverPort} timeout ${timeout} : ${m.snatIp} }`,
-    `create element ip ${table} dnat_to { ${m.clientIp} . ${m.proxyIp} . ${m.proxyPort} timeout ${timeout} : ${m.serverIp} . ${m.serverPort} }`,
+    ...(withSnat ? [`add element ip ${table} snat_to { ${snatKeyText(m)} : ${m.snatIp} }`] : []),
+    `create element ip ${table} dnat_to { ${dnatKeyText(m)} timeout ${nftTimeout(timeoutMs)} : ${m.serverIp} . ${m.serverPort} }`,
   ].join('\n');
 }
 
-/** One command per element, so that one that already expired cannot stop the other's removal. */
-export function removeMappingScripts(table: string, m: ForwardMapping): string[] {
+/**
+ * One command per element, so that a DNAT element that already expired cannot stop the SNAT
+ * element's removal. The SNAT element only when this was its last holder (`withSnat`).
+ */
+export function removeMappingScripts(table: string, m: ForwardMapping, withSnat = true): string[] {
   return [
-    `delete element ip ${table} dnat_to { ${m.clientIp} . ${m.proxyIp} . ${m.proxyPort} }`,
-    `delete element ip ${table} snat_to { ${m.clientIp} . ${m.serverIp} . ${m.serverPort} }`,
+    `delete element ip ${table} dnat_to { ${dnatKeyText(m)} }`,
+    ...(withSnat ? [`delete element ip ${table} snat_to { ${snatKeyText(m)} }`] : []),
   ];
+}
+
+function dnatKeyText(m: ForwardMapping): string {
+  return `${m.clientIp} . ${m.proxyIp} . ${m.proxyPort}`;
+}
+
+function snatKeyText(m: ForwardMapping): string {
+  return `${m.clientIp} . ${m.serverIp} . ${m.serverPort}`;
 }
 
 /**
@@ -204,6 +219,8 @@ export class KernelForwarder {
   private readonly run: NftRunner;
   private readonly onWarning: (message: string, detail: Record<string, unknown>) => void;
   private readonly forwards = new Set<KernelForward>();
+  /** SNAT elements in the table: key -> the address they map to and how many mappings hold them. */
+  private readonly snat = new Map<string, { readonly snatIp: string; holders: number }>();
   private closed = false;
 
   /** Remove stale tables, create ours. Throws FTPP_ERR_KERNEL_PATH with nft's words. */
@@ -229,8 +246,15 @@ export class KernelForwarder {
   /** Install one transfer's mapping. Throws FTPP_ERR_KERNEL_PATH (the caller relays instead). */
   forward(mapping: ForwardMapping, timeoutMs: number): KernelForward {
     if (this.closed) throw new ProxyError('FTPP_ERR_KERNEL_PATH', 'kernel data path closed');
-    const added = this.run(addMappingScript(this.table, mapping, timeoutMs));
+    const snatKey = snatKeyText(mapping);
+    const shared = this.snat.get(snatKey);
+    if (shared && shared.snatIp !== mapping.snatIp) {
+      throw new ProxyError('FTPP_ERR_KERNEL_PATH', `${snatKey} is already sent from ${shared.snatIp}, not ${mapping.snatIp}`);
+    }
+    const added = this.run(addMappingScript(this.table, mapping, timeoutMs, !shared));
     if (!added.ok) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `cannot add the data mapping: ${added.error || 'unknown error'}`);
+    if (shared) shared.holders += 1;
+    else this.snat.set(snatKey, { snatIp: mapping.snatIp, holders: 1 });
     let removed = false;
     const forward: KernelForward = {
       mapping,
@@ -239,9 +263,13 @@ export class KernelForwarder {
         removed = true;
         this.forwards.delete(forward);
         if (this.closed) return;
-        const scripts = removeMappingScripts(this.table, mapping);
-        // One transaction as a rule. It fails as a whole when an element already expired
-        // (nobody connected in time); then each goes on its own, and a failure is fine.
+        const entry = this.snat.get(snatKey);
+        const lastHolder = !entry || entry.holders <= 1;
+        if (entry && lastHolder) this.snat.delete(snatKey);
+        else if (entry) entry.holders -= 1;
+        const scripts = removeMappingScripts(this.table, mapping, lastHolder);
+        // One transaction as a rule. It fails as a whole when the DNAT element already
+        // expired (nobody connected in time); then each goes on its own.
         if (!this.run(scripts.join('\n')).ok) for (const script of scripts) this.run(script);
       },
     };
@@ -254,6 +282,7 @@ export class KernelForwarder {
     if (this.closed) return;
     this.closed = true;
     this.forwards.clear();
+    this.snat.clear();
     const result = this.run(`delete table ip ${this.table}`);
     if (!result.ok) this.onWarning('could not delete the nftables table', { table: this.table, error: result.error });
   }

@@ -88,7 +88,9 @@ static napi_value nft_open(napi_env env, napi_callback_info info) {
     napi_throw_error(env, "FTPP_ERR_KERNEL_PATH", "nft_ctx_new failed");
     return NULL;
   }
-  /* Output and errors go to buffers we hand back, never to the proxy's stdout/stderr. */
+  /* Output and errors go to buffers we hand back. (Not quite all: without CAP_NET_ADMIN the
+   * library also prints "Operation not permitted (you must be root)" to stderr itself; the
+   * proxy then stops with FTPP_ERR_KERNEL_PATH anyway, so one stray line is tolerated.) */
   if (nft.buffer_output(ctx) != 0 || nft.buffer_error(ctx) != 0) {
     nft.ctx_free(ctx);
     napi_throw_error(env, "FTPP_ERR_KERNEL_PATH", "cannot buffer libnftables output");

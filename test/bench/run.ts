@@ -8,7 +8,8 @@
  * drop bursts; the host's sysctls are never touched) and removed afterwards. Without root,
  * it runs on the host's loopback and skips what needs vsftpd.
  *
- * Options: --quick (small sizes, few repetitions), --size-mib=N, --reps=N (every section;
+ * Options: --quick (small sizes, few repetitions), --cpu-prof (V8 profiles of the proxies in
+ * bench-results/profiles/), --size-mib=N, --reps=N (every section;
  * default 9 for throughput, whose single figures swing most, 5 elsewhere),
  * --only=throughput,rate,noop,scale,idle, --variants=auto,js,splice,kernel (proxy variants
  * to run; the first is the headline). `auto`, `js` and `splice` are `client.dataPath: relay`
@@ -62,6 +63,8 @@ interface Options {
   /** As given with --variants=, or null for the default (resolved by `resolveVariants`). */
   readonly variants: readonly string[] | null;
   readonly inside: boolean;
+  /** Write a V8 CPU profile of every measured proxy to bench-results/profiles/ (--cpu-prof). */
+  readonly cpuProf: boolean;
 }
 
 const SECTIONS = ['throughput', 'rate', 'noop', 'scale', 'idle'];
@@ -78,6 +81,7 @@ function parseOptions(argv: readonly string[]): Options {
     only: new Set((get('only') ?? SECTIONS.join(',')).split(',')),
     variants: get('variants')?.split(',').filter(Boolean) ?? null,
     inside: argv.includes('--inside'),
+    cpuProf: argv.includes('--cpu-prof'),
   };
 }
 
@@ -915,7 +919,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
         }
         try {
           proxies.push(
-            await startBenchProxy({ name, port: PORTS.proxyBase + i, work: join(work, 'proxy'), upstreamPort: PORTS.vsftpd, passivePorts: PORTS.proxyPassive(i), repoDir: repo, env, ...(kernel ? { dataPath: 'kernel' as const } : {}) }),
+            await startBenchProxy({ name, port: PORTS.proxyBase + i, work: join(work, 'proxy'), upstreamPort: PORTS.vsftpd, passivePorts: PORTS.proxyPassive(i), repoDir: repo, env, ...(kernel ? { dataPath: 'kernel' as const } : {}), ...(options.cpuProf ? { nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${join(repo, 'bench-results', 'profiles')}`, `--cpu-prof-name=${name}.cpuprofile`] } : {}) }),
           );
         } catch (err) {
           // Without the kernel variant the rest of the run still means something.

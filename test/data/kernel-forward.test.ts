@@ -57,7 +57,7 @@ t.test('scripts', async (t) => {
   const table = tableScript('ftpnp_1');
   t.match(table, /^add table ip ftpnp_1\ndelete table ip ftpnp_1\ntable ip ftpnp_1 \{/, 'a leftover table of the same name is replaced, never an error');
   t.match(table, /map dnat_to \{ type ipv4_addr \. ipv4_addr \. inet_service : ipv4_addr \. inet_service; flags timeout; \}/);
-  t.match(table, /map snat_to \{ type ipv4_addr \. ipv4_addr \. inet_service : ipv4_addr; flags timeout; \}/);
+  t.match(table, /map snat_to \{ type ipv4_addr \. ipv4_addr \. inet_service : ipv4_addr; \}/, 'SNAT elements are shared and counted, no timeout');
   t.match(table, /hook prerouting priority dstnat;.*dnat ip to ip saddr \. ip daddr \. tcp dport map @dnat_to/, 'remote clients');
   t.match(table, /hook output priority -100;.*dnat ip to ip saddr \. ip daddr \. tcp dport map @dnat_to/, 'clients on this host');
   t.match(table, /hook postrouting priority srcnat;.*ct status dnat snat ip to ip saddr \. ip daddr \. tcp dport map @snat_to/, 'SNAT only what we DNATed');
@@ -65,11 +65,17 @@ t.test('scripts', async (t) => {
   t.equal(
     addMappingScript('ftpnp_1', MAPPING, 30000),
     [
-      'create element ip ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 timeout 30000ms : 10.20.0.1 }',
+      'add element ip ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 : 10.20.0.1 }',
       'create element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 timeout 30000ms : 10.20.0.5 . 31337 }',
     ].join('\n'),
     'SNAT first: the DNAT element must never exist without its SNAT partner (one transaction anyway)',
   );
+  t.equal(
+    addMappingScript('ftpnp_1', MAPPING, 30000, false),
+    'create element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 timeout 30000ms : 10.20.0.5 . 31337 }',
+    'an SNAT element another mapping holds is not added again',
+  );
+  t.same(removeMappingScripts('ftpnp_1', MAPPING, false), ['delete element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }'], 'nor removed while held');
   t.match(addMappingScript('ftpnp_1', MAPPING, 250), /timeout 1000ms/, 'at least a second: a shorter timeout would race the 227');
   t.match(addMappingScript('ftpnp_1', MAPPING, 1500.2), /timeout 1501ms/, 'whole milliseconds');
   t.same(removeMappingScripts('ftpnp_1', MAPPING), [
@@ -125,6 +131,24 @@ t.test('KernelForwarder with a recording runner', async (t) => {
     t.throws(() => forwarder.forward(MAPPING, 5000), /closed/, 'no mapping after close');
   });
 
+  await t.test('two mappings to the same server port share one SNAT element (vsftpd reuses a port once accepted)', async (t) => {
+    const { run, scripts } = recordingRunner();
+    const forwarder = new KernelForwarder(run, { pid: 6 });
+    const second: ForwardMapping = { ...MAPPING, proxyPort: 60002 };
+    const a = forwarder.forward(MAPPING, 5000);
+    const b = forwarder.forward(second, 5000);
+    t.equal(scripts.at(-1), addMappingScript('ftpnp_6', second, 5000, false), 'the second adds only its DNAT element');
+    a.remove();
+    t.equal(scripts.at(-1), removeMappingScripts('ftpnp_6', MAPPING, false).join('\n'), 'the first goes without the shared SNAT element');
+    b.remove();
+    t.equal(scripts.at(-1), removeMappingScripts('ftpnp_6', second, true).join('\n'), 'the last holder takes it');
+    const other = forwarder.forward(MAPPING, 5000);
+    t.equal(scripts.at(-1), addMappingScript('ftpnp_6', MAPPING, 5000, true), 'and the next one adds it again');
+    const err = thrownBy(() => forwarder.forward({ ...MAPPING, proxyPort: 60003, snatIp: '10.20.0.2' }, 5000));
+    t.match((err as Error).message, /already sent from 10\.20\.0\.1, not 10\.20\.0\.2/, 'a different source for the same server port is refused (relayed)');
+    other.remove();
+  });
+
   await t.test('removing a mapping after close touches nothing (the table took it)', async (t) => {
     const { run, scripts } = recordingRunner();
     const forwarder = new KernelForwarder(run, { pid: 5 });
@@ -155,7 +179,7 @@ t.test('KernelForwarder with a recording runner', async (t) => {
       t.ok(isProxyError(err, 'FTPP_ERR_KERNEL_PATH'), `${name}: FTPP_ERR_KERNEL_PATH`);
       t.match((err as Error).message, message, name);
     }
-    const { run } = recordingRunner((s) => (s.startsWith('create element') ? { ok: false, error: 'Could not process rule: File exists' } : {}));
+    const { run } = recordingRunner((s) => (s.includes('create element') ? { ok: false, error: 'Could not process rule: File exists' } : {}));
     const forwarder = new KernelForwarder(run, { pid: 9 });
     const err = thrownBy(() => forwarder.forward(MAPPING, 5000));
     t.ok(isProxyError(err, 'FTPP_ERR_KERNEL_PATH'), 'a refused mapping: FTPP_ERR_KERNEL_PATH');
@@ -204,7 +228,7 @@ out.tablesAfterOpen = nft('list', 'tables');
 const m = { clientIp: '192.0.2.7', proxyIp: '192.0.2.1', proxyPort: 60001, serverIp: '192.0.2.5', serverPort: 31337, snatIp: '192.0.2.1' };
 const forward = forwarder.forward(m, 30000);
 out.mapped = nft('list', 'map', 'ip', forwarder.table, 'dnat_to') + nft('list', 'map', 'ip', forwarder.table, 'snat_to');
-try { forwarder.forward(m, 30000); out.duplicate = 'accepted'; } catch (e) { out.duplicate = e.code + ': ' + e.message; }
+try { forwarder.forward({ ...m, serverPort: 31338 }, 30000); out.duplicate = 'accepted'; } catch (e) { out.duplicate = e.code + ': ' + e.message; }
 forward.remove();
 out.unmapped = nft('list', 'map', 'ip', forwarder.table, 'dnat_to') + nft('list', 'map', 'ip', forwarder.table, 'snat_to');
 forwarder.close();
@@ -232,7 +256,7 @@ t.test('the real libnftables in a namespace of our own', async (t) => {
   t.notMatch(out.tablesAfterOpen, /ftpnp_999999/, 'the dead proxy\'s table is gone');
   t.match(out.tablesAfterOpen, new RegExp(`table ip ${String(out.table)}`), 'ours exists');
   t.match(out.mapped, /192\.0\.2\.7 \. 192\.0\.2\.1 \. 60001 timeout 30s expires \S+ : 192\.0\.2\.5 \. 31337/, 'DNAT element with its timeout');
-  t.match(out.mapped, /192\.0\.2\.7 \. 192\.0\.2\.5 \. 31337 timeout 30s expires \S+ : 192\.0\.2\.1/, 'SNAT element');
+  t.match(out.mapped, /192\.0\.2\.7 \. 192\.0\.2\.5 \. 31337 : 192\.0\.2\.1/, 'SNAT element');
   t.match(out.duplicate, /^FTPP_ERR_KERNEL_PATH: cannot add the data mapping: .*File exists/, 'the same mapping twice is refused, not silently merged');
   t.notMatch(out.unmapped, /192\.0\.2\.7/, 'both elements removed');
   t.notMatch(out.tablesAfterClose, /ftpnp_/, 'no table left');

@@ -11,12 +11,16 @@
  *                                  |           |           |           |
  *                          lanc .10 (client)  lanp .2   srv 10.20.0.5   slan 10.20.0.7
  *                                            (proxy)   (vsftpd, private) (client in the server LAN)
+ *
+ * The edge host runs two proxies: :2121 relays every data connection, :2122 has
+ * `client.dataPath: kernel` and NATs passive ones with nftables (table ip ftpnp_<pid>).
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
+import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
-import { NetnsLab, nsRun, pythonPath, waitForFtpGreeting, type Daemon } from '../helpers/netns.js';
+import { findCommand, NetnsLab, nsRun, pythonPath, waitForFtpGreeting, type Daemon } from '../helpers/netns.js';
 import type { RunResult } from '../helpers/run.js';
 import { TEST_PASSWORD, TEST_USER } from '../helpers/vsftpd.js';
 
@@ -159,6 +163,75 @@ export async function startProxyInNs(lab: NetnsLab, ns: string, name: string, ya
   return proxy;
 }
 
+// ------------------------------------------------------------------------------ nftables (client.dataPath: kernel)
+
+const NATIVE_ADDON = join(REPO_ROOT, 'src', 'native', 'build', 'Release', 'splice_relay.node');
+const LIBNFTABLES = 'libnftables.so.1';
+
+/**
+ * One line saying why the kernel data path cannot run here, or null. It needs nft(8) (the
+ * test reads the proxy's table with it), libnftables.so.1 (the proxy dlopen()s it) and the
+ * native addon with its nftables entry points. Debian: apt-get install nftables.
+ */
+export function nftablesUnavailable(): string | null {
+  if (!findCommand('nft')) return 'nft is not installed (apt-get install nftables)';
+  const ldconfig = findCommand('ldconfig');
+  const cache = ldconfig ? (spawnSync(ldconfig, ['-p'], { encoding: 'utf8' }).stdout ?? '') : '';
+  const libDirs = ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib', '/lib'];
+  if (!cache.includes(LIBNFTABLES) && !libDirs.some((dir) => existsSync(join(dir, LIBNFTABLES)))) {
+    return `${LIBNFTABLES} is missing (apt-get install nftables)`;
+  }
+  if (!existsSync(NATIVE_ADDON)) return `the native addon is not built (${NATIVE_ADDON}; npm install builds it)`;
+  try {
+    const addon = createRequire(import.meta.url)(NATIVE_ADDON) as { nftOpen?: unknown };
+    if (typeof addon.nftOpen !== 'function') return 'the native addon predates the kernel data path (rebuild: npm install)';
+  } catch (err) {
+    return `the native addon does not load: ${(err as Error).message.split('\n')[0]}`;
+  }
+  return null;
+}
+
+/** nft(8) inside a lab namespace. */
+export function nft(ns: string, args: readonly string[]): Promise<RunResult> {
+  return nsRun(ns, findCommand('nft') ?? 'nft', args, { timeoutMs: 10000 });
+}
+
+/** Names of the proxies' tables (`ftpnp_<pid>`, family ip) in a namespace. */
+export async function ftpnpTables(ns: string): Promise<string[]> {
+  const out = await nft(ns, ['list', 'tables']);
+  if (out.code !== 0) throw new Error(`nft list tables failed (${out.code}): ${out.stderr.trim()}`);
+  return [...out.stdout.matchAll(/^table ip (ftpnp_\d+)\s*$/gm)].map((m) => m[1]!);
+}
+
+/** The elements of one map (without their timeouts), or null when the table or map is missing. */
+export async function nftMapElements(ns: string, table: string, map: string): Promise<string[] | null> {
+  const out = await nft(ns, ['list', 'map', 'ip', table, map]);
+  if (out.code !== 0) return null;
+  const body = /elements = \{([^}]*)\}/.exec(out.stdout)?.[1];
+  if (!body) return [];
+  return body
+    .split(',')
+    .map((element) => element.replace(/\s+/g, ' ').replace(/ timeout \S+| expires \S+/g, '').trim())
+    .filter((element) => element !== '');
+}
+
+/** The raw `nft list map` text of one map (timeouts included), for messages. */
+export async function nftMapText(ns: string, table: string, map: string): Promise<string> {
+  const out = await nft(ns, ['list', 'map', 'ip', table, map]);
+  return (out.stdout + out.stderr).trim();
+}
+
+/**
+ * Run the proxy once in the foreground (for configs that must fail to start), optionally
+ * behind a wrapper such as setpriv(1). Bounded by a timeout like every client.
+ */
+export function runProxyOnce(lab: NetnsLab, ns: string, name: string, yaml: string, wrapper: readonly string[] = []): Promise<RunResult> {
+  const config = join(lab.dir, `${name}.yaml`);
+  writeFileSync(config, yaml);
+  const [command, ...args] = [...wrapper, process.execPath, PROXY_CLI, '--config', config];
+  return nsRun(ns, command!, args, { timeoutMs: 20000 });
+}
+
 // ------------------------------------------------------------------------------ FTP clients
 
 const CLIENT_TIMEOUT_MS = 30000;
@@ -269,6 +342,8 @@ export interface Victim {
   readonly pasv: Promise<Record<string, unknown>>;
   /** Let the victim connect and RETR. */
   go(): void;
+  /** Give up instead: SIGTERM (timeout(1) passes it on to python), so its sessions end. */
+  abandon(): void;
   /** Exit code and every record. */
   readonly done: Promise<{ code: number | null; records: Array<Record<string, unknown>>; stderr: string }>;
 }
@@ -299,7 +374,7 @@ export function startVictim(lab: NetnsLab, ns: string, job: Record<string, unkno
       resolve({ code, records: parseJsonLines(stdout), stderr });
     });
   });
-  return { pasv, go: () => child.stdin.end('go\n'), done };
+  return { pasv, go: () => child.stdin.end('go\n'), abandon: () => child.kill('SIGTERM'), done };
 }
 
 function parseJsonLines(text: string): Array<Record<string, unknown>> {

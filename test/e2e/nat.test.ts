@@ -6,12 +6,17 @@
  * way through the proxy with matching sha256. Topology: ./nat-lab.ts. Why clients are set the
  * way they are (trust the 227 address, EPSV off...): shared/protocol.md §1.3, §6.
  *
+ * Scenario 6 runs a second edge proxy with `client.dataPath: kernel` (per-transfer nftables
+ * DNAT/SNAT mappings instead of the relay) and reads its table with nft(8) in the edge namespace.
+ *
  * Needs root, iproute2, iptables, vsftpd, tnftp, curl, lftp, python3; skips with one line
- * without root, ip, iptables or vsftpd. Runs dist/cli.js (rebuilt here when src/ is newer).
+ * without root, ip, iptables or vsftpd. Scenario 6 also needs nftables (nft, libnftables.so.1)
+ * and the native addon, and skips with one line without them. Runs dist/cli.js (rebuilt here
+ * when src/ is newer).
  * FNP_E2E_LOG_DIR=<dir> keeps the proxy and vsftpd logs of the run.
  */
 import t, { type Test } from 'tap';
-import { copyFileSync, existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { findCommand, NetnsLab, netnsUnavailable, sha256File, makeRandomFile, waitForFtpGreeting } from '../helpers/netns.js';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
@@ -22,7 +27,13 @@ import {
   curl,
   ensureProxyBuilt,
   ftplib,
+  ftpnpTables,
   lftp,
+  nft,
+  nftablesUnavailable,
+  nftMapElements,
+  nftMapText,
+  runProxyOnce,
   startListener,
   startProxyInNs,
   startVictim,
@@ -42,6 +53,12 @@ const PROXY_PORT = 2121;
 const THIRD_PARTY_PORTS = [21, 2000, 2121];
 /** A listener on the client in the server LAN (10.20.0.7), reachable from the edge host. */
 const INNER_HOST_PORT = 2000;
+/** Scenario 6: the second edge proxy (client.dataPath: kernel), its ports, its mapping lifetime. */
+const KERNEL_PROXY_PORT = 2122;
+const KERNEL_PASSIVE_PORTS = { first: 40300, last: 40349 };
+const KERNEL_ACCEPT_SECONDS = 4;
+/** Scenario 6: a kernel-path config run without CAP_NET_ADMIN (must not start). */
+const NOCAP_PROXY_PORT = 2123;
 
 const reason = netnsUnavailable() ?? vsftpdUnavailable();
 if (reason) t.plan(0, reason);
@@ -512,20 +529,270 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     });
   });
 
+  // ---------------------------------------------------------------------------------------
+  // Set after the kernel proxy starts: the suite-wide checks below include it.
+  let kernelProxy: LabProxy | null = null;
+  const kernelUnavailable = nftablesUnavailable();
+  await t.test('6. edge with client.dataPath: kernel: passive data NATed by nftables, not relayed', kernelUnavailable ? { skip: kernelUnavailable } : {}, async (t) => {
+    const ns = topo.publicClient;
+    const proxied = { host: ADDR.edgePublic, port: KERNEL_PROXY_PORT };
+    const url = (name: string): string => `ftp://${proxied.host}:${proxied.port}/${name}`;
+    const kernelYaml = (name: string, port: number): string =>
+      [
+        'log: { level: debug }',
+        'listeners:',
+        `  - name: ${name}`,
+        `    listen: "0.0.0.0:${port}"`,
+        `    upstream: { host: ${ADDR.privateServer}, port: 21, dataMode: passive }`,
+        '    client:',
+        `      advertise: ${ADDR.edgePublic}`,
+        `      passivePorts: "${KERNEL_PASSIVE_PORTS.first}-${KERNEL_PASSIVE_PORTS.last}"`,
+        '      dataPath: kernel',
+        `    timeouts: { dataAcceptSeconds: ${KERNEL_ACCEPT_SECONDS} }`,
+      ].join('\n');
+
+    // The table a proxy killed with SIGKILL would leave: the next start must remove it.
+    const deadPid = unusedPid();
+    const planted = await nft(topo.edge, ['add', 'table', 'ip', `ftpnp_${deadPid}`]);
+    t.equal(planted.code, 0, `planted a stale table ftpnp_${deadPid} (no such process) ${planted.stderr.trim()}`);
+
+    const proxy = await startProxyInNs(lab, topo.edge, 'edge-kernel', kernelYaml('edge-kernel', KERNEL_PROXY_PORT), { ns, ...proxied });
+    kernelProxy = proxy;
+    const table = `ftpnp_${proxy.daemon.pid}`;
+    const dnatEmpty = async (): Promise<boolean> => (await nftMapElements(topo.edge, table, 'dnat_to'))?.length === 0;
+    const mapsEmpty = async (): Promise<[string[] | null, string[] | null]> => {
+      // The channel closes (and deletes its mapping) as the final reply passes: allow a moment.
+      await waitForAsync(dnatEmpty, 3000);
+      return [await nftMapElements(topo.edge, table, 'dnat_to'), await nftMapElements(topo.edge, table, 'snat_to')];
+    };
+    /** New `transfer` records since `mark`, once `count` of them are there (they follow the 226). */
+    const newTransfers = async (mark: number, count: number): Promise<Array<Record<string, unknown>>> => {
+      const pick = (): Array<Record<string, unknown>> => proxy.records().slice(mark).filter((r) => r.event === 'transfer');
+      await waitFor(() => pick().length >= count, 3000);
+      return pick();
+    };
+    const summary = (r: Record<string, unknown>): Record<string, unknown> => ({
+      direction: r.direction,
+      result: r.result,
+      clientMode: r.clientMode,
+      dataPath: r.dataPath,
+      bytes: r.bytes,
+    });
+    const kernelPair = [
+      { direction: 'download', result: 'ok', clientMode: 'passive', dataPath: 'kernel', bytes: null },
+      { direction: 'upload', result: 'ok', clientMode: 'passive', dataPath: 'kernel', bytes: null },
+    ];
+    const relayPair = [
+      { direction: 'download', result: 'ok', clientMode: 'active', dataPath: 'relay', bytes: DOWNLOAD_BYTES },
+      { direction: 'upload', result: 'ok', clientMode: 'active', dataPath: 'relay', bytes: UPLOAD_BYTES },
+    ];
+
+    await t.test('the proxy owns one table ftpnp_<pid> in the edge namespace and removed the dead one', async (t) => {
+      const started = proxy.records().find((r) => r.event === 'started');
+      t.equal(started?.pid, proxy.daemon.pid, `the daemon's pid is the proxy's (${String(started?.pid)})`);
+      const ready = proxy.records().find((r) => r.event === 'kernel-path' && r.level !== 'warn' && Number(r.level) !== 40);
+      t.equal(ready?.table, table, `the proxy logged its table ${String(ready?.table)}`);
+      t.same(await ftpnpTables(topo.edge), [table], `nft list tables in the edge namespace: only ${table}`);
+      const removed = proxy.records().find((r) => r.event === 'kernel-path' && r.table === `ftpnp_${deadPid}`);
+      t.ok(removed && removed.ok === true, `the stale table of the dead pid ${deadPid} was removed and logged ${JSON.stringify(removed)}`);
+      const listing = await nft(topo.edge, ['list', 'table', 'ip', table]);
+      t.equal(listing.code, 0, `nft list table ip ${table} works ${listing.stderr.trim()}`);
+      for (const part of ['map dnat_to', 'map snat_to', 'chain prerouting', 'chain output', 'chain postrouting']) {
+        t.match(listing.stdout, part, `the table has ${part}`);
+      }
+      t.same([await nftMapElements(topo.edge, table, 'dnat_to'), await nftMapElements(topo.edge, table, 'snat_to')], [[], []], 'no mapping before any PASV/EPSV');
+    });
+
+    await t.test('passive clients: the kernel carries the data both ways (sha256), logged dataPath kernel, bytes null', async (t) => {
+      const strangersBefore = proxy.records().filter((r) => r.event === 'data-stranger').length;
+      const curlModes: Array<[string, string[], RegExp]> = [
+        ['s6-curl-epsv', ['-v'], /< 229 Entering Extended Passive Mode \(\|\|\|(\d+)\|\)/],
+        ['s6-curl-pasv', ['-v', '--disable-epsv', '--no-ftp-skip-pasv-ip'], /< 227 Entering Passive Mode \(203,0,113,10,(\d+),(\d+)\)/],
+      ];
+      for (const [label, flags, passiveReply] of curlModes) {
+        const { local, remote } = paths(label);
+        const mark = proxy.records().length;
+        const get = await curl(lab, ns, [...flags, '-o', local, url(REMOTE_FILE)]);
+        const put = await curl(lab, ns, [...flags, '-T', uploadSource, url(remote)]);
+        t.equal(get.code, 0, `${label} download exits 0${failure(get)}`);
+        t.equal(put.code, 0, `${label} upload exits 0${failure(put)}`);
+        const ports = [get, put].map((out) => advertisedPort(passiveReply.exec(out.stderr)));
+        t.ok(ports.every(inKernelRange), `${label}: the advertised ports are the kernel proxy's (${ports.join(', ')})`);
+        await expectRoundTrip(t, label, privateFtp, get.code === 0 ? put : get, proxy);
+        t.same((await newTransfers(mark, 2)).map(summary), kernelPair, `${label}: logged as kernel transfers without byte counts`);
+        t.same(await mapsEmpty(), [[], []], `${label}: dnat_to and snat_to are empty once the transfers are done`);
+      }
+      for (const epsv4 of [false, true]) {
+        const label = `s6-tnftp-${epsv4 ? 'epsv' : 'pasv'}`;
+        const { local, remote } = paths(label);
+        const mark = proxy.records().length;
+        const out = await tnftp(lab, ns, { ...proxied, passive: true, epsv4, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        const replies = epsv4 ? /229 Entering Extended Passive Mode \(\|\|\|(\d+)\|\)/g : /227 Entering Passive Mode \(203,0,113,10,(\d+),(\d+)\)/g;
+        const ports = [...out.stdout.matchAll(replies)].map(advertisedPort);
+        t.ok(ports.length === 2 && ports.every(inKernelRange), `${label}: tnftp got ${epsv4 ? '229' : '227 with the public address'} on kernel proxy ports (${ports.join(', ')})`);
+        await expectRoundTrip(t, label, privateFtp, out, proxy);
+        t.same((await newTransfers(mark, 2)).map(summary), kernelPair, `${label}: logged as kernel transfers without byte counts`);
+        t.same(await mapsEmpty(), [[], []], `${label}: dnat_to and snat_to are empty once the transfers are done`);
+      }
+      {
+        const label = 's6-ftplib-pasv';
+        const { local, remote } = paths(label);
+        const mark = proxy.records().length;
+        const out = await ftplib(lab, ns, { ...proxied, ops: [['raw', 'PASV'], ['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+        t.match(String(out.records[1]?.reply), /^227 Entering Passive Mode \(203,0,113,10,\d+,\d+\)\.?$/, 'raw 227 carries the public address');
+        t.ok(out.ok, `ftplib PASV succeeds ${JSON.stringify(out.records.at(-1))}`);
+        await expectRoundTrip(t, label, privateFtp, out.run, proxy);
+        t.same((await newTransfers(mark, 2)).map(summary), kernelPair, `${label}: logged as kernel transfers without byte counts`);
+        t.same(await mapsEmpty(), [[], []], `${label}: dnat_to and snat_to are empty once the transfers are done`);
+      }
+      const strangers = proxy.records().filter((r) => r.event === 'data-stranger').slice(strangersBefore);
+      t.same(strangers, [], 'no data connection missed its mapping (none reached the proxy itself)');
+      const failed = proxy.records().filter((r) => r.event === 'kernel-path-failed' || r.event === 'kernel-path-skipped');
+      t.same(failed, [], 'no mapping failed or was skipped');
+    });
+
+    await t.test('active clients through the same proxy are still relayed (dataPath relay, byte counts)', async (t) => {
+      const curlModes: Array<[string, string[]]> = [
+        ['s6-curl-port', ['-P', ADDR.publicClient, '--disable-eprt']],
+        ['s6-curl-eprt', ['-P', ADDR.publicClient]],
+      ];
+      for (const [label, flags] of curlModes) {
+        const { local, remote } = paths(label);
+        const mark = proxy.records().length;
+        const get = await curl(lab, ns, [...flags, '-o', local, url(REMOTE_FILE)]);
+        const put = await curl(lab, ns, [...flags, '-T', uploadSource, url(remote)]);
+        t.equal(get.code, 0, `${label} download exits 0${failure(get)}`);
+        t.equal(put.code, 0, `${label} upload exits 0${failure(put)}`);
+        await expectRoundTrip(t, label, privateFtp, get.code === 0 ? put : get, proxy);
+        t.same((await newTransfers(mark, 2)).map(summary), relayPair, `${label}: logged as relayed transfers with their byte counts`);
+      }
+      {
+        const label = 's6-tnftp-port';
+        const { local, remote } = paths(label);
+        const mark = proxy.records().length;
+        const out = await tnftp(lab, ns, { ...proxied, passive: false, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(out.stdout, /200 PORT command successful/, 'tnftp uses PORT');
+        await expectRoundTrip(t, label, privateFtp, out, proxy);
+        t.same((await newTransfers(mark, 2)).map(summary), relayPair, `${label}: logged as relayed transfers with their byte counts`);
+      }
+      t.same(await mapsEmpty(), [[], []], 'active transfers add no mapping');
+    });
+
+    await t.test('port stealing: a second outside host dialling the advertised port gets nothing, the client still does', async (t) => {
+      const label = 's6-victim';
+      const { local } = paths(label);
+      const mark = proxy.records().length;
+      const victim = startVictim(lab, topo.publicClient, { ...proxied, remote: REMOTE_FILE, local });
+      const pasv = await victim.pasv;
+      t.equal(pasv.host, ADDR.edgePublic, `the victim is told ${String(pasv.reply)}`);
+      const port = Number(pasv.port);
+      const dnat = (await nftMapElements(topo.edge, table, 'dnat_to')) ?? [];
+      const snat = (await nftMapElements(topo.edge, table, 'snat_to')) ?? [];
+      const mapped = new RegExp(`^${escape(`${ADDR.publicClient} . ${ADDR.edgePublic} . ${port}`)} : ${escape(ADDR.privateServer)} \\. (\\d+)$`).exec(dnat[0] ?? '');
+      t.ok(dnat.length === 1 && mapped, `dnat_to holds one mapping, keyed on the victim's address: ${JSON.stringify(dnat)}`);
+      t.same(snat, [`${ADDR.publicClient} . ${ADDR.privateServer} . ${mapped?.[1] ?? '?'} : ${ADDR.edgePrivate}`], 'snat_to makes the server see the proxy (10.20.0.1) on the same server port');
+      t.match(await nftMapText(topo.edge, table, 'dnat_to'), new RegExp(`timeout ${KERNEL_ACCEPT_SECONDS}s`), `the mapping carries the dataAcceptSeconds timeout (${KERNEL_ACCEPT_SECONDS}s)`);
+
+      const stolen = await tcpProbe(lab, topo.attacker, ADDR.edgePublic, port);
+      t.equal(stolen.bytes, 0, `the attacker receives zero bytes (${JSON.stringify(stolen)})`);
+      // Not NATed (the key holds the victim's address): it reaches the proxy's own port, which resets it.
+      const cutOff = stolen.connected === true ? stolen.end === 'reset' || stolen.end === 'eof' : stolen.errno === 'ECONNRESET' || stolen.errno === 'ECONNREFUSED';
+      t.ok(cutOff && Number(stolen.seconds) < 2, 'and is cut off at once');
+      const strangers = proxy.records().slice(mark).filter((r) => r.event === 'data-stranger');
+      t.ok(
+        strangers.some((r) => String(r.from).startsWith(`${ADDR.attacker}:`) && r.when === 'unmapped' && r.port === port),
+        `the proxy logged the refused stranger as unmapped ${JSON.stringify(strangers)}`,
+      );
+      victim.go();
+      const done = await victim.done;
+      const retr = done.records.find((record) => record.op === 'retr');
+      t.equal(done.code, 0, `the victim's session completes ${done.stderr.trim()}`);
+      t.equal(retr?.bytes, DOWNLOAD_BYTES, `the victim's RETR gets all the data (${String(retr?.final)}): the attacker's connection did not take vsftpd's one accept`);
+      t.equal(await shaOf(local), downloadSha, 'the victim receives the right bytes (sha256)');
+      t.same((await newTransfers(mark, 1)).map(summary), kernelPair.slice(0, 1), 'the victim\'s RETR went through the kernel');
+      t.same(await mapsEmpty(), [[], []], 'the mapping is gone after the transfer');
+    });
+
+    await t.test(`a mapping nobody uses expires by itself after dataAcceptSeconds (${KERNEL_ACCEPT_SECONDS}s)`, async (t) => {
+      const label = 's6-expired';
+      const { local } = paths(label);
+      const mark = proxy.records().length;
+      const victim = startVictim(lab, topo.publicClient, { ...proxied, remote: REMOTE_FILE, local });
+      const pasv = await victim.pasv;
+      const port = Number(pasv.port);
+      const added = Date.now();
+      t.equal((await nftMapElements(topo.edge, table, 'dnat_to'))?.length, 1, `PASV added a mapping for port ${port}`);
+      await waitForAsync(dnatEmpty, (KERNEL_ACCEPT_SECONDS + 4) * 1000);
+      const seconds = (Date.now() - added) / 1000;
+      t.same(await nftMapElements(topo.edge, table, 'dnat_to'), [], `the DNAT element is gone after ${seconds.toFixed(1)} s while the session is still open`);
+      t.ok(seconds >= KERNEL_ACCEPT_SECONDS - 1, 'and not before its time');
+      // The SNAT element has no timeout (it is shared and counted, and only ever applies to
+      // flows we DNATed): it goes with the channel.
+      t.equal((await nftMapElements(topo.edge, table, 'snat_to'))?.length, 1, 'the SNAT element stays with the channel');
+      // The client itself now misses the mapping: the proxy's own port turns it away.
+      const late = await tcpProbe(lab, topo.publicClient, ADDR.edgePublic, port);
+      t.equal(late.bytes, 0, `a late connection from the client's own address gets nothing (${JSON.stringify(late)})`);
+      const strangers = proxy.records().slice(mark).filter((r) => r.event === 'data-stranger');
+      t.ok(
+        strangers.some((r) => String(r.from).startsWith(`${ADDR.publicClient}:`) && r.when === 'unmapped' && r.port === port),
+        `the proxy logged it as unmapped ${JSON.stringify(strangers)}`,
+      );
+      victim.abandon();
+      await victim.done;
+      await waitFor(() => proxy.records().slice(mark).some((r) => r.event === 'session-end'), 3000);
+      t.same(await nftMapElements(topo.edge, table, 'snat_to'), [], 'and is removed when the session ends');
+    });
+
+    const setpriv = findCommand('setpriv');
+    await t.test('without CAP_NET_ADMIN a client.dataPath: kernel config does not start, and says why', setpriv ? {} : { skip: 'setpriv (util-linux) is not installed' }, async (t) => {
+      if (!setpriv) return;
+      const out = await runProxyOnce(lab, topo.edge, 'edge-nocap', kernelYaml('edge-nocap', NOCAP_PROXY_PORT), [setpriv, '--inh-caps=-net_admin', '--bounding-set=-net_admin']);
+      const output = out.stdout + out.stderr;
+      const fatal = output
+        .split('\n')
+        .filter((line) => line.startsWith('{') && line.includes('"start-failed"'))
+        .map((line) => (JSON.parse(line) as { err?: { message?: string } }).err?.message)[0];
+      t.equal(out.timedOut, false, 'it exits by itself');
+      t.equal(out.code, 1, `it exits 1 (runtime failure): ${fatal ?? lastLines(output, 2)}`);
+      t.match(output, /FTPP_ERR_KERNEL_PATH/, 'with the error code FTPP_ERR_KERNEL_PATH');
+      t.match(output, /CAP_NET_ADMIN/, 'naming the missing capability');
+      t.notMatch(output, /"event":"started"/, 'it never reports started');
+      t.same(await ftpnpTables(topo.edge), [table], 'it left no table behind (only the running kernel proxy\'s)');
+      const probe = await tcpProbe(lab, topo.edge, ADDR.edgePublic, NOCAP_PROXY_PORT);
+      t.equal(probe.errno, 'ECONNREFUSED', `nothing listens on ${NOCAP_PROXY_PORT} (${JSON.stringify(probe)})`);
+    });
+
+    await t.test('SIGTERM: the proxy stops and deletes its table', async (t) => {
+      await proxy.daemon.stop();
+      t.equal(proxy.daemon.exitCode(), 0, `the proxy exits 0 on SIGTERM (${lastLines(proxy.tail(3), 3)})`);
+      t.ok(proxy.records().some((r) => r.event === 'stopped'), 'and logged stopped');
+      t.same(await ftpnpTables(topo.edge), [], 'nft list tables in the edge namespace: no ftpnp_ table is left');
+    });
+  });
+
   t.same(newThirdPartyAccepts(), [], 'the third-party host saw no connection during the whole suite');
   t.same(newInnerHostAccepts(), [], 'the server-LAN host saw no connection during the whole suite');
-  for (const [name, proxy] of [['edge', edgeProxy], ['lan', lanProxy], ['router', routerProxy]] as const) {
+  const proxies: Array<[string, LabProxy]> = [['edge', edgeProxy], ['lan', lanProxy], ['router', routerProxy]];
+  if (kernelProxy) proxies.push(['edge-kernel', kernelProxy]);
+  for (const [name, proxy] of proxies) {
     const lines = proxy.daemon.output().split('\n').filter((line) => line.trim() !== '');
     t.same(lines.filter((line) => !line.startsWith('{')), [], `proxy ${name} wrote only JSON log lines (no crash trace)`);
     // pino writes level labels here ("info"); numbers when no formatter is configured.
     const errors = proxy.records().filter((record) => ['error', 'fatal'].includes(String(record.level)) || Number(record.level) >= 50);
     t.same(errors, [], `proxy ${name} logged no error`);
   }
-  saveLogs({ edge: edgeProxy.daemon.output(), lan: lanProxy.daemon.output(), router: routerProxy.daemon.output(), 'vsftpd-private': privateFtp.protocolLog(), 'vsftpd-public': publicFtp.protocolLog() });
+  saveLogs({
+    edge: edgeProxy.daemon.output(),
+    lan: lanProxy.daemon.output(),
+    router: routerProxy.daemon.output(),
+    ...(kernelProxy ? { 'edge-kernel': (kernelProxy as LabProxy).daemon.output() } : {}),
+    'vsftpd-private': privateFtp.protocolLog(),
+    'vsftpd-public': publicFtp.protocolLog(),
+  });
 
   // ---------------------------------------------------------------------------------------
   await t.test('nothing is left behind', async (t) => {
-    const pids = [privateFtp.pid, publicFtp.pid, edgeProxy.daemon.pid, lanProxy.daemon.pid, routerProxy.daemon.pid, thirdParty.daemon.pid, innerHost.daemon.pid];
+    const pids = [privateFtp.pid, publicFtp.pid, ...proxies.map(([, proxy]) => proxy.daemon.pid), thirdParty.daemon.pid, innerHost.daemon.pid];
     await lab.cleanup();
     const left = lab.leftovers();
     t.same(left.namespaces, [], `no namespace named ${lab.prefix}*`);
@@ -550,6 +817,28 @@ async function waitFor(condition: () => boolean, timeoutMs: number): Promise<voi
   while (!condition() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
 }
 
+async function waitForAsync(condition: () => Promise<boolean>, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await condition()) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+}
+
+/** A PID no process has now (for a stale ftpnp_<pid> table). */
+function unusedPid(): number {
+  const max = Number(readFileSync('/proc/sys/kernel/pid_max', 'utf8').trim()) || 32768;
+  for (let pid = max - 1; pid > 1; pid--) if (!existsSync(`/proc/${pid}`)) return pid;
+  throw new Error('no free pid');
+}
+
+/** The port of a 229 match (one group) or a 227 match (p1, p2). */
+function advertisedPort(match: RegExpMatchArray | RegExpExecArray | null): number {
+  if (!match) return Number.NaN;
+  return match[2] !== undefined ? Number(match[1]) * 256 + Number(match[2]) : Number(match[1]);
+}
+
+function inKernelRange(port: number): boolean {
+  return port >= KERNEL_PASSIVE_PORTS.first && port <= KERNEL_PASSIVE_PORTS.last;
+}
+
 async function shaOf(path: string): Promise<string> {
   return existsSync(path) ? sha256File(path) : 'missing';
 }
@@ -561,6 +850,11 @@ function transferModes(proxy: LabProxy): Set<string> {
 
 function escape(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
+/** The end of a failed client's stderr, for an assertion message; nothing when it exited 0. */
+function failure(run: RunResult): string {
+  return run.code === 0 ? '' : ` (exit ${run.code}: ${lastLines(run.stderr, 3)})`;
 }
 
 function clip(text: string, max = 2000): string {

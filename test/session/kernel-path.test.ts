@@ -98,7 +98,7 @@ for (const style of ['PASV', 'EPSV'] as const) {
     const mapping = lastMapping(scripts);
     t.ok(mapping, `a mapping was created before the ${reply.code} reply: ${scripts.at(-1)}`);
     t.equal(mapping?.proxyPort, advertised, 'for the advertised port');
-    t.match(scripts.at(-1), /create element ip ftpnp_4242 snat_to \{ 127\.0\.0\.1 \. 127\.0\.0\.1 \. \d+ timeout 5000ms : 127\.0\.0\.1 \}/, 'with its SNAT partner');
+    t.match(scripts.at(-1), /add element ip ftpnp_4242 snat_to \{ 127\.0\.0\.1 \. 127\.0\.0\.1 \. \d+ : 127\.0\.0\.1 \}/, 'with its SNAT partner');
     t.equal(await connectionOutcome(advertised), 'ECONNRESET', 'a connection reaching the proxy itself (mapping missed) is reset');
     t.ok(proxy.logs().some((r) => r.event === 'data-stranger' && r.when === 'unmapped' && r.port === advertised), 'and logged');
     // What the DNAT would do: the client's data connection lands on the server's passive port.
@@ -123,7 +123,7 @@ for (const style of ['PASV', 'EPSV'] as const) {
 }
 
 t.test('a refused mapping is relayed instead, and said so', async (t) => {
-  const { proxy, client } = await startLab(t, (script) => (script.startsWith('create element') ? { ok: false, error: 'Could not process rule: No space left on device' } : {}));
+  const { proxy, client } = await startLab(t, (script) => (script.includes('create element') ? { ok: false, error: 'Could not process rule: No space left on device' } : {}));
   const port = parse227(await client.command('PASV')).port;
   const data = await openData('127.0.0.1', port);
   const download = readAll(data, 10000);
