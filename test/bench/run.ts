@@ -26,8 +26,9 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { spawnSync } from 'node:child_process';
 import { run } from '../helpers/run.js';
 import { TEST_USER, vsftpdUnavailable } from '../helpers/vsftpd.js';
+import { nftablesUnavailable } from '../helpers/netns.js';
 import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, waitForLine, waitQuiet, type Child } from './procs.js';
-import { ensurePackages, hasLibnftables, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
+import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
 import { HOST, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
 import { fmt, median, ratio, rotate, table } from './stats.js';
 import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target } from './load-worker.js';
@@ -112,7 +113,8 @@ interface SetupInfo {
 function kernelPathUnavailable(netns: string | null): string | null {
   if (!isRoot()) return 'not root (the kernel data path needs CAP_NET_ADMIN)';
   if (!netns) return 'no private network namespace (its nftables rules never go into the host\'s ruleset)';
-  if (!hasLibnftables()) return 'libnftables.so.1 not found (Debian package nftables)';
+  const nftables = nftablesUnavailable();
+  if (nftables) return nftables;
   return null;
 }
 

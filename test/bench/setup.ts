@@ -9,6 +9,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { libnftablesMissing } from '../helpers/netns.js';
 
 const APT_TIMEOUT_MS = 10 * 60_000;
 
@@ -41,16 +42,6 @@ function aptUpdate(): void {
  * libnftables.so.1 (Debian package nftables, via libnftables1), which the proxy's
  * `client.dataPath: kernel` loads through its native addon.
  */
-export function hasLibnftables(): boolean {
-  for (const base of ['/usr/lib', '/lib']) {
-    if (existsSync(join(base, 'libnftables.so.1'))) return true;
-    if (!existsSync(base)) continue;
-    for (const entry of readdirSync(base)) if (/-linux-gnu/.test(entry) && existsSync(join(base, entry, 'libnftables.so.1'))) return true;
-  }
-  const ldconfig = sh('ldconfig', ['-p']);
-  return ldconfig.ok && /\blibnftables\.so\.1\b/.test(ldconfig.out);
-}
-
 /**
  * Install vsftpd, curl, iproute2, util-linux (for prlimit) and nftables (libnftables, for
  * the kernel data path variant) when missing; returns notes.
@@ -63,7 +54,7 @@ export function ensurePackages(): string[] {
       [() => have('curl'), 'curl'],
       [() => have('ip'), 'iproute2'],
       [() => have('prlimit'), 'util-linux'],
-      [() => hasLibnftables() && have('nft'), 'nftables'],
+      [() => libnftablesMissing() === null, 'nftables'],
     ] as const
   )
     .filter(([present]) => !present())

@@ -21,7 +21,7 @@ import {
   type NftRunner,
 } from '../../src/data/kernel-forward.js';
 import { isProxyError } from '../../src/errors.js';
-import { labPrefix, netnsUnavailable } from '../helpers/netns.js';
+import { labPrefix, netnsUnavailable, nftablesUnavailable } from '../helpers/netns.js';
 
 const MAPPING: ForwardMapping = {
   clientIp: '198.51.100.7',
@@ -200,14 +200,8 @@ t.test('KernelForwarder with a recording runner', async (t) => {
 
 const HERE = fileURLToPath(new URL('.', import.meta.url));
 const DIST_MODULE = join(HERE, '../../dist/data/kernel-forward.js');
-const LIBNFTABLES = ['/usr/lib/x86_64-linux-gnu/libnftables.so.1', '/usr/lib/aarch64-linux-gnu/libnftables.so.1', '/usr/lib/libnftables.so.1'];
-
 function realSkipReason(): string | null {
-  const netns = netnsUnavailable();
-  if (netns) return netns;
-  if (!LIBNFTABLES.some((path) => existsSync(path))) return 'libnftables.so.1 not installed (Debian package nftables)';
-  if (!existsSync(DIST_MODULE)) return 'dist/ not built (npm test builds it in pretest)';
-  return null;
+  return netnsUnavailable() ?? nftablesUnavailable() ?? (existsSync(DIST_MODULE) ? null : 'dist/ not built (npm test builds it in pretest)');
 }
 
 /**

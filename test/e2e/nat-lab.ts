@@ -18,7 +18,6 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import { findCommand, NetnsLab, nsRun, pythonPath, waitForFtpGreeting, type Daemon } from '../helpers/netns.js';
 import type { RunResult } from '../helpers/run.js';
@@ -165,31 +164,7 @@ export async function startProxyInNs(lab: NetnsLab, ns: string, name: string, ya
 
 // ------------------------------------------------------------------------------ nftables (client.dataPath: kernel)
 
-const NATIVE_ADDON = join(REPO_ROOT, 'src', 'native', 'build', 'Release', 'splice_relay.node');
-const LIBNFTABLES = 'libnftables.so.1';
-
-/**
- * One line saying why the kernel data path cannot run here, or null. It needs nft(8) (the
- * test reads the proxy's table with it), libnftables.so.1 (the proxy dlopen()s it) and the
- * native addon with its nftables entry points. Debian: apt-get install nftables.
- */
-export function nftablesUnavailable(): string | null {
-  if (!findCommand('nft')) return 'nft is not installed (apt-get install nftables)';
-  const ldconfig = findCommand('ldconfig');
-  const cache = ldconfig ? (spawnSync(ldconfig, ['-p'], { encoding: 'utf8' }).stdout ?? '') : '';
-  const libDirs = ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib', '/lib'];
-  if (!cache.includes(LIBNFTABLES) && !libDirs.some((dir) => existsSync(join(dir, LIBNFTABLES)))) {
-    return `${LIBNFTABLES} is missing (apt-get install nftables)`;
-  }
-  if (!existsSync(NATIVE_ADDON)) return `the native addon is not built (${NATIVE_ADDON}; npm install builds it)`;
-  try {
-    const addon = createRequire(import.meta.url)(NATIVE_ADDON) as { nftOpen?: unknown };
-    if (typeof addon.nftOpen !== 'function') return 'the native addon predates the kernel data path (rebuild: npm install)';
-  } catch (err) {
-    return `the native addon does not load: ${(err as Error).message.split('\n')[0]}`;
-  }
-  return null;
-}
+export { nftablesUnavailable } from '../helpers/netns.js';
 
 /** nft(8) inside a lab namespace. */
 export function nft(ns: string, args: readonly string[]): Promise<RunResult> {

@@ -17,7 +17,9 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { delimiter, join } from 'node:path';
+import { createRequire } from 'node:module';
+import { delimiter, dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { run, type RunResult } from './run.js';
 
 /** Linux limits interface names to 15 bytes; the prefix leaves room for a short suffix. */
@@ -45,6 +47,46 @@ export function pythonPath(): string {
 }
 
 /** One line saying why namespace tests cannot run here, or null. */
+/** The addon of this checkout: found upwards, since the bench runs this file compiled under bench-results/.build/. */
+const NATIVE_ADDON = ((): string => {
+  const relative = join('src', 'native', 'build', 'Release', 'splice_relay.node');
+  for (let dir = dirname(fileURLToPath(import.meta.url)), i = 0; i < 8; dir = dirname(dir), i++) {
+    if (existsSync(join(dir, 'package.json')) && existsSync(join(dir, 'src', 'native'))) return join(dir, relative);
+  }
+  return join(dirname(fileURLToPath(import.meta.url)), '..', '..', relative);
+})();
+const LIBNFTABLES = 'libnftables.so.1';
+
+/** Why nft(8) or libnftables.so.1 (Debian package nftables) is missing, or null. */
+export function libnftablesMissing(): string | null {
+  if (!findCommand('nft')) return 'nft is not installed (apt-get install nftables)';
+  const ldconfig = findCommand('ldconfig');
+  const cache = ldconfig ? (spawnSync(ldconfig, ['-p'], { encoding: 'utf8' }).stdout ?? '') : '';
+  const libDirs = ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib', '/lib'];
+  if (!cache.includes(LIBNFTABLES) && !libDirs.some((dir) => existsSync(join(dir, LIBNFTABLES)))) {
+    return `${LIBNFTABLES} is missing (apt-get install nftables)`;
+  }
+  return null;
+}
+
+/**
+ * One line saying why the kernel data path (client.dataPath: kernel) cannot run here, or
+ * null. It needs nft(8) (tests read the proxy's table with it), libnftables.so.1 (the proxy
+ * dlopen()s it) and the native addon with its nftables entry points.
+ */
+export function nftablesUnavailable(): string | null {
+  const missing = libnftablesMissing();
+  if (missing) return missing;
+  if (!existsSync(NATIVE_ADDON)) return `the native addon is not built (${NATIVE_ADDON}; npm install builds it)`;
+  try {
+    const addon = createRequire(import.meta.url)(NATIVE_ADDON) as { nftOpen?: unknown };
+    if (typeof addon.nftOpen !== 'function') return 'the native addon predates the kernel data path (rebuild: npm install)';
+  } catch (err) {
+    return `the native addon does not load: ${(err as Error).message.split('\n')[0]}`;
+  }
+  return null;
+}
+
 export function netnsUnavailable(): string | null {
   if (process.getuid?.() !== 0) return 'needs root (network namespaces, iptables, vsftpd); CI runs as root';
   for (const tool of ['ip', 'iptables']) {
