@@ -484,17 +484,19 @@ export class Session {
       expectedIp: this.clientIp,
       timeoutMs: this.config.timeouts.dataAcceptMs,
       ...(pp.dataPorts && pp.accept !== 'off' ? { proxyHeader: { accept: pp.accept, from: pp.from.map((rule) => rule.cidr), timeoutMs: pp.timeoutMs } } : {}),
-      onStranger: (address, port) => {
-        this.deps.metrics.dataStranger(this.config.name);
-        this.log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}` }, 'refused data connection from another address');
-      },
+      onStranger: (address, port) => this.noteStranger(lease.port, `${address}:${port}`),
     });
   }
 
+  /** A connection on a leased port nobody expected at this point (the kernel path's, or too early). */
   private refuseStranger(port: number, socket: net.Socket, when: 'early' | 'unmapped'): void {
-    this.deps.metrics.dataStranger(this.config.name);
-    this.log.warn({ event: 'data-stranger', port, from: `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`, when }, 'refused data connection');
+    this.noteStranger(port, `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`, when);
     resetSocket(socket);
+  }
+
+  private noteStranger(port: number, from: string, when?: 'early' | 'unmapped'): void {
+    this.deps.metrics.dataStranger(this.config.name);
+    this.log.warn({ event: 'data-stranger', port, from, ...(when ? { when } : {}) }, 'refused data connection from another address');
   }
 
   /**
