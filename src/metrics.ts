@@ -26,7 +26,9 @@ export type RejectionReason =
   | 'upstream-connect-timeout'
   | 'line-too-long'
   | 'acl-deny'
-  | 'proxy-protocol';
+  | 'proxy-protocol'
+  /** The peer reset its connection before admission: no address to check, closed unread. */
+  | 'peer-gone';
 
 /**
  * Direction of a data transfer, seen from the client (RETR/LIST = download, STOR/APPE = upload);
@@ -86,6 +88,7 @@ export const REJECTION_REASONS: readonly RejectionReason[] = Object.freeze([
   'line-too-long',
   'acl-deny',
   'proxy-protocol',
+  'peer-gone',
 ]);
 
 const TRANSFER_RESULTS: readonly TransferResult[] = ['ok', 'failed', 'aborted'];

@@ -11,6 +11,8 @@ import type { CidrRule, ListenerConfig, ProxyConfig } from './config/schema.js';
 import { PortPool } from './data/port-pool.js';
 import { readProxyHeader } from './data/proxy-header.js';
 import { dial } from './data/dial.js';
+import { addressesOf } from './data/socket-address.js';
+import { resetSocket } from './data/relay.js';
 import { Advertiser, type HostnameResolver } from './advertise.js';
 import { Session, type SessionEndpoints } from './session.js';
 import type { Logger } from './log.js';
@@ -205,15 +207,25 @@ export class ProxyServer {
     socket.on('error', () => {}); // a reset during admission must not crash the process
     const config = runtime.config;
     const log = runtime.log;
-    const peerIp = normalizeIp(socket.remoteAddress ?? '0.0.0.0');
-    const peer = { ip: peerIp, port: socket.remotePort ?? 0 };
+    // Before anything else: a peer that reset the connection before we looked has no address
+    // to check against the ACL or the limits, so it gets nothing (issue #10; socket-address.ts).
+    const addresses = addressesOf(socket);
+    if (!addresses) {
+      this.metrics.limitHit(config.name, 'peer-gone');
+      log.debug({ event: 'rejected', limit: 'peer-gone' }, 'connection reset before admission; closed unread');
+      resetSocket(socket);
+      return;
+    }
+    const peer = addresses.remote;
+    const peerIp = peer.ip;
     if (this.statusValue !== 'running') {
       refuse(socket, 'FTPP_ERR_SHUTDOWN', 'reply');
       return;
     }
     let endpoints: SessionEndpoints = {
       client: peer,
-      dialled: { ip: normalizeIp(socket.localAddress ?? '0.0.0.0'), port: socket.localPort ?? 0 },
+      dialled: addresses.local,
+      local: addresses.local,
       initialData: null,
     };
     const pp = config.proxyProtocol;
@@ -235,6 +247,7 @@ export class ProxyServer {
         endpoints = {
           client: { ip: normalizeIp(header.source.host), port: header.source.port },
           dialled: { ip: normalizeIp(header.destination.host), port: header.destination.port },
+          local: addresses.local,
           initialData: rest,
         };
       } catch (err) {

@@ -27,6 +27,7 @@ import { dial } from './data/dial.js';
 import { DataChannel, type UpstreamLeg } from './data/channel.js';
 import { kernelPathBlocker, type ForwardMapping, type KernelForward, type KernelForwarder } from './data/kernel-forward.js';
 import { resetSocket, type RelayResult } from './data/relay.js';
+import { addressesOf, describePeer, type SocketAddresses } from './data/socket-address.js';
 import { ReplyQueue, type ReplySlot } from './reply-queue.js';
 import type { Advertiser } from './advertise.js';
 import type { Logger } from './log.js';
@@ -46,6 +47,8 @@ export interface SessionEndpoints {
   readonly client: { readonly ip: string; readonly port: number };
   /** What the client dialled: PROXY header destination, else the socket's local address. */
   readonly dialled: { readonly ip: string; readonly port: number };
+  /** The control socket's own local address (relay listeners bind here, active dials leave from here). */
+  readonly local: { readonly ip: string; readonly port: number };
   /** Bytes that arrived behind a PROXY header (already FTP). */
   readonly initialData: Buffer | null;
 }
@@ -95,6 +98,8 @@ export class Session {
   private readonly log: Logger;
   private statusValue: SessionStatus = 'connecting';
   private upstream: net.Socket | null = null;
+  /** Read once at connect: the server's control address and ours toward it. */
+  private upstreamAddresses: SocketAddresses | null = null;
   private upstreamReady: Promise<boolean>;
   private resolveUpstreamReady!: (ok: boolean) => void;
   private readonly clientFramer: LineFramer;
@@ -136,7 +141,7 @@ export class Session {
     this.config = deps.config;
     this.clientIp = deps.endpoints.client.ip;
     this.clientPort = deps.endpoints.client.port;
-    this.localIp = normalizeIp(client.localAddress ?? '0.0.0.0');
+    this.localIp = deps.endpoints.local.ip;
     this.dialledIp = deps.endpoints.dialled.ip;
     this.controlFamily = familyOf(this.clientIp);
     this.log = deps.log.child({ session: this.id, client: `${this.clientIp}:${this.clientPort}` });
@@ -167,7 +172,7 @@ export class Session {
 
   /** Begin: connect upstream, relay the greeting, start reading the client. */
   start(): void {
-    this.log.info({ event: 'session-start', listener: this.config.name, local: `${this.localIp}:${this.client.localPort}`, dialled: `${this.dialledIp}:${this.deps.endpoints.dialled.port}` }, 'session start');
+    this.log.info({ event: 'session-start', listener: this.config.name, local: `${this.localIp}:${this.deps.endpoints.local.port}`, dialled: `${this.dialledIp}:${this.deps.endpoints.dialled.port}` }, 'session start');
     this.deps.metrics.sessionOpened(this.config.name);
     this.loginTimer = setTimeout(() => this.onLoginTimeout(), this.config.timeouts.loginMs);
     this.client.setNoDelay(true);
@@ -190,23 +195,30 @@ export class Session {
       errorCode: 'FTPP_ERR_UPSTREAM_UNREACHABLE',
       allowHalfOpen: false,
     });
-    attempt.connected.then(
-      (socket) => {
-        this.deps.metrics.upstreamConnect(this.config.name, true, Number(process.hrtime.bigint() - connectStarted) / 1e9);
-        this.onUpstreamConnected(socket);
-      },
-      (err: ProxyError) => {
-        if (this.statusValue !== 'connecting') return;
-        this.deps.metrics.upstreamConnect(this.config.name, false, Number(process.hrtime.bigint() - connectStarted) / 1e9);
-        if (/timed out/.test(err.message)) this.limitHit('upstream-connect-timeout', { upstream: `${upstream.host}:${upstream.port}` });
-        this.log.warn({ event: 'upstream-unreachable', code: err.code, err: err.message }, 'upstream unreachable');
-        this.expectations.length = 0;
-        this.replies.push(greeting, replyLine(REPLY_FOR_CODE.FTPP_ERR_UPSTREAM_UNREACHABLE));
-        this.replies.end(greeting);
-        this.resolveUpstreamReady(false);
-        this.beginClose('upstream unreachable');
-      },
-    );
+    const seconds = (): number => Number(process.hrtime.bigint() - connectStarted) / 1e9;
+    const failed = (err: ProxyError): void => {
+      if (this.statusValue !== 'connecting') return;
+      this.deps.metrics.upstreamConnect(this.config.name, false, seconds());
+      if (/timed out/.test(err.message)) this.limitHit('upstream-connect-timeout', { upstream: `${upstream.host}:${upstream.port}` });
+      this.log.warn({ event: 'upstream-unreachable', code: err.code, err: err.message }, 'upstream unreachable');
+      this.expectations.length = 0;
+      this.replies.push(greeting, replyLine(REPLY_FOR_CODE.FTPP_ERR_UPSTREAM_UNREACHABLE));
+      this.replies.end(greeting);
+      this.resolveUpstreamReady(false);
+      this.beginClose('upstream unreachable');
+    };
+    attempt.connected.then((socket) => {
+      // The server's address is what data connections are checked against and dialled: a
+      // connection reset before we could read it is a failed connect, not a placeholder.
+      const addresses = addressesOf(socket);
+      if (!addresses) {
+        socket.destroy();
+        failed(new ProxyError('FTPP_ERR_UPSTREAM_UNREACHABLE', `connection to ${upstream.host}:${upstream.port} reset right after connect`));
+        return;
+      }
+      this.deps.metrics.upstreamConnect(this.config.name, true, seconds());
+      this.onUpstreamConnected(socket, addresses);
+    }, failed);
     this.pendingDial = attempt;
     if (this.deps.endpoints.initialData && this.deps.endpoints.initialData.length > 0) {
       this.onClientData(this.deps.endpoints.initialData);
@@ -233,7 +245,7 @@ export class Session {
   }
   private pendingDial: { cancel(): void } | null = null;
 
-  private onUpstreamConnected(socket: net.Socket): void {
+  private onUpstreamConnected(socket: net.Socket, addresses: SocketAddresses): void {
     this.pendingDial = null;
     if (this.statusValue === 'closed' || this.statusValue === 'closing') {
       socket.destroy();
@@ -241,11 +253,12 @@ export class Session {
     }
     this.statusValue = 'open';
     this.upstream = socket;
+    this.upstreamAddresses = addresses;
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => this.onUpstreamData(chunk));
     socket.on('error', (err) => this.onUpstreamGone(`upstream error: ${err.message}`));
     socket.on('close', () => this.onUpstreamGone('upstream closed'));
-    this.log.debug({ event: 'upstream-connected', upstream: `${socket.remoteAddress}:${socket.remotePort}`, via: socket.localAddress }, 'upstream connected');
+    this.log.debug({ event: 'upstream-connected', upstream: `${addresses.remote.ip}:${addresses.remote.port}`, via: addresses.local.ip }, 'upstream connected');
     this.resolveUpstreamReady(true);
   }
 
@@ -485,12 +498,13 @@ export class Session {
       timeoutMs: this.config.timeouts.dataAcceptMs,
       ...(pp.dataPorts && pp.accept !== 'off' ? { proxyHeader: { accept: pp.accept, from: pp.from.map((rule) => rule.cidr), timeoutMs: pp.timeoutMs } } : {}),
       onStranger: (address, port) => this.noteStranger(lease.port, `${address}:${port}`),
+      onPeerGone: () => this.log.debug({ event: 'data-peer-gone', port: lease.port }, 'data connection reset before it could be checked; dropped'),
     });
   }
 
   /** A connection on a leased port nobody expected at this point (the kernel path's, or too early). */
   private refuseStranger(port: number, socket: net.Socket, when: 'early' | 'unmapped'): void {
-    this.noteStranger(port, `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`, when);
+    this.noteStranger(port, describePeer(socket), when);
     resetSocket(socket);
   }
 
@@ -513,7 +527,7 @@ export class Session {
       proxyPort: port,
       serverIp: upstreamLeg.target.host,
       serverPort: upstreamLeg.target.port,
-      snatIp: normalizeIp(this.upstream?.localAddress ?? ''),
+      snatIp: this.upstreamAddresses!.local.ip,
     };
     const blocker = kernelPathBlocker({ ...mapping, proxyProtocol: this.config.proxyProtocol.accept !== 'off' });
     if (blocker) {
@@ -562,9 +576,7 @@ export class Session {
   private async prepareUpstreamLeg(clientMode: 'passive' | 'active'): Promise<UpstreamLeg> {
     const configured = this.config.upstream.dataMode;
     const mode = configured === 'mirror' ? clientMode : configured;
-    const upstream = this.upstream!;
-    const serverIp = normalizeIp(upstream.remoteAddress ?? '');
-    const localIp = normalizeIp(upstream.localAddress ?? '');
+    const { remote: { ip: serverIp }, local: { ip: localIp } } = this.upstreamAddresses!;
     if (mode === 'passive') {
       let verb: 'EPSV' | 'PASV' = this.upstreamLacksEpsv ? 'PASV' : 'EPSV';
       let reply = await this.sendInternal(verb);
@@ -654,7 +666,7 @@ export class Session {
     // cannot be reached, the command is never sent (protocol.md §8.14).
     const upstreamDial =
       channel.upstreamLeg.kind === 'passive' && !channel.isForwarded
-        ? channel.track(dial({ host: channel.upstreamLeg.target.host, port: channel.upstreamLeg.target.port, localAddress: normalizeIp(this.upstream?.localAddress ?? ''), timeoutMs: timeouts.dataConnectMs }))
+        ? channel.track(dial({ host: channel.upstreamLeg.target.host, port: channel.upstreamLeg.target.port, localAddress: this.upstreamAddresses!.local.ip, timeoutMs: timeouts.dataConnectMs }))
         : null;
     const clientDial =
       channel.clientLeg.kind === 'active'

@@ -6,11 +6,12 @@
  */
 import type net from 'node:net';
 import { ProxyError } from '../errors.js';
-import { ipInCidr, normalizeIp, sameIp, type Cidr } from '../control/ip.js';
+import { ipInCidr, sameIp, type Cidr } from '../control/ip.js';
 import type { ProxyProtocolVersion } from '../control/proxy-protocol.js';
 import type { PortLease } from './port-pool.js';
 import { readProxyHeader } from './proxy-header.js';
 import { resetSocket } from './relay.js';
+import { addressesOf } from './socket-address.js';
 
 /** Data connections arrive through a load balancer that prepends a PROXY header. */
 export interface DataProxyHeaderOptions {
@@ -25,6 +26,8 @@ export interface PassiveAcceptOptions {
   readonly timeoutMs: number;
   /** Called for every refused stranger (for logs and metrics). */
   readonly onStranger?: (remoteAddress: string, remotePort: number) => void;
+  /** Called for a connection reset before its address could be read (dropped unread). */
+  readonly onPeerGone?: () => void;
   /** Read a PROXY header first; its source is the address checked against expectedIp. */
   readonly proxyHeader?: DataProxyHeaderOptions;
 }
@@ -61,18 +64,22 @@ export class PassiveAccept {
 
   private handleConnection(socket: net.Socket): void {
     socket.on('error', () => {});
-    const remote = socket.remoteAddress ?? '';
+    const addresses = addressesOf(socket);
     const viaHeader = this.options.proxyHeader;
-    if (this.settled) {
+    // A peer that reset before we looked cannot be the expected one (nor checked): drop it
+    // unread and keep waiting. Not a stranger either: there is no address to report.
+    if (this.settled || !addresses) {
       resetSocket(socket);
+      if (!this.settled) this.options.onPeerGone?.();
       return;
     }
+    const { ip: remote, port: remotePort } = addresses.remote;
     if (!viaHeader) {
-      if (!sameIp(remote, this.options.expectedIp)) return this.refuse(socket, remote, socket.remotePort ?? 0);
+      if (!sameIp(remote, this.options.expectedIp)) return this.refuse(socket, remote, remotePort);
       return this.take(socket);
     }
     // Behind a load balancer: only it may connect, and its header names the real peer.
-    if (!viaHeader.from.some((cidr) => ipInCidr(normalizeIp(remote), cidr))) return this.refuse(socket, remote, socket.remotePort ?? 0);
+    if (!viaHeader.from.some((cidr) => ipInCidr(remote, cidr))) return this.refuse(socket, remote, remotePort);
     readProxyHeader(socket, viaHeader.accept, viaHeader.timeoutMs).then(
       ({ header, rest }) => {
         if (header.command === 'local') {
@@ -85,7 +92,7 @@ export class PassiveAccept {
         if (rest.length > 0) socket.unshift(rest);
         this.take(socket);
       },
-      () => this.refuse(socket, remote, socket.remotePort ?? 0),
+      () => this.refuse(socket, remote, remotePort),
     );
   }
 

@@ -7,6 +7,7 @@
 import type net from 'node:net';
 import { ProxyError } from '../errors.js';
 import { ProxyHeaderDecoder, type ProxyHeader, type ProxyProtocolVersion } from '../control/proxy-protocol.js';
+import { describePeer } from './socket-address.js';
 
 export interface ProxyHeaderResult {
   readonly header: ProxyHeader;
@@ -17,7 +18,7 @@ export interface ProxyHeaderResult {
 export function readProxyHeader(socket: net.Socket, accept: ProxyProtocolVersion, timeoutMs: number): Promise<ProxyHeaderResult> {
   return new Promise((resolve, reject) => {
     const decoder = new ProxyHeaderDecoder(accept);
-    const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    const peer = describePeer(socket);
     const finish = (err: ProxyError | null, result?: ProxyHeaderResult): void => {
       clearTimeout(timer);
       socket.removeListener('data', onData);
