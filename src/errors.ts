@@ -33,6 +33,8 @@ export const ERROR_CODES = {
   FTPP_ERR_UPSTREAM_DATA_SETUP: 'FTPP_ERR_UPSTREAM_DATA_SETUP',
   /** A data connection (to the client or to the server) could not be opened in time. */
   FTPP_ERR_DATA_CONNECT: 'FTPP_ERR_DATA_CONNECT',
+  /** The server reported success for a transfer whose data the client did not fully receive (its data leg failed, or the proxy cut it after transferReplyHoldSeconds). */
+  FTPP_ERR_TRANSFER_INCOMPLETE: 'FTPP_ERR_TRANSFER_INCOMPLETE',
   /** No acceptable data connection arrived on a leased port before the accept timeout. */
   FTPP_ERR_DATA_ACCEPT_TIMEOUT: 'FTPP_ERR_DATA_ACCEPT_TIMEOUT',
   /** The advertised address for PASV could not be determined (hostname unresolvable). */
@@ -77,6 +79,7 @@ export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze
   FTPP_ERR_EPSV_ALL: '501 Only EPSV is allowed after EPSV ALL.',
   FTPP_ERR_UPSTREAM_DATA_SETUP: "425 Can't open data connection.",
   FTPP_ERR_DATA_CONNECT: "425 Can't open data connection.",
+  FTPP_ERR_TRANSFER_INCOMPLETE: '426 Connection closed; transfer aborted.',
   FTPP_ERR_DATA_ACCEPT_TIMEOUT: "425 Can't open data connection: accept timed out.",
   FTPP_ERR_ADVERTISE_UNRESOLVED: "425 Can't open passive connection: address unknown.",
   FTPP_ERR_NOT_IMPLEMENTED: '502 Command not implemented.',

@@ -691,71 +691,76 @@ export class Session {
     channel.pair({ clientSocket, upstreamSocket, idleTimeoutMs: this.config.timeouts.dataIdleMs });
   }
 
-  /** Server reply to a transfer command: 1yz passes at once, the final one is held (§3.3). */
+  /**
+   * Server reply to a transfer command: 1yz passes at once, the final one is held (§3.3)
+   * until the relayed data has been delivered. A 2yz for data that was not all delivered (the
+   * client's data leg failed, or the hold expired and the proxy cut it) becomes a 426: the
+   * client must never see a cut transfer as complete (RFC 959 §3.3; issue #10).
+   */
   private onTransferReply(expectation: { slot: ReplySlot; transfer: TransferContext }, reply: Reply): void {
     const { slot, transfer } = expectation;
     const channel = transfer.channel;
-    if (reply.code >= 200 && reply.code < 300) {
-      let timedOut = false;
-      const hold = this.config.timeouts.transferReplyHoldMs;
-      let timer: NodeJS.Timeout | null = null;
-      const held = Promise.race([
-        channel.directionDone(transfer.direction),
-        new Promise<void>((resolve) => {
-          timer = setTimeout(() => {
-            timedOut = true;
-            resolve();
-          }, hold);
-        }),
-      ]).then(() => {
-        if (timer) clearTimeout(timer);
-        if (timedOut) {
-          this.log.warn({ event: 'transfer-hold-timeout', holdMs: hold }, 'data not flushed in time; resetting the data connection');
-          channel.close('final reply hold timed out');
-        } else {
-          channel.lingerThenClose(this.config.timeouts.dataLingerMs);
-        }
-      });
-      this.replies.gate(slot, held);
-    } else {
+    this.transfers += 1;
+    if (reply.code < 200 || reply.code >= 300) {
       // A failed transfer must look failed to the client: reset, never FIN (protocol.md §3.3).
       channel.close(`server replied ${reply.code}`);
+      this.replies.push(slot, reply.raw);
+      this.replies.end(slot);
+      this.logTransfer(transfer, reply.code, null);
+      return;
     }
-    this.replies.push(slot, reply.raw);
-    this.replies.end(slot);
-    this.transfers += 1;
-    this.logTransfer(transfer, reply);
+    const hold = this.config.timeouts.transferReplyHoldMs;
+    let timer: NodeJS.Timeout | null = null;
+    const expired = new Promise<'hold-expired'>((resolve) => {
+      timer = setTimeout(() => resolve('hold-expired'), hold);
+    });
+    const delivered = channel.directionDone(transfer.direction).then((done) => (done ? 'delivered' : 'cut'));
+    void Promise.race([delivered, expired]).then((outcome) => {
+      if (timer) clearTimeout(timer);
+      if (outcome === 'delivered') {
+        channel.lingerThenClose(this.config.timeouts.dataLingerMs);
+        this.replies.push(slot, reply.raw);
+        this.logTransfer(transfer, reply.code, null);
+      } else {
+        if (outcome === 'hold-expired') this.log.warn({ event: 'transfer-hold-timeout', holdMs: hold }, 'data not flushed in time; resetting the data connection');
+        channel.close(outcome === 'hold-expired' ? 'final reply hold timed out' : 'data connection failed');
+        const line = REPLY_FOR_CODE.FTPP_ERR_TRANSFER_INCOMPLETE;
+        this.log.info({ event: 'transfer-incomplete', code: 'FTPP_ERR_TRANSFER_INCOMPLETE', serverReply: reply.code, why: outcome }, 'server reported success for data the client did not fully receive; answering 426');
+        this.replies.push(slot, replyLine(line));
+        this.logTransfer(transfer, Number.parseInt(line, 10), reply.code);
+      }
+      this.replies.end(slot);
+    });
   }
 
-  private logTransfer(transfer: TransferContext, reply: Reply): void {
+  /** One `transfer` record and metric, once the reply the client gets is known. */
+  private logTransfer(transfer: TransferContext, code: number, serverCode: number | null): void {
     const channel = transfer.channel;
-    const log = (): void => {
-      const bytes = channel.bytes;
-      // The kernel path never sees the payload: no byte count rather than a wrong one.
-      const moved = channel.isForwarded ? null : transfer.direction === 'download' ? bytes.toClient : bytes.toUpstream;
-      const result = reply.code >= 200 && reply.code < 300 ? 'ok' : transfer.aborted ? 'aborted' : 'failed';
-      this.deps.metrics.transferFinished(this.config.name, transfer.direction, result, moved ?? Number.NaN, (Date.now() - transfer.startedAt) / 1000);
-      this.log.info(
-        {
-          event: 'transfer',
-          command: transfer.command.verb,
-          path: transfer.command.argument.slice(0, 512),
-          user: this.user,
-          direction: transfer.direction,
-          bytes: moved,
-          result,
-          durationMs: Date.now() - transfer.startedAt,
-          reply: reply.code,
-          clientDataPort: channel.clientPort,
-          upstreamDataPort: channel.upstreamPort,
-          clientMode: channel.clientLeg.kind === 'active' ? 'active' : 'passive',
-          dataPath: channel.isForwarded ? 'kernel' : 'relay',
-          upstreamMode: channel.upstreamLeg.kind,
-        },
-        'transfer',
-      );
-    };
-    void channel.directionDone(transfer.direction).then(log);
+    const bytes = channel.bytes;
+    // The kernel path never sees the payload: no byte count rather than a wrong one.
+    const moved = channel.isForwarded ? null : transfer.direction === 'download' ? bytes.toClient : bytes.toUpstream;
+    const result = code >= 200 && code < 300 ? 'ok' : transfer.aborted ? 'aborted' : 'failed';
+    this.deps.metrics.transferFinished(this.config.name, transfer.direction, result, moved ?? Number.NaN, (Date.now() - transfer.startedAt) / 1000);
+    this.log.info(
+      {
+        event: 'transfer',
+        command: transfer.command.verb,
+        path: transfer.command.argument.slice(0, 512),
+        user: this.user,
+        direction: transfer.direction,
+        bytes: moved,
+        result,
+        durationMs: Date.now() - transfer.startedAt,
+        reply: code,
+        ...(serverCode !== null ? { serverReply: serverCode } : {}),
+        clientDataPort: channel.clientPort,
+        upstreamDataPort: channel.upstreamPort,
+        clientMode: channel.clientLeg.kind === 'active' ? 'active' : 'passive',
+        dataPath: channel.isForwarded ? 'kernel' : 'relay',
+        upstreamMode: channel.upstreamLeg.kind,
+      },
+      'transfer',
+    );
   }
 
   private onChannelSettled(transfer: TransferContext, result: RelayResult | null, reason: string): void {

@@ -160,19 +160,20 @@ export class DataChannel {
   }
 
   /**
-   * Resolves when the transfer's own direction has delivered everything (protocol.md §3.3:
-   * the final reply waits for this), or when the channel closes for any reason.
+   * Resolves true when the transfer's own direction has delivered everything and passed the
+   * FIN on (protocol.md §3.3: the final reply waits for this), false when the channel or its
+   * relay ended first: the data was cut, whatever the server's final reply says (issue #10).
+   * The kernel path is one end-to-end TCP connection: nothing of ours in between to flush,
+   * and a reset reaches the server itself, which then answers 426 on its own.
    */
-  directionDone(direction: TransferDirection): Promise<void> {
-    return new Promise<void>((resolve) => {
-      // Forwarded: one end-to-end TCP connection, nothing of ours in between to flush.
-      if (this.isClosed || this.clientLeg.kind === 'forwarded') return resolve();
-      this.closedWaiters.push(resolve);
-      const onRelay = (relay: Relay): void => {
-        relay.directionFinished(direction === 'download' ? 'toClient' : 'toUpstream').then(resolve);
-      };
-      if (this.stateValue.status === 'relaying') onRelay(this.stateValue.relay);
-      else this.relayWaiters.push(onRelay);
+  directionDone(direction: TransferDirection): Promise<boolean> {
+    const relayDirection = direction === 'download' ? 'toClient' : 'toUpstream';
+    if (this.clientLeg.kind === 'forwarded') return Promise.resolve(true);
+    if (this.relay) return this.relay.directionFinished(relayDirection);
+    if (this.isClosed) return Promise.resolve(false);
+    return new Promise<boolean>((resolve) => {
+      this.closedWaiters.push(() => resolve(this.relay ? this.relay.directionFinished(relayDirection) : false));
+      this.relayWaiters.push((relay) => resolve(relay.directionFinished(relayDirection)));
     });
   }
 

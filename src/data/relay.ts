@@ -38,7 +38,11 @@ export interface Relay {
   readonly done: Promise<RelayResult>;
   readonly upstreamToClientBytes: number;
   readonly clientToUpstreamBytes: number;
-  directionFinished(direction: Direction): Promise<void>;
+  /**
+   * Settles once per direction: true when every byte of it was handed to the receiving
+   * socket and the FIN passed on, false when the relay ended (reset, abort, idle) first.
+   */
+  directionFinished(direction: Direction): Promise<boolean>;
   /** Reset both legs now. Idempotent. */
   abort(): void;
 }
@@ -48,8 +52,8 @@ export class DataRelay implements Relay {
   readonly upstream: net.Socket;
   /** Settles once both sockets are closed. Never rejects. */
   readonly done: Promise<RelayResult>;
-  private readonly finished: Record<Direction, Promise<void>>;
-  private readonly finishResolvers = {} as Record<Direction, () => void>;
+  private readonly finished: Record<Direction, Promise<boolean>>;
+  private readonly finishResolvers = {} as Record<Direction, (delivered: boolean) => void>;
   private bytes: Record<Direction, number> = { toClient: 0, toUpstream: 0 };
   private outcome: RelayOutcome = 'complete';
   private readonly closedSockets = new Set<net.Socket>();
@@ -66,8 +70,8 @@ export class DataRelay implements Relay {
       this.resolveDone = resolve;
     });
     this.finished = {
-      toClient: new Promise<void>((resolve) => { this.finishResolvers.toClient = resolve; }),
-      toUpstream: new Promise<void>((resolve) => { this.finishResolvers.toUpstream = resolve; }),
+      toClient: new Promise<boolean>((resolve) => { this.finishResolvers.toClient = resolve; }),
+      toUpstream: new Promise<boolean>((resolve) => { this.finishResolvers.toUpstream = resolve; }),
     };
     this.pump(upstream, client, 'toClient');
     this.pump(client, upstream, 'toUpstream');
@@ -92,11 +96,12 @@ export class DataRelay implements Relay {
   }
 
   /**
-   * Resolves when every byte of one direction has been handed to the receiving socket's
-   * kernel buffer after the sender's FIN ('finish'), or when the relay ends for any reason.
-   * The session holds the server's final transfer reply on this (protocol.md §3.3).
+   * Resolves true when every byte of one direction has been handed to the receiving socket's
+   * kernel buffer after the sender's FIN ('finish'), false when the relay ends for any reason
+   * first. The session holds the server's final transfer reply on this (protocol.md §3.3) and
+   * turns a 226 into a 426 when it is false (issue #10: a cut download is never a 226).
    */
-  directionFinished(direction: Direction): Promise<void> {
+  directionFinished(direction: Direction): Promise<boolean> {
     return this.finished[direction];
   }
 
@@ -134,7 +139,7 @@ export class DataRelay implements Relay {
         else if (!sink.destroyed) sink.end();
       });
     });
-    sink.on('finish', () => this.finishResolvers[direction]());
+    sink.on('finish', () => this.finishResolvers[direction](true));
     source.resume();
   }
 
@@ -156,8 +161,8 @@ export class DataRelay implements Relay {
     this.closedSockets.add(socket);
     if (hadError) this.onError();
     if (this.closedSockets.size === 2) {
-      this.finishResolvers.toClient();
-      this.finishResolvers.toUpstream();
+      this.finishResolvers.toClient(false);
+      this.finishResolvers.toUpstream(false);
       this.resolveDone({
         upstreamToClientBytes: this.bytes.toClient,
         clientToUpstreamBytes: this.bytes.toUpstream,

@@ -125,8 +125,8 @@ export class SpliceRelay implements Relay {
   readonly done: Promise<RelayResult>;
   private readonly addon: SpliceAddon;
   private readonly handle: object;
-  private readonly finished: Record<Direction, Promise<void>>;
-  private readonly finishResolvers = {} as Record<Direction, () => void>;
+  private readonly finished: Record<Direction, Promise<boolean>>;
+  private readonly finishResolvers = {} as Record<Direction, (delivered: boolean) => void>;
   private resolveDone!: (result: RelayResult) => void;
   private outcome: RelayOutcome = 'complete';
   private readonly closedSockets = new Set<net.Socket>();
@@ -151,8 +151,8 @@ export class SpliceRelay implements Relay {
       this.resolveDone = resolve;
     });
     this.finished = {
-      toClient: new Promise<void>((resolve) => { this.finishResolvers.toClient = resolve; }),
-      toUpstream: new Promise<void>((resolve) => { this.finishResolvers.toUpstream = resolve; }),
+      toClient: new Promise<boolean>((resolve) => { this.finishResolvers.toClient = resolve; }),
+      toUpstream: new Promise<boolean>((resolve) => { this.finishResolvers.toUpstream = resolve; }),
     };
     // The thread may start moving bytes at once; libuv cannot read in between, since the
     // event loop does not run until this constructor has returned.
@@ -174,10 +174,10 @@ export class SpliceRelay implements Relay {
   }
 
   /**
-   * Resolves when every byte of one direction has been written to the receiving socket and
-   * the FIN passed on (shutdown(SHUT_WR)), or when the relay ends for any reason.
+   * Resolves true when every byte of one direction has been written to the receiving socket
+   * and the FIN passed on (shutdown(SHUT_WR)), false when the relay ends for any reason first.
    */
-  directionFinished(direction: Direction): Promise<void> {
+  directionFinished(direction: Direction): Promise<boolean> {
     return this.finished[direction];
   }
 
@@ -219,7 +219,7 @@ export class SpliceRelay implements Relay {
 
   private handleNativeEvent(kind: number, a: number): void {
     if (kind === EVENT_FINISHED) {
-      this.finishResolvers[a === 0 ? 'toClient' : 'toUpstream']();
+      this.finishResolvers[a === 0 ? 'toClient' : 'toUpstream'](true);
       return;
     }
     this.nativeEnded = true;
@@ -258,8 +258,8 @@ export class SpliceRelay implements Relay {
   private maybeSettle(): void {
     if (this.settled || !this.nativeEnded || this.closedSockets.size < 2) return;
     this.settled = true;
-    this.finishResolvers.toClient();
-    this.finishResolvers.toUpstream();
+    this.finishResolvers.toClient(false);
+    this.finishResolvers.toUpstream(false);
     this.resolveDone({
       upstreamToClientBytes: this.upstreamToClientBytes,
       clientToUpstreamBytes: this.clientToUpstreamBytes,

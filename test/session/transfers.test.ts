@@ -307,7 +307,7 @@ relayTest('active client that cannot be reached: 425 and the transfer command is
   await noLeaks(t, h, client);
 });
 
-relayTest('a client that never reads: after transferReplyHold the data leg is reset and the 226 forwarded', async (t) => {
+relayTest('a client that never reads: after transferReplyHold the data leg is reset and the client gets 426, not the 226', async (t) => {
   const BIG = Buffer.alloc(32 * 1024 * 1024, 0x33);
   const h = await startHarness(t, {
     ports,
@@ -333,11 +333,67 @@ relayTest('a client that never reads: after transferReplyHold the data leg is re
   client.send('RETR big.bin');
   t.equal((await client.readReply()).code, 150, '150');
   const final = await client.readReply(10000);
-  t.equal(final.code, 226, `226 forwarded after the hold: ${final.text}`);
+  t.equal(final.text, '426 Connection closed; transfer aborted.', `426 after the hold, not the server's 226: ${final.text}`);
   t.ok(Date.now() - started >= 900, `held for about transferReplyHoldSeconds (${Date.now() - started} ms)`);
   const result = await readAll(data, 10000);
   t.ok(result.data.length < BIG.length, `cut short, as the hold expired (${result.data.length} of ${BIG.length})`);
   t.equal(result.outcome, 'error', `the client data leg was reset, never ended as if complete (${result.outcome})`);
+  await noLeaks(t, h, client);
+});
+
+relayTest('a client that resets its data connection mid-download gets 426, never the server\'s 226 (issue #10)', async (t) => {
+  const BIG = Buffer.alloc(32 * 1024 * 1024, 0x44);
+  const h = await startHarness(t, {
+    ports,
+    fake: {
+      handler: async (command, session) => {
+        if (command.verb !== 'RETR') return false;
+        const data = await session.takeData();
+        if (!data) return false;
+        session.reply('150 Opening BINARY mode data connection.');
+        data.end(BIG);
+        // At once, as vsftpd does once the last bytes are in its socket buffer: the server
+        // cannot know that the proxy's client leg will fail.
+        session.reply('226 Transfer complete.');
+        return true;
+      },
+    },
+  });
+  const client = await h.login();
+  const port = await pasvPort(t, client);
+  const data = await openData('127.0.0.1', port);
+  let received = 0;
+  const cut = new Promise<void>((resolve) => {
+    data.on('data', (chunk: Buffer) => {
+      received += chunk.length;
+      if (received >= 64 * 1024 && !data.destroyed) {
+        data.resetAndDestroy();
+        resolve();
+      }
+    });
+  });
+  data.on('error', () => {});
+  client.send('RETR big.bin');
+  t.equal((await client.readReply()).code, 150, '150');
+  await withTimeout(cut, 10000, 'client read 64 KiB and reset');
+  const final = await client.readReply(10000);
+  t.equal(final.text, '426 Connection closed; transfer aborted.', `426, not the server's 226 (${final.text})`);
+  const record = await withTimeout(
+    (async () => {
+      for (;;) {
+        const found = h.proxy.logs().find((r) => r.event === 'transfer');
+        if (found) return found;
+        await delay(20);
+      }
+    })(),
+    5000,
+    'transfer log record',
+  );
+  t.equal(record.result, 'failed', 'logged as failed');
+  t.equal(record.reply, 426, 'with the reply the client got');
+  t.equal(record.serverReply, 226, 'and the server\'s own');
+  t.ok(Number(record.bytes) < BIG.length, `partial byte count (${String(record.bytes)})`);
+  t.equal((await client.command('NOOP')).code, 200, 'the session goes on');
   await noLeaks(t, h, client);
 });
 
