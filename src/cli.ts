@@ -16,7 +16,7 @@ const USAGE = `Usage: ftp-nat-proxy --config FILE [--check]
        ftp-nat-proxy --version
 
   --config FILE  YAML configuration (see conf/ftp-nat-proxy.yaml)
-  --check        validate the configuration, print every error, exit 0 or 2
+  --check        validate the configuration, print every error and warning, exit 0 or 2
   --version      print the version and exit
 `;
 
@@ -79,6 +79,9 @@ async function main(): Promise<number> {
     throw err;
   }
   if (args.check) {
+    if (config.warnings.length > 0) {
+      process.stderr.write(`ftp-nat-proxy: warnings in ${args.config}:\n${config.warnings.map(formatIssue).join('\n')}\n`);
+    }
     process.stdout.write(`${args.config}: OK (${config.listeners.length} listener(s))\n`);
     return 0;
   }

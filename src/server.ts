@@ -101,6 +101,7 @@ export class ProxyServer {
   async start(): Promise<BoundListener[]> {
     if (this.statusValue !== 'idle') throw new Error('server already started');
     this.statusValue = 'running';
+    this.logConfigWarnings(this.configValue);
     try {
       this.ensureKernelPath(this.configValue);
       for (const config of this.configValue.listeners) this.runtimes.set(config.name, await this.bind(config));
@@ -375,7 +376,15 @@ export class ProxyServer {
     }
     this.deps.log.level = next.log.level;
     this.configValue = next;
+    this.logConfigWarnings(next);
     return result;
+  }
+
+  /** Once per configuration put in force (start, each reload): what it ignores or overrides. */
+  private logConfigWarnings(config: ProxyConfig): void {
+    for (const issue of config.warnings) {
+      this.deps.log.warn({ event: 'config-warning', key: issue.path, line: issue.line }, issue.message);
+    }
   }
 
   /**

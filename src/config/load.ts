@@ -22,17 +22,12 @@ import type {
   AclConfig,
   AdminConfig,
   CidrRule,
+  ConfigIssue,
   ProxyProtocolAccept,
   ProxyProtocolConfig,
 } from './schema.js';
 
-export interface ConfigIssue {
-  /** Key path, e.g. `listeners[0].upstream.port`. */
-  readonly path: string;
-  /** 1-based line in the file, 0 when the key is missing. */
-  readonly line: number;
-  readonly message: string;
-}
+export type { ConfigIssue } from './schema.js';
 
 export class ConfigError extends ProxyError {
   readonly issues: readonly ConfigIssue[];
@@ -85,6 +80,8 @@ export const DEFAULT_PASSIVE_PORTS = '60000-60099';
 
 class Validator {
   readonly issues: ConfigIssue[] = [];
+  /** Non-fatal: the config still loads (ProxyConfig.warnings). */
+  readonly warnings: ConfigIssue[] = [];
   constructor(private readonly doc: Document, private readonly lines: LineCounter) {}
 
   lineOf(path: readonly (string | number)[]): number {
@@ -98,6 +95,10 @@ class Validator {
 
   fail(path: readonly (string | number)[], message: string): void {
     this.issues.push({ path: formatPath(path), line: this.lineOf(path), message });
+  }
+
+  warn(path: readonly (string | number)[], message: string): void {
+    this.warnings.push({ path: formatPath(path), line: this.lineOf(path), message });
   }
 }
 
@@ -249,7 +250,17 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
   else if (isHostname(advertiseText)) advertise = { kind: 'hostname', hostname: advertiseText };
   else v.fail([...base, 'client', 'advertise'], 'must be an IP address, a hostname or "auto"');
   if (advertise.kind === 'ip' && isIP(advertise.address) !== 4) {
-    v.fail([...base, 'client', 'advertise'], 'must be an IPv4 address: 227 replies carry IPv4 only (IPv6 clients use EPSV)');
+    if (listen && isIP(listen.host) === 6 && !ipaddr.IPv6.parse(advertise.address).isIPv4MappedAddress()) {
+      // The address an IPv6 listener serves on: nowhere to put it, but no mistake either.
+      // (An IPv4-mapped address means an IPv4 one and stays an error below.)
+      v.warn(
+        [...base, 'client', 'advertise'],
+        'ignored, the listener uses "auto": 227 replies carry only IPv4 and 229 replies carry no address (PASV on an IPv6 connection is refused; EPSV needs no address)',
+      );
+      advertise = { kind: 'auto' };
+    } else {
+      v.fail([...base, 'client', 'advertise'], 'must be an IPv4 address: 227 replies carry IPv4 only (IPv6 clients use EPSV)');
+    }
   }
 
   const advertiseFor: AdvertiseRule[] = [];
@@ -357,7 +368,10 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
   };
 }
 
-/** Validate a parsed YAML document. Throws ConfigError listing every problem. */
+/**
+ * Validate a parsed YAML document. Throws ConfigError listing every problem; non-fatal ones
+ * come back in the config's `warnings`.
+ */
 export function validateConfigText(text: string, source = 'config'): ProxyConfig {
   const lines = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false, uniqueKeys: true });
@@ -406,7 +420,7 @@ export function validateConfigText(text: string, source = 'config'): ProxyConfig
     });
   }
   if (v.issues.length > 0) throw new ConfigError(source, v.issues);
-  return deepFreeze({ log: { level }, listeners, admin, shutdown: { drainMs } });
+  return deepFreeze({ log: { level }, listeners, admin, shutdown: { drainMs }, warnings: v.warnings });
 }
 
 export async function loadConfigFile(path: string): Promise<ProxyConfig> {

@@ -118,10 +118,24 @@ export interface AdminConfig {
   readonly listen: HostAndPort;
 }
 
+/** One problem (error or warning) in a configuration file. */
+export interface ConfigIssue {
+  /** Key path, e.g. `listeners[0].upstream.port`. */
+  readonly path: string;
+  /** 1-based line in the file, 0 when the key is missing. */
+  readonly line: number;
+  readonly message: string;
+}
+
 export interface ProxyConfig {
   readonly log: { readonly level: string };
   readonly listeners: readonly ListenerConfig[];
   /** Off (null) unless configured. */
   readonly admin: AdminConfig | null;
   readonly shutdown: { readonly drainMs: number };
+  /**
+   * Non-fatal findings: a key that is ignored or overridden (the config above already reflects
+   * that). Logged as `config-warning` at start and on every reload; printed by `--check`.
+   */
+  readonly warnings: readonly ConfigIssue[];
 }

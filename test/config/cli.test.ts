@@ -1,7 +1,8 @@
 /**
- * CLI contract (src/cli.ts): `--check` exits 0 on a good file and 2 with every error printed on
- * a bad one; `--version` prints package.json's version. Runs the built dist/cli.js (`npm test`
- * builds it first through the pretest script; by hand: `npx tsc -p tsconfig.json`).
+ * CLI contract (src/cli.ts): `--check` exits 0 on a good file (printing its warnings) and 2 with
+ * every error printed on a bad one; a running proxy logs each warning at start and on SIGHUP;
+ * `--version` prints package.json's version. Runs the built dist/cli.js (`npm test` builds it
+ * first through the pretest script; by hand: `npx tsc -p tsconfig.json`).
  */
 import t from 'tap';
 import { spawn } from 'node:child_process';
@@ -9,6 +10,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ConfigError, formatIssue, validateConfigText } from '../../src/config/load.js';
+import { spawnCli } from '../helpers/ops.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const CLI = join(ROOT, 'dist', 'cli.js');
@@ -108,6 +110,51 @@ t.test('--check on a bad config exits 2 and prints every error', async (t) => {
   const missing = issues.filter((line) => !r.stderr.includes(`${line}\n`));
   t.same(missing, [], 'every issue line is printed');
   t.match(r.stderr, /log\.level \(line 2\)/, 'key path and line number shown');
+});
+
+/** An IPv6 advertise on an IPv6 listener: valid, with one warning (issue #10 item 9). */
+const WARNED = `log: { level: info }
+listeners:
+  - name: v6
+    listen: "[::1]:0"
+    upstream: { host: 127.0.0.1, port: 21 }
+    client: { advertise: "2001:db8::10" }
+`;
+const WARNING_LINE = /^ {2}listeners\[0\]\.client\.advertise \(line 6\): ignored, the listener uses "auto": /m;
+
+t.test('--check with a warning exits 0 and prints the warning on stderr', async (t) => {
+  const dir = t.testdir({});
+  const file = join(dir, 'warned.yaml');
+  writeFileSync(file, WARNED);
+  const r = await runCli(['--config', file, '--check']);
+  t.equal(r.timedOut, false);
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout, `${file}: OK (1 listener(s))\n`);
+  t.ok(r.stderr.startsWith(`ftp-nat-proxy: warnings in ${file}:\n`), 'header');
+  t.match(r.stderr, WARNING_LINE, 'key path, line and message');
+  t.equal(r.stderr.trimEnd().split('\n').length, 2, 'header and one warning');
+});
+
+t.test('a running proxy logs each warning at start and again on every SIGHUP reload', async (t) => {
+  const dir = t.testdir({});
+  const file = join(dir, 'warned.yaml');
+  writeFileSync(file, WARNED);
+  const cli = spawnCli(t, file);
+  const warningsLogged = (): Record<string, unknown>[] => cli.logs().filter((r) => r.event === 'config-warning');
+  const started = await cli.waitLog((r) => r.event === 'started', 10_000);
+  t.ok(started, `started (stderr: ${cli.stderr()})`);
+  t.equal(warningsLogged().length, 1, 'one config-warning at start');
+  t.match(warningsLogged()[0], { level: 'warn', key: 'listeners[0].client.advertise', line: 6, msg: /^ignored, the listener uses "auto"/ });
+  for (const reload of [1, 2]) {
+    process.kill(cli.pid, 'SIGHUP');
+    const reloads = (): number => cli.logs().filter((r) => r.event === 'reloaded').length;
+    const applied = await cli.waitLog(() => reloads() >= reload, 5000);
+    t.ok(applied, `reload ${reload} applied`);
+    t.equal(warningsLogged().length, 1 + reload, `logged again on reload ${reload}`);
+  }
+  process.kill(cli.pid, 'SIGTERM');
+  const exit = await cli.exited;
+  t.equal(exit.code, 0, 'clean stop');
 });
 
 t.test('--check on a YAML syntax error exits 2 with its line', async (t) => {

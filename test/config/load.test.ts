@@ -209,6 +209,59 @@ t.test('client.dataPath', async (t) => {
   t.match(withProxyProtocol[0]?.message, /cannot be used with proxyProtocol/, 'behind a PROXY load balancer the data comes from the balancer');
 });
 
+t.test('client.advertise IPv6: a warning on an IPv6 listener (treated as auto), an error elsewhere (issue #10 item 9)', async (t) => {
+  const yaml = (listen: string, advertise: string): string =>
+    `listeners:\n  - listen: "${listen}"\n    upstream: { host: 10.0.0.5 }\n    client: { advertise: "${advertise}" }\n`;
+  const cases: [listen: string, advertise: string, expected: 'warning' | 'error' | { kind: 'ip'; address: string }][] = [
+    ['[2001:db8::10]:21', '2001:db8::10', 'warning'],
+    ['[::]:2121', '2001:db8::10', 'warning'],
+    ['[::1]:2121', '2001:DB8:0:0::10', 'warning'],
+    ['0.0.0.0:2121', '2001:db8::10', 'error'],
+    ['192.0.2.1:21', '2001:db8::10', 'error'],
+    // Names an IPv4 address: write it as one, even on an IPv6 listener (dual-stack IPv4 clients get 227).
+    ['[::]:2121', '::ffff:203.0.113.10', 'error'],
+    ['0.0.0.0:2121', '203.0.113.10', { kind: 'ip', address: '203.0.113.10' }],
+    ['[::]:2121', '203.0.113.10', { kind: 'ip', address: '203.0.113.10' }],
+  ];
+  for (const [listen, advertise, expected] of cases) {
+    const text = yaml(listen, advertise);
+    const name = `listen ${listen}, advertise ${advertise}`;
+    if (expected === 'error') {
+      const issues = issuesOf(text);
+      t.same(issues.map((i) => [i.path, i.line]), [['listeners[0].client.advertise', 4]], `${name}: an error`);
+      t.match(issues[0]?.message, /must be an IPv4 address/, name);
+      continue;
+    }
+    let config;
+    try {
+      config = validateConfigText(text);
+    } catch (err) {
+      t.fail(`${name}: ${(err as Error).message}`);
+      continue;
+    }
+    const warnings = config.warnings;
+    if (expected === 'warning') {
+      t.same(config.listeners[0]?.client.advertise, { kind: 'auto' }, `${name}: behaves as auto`);
+      t.same(warnings?.map((w) => [w.path, w.line]), [['listeners[0].client.advertise', 4]], `${name}: one warning at the key`);
+      t.match(warnings?.[0]?.message, /^ignored, the listener uses "auto": 227 replies carry only IPv4 and 229 replies carry no address/, name);
+    } else {
+      t.same(config.listeners[0]?.client.advertise, expected, `${name}: kept`);
+      t.same(warnings, [], `${name}: no warnings`);
+    }
+  }
+});
+
+t.test('config warnings: none for a plain config, frozen, never reported as errors', async (t) => {
+  const config = validateConfigText(MINIMAL);
+  t.same(config.warnings, [], 'none');
+  t.ok(Object.isFrozen(config.warnings), 'frozen');
+  const warned = validateConfigText(`listeners:\n  - listen: "[::]:21"\n    upstream: { host: 10.0.0.5 }\n    client: { advertise: "2001:db8::10" }\n`);
+  t.ok(Object.isFrozen(warned.warnings?.[0]), 'each warning frozen');
+  // A config with errors is refused whole: its errors are the story, warnings are not errors.
+  const issues = issuesOf(`listeners:\n  - listen: "[::]:21"\n    upstream: { host: 10.0.0.5, port: 0 }\n    client: { advertise: "2001:db8::10" }\n`);
+  t.same(issues.map((i) => i.path), ['listeners[0].upstream.port'], 'only the error, the advertise warning is not an error');
+});
+
 t.test('bad config: ALL errors, each with key path and 1-based line', async (t) => {
   const issues = issuesOf(MANY_ERRORS);
   const expected: [path: string, line: number, message: RegExp][] = [
