@@ -266,7 +266,6 @@ export class Session {
 
   private onClientData(chunk: Buffer): void {
     if (this.statusValue === 'closed') return;
-    this.armIdleTimer();
     if (this.abortTimer) {
       clearTimeout(this.abortTimer);
       this.abortTimer = null;
@@ -297,6 +296,9 @@ export class Session {
 
   private enqueueLine(line: FramedLine): void {
     if (this.closeAfterFlush || this.statusValue === 'closed') return;
+    // Only a complete command is activity: the bytes of a line that never ends (one every few
+    // seconds, under maxLineBytes) must not keep a session past idleSeconds (issue #10).
+    this.armIdleTimer();
     if (this.commandQueue.length >= this.config.limits.maxQueuedCommands) {
       this.log.warn({ event: 'queue-overflow', code: 'FTPP_ERR_QUEUE_OVERFLOW' }, 'too many queued commands');
       this.commandQueue.length = 0;

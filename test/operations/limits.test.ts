@@ -153,6 +153,29 @@ t.test('idleSeconds 0.5: 421 Timeout. for a silent session; a chatty one stays',
   await chatty.quit();
 });
 
+t.test('idleSeconds 0.5: the bytes of a line that never ends are not activity (slowloris, issue #10)', async (t) => {
+  const { fake, proxy } = await setup(t, ['    timeouts:', '      idleSeconds: 0.5']);
+  const trickler = await loggedIn(t, proxy, '127.0.0.1');
+  const started = Date.now();
+  const reply = trickler.readReply(5000);
+  // One byte of an unfinished command every 100 ms: far under maxLineBytes, far more often
+  // than idleSeconds. Stops by itself after 4 s or once the session is closed.
+  let sent = 0;
+  const trickle = setInterval(() => {
+    if (trickler.ended || Date.now() - started > 4000) return clearInterval(trickle);
+    trickler.sendRaw(sent++ === 0 ? 'STOR ' : 'a');
+  }, 100);
+  t.teardown(() => clearInterval(trickle));
+  const got = await reply;
+  clearInterval(trickle);
+  const elapsed = Date.now() - started;
+  t.equal(got.text, '421 Timeout.', 'the trickling session got 421 Timeout.');
+  t.ok(elapsed >= 400 && elapsed < 3000, `about idleSeconds after its last complete command (${elapsed} ms, ${sent} bytes trickled)`);
+  t.ok(await trickler.waitEnded(3000), 'and was closed');
+  t.notOk(fake.received.some((line) => line.startsWith('STOR')), 'the unfinished line never reached the server');
+  t.equal(eventLogs(proxy, 'limit', 'idle-timeout').length, 1, 'logged as idle-timeout');
+});
+
 t.test('maxDataChannelsPerSession 1: a second channel during a transfer gets 425, the transfer completes', async (t) => {
   const big = randomBytes(24 * 1024 * 1024);
   const { proxy } = await setup(t, ['    limits:', '      maxDataChannelsPerSession: 1'], { 'big.bin': big });
