@@ -108,6 +108,8 @@ export class Session {
   private readonly replies: ReplyQueue;
   private readonly expectations: Expectation[] = [];
   private readonly commandQueue: Array<{ line: FramedLine }> = [];
+  /** Data setups deferred until the running transfer's final reply (prepareUpstreamLeg). */
+  private readonly transferReplyWaiters: Array<() => void> = [];
   private processingCommands = false;
   private pendingChannel: DataChannel | null = null;
   private readonly activeTransfers = new Set<DataChannel>();
@@ -576,6 +578,16 @@ export class Session {
    * immediately before RETR/STOR (RFC 959 §4.1.3; protocol.md §2.4).
    */
   private async prepareUpstreamLeg(clientMode: 'passive' | 'active'): Promise<UpstreamLeg> {
+    if (this.awaitsTransferReply()) {
+      // vsftpd reads no command while it sends or receives a file: the proxy's own EPSV/PASV/
+      // PORT would go unanswered until the transfer's final reply and, after
+      // upstreamReplySeconds, kill the session and the transfer with it (issue #10). Do what
+      // the server does: set this channel up after that reply (the client's reply slot is
+      // already reserved, so replies stay in order).
+      this.log.debug({ event: 'data-setup-deferred' }, 'data setup waits for the running transfer\'s final reply');
+      await new Promise<void>((resolve) => this.transferReplyWaiters.push(resolve));
+      if (this.isFinished()) throw new ProxyError('FTPP_ERR_SHUTDOWN', 'session closing');
+    }
     const configured = this.config.upstream.dataMode;
     const mode = configured === 'mirror' ? clientMode : configured;
     const { remote: { ip: serverIp }, local: { ip: localIp } } = this.upstreamAddresses!;
@@ -833,6 +845,7 @@ export class Session {
       this.replies.end(expectation.slot);
     }
     this.updateClientFlow();
+    this.wakeTransferReplyWaiters();
     if (reply.code === 421) {
       // 421 closes the session (RFC 959 §4.2.1): forward it, then close after flushing.
       this.beginClose('server sent 421');
@@ -861,6 +874,18 @@ export class Session {
         this.replies.end(expectation.slot);
       }
     }
+    this.wakeTransferReplyWaiters();
+  }
+
+  /** A transfer command sent to the server still waits for its final reply. */
+  private awaitsTransferReply(): boolean {
+    return this.expectations.some((expectation) => expectation.kind === 'client' && expectation.transfer !== undefined);
+  }
+
+  /** Let deferred data setups go on once no transfer reply is outstanding (or nothing will come). */
+  private wakeTransferReplyWaiters(): void {
+    if (this.transferReplyWaiters.length === 0 || this.awaitsTransferReply()) return;
+    for (const wake of this.transferReplyWaiters.splice(0)) wake();
   }
 
   // ---------------------------------------------------------------- flow control
