@@ -19,6 +19,8 @@ export const ERROR_CODES = {
   FTPP_ERR_UPSTREAM_CLOSED: 'FTPP_ERR_UPSTREAM_CLOSED',
   /** Every port of a relay port range is leased or in use by someone else. */
   FTPP_ERR_POOL_EXHAUSTED: 'FTPP_ERR_POOL_EXHAUSTED',
+  /** The client's address already holds limits.maxRelayPortsPerIp ports of a relay pool. */
+  FTPP_ERR_RELAY_PORTS_PER_IP: 'FTPP_ERR_RELAY_PORTS_PER_IP',
   /** PORT/EPRT argument is not syntactically valid (RFC 959 §4.1.2, RFC 2428 §2). */
   FTPP_ERR_BAD_ADDRESS_SYNTAX: 'FTPP_ERR_BAD_ADDRESS_SYNTAX',
   /** PORT/EPRT names a host other than the client, or a privileged port (FTP bounce, RFC 2577 §3). */
@@ -72,6 +74,7 @@ export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze
   FTPP_ERR_UPSTREAM_UNREACHABLE: '421 Service not available.',
   FTPP_ERR_UPSTREAM_CLOSED: '421 Service not available: server closed the connection.',
   FTPP_ERR_POOL_EXHAUSTED: "425 Can't open data connection: no free relay port.",
+  FTPP_ERR_RELAY_PORTS_PER_IP: "425 Can't open data connection: too many data connections from your address.",
   FTPP_ERR_BAD_ADDRESS_SYNTAX: '501 Syntax error in parameters or arguments.',
   FTPP_ERR_BOUNCE_REFUSED: '500 Illegal PORT command.',
   FTPP_ERR_WRONG_FAMILY: '522 Network protocol not supported, use (1)',

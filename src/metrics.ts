@@ -19,6 +19,8 @@ export type RejectionReason =
   | 'sessions-total'
   | 'sessions-per-ip'
   | 'passive-listeners'
+  /** A client address already held limits.maxRelayPortsPerIp ports of a pool. */
+  | 'relay-ports-per-ip'
   | 'login-timeout'
   | 'idle-timeout'
   | 'data-accept-timeout'
@@ -80,6 +82,7 @@ export const REJECTION_REASONS: readonly RejectionReason[] = Object.freeze([
   'sessions-total',
   'sessions-per-ip',
   'passive-listeners',
+  'relay-ports-per-ip',
   'login-timeout',
   'idle-timeout',
   'data-accept-timeout',

@@ -7,8 +7,8 @@
  */
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import type { CidrRule, ListenerConfig, ProxyConfig } from './config/schema.js';
-import { PortPool } from './data/port-pool.js';
+import type { CidrRule, ListenerConfig, PortRange, ProxyConfig } from './config/schema.js';
+import { PortPool, relayPortsPerIpCap } from './data/port-pool.js';
 import { readProxyHeader } from './data/proxy-header.js';
 import { dial } from './data/dial.js';
 import { addressesOf } from './data/socket-address.js';
@@ -131,9 +131,11 @@ export class ProxyServer {
   }
 
   private makePools(config: ListenerConfig): { clientPool: PortPool; upstreamPool: PortPool | null } {
+    const pool = (range: PortRange): PortPool =>
+      new PortPool(range, Math.random, relayPortsPerIpCap(config.limits.maxRelayPortsPerIp, range.last - range.first + 1));
     return {
-      clientPool: new PortPool(config.client.passivePorts),
-      upstreamPool: config.upstream.activePorts ? new PortPool(config.upstream.activePorts) : null,
+      clientPool: pool(config.client.passivePorts),
+      upstreamPool: config.upstream.activePorts ? pool(config.upstream.activePorts) : null,
     };
   }
 

@@ -465,7 +465,7 @@ export class Session {
         advertised = await this.deps.advertiser.addressFor(this.clientIp, this.dialledIp);
         if (!advertised) throw new ProxyError('FTPP_ERR_ADVERTISE_UNRESOLVED', `no IPv4 address to advertise (${this.deps.advertiser.lastError?.message ?? 'control connection is not IPv4'})`);
       }
-      const lease = await this.deps.clientPool.lease(this.localIp);
+      const lease = await this.leaseRelayPort(this.deps.clientPool, this.localIp);
       // Until the 227/229 goes out nobody has a reason to connect here: refuse anyone who does.
       lease.setConnectionHandler((socket) => this.refuseStranger(lease.port, socket, 'early'));
       const upstreamLeg = await this.prepareUpstreamLeg('passive').catch((err: unknown) => {
@@ -491,6 +491,16 @@ export class Session {
       this.replies.push(slot, this.failureReply(err, style.toUpperCase()));
     } finally {
       this.replies.end(slot);
+    }
+  }
+
+  /** A relay port bound on `host`, counted against this client address's share of `pool`. */
+  private async leaseRelayPort(pool: PortPool, host: string): Promise<PortLease> {
+    try {
+      return await pool.lease(host, this.clientIp);
+    } catch (err) {
+      if (isProxyError(err, 'FTPP_ERR_RELAY_PORTS_PER_IP')) this.limitHit('relay-ports-per-ip', { code: err.code, max: pool.maxPerOwner, range: `${pool.range.first}-${pool.range.last}` });
+      throw err;
     }
   }
 
@@ -610,7 +620,7 @@ export class Session {
     }
     const pool = this.deps.upstreamPool;
     if (!pool) throw new ProxyError('FTPP_ERR_UPSTREAM_DATA_SETUP', 'dataMode needs upstream.activePorts');
-    const lease = await pool.lease(localIp);
+    const lease = await this.leaseRelayPort(pool, localIp);
     const accept = new PassiveAccept(lease, {
       expectedIp: serverIp,
       timeoutMs: this.config.timeouts.dataAcceptMs,

@@ -180,6 +180,16 @@ function int(v: Validator, path: (string | number)[], value: unknown, fallback: 
   return value;
 }
 
+/** `auto` (the default: a share of each pool, see relayPortsPerIpCap) or a whole number of ports. */
+function relayPortsPerIp(v: Validator, path: (string | number)[], value: unknown): number | 'auto' {
+  if (value === undefined || value === null || value === 'auto') return 'auto';
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > 65535) {
+    v.fail(path, 'must be "auto" or a whole number from 1 to 65535');
+    return 'auto';
+  }
+  return value;
+}
+
 function bool(v: Validator, path: (string | number)[], value: unknown, fallback: boolean): boolean {
   if (value === undefined || value === null) return fallback;
   if (typeof value !== 'boolean') {
@@ -314,7 +324,7 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
   };
 
   const lp = [...base, 'limits'];
-  const l = section(v, lp, obj.limits, [...Object.keys(LIMIT_DEFAULTS)]);
+  const l = section(v, lp, obj.limits, [...Object.keys(LIMIT_DEFAULTS), 'maxRelayPortsPerIp']);
   const limits: LimitsConfig = {
     maxLineBytes: Math.floor(int(v, [...lp, 'maxLineBytes'], l.maxLineBytes, LIMIT_DEFAULTS.maxLineBytes, 512, 65536)),
     maxReplyBytes: Math.floor(int(v, [...lp, 'maxReplyBytes'], l.maxReplyBytes, LIMIT_DEFAULTS.maxReplyBytes, 4096, 64 * 1024 * 1024)),
@@ -322,6 +332,7 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     maxSessions: Math.floor(int(v, [...lp, 'maxSessions'], l.maxSessions, LIMIT_DEFAULTS.maxSessions, 1, 1_000_000)),
     maxSessionsPerIp: Math.floor(int(v, [...lp, 'maxSessionsPerIp'], l.maxSessionsPerIp, LIMIT_DEFAULTS.maxSessionsPerIp, 1, 1_000_000)),
     maxDataChannelsPerSession: Math.floor(int(v, [...lp, 'maxDataChannelsPerSession'], l.maxDataChannelsPerSession, LIMIT_DEFAULTS.maxDataChannelsPerSession, 1, 64)),
+    maxRelayPortsPerIp: relayPortsPerIp(v, [...lp, 'maxRelayPortsPerIp'], l.maxRelayPortsPerIp),
   };
 
   const ap = [...base, 'acl'];

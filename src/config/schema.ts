@@ -101,6 +101,12 @@ export interface LimitsConfig {
   readonly maxSessions: number;
   readonly maxSessionsPerIp: number;
   readonly maxDataChannelsPerSession: number;
+  /**
+   * Relay ports (of each pool) one client address may hold at once; `auto` = a quarter of
+   * the pool, at least 2 (relayPortsPerIpCap). Keeps a few addresses from holding the whole
+   * pool by repeating PASV across many sessions.
+   */
+  readonly maxRelayPortsPerIp: number | 'auto';
 }
 
 export interface ListenerConfig {

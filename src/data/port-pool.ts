@@ -32,17 +32,36 @@ export interface PortPoolStats {
   readonly leased: number;
 }
 
+/**
+ * `limits.maxRelayPortsPerIp: auto`: a quarter of the pool, at least 2. A few client
+ * addresses repeating PASV across many sessions could otherwise hold every port (50 sessions
+ * from 3 addresses took a whole pool in the hardening run, issue #10), while a client behind
+ * a shared NAT still gets a fair share of a narrow range.
+ */
+export function relayPortsPerIpCap(setting: number | 'auto', poolSize: number): number {
+  return setting === 'auto' ? Math.max(2, Math.ceil(poolSize / 4)) : setting;
+}
+
 export class PortPool {
   readonly range: PortRange;
+  /** Most ports one owner (a client address) may hold at once. */
+  readonly maxPerOwner: number;
   private readonly leased = new Set<number>();
+  private readonly perOwner = new Map<string, number>();
   private readonly random: () => number;
   /** Always-bound mode: port -> its permanent listener. */
   private bound: Map<number, net.Server> | null = null;
   private readonly handlers = new Map<number, (socket: net.Socket) => void>();
 
-  constructor(range: PortRange, random: () => number = Math.random) {
+  constructor(range: PortRange, random: () => number = Math.random, maxPerOwner = Number.POSITIVE_INFINITY) {
     this.range = range;
     this.random = random;
+    this.maxPerOwner = maxPerOwner;
+  }
+
+  /** Ports `owner` holds now. */
+  heldBy(owner: string): number {
+    return this.perOwner.get(owner) ?? 0;
   }
 
   get stats(): PortPoolStats {
@@ -93,8 +112,51 @@ export class PortPool {
    * A few random probes first: O(1) per PASV while the pool is mostly free, whatever the
    * range's size (the full shuffle below costs a pass over the range, ~0.1 ms per PASV at
    * 10,000 ports). Only a crowded pool pays for the shuffle, which tries every free port once.
+   *
+   * `owner` (the client address) may hold at most maxPerOwner ports at once; one more is
+   * refused with FTPP_ERR_RELAY_PORTS_PER_IP before any port is touched. Without an owner
+   * nothing is counted.
    */
-  async lease(host: string): Promise<PortLease> {
+  async lease(host: string, owner: string | null = null): Promise<PortLease> {
+    if (owner === null) return this.leaseAnyPort(host);
+    const held = this.heldBy(owner);
+    if (held >= this.maxPerOwner) {
+      throw new ProxyError('FTPP_ERR_RELAY_PORTS_PER_IP', `${owner} already holds ${held} of ${this.range.first}-${this.range.last} (limit ${this.maxPerOwner})`);
+    }
+    // Counted before the first await: concurrent leases of one owner cannot overshoot.
+    this.perOwner.set(owner, held + 1);
+    try {
+      const lease = await this.leaseAnyPort(host);
+      return this.ownedBy(lease, owner);
+    } catch (err) {
+      this.giveBack(owner);
+      throw err;
+    }
+  }
+
+  private ownedBy(lease: PortLease, owner: string): PortLease {
+    let released = false;
+    return {
+      port: lease.port,
+      host: lease.host,
+      server: lease.server,
+      setConnectionHandler: (handler) => lease.setConnectionHandler(handler),
+      release: () => {
+        if (released) return;
+        released = true;
+        lease.release();
+        this.giveBack(owner);
+      },
+    };
+  }
+
+  private giveBack(owner: string): void {
+    const left = this.heldBy(owner) - 1;
+    if (left > 0) this.perOwner.set(owner, left);
+    else this.perOwner.delete(owner);
+  }
+
+  private async leaseAnyPort(host: string): Promise<PortLease> {
     const size = this.range.last - this.range.first + 1;
     for (let probe = 0; probe < RANDOM_PROBES; probe++) {
       const port = this.range.first + Math.min(size - 1, Math.floor(this.random() * size));

@@ -164,7 +164,7 @@ t.test('rejections: one series per reason, each starting at zero once the listen
   const rejected = (reason: string): number | undefined => samples.get(key('ftpnp_rejections_total', { listener: 'edge', reason }));
   t.equal(rejected('sessions-per-ip'), 2);
   t.equal(rejected('acl-deny'), 1);
-  t.equal(REJECTION_REASONS.length, 12, 'every reason of the type');
+  t.equal(REJECTION_REASONS.length, 13, 'every reason of the type');
   for (const reason of REJECTION_REASONS) {
     if (reason !== 'sessions-per-ip' && reason !== 'acl-deny') t.equal(rejected(reason), 0, `${reason} present at 0`);
   }

@@ -209,6 +209,18 @@ t.test('client.dataPath', async (t) => {
   t.match(withProxyProtocol[0]?.message, /cannot be used with proxyProtocol/, 'behind a PROXY load balancer the data comes from the balancer');
 });
 
+t.test('limits.maxRelayPortsPerIp: auto by default, a whole number, anything else an error', async (t) => {
+  const listener = (limits: string): string => `listeners:\n  - listen: "0.0.0.0:21"\n    upstream: { host: 10.0.0.5 }\n    limits: ${limits}\n`;
+  t.equal(validateConfigText(MINIMAL).listeners[0]?.limits.maxRelayPortsPerIp, 'auto', 'default auto');
+  t.equal(validateConfigText(listener('{ maxRelayPortsPerIp: auto }')).listeners[0]?.limits.maxRelayPortsPerIp, 'auto');
+  t.equal(validateConfigText(listener('{ maxRelayPortsPerIp: 3 }')).listeners[0]?.limits.maxRelayPortsPerIp, 3);
+  for (const bad of ['0', '2.5', '-1', '70000', 'many', 'true']) {
+    const issues = issuesOf(listener(`{ maxRelayPortsPerIp: ${bad} }`));
+    t.same(issues.map((i) => [i.path, i.line]), [['listeners[0].limits.maxRelayPortsPerIp', 4]], `${bad} refused`);
+    t.match(issues[0]?.message, /"auto" or a whole number/);
+  }
+});
+
 t.test('client.advertise IPv6: a warning on an IPv6 listener (treated as auto), an error elsewhere (issue #10 item 9)', async (t) => {
   const yaml = (listen: string, advertise: string): string =>
     `listeners:\n  - listen: "${listen}"\n    upstream: { host: 10.0.0.5 }\n    client: { advertise: "${advertise}" }\n`;

@@ -5,7 +5,7 @@
  */
 import t from 'tap';
 import net from 'node:net';
-import { PortPool, type PortLease } from '../../src/data/port-pool.js';
+import { PortPool, relayPortsPerIpCap, type PortLease } from '../../src/data/port-pool.js';
 import { isProxyError } from '../../src/errors.js';
 
 const HOST = '127.0.0.1';
@@ -272,4 +272,50 @@ t.test('always-bound mode: close() unbinds every port', async (t) => {
   await pool.close();
   await pool.close();
   for (let port = r.first; port <= r.last; port++) t.equal(await tryListen(port), 'listening', `${port} free again`);
+});
+
+t.test('maxPerOwner: one owner holds at most that many ports at once; others and released ports are unaffected (issue #10)', async (t) => {
+  const r = range(6);
+  const pool = new PortPool(r, Math.random, 2);
+  const leases: PortLease[] = [];
+  t.teardown(() => leases.forEach((lease) => lease.release()));
+  const [a1, a2] = await Promise.all([pool.lease(HOST, '198.51.100.7'), pool.lease(HOST, '198.51.100.7')]);
+  leases.push(a1, a2);
+  t.equal(pool.heldBy('198.51.100.7'), 2, 'two held by the owner (leased concurrently)');
+  const refused = await pool.lease(HOST, '198.51.100.7').then(() => null, (err: unknown) => err);
+  t.ok(isProxyError(refused, 'FTPP_ERR_RELAY_PORTS_PER_IP'), `a third is refused with FTPP_ERR_RELAY_PORTS_PER_IP (${String(refused)})`);
+  t.same(pool.stats, { size: 6, leased: 2 }, 'the refusal bound nothing');
+  leases.push(await pool.lease(HOST, '198.51.100.9'));
+  t.equal(pool.heldBy('198.51.100.9'), 1, 'another owner still gets a port');
+  leases.push(await pool.lease(HOST));
+  t.same(pool.stats, { size: 6, leased: 4 }, 'an unowned lease is not counted against anyone');
+  a1.release();
+  a1.release();
+  t.equal(pool.heldBy('198.51.100.7'), 1, 'release gives the share back, once');
+  leases.push(await pool.lease(HOST, '198.51.100.7'));
+  t.equal(pool.heldBy('198.51.100.7'), 2, 'and the owner may lease again');
+});
+
+t.test('an owner\'s failed lease (pool exhausted) is not counted', async (t) => {
+  const r = range(1);
+  const pool = new PortPool(r, Math.random, 5);
+  const first = await pool.lease(HOST, 'a');
+  t.teardown(() => first.release());
+  const refused = await pool.lease(HOST, 'b').then(() => null, (err: unknown) => err);
+  t.ok(isProxyError(refused, 'FTPP_ERR_POOL_EXHAUSTED'), 'exhausted');
+  t.equal(pool.heldBy('b'), 0, 'nothing counted for the failed lease');
+});
+
+t.test('relayPortsPerIpCap: auto is a quarter of the pool, at least 2; a number is taken as is', async (t) => {
+  const cases: Array<[number | 'auto', number, number]> = [
+    ['auto', 1, 2],
+    ['auto', 3, 2],
+    ['auto', 8, 2],
+    ['auto', 9, 3],
+    ['auto', 100, 25],
+    ['auto', 10000, 2500],
+    [1, 100, 1],
+    [40, 3, 40],
+  ];
+  for (const [setting, size, expected] of cases) t.equal(relayPortsPerIpCap(setting, size), expected, `${setting} of ${size} -> ${expected}`);
 });

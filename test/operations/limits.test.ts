@@ -210,6 +210,41 @@ t.test('maxDataChannelsPerSession 1: a second channel during a transfer gets 425
   await client.quit();
 });
 
+t.test('maxRelayPortsPerIp (auto: a quarter of the pool, at least 2): sessions from one address cannot hold the whole pool (issue #10)', async (t) => {
+  // An 8-port pool: auto allows 2 per client address.
+  const fake = await FakeFtpServer.start();
+  t.teardown(() => fake.close());
+  const proxy = await startOpsProxy(t, opsYaml({ name: 'lim', upstreamPort: fake.port, passivePorts: ports.take(8).text }));
+  const hog = [await loggedIn(t, proxy, '127.0.0.1'), await loggedIn(t, proxy, '127.0.0.1'), await loggedIn(t, proxy, '127.0.0.1')];
+  t.equal((await hog[0]!.command('PASV')).code, 227, 'first session of 127.0.0.1: 227');
+  t.equal((await hog[1]!.command('EPSV')).code, 229, 'second session of 127.0.0.1: 229');
+  const refused = await hog[2]!.command('PASV');
+  t.equal(refused.text, "425 Can't open data connection: too many data connections from your address.", 'third: 425');
+  t.equal((await hog[0]!.command('PASV')).code, 227, 'PASV again in a session that holds a port swaps it (still 2)');
+  const other = await loggedIn(t, proxy, '127.0.0.2');
+  t.equal((await other.command('PASV')).code, 227, 'another address still gets a port');
+  const limit = eventLogs(proxy, 'limit', 'relay-ports-per-ip');
+  t.equal(limit.length, 1, 'logged once');
+  t.match(String(limit[0]?.client), /^127\.0\.0\.1:\d+$/, 'with the client');
+  t.equal(limit[0]?.max, 2, 'and the cap');
+  t.equal(await rejections(proxy, 'relay-ports-per-ip'), 1, 'counted (reason relay-ports-per-ip)');
+  await hog[1]!.quit();
+  t.ok(await waitFor(() => proxy.server.sessionCount === 3, 3000), 'the session that quit is gone');
+  t.equal((await hog[2]!.command('PASV')).code, 227, 'its port was given back to 127.0.0.1');
+  for (const client of [hog[0]!, hog[2]!, other]) await client.quit();
+  t.ok(await waitFor(() => proxy.server.poolStats().every((p) => p.leased === 0), 3000), 'every port released');
+});
+
+t.test('maxRelayPortsPerIp: 1 allows one port per address', async (t) => {
+  const { proxy } = await setup(t, ['    limits:', '      maxRelayPortsPerIp: 1']);
+  const a = await loggedIn(t, proxy, '127.0.0.1');
+  const b = await loggedIn(t, proxy, '127.0.0.1');
+  t.equal((await a.command('PASV')).code, 227);
+  t.equal((await b.command('PASV')).code, 425, 'the second port for the same address is refused');
+  await a.quit();
+  await b.quit();
+});
+
 t.test('behind a PROXY-protocol balancer maxSessionsPerIp counts the header source', async (t) => {
   const { fake, proxy } = await setup(t, [
     '    limits:',
