@@ -56,7 +56,8 @@ export class PortPool {
   constructor(range: PortRange, random: () => number = Math.random, maxPerOwner = Number.POSITIVE_INFINITY) {
     this.range = range;
     this.random = random;
-    this.maxPerOwner = maxPerOwner;
+    // A share as large as the pool is no share: running out is then exhaustion, and says so.
+    this.maxPerOwner = maxPerOwner >= range.last - range.first + 1 ? Number.POSITIVE_INFINITY : maxPerOwner;
   }
 
   /** Ports `owner` holds now. */

@@ -304,6 +304,9 @@ t.test('an owner\'s failed lease (pool exhausted) is not counted', async (t) => 
   const refused = await pool.lease(HOST, 'b').then(() => null, (err: unknown) => err);
   t.ok(isProxyError(refused, 'FTPP_ERR_POOL_EXHAUSTED'), 'exhausted');
   t.equal(pool.heldBy('b'), 0, 'nothing counted for the failed lease');
+  t.equal(pool.maxPerOwner, Number.POSITIVE_INFINITY, 'a share as large as the pool is no share');
+  const second = await pool.lease(HOST, 'a').then(() => null, (err: unknown) => err);
+  t.ok(isProxyError(second, 'FTPP_ERR_POOL_EXHAUSTED'), 'so the owner that holds it all hears "exhausted", the true cause');
 });
 
 t.test('relayPortsPerIpCap: auto is a quarter of the pool, at least 2; a number is taken as is', async (t) => {

@@ -15,6 +15,7 @@ import { PortBlocks } from '../helpers/fake-server.js';
 import { delay } from '../helpers/ftp-client.js';
 import { sha256File, transfer, writeRandomFile } from '../helpers/clients.js';
 import { opsYaml, startOpsProxy, takeFreeRange, type Metrics } from '../helpers/ops.js';
+import { REJECTION_REASONS } from '../../src/metrics.js';
 
 const ports = new PortBlocks(29000);
 const N = 777_777;
@@ -82,7 +83,7 @@ if (reason) {
     t.equal(m.get('ftpnp_data_ports_leased', { ...L, pool: 'passive' }), 0, 'none leased');
     t.equal(m.get('ftpnp_data_strangers_total', L), 0, 'no stranger');
     const rejections = m.samples.filter((s) => s.name === 'ftpnp_rejections_total' && s.labels.listener === 'edge-m');
-    t.equal(rejections.length, 11, 'every rejection reason has a series');
+    t.equal(rejections.length, REJECTION_REASONS.length, 'every rejection reason has a series');
     t.ok(rejections.every((s) => s.value === 0), 'and all are 0');
     t.ok(m.samples.some((s) => s.name.startsWith('process_') || s.name.startsWith('nodejs_')), 'process metrics included');
 
