@@ -1,7 +1,7 @@
 /**
  * One pino root logger; a child per listener and per session. Passwords never reach a log:
- * commands are logged through describeCommandForLog (PASS masked), and the redact list
- * catches any field that might carry one.
+ * commands are logged through describeCommandForLog (PASS, ACCT and password-setting SITE
+ * subcommands masked), and the redact list catches any field that might carry one.
  */
 import pino, { type Logger, type DestinationStream } from 'pino';
 

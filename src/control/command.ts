@@ -133,9 +133,30 @@ export function splitGluedAbort(text: Buffer): Buffer[] {
 /** Verbs whose argument is a secret (RFC 959 §4.1.1: PASS, and ACCT's account information). */
 const SECRET_VERBS: ReadonlySet<string> = new Set(['PASS', 'ACCT']);
 
-/** Text safe for logs: the PASS (and ACCT) argument is never shown. */
+/**
+ * SITE subcommands (RFC 959 §4.1.3: server-specific) whose arguments carry a password, as
+ * documented by the servers that have them:
+ * PSWD <old> <new> (Serv-U, Wing FTP); CHPASS [<user>] <new> (wzdftpd, glftpd);
+ * PASSWD <new> (glftpd, FTP4ALL); CHPWD <account> <old> <new> (Axway SecureTransport, base64
+ * only); GPASS <group password> (wu-ftpd); ADDUSER <user> <password> ... (wzdftpd, FTP4ALL);
+ * CHANGE <user> pass <new> (wzdftpd; every CHANGE is masked, its other fields are no secret
+ * but not worth a parser).
+ */
+const SECRET_SITE_SUBCOMMANDS: ReadonlySet<string> = new Set(['PSWD', 'CHPASS', 'PASSWD', 'CHPWD', 'GPASS', 'ADDUSER', 'CHANGE']);
+
+/** The first word of a SITE argument; blanks separate it, and a run of them counts as one. */
+const SITE_SUBCOMMAND = /^[ \t]*([^ \t]+)/;
+
+/**
+ * Text safe for logs: the PASS (and ACCT) argument is never shown, nor anything after a
+ * password-setting SITE subcommand (`SITE PSWD ****`: the subcommand stays, for debugging).
+ */
 export function describeCommandForLog(command: ClientCommand): string {
   if (SECRET_VERBS.has(command.verb)) return `${command.verb} ****`;
+  if (command.verb === 'SITE') {
+    const subcommand = SITE_SUBCOMMAND.exec(command.argument)?.[1]?.toUpperCase();
+    if (subcommand !== undefined && SECRET_SITE_SUBCOMMANDS.has(subcommand)) return `SITE ${subcommand} ****`;
+  }
   const arg = command.argument.length > 200 ? `${command.argument.slice(0, 200)}...` : command.argument;
   return arg.length > 0 ? `${command.verb} ${arg}` : command.verb;
 }

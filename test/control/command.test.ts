@@ -186,6 +186,46 @@ t.test('describeCommandForLog', async (t) => {
   t.equal(describe(`STOR ${'x'.repeat(300)}`), `STOR ${'x'.repeat(200)}...`, 'long arguments truncated');
 });
 
+t.test('describeCommandForLog: password-setting SITE commands are masked (issue #10 defect 5)', async (t) => {
+  const describe = (text: string): string => {
+    const parsed = parseCommandLine(bytes(text));
+    if (!parsed.ok) throw new Error(`fixture does not parse: ${text}`);
+    return describeCommandForLog(parsed.command);
+  };
+  const table: [input: string, expected: string][] = [
+    // Serv-U, Wing FTP: SITE PSWD <old> <new>
+    ['SITE PSWD oldpw newpw', 'SITE PSWD ****'],
+    ['SITE PSWD "old pw" "new pw"', 'SITE PSWD ****'],
+    ['site pswd oldpw newpw', 'SITE PSWD ****'],
+    ['SITE pSwD oldpw newpw', 'SITE PSWD ****'],
+    ['SITE  PSWD   oldpw  newpw', 'SITE PSWD ****'],
+    ['SITE PSWD\toldpw newpw', 'SITE PSWD ****'],
+    ['SITE PSWD', 'SITE PSWD ****'],
+    // wzdftpd, glftpd: SITE CHPASS [<user>] <password>
+    ['SITE CHPASS alice newpw', 'SITE CHPASS ****'],
+    ['SITE CHPASS newpw', 'SITE CHPASS ****'],
+    // glftpd, FTP4ALL: SITE PASSWD <new>
+    ['SITE PASSWD newpw', 'SITE PASSWD ****'],
+    // Axway SecureTransport: SITE CHPWD <account> <old> <new> (base64 is no secrecy)
+    ['SITE CHPWD dGVzdA== U0VDUkVU U0VDUkVUMTIz', 'SITE CHPWD ****'],
+    // wu-ftpd: SITE GPASS <group password>
+    ['SITE GPASS grouppw', 'SITE GPASS ****'],
+    // wzdftpd, FTP4ALL: SITE ADDUSER <user> <password> ...
+    ['SITE ADDUSER bob mypassword group1', 'SITE ADDUSER ****'],
+    // wzdftpd: SITE CHANGE <user> pass <password>
+    ['SITE CHANGE bob pass newpw', 'SITE CHANGE ****'],
+    // other SITE commands are shown as before
+    ['SITE CHMOD 0644 /pub/a', 'SITE CHMOD 0644 /pub/a'],
+    ['SITE HELP', 'SITE HELP'],
+    ['SITE', 'SITE'],
+    ['SITE PSWDX a b', 'SITE PSWDX a b'],
+    ['SITEPSWD a b', 'SITEPSWD a b'],
+  ];
+  for (const [input, expected] of table) {
+    t.equal(describe(input), expected, JSON.stringify(input));
+  }
+});
+
 t.test('splitGluedAbort: CPython urgent ABOR with the next command glued on (LF lost)', async (t) => {
   const cases: [name: string, input: string, expected: string[]][] = [
     ['ABOR then NOOP', 'ABOR\rNOOP', ['ABOR', 'NOOP']],

@@ -1,7 +1,8 @@
 /**
  * Security behaviour at the session level: port stealing (RFC 2577 §8, protocol.md §4.2,
  * §8.26), FTP bounce (§4.1, §8.13), malformed PORT (§8.11), over-long lines (§8.18), relay
- * pool exhaustion and recovery, and the password never reaching a log.
+ * pool exhaustion and recovery, and passwords (PASS, password-changing SITE commands) never
+ * reaching a log.
  * Relay ports 26000-26999 belong to this file.
  */
 import t from 'tap';
@@ -182,6 +183,20 @@ t.test('PASS never reaches the logs', async (t) => {
   t.ok(h.fake!.received.includes(`PASS ${SECRET}`), 'the password did go upstream');
   t.ok(h.proxy.logText().length > 0, 'there are logs');
   t.notOk(h.proxy.logText().includes(SECRET), 'but never into a log line');
+});
+
+t.test('password-changing SITE commands never reach the logs at debug level (issue #10 defect 5)', async (t) => {
+  const tag = randomBytes(4).toString('hex');
+  const [A, B, C] = [`secretA-${tag}`, `secretB-${tag}`, `secretC-${tag}`];
+  const h = await startHarness(t, { ports });
+  const client = await h.login();
+  const lines = [`SITE PSWD ${A} ${B}`, `site  chpass   ${C}`];
+  for (const line of lines) await client.command(line);
+  await noLeaks(t, h, client);
+  for (const line of lines) t.ok(h.fake!.received.includes(line), `${line.split(' ', 1)[0]} went upstream unchanged`);
+  const debug = h.proxy.logs().filter((r) => r.event === 'command' && /^SITE /.test(String(r.command)));
+  t.same(debug.map((r) => r.command), ['SITE PSWD ****', 'SITE CHPASS ****'], 'debug records name the subcommand, masked');
+  for (const secret of [A, B, C]) t.notOk(h.proxy.logText().includes(secret), `${secret.split('-')[0]} in no log line`);
 });
 
 t.test('a PASV listener nobody connects to times out and frees its port', async (t) => {
