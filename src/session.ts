@@ -18,6 +18,7 @@ import {
   type TransferDirection,
 } from './control/rewrite.js';
 import { formatEprtArgument, formatEpsvReply, formatPasvReply, formatPortArgument, type HostPort } from './control/address.js';
+import type { ActiveTargetSource } from './control/policy.js';
 import { familyOf, normalizeIp, type Family } from './control/ip.js';
 import { ProxyError, REPLY_FOR_CODE, isProxyError, type ErrorCode } from './errors.js';
 import type { ListenerConfig } from './config/schema.js';
@@ -403,7 +404,7 @@ export class Session {
         await this.setupPassive(decision.style);
         return;
       case 'active':
-        await this.setupActive(decision.style, decision.target, decision.natFixup);
+        await this.setupActive(decision.style, decision.target, decision.via);
         return;
       case 'transfer':
         await this.startTransfer(command, decision.direction);
@@ -560,11 +561,12 @@ export class Session {
     }
   }
 
-  private async setupActive(style: 'port' | 'eprt', target: HostPort, natFixup: boolean): Promise<void> {
+  private async setupActive(style: 'port' | 'eprt', target: HostPort, via: ActiveTargetSource): Promise<void> {
     const slot = this.replies.open();
     // PASV then PORT: PORT wins (vsftpd handle_port runs pasv_cleanup; protocol.md §3.5).
     this.releasePendingChannel(`new ${style.toUpperCase()}`);
-    if (natFixup) this.log.info({ event: 'port-nat-fixup', target: `${target.host}:${target.port}` }, 'client sent an unroutable address; using its real address');
+    if (via === 'nat-fixup') this.log.info({ event: 'port-nat-fixup', target: `${target.host}:${target.port}` }, 'client sent an unroutable address; using its real address');
+    if (via === 'unspecified') this.log.debug({ event: 'port-unspecified', target: `${target.host}:${target.port}` }, 'client sent the unspecified address; using its real address');
     try {
       this.checkDataChannelLimit();
       const upstreamLeg = await this.prepareUpstreamLeg('active');

@@ -11,7 +11,7 @@ import {
   type HostPort,
 } from './address.js';
 import type { Family } from './ip.js';
-import { decideActiveTarget } from './policy.js';
+import { decideActiveTarget, type ActiveTargetSource } from './policy.js';
 import type { ClientCommand } from './command.js';
 import type { Reply } from './reply.js';
 import type { ErrorCode } from '../errors.js';
@@ -40,7 +40,7 @@ export type CommandDecision =
   /** PASV or EPSV: the client will connect to a relay port. */
   | { readonly kind: 'passive'; readonly style: 'pasv' | 'epsv' }
   /** PORT or EPRT: the proxy will connect to the client. */
-  | { readonly kind: 'active'; readonly style: 'port' | 'eprt'; readonly target: HostPort; readonly natFixup: boolean }
+  | { readonly kind: 'active'; readonly style: 'port' | 'eprt'; readonly target: HostPort; readonly via: ActiveTargetSource }
   /** EPSV ALL: answered locally, later PASV/PORT/EPRT refused. */
   | { readonly kind: 'epsv-all' }
   /** ABOR: reset the data legs, then forward a clean ABOR. */
@@ -136,7 +136,7 @@ function activeDecision(style: 'port' | 'eprt', requested: HostPort, view: Sessi
   if (!decision.ok) {
     return reply(style === 'port' ? '500 Illegal PORT command.' : '500 Illegal EPRT command.', 'FTPP_ERR_BOUNCE_REFUSED');
   }
-  return { kind: 'active', style, target: decision.target, natFixup: decision.natFixup };
+  return { kind: 'active', style, target: decision.target, via: decision.via };
 }
 
 export type UpstreamPassiveResult =

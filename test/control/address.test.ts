@@ -33,7 +33,7 @@ t.test('parsePortArgument: accepted (lenient like vsftpd, §8.12)', async (t) =>
     [' 198,51,100,7,195,80', v4('198.51.100.7', 50000)], // "PORT  198,..." (double space after the verb)
     ['127, 0,0,1,200,10', v4('127.0.0.1', 51210)],
     ['0127,0,0,1,200,10', v4('127.0.0.1', 51210)],
-    ['0,0,0,0,0,1', v4('0.0.0.0', 1)], // syntax only; the policy refuses it later
+    ['0,0,0,0,0,1', v4('0.0.0.0', 1)], // syntax only; the policy refuses port 1 later (0.0.0.0 itself means the peer)
     ['255,255,255,255,255,255', v4('255.255.255.255', 65535)],
     ['198,51,100,7,3,255', v4('198.51.100.7', 1023)], // syntax ok; policy refuses < 1024 (§8.13)
     ['198,51,100,7,4,0', v4('198.51.100.7', 1024)],

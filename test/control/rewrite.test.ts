@@ -15,6 +15,7 @@ import {
 import { parseCommandLine } from '../../src/control/command.js';
 import { LineFramer } from '../../src/control/line-framer.js';
 import type { Reply } from '../../src/control/reply.js';
+import type { ActiveTargetSource } from '../../src/control/policy.js';
 import type { ErrorCode } from '../../src/errors.js';
 import { assembleChunks, bytes, chunkingMismatches } from '../helpers/split.js';
 
@@ -32,11 +33,11 @@ const USE_1 = reply('522 Network protocol not supported, use (1)', 'FTPP_ERR_WRO
 const USE_2 = reply('522 Network protocol not supported, use (2)', 'FTPP_ERR_WRONG_FAMILY');
 const EPSV_ONLY = reply('501 Only EPSV is allowed after EPSV ALL.', 'FTPP_ERR_EPSV_ALL');
 const PASV_V6 = reply('425 Use EPSV on an IPv6 connection.', 'FTPP_ERR_PASV_ON_IPV6');
-const active = (style: 'port' | 'eprt', host: string, port: number, natFixup = false): CommandDecision => ({
+const active = (style: 'port' | 'eprt', host: string, port: number, via: ActiveTargetSource = 'named'): CommandDecision => ({
   kind: 'active',
   style,
   target: { host, port },
-  natFixup,
+  via,
 });
 const PASSIVE_EPSV: CommandDecision = { kind: 'passive', style: 'epsv' };
 const PASSIVE_PASV: CommandDecision = { kind: 'passive', style: 'pasv' };
@@ -78,9 +79,9 @@ const decisionCases: [name: string, wire: string, view: SessionView, expected: C
   ['§8.13 port 1024 accepted', 'PORT 198,51,100,7,4,0\r\n', V4, active('port', '198.51.100.7', 1024)],
   ['SSRF PORT 169,254,169,254,0,80', 'PORT 169,254,169,254,0,80\r\n', V4, ILLEGAL_PORT],
   // §8.14 NAT fix-up
-  ['§8.14 private PORT from public peer', 'PORT 192,168,1,10,195,80\r\n', V4, active('port', '198.51.100.7', 50000, true)],
+  ['§8.14 private PORT from public peer', 'PORT 192,168,1,10,195,80\r\n', V4, active('port', '198.51.100.7', 50000, 'nat-fixup')],
   ['§8.14 fix-up disabled', 'PORT 192,168,1,10,195,80\r\n', V4_NO_FIXUP, ILLEGAL_PORT],
-  ['§8.14 EPRT fix-up', 'EPRT |1|10.1.2.3|50000|\r\n', V4, active('eprt', '198.51.100.7', 50000, true)],
+  ['§8.14 EPRT fix-up', 'EPRT |1|10.1.2.3|50000|\r\n', V4, active('eprt', '198.51.100.7', 50000, 'nat-fixup')],
   // §8.15 EPRT families
   ['§8.15 EPRT |2| on IPv4 control', 'EPRT |2|::1|50000|\r\n', V4, USE_1],
   ['§8.15 EPRT |2|::1| on IPv6 control: refused', 'EPRT |2|::1|50000|\r\n', V6, ILLEGAL_EPRT],
@@ -94,6 +95,19 @@ const decisionCases: [name: string, wire: string, view: SessionView, expected: C
   ['EPRT bad delimiters', 'EPRT |1!198.51.100.7|50000|\r\n', V4, SYNTAX],
   ['EPRT IPv6 with zone id', 'EPRT |2|fe80::1%eth0|50000|\r\n', V6, SYNTAX],
   ['EPRT no argument', 'EPRT\r\n', V4, SYNTAX],
+  // Issue #10 defect 6: the unspecified address means the control peer (lftp over IPv6 sends
+  // EPRT |2|::|p| when its data socket is bound to no address). It used to get 500.
+  ['PORT 0,0,0,0 means the peer', 'PORT 0,0,0,0,195,80\r\n', V4, active('port', '198.51.100.7', 50000, 'unspecified')],
+  ['PORT 0,0,0,0 means the peer, fix-up off', 'PORT 0,0,0,0,195,80\r\n', V4_NO_FIXUP, active('port', '198.51.100.7', 50000, 'unspecified')],
+  ['PORT 0,0,0,0 port 1023 refused', 'PORT 0,0,0,0,3,255\r\n', V4, ILLEGAL_PORT],
+  ['EPRT |1|0.0.0.0| means the peer', 'EPRT |1|0.0.0.0|50000|\r\n', V4, active('eprt', '198.51.100.7', 50000, 'unspecified')],
+  ['EPRT |2|::| on IPv6 means the peer', 'EPRT |2|::|50000|\r\n', V6, active('eprt', '2001:db8::7', 50000, 'unspecified')],
+  ['EPRT |2|0:0:0:0:0:0:0:0| on IPv6 means the peer', 'EPRT |2|0:0:0:0:0:0:0:0|50000|\r\n', V6, active('eprt', '2001:db8::7', 50000, 'unspecified')],
+  ['EPRT |2|::| port 1023 refused', 'EPRT |2|::|1023|\r\n', V6, ILLEGAL_EPRT],
+  ['EPRT |2|::| on IPv4 control: wrong family, as before', 'EPRT |2|::|50000|\r\n', V4, USE_1],
+  ['EPRT |1|0.0.0.0| on IPv6 control: wrong family', 'EPRT |1|0.0.0.0|50000|\r\n', V6, USE_2],
+  ['PORT 0,0,0,0 on IPv6 control', 'PORT 0,0,0,0,195,80\r\n', V6, reply('425 Use EPRT on an IPv6 connection.', 'FTPP_ERR_WRONG_FAMILY')],
+  ['EPRT |2|::ffff:0.0.0.0| is not unspecified', 'EPRT |2|::ffff:0.0.0.0|50000|\r\n', V6, ILLEGAL_EPRT],
   // §8.16 EPSV
   ['§8.16 EPSV on IPv4', 'EPSV\r\n', V4, PASSIVE_EPSV],
   ['§8.16 EPSV 1 on IPv4', 'EPSV 1\r\n', V4, PASSIVE_EPSV],

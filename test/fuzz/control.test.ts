@@ -83,6 +83,9 @@ t.test('command parser and Telnet cleanup never throw; verbs are clean', async (
       decideCommand(parsed.command, { ...view, controlFamily: 6, clientIp: '2001:db8::7', epsvAll: true });
       if (decision.kind === 'active' && decision.target.port < 1024) return false;
       if (decision.kind === 'active' && decision.target.host !== '198.51.100.7') return false;
+      // Over IPv6 too (EPRT |2|::| now means the peer): an active target is only ever the peer.
+      const decision6 = decideCommand(parsed.command, { ...view, controlFamily: 6, clientIp: '2001:db8::7' });
+      if (decision6.kind === 'active' && (decision6.target.port < 1024 || decision6.target.host !== '2001:db8::7')) return false;
       return /^[A-Z]{1,8}$/.test(parsed.command.verb);
     }),
     params,
