@@ -93,6 +93,9 @@ export class Session {
   /** Address the client dialled (advertise: auto writes it into 227). */
   readonly dialledIp: string;
   readonly controlFamily: Family;
+  /** The proxy's own addresses and names as this client may know them (SessionView, HOST). */
+  private readonly ownAddresses: readonly string[];
+  private readonly ownNames: readonly string[];
   readonly startedAt = Date.now();
   private readonly config: ListenerConfig;
   private readonly deps: SessionDeps;
@@ -147,6 +150,14 @@ export class Session {
     this.localIp = deps.endpoints.local.ip;
     this.dialledIp = deps.endpoints.dialled.ip;
     this.controlFamily = familyOf(this.clientIp);
+    const { advertise, advertiseFor } = this.config.client;
+    this.ownAddresses = Object.freeze([
+      this.dialledIp,
+      this.localIp,
+      ...(advertise.kind === 'ip' ? [advertise.address] : []),
+      ...advertiseFor.map((rule) => rule.address),
+    ]);
+    this.ownNames = Object.freeze(advertise.kind === 'hostname' ? [advertise.hostname] : []);
     this.log = deps.log.child({ session: this.id, client: `${this.clientIp}:${this.clientPort}` });
     this.clientFramer = new LineFramer(this.config.limits.maxLineBytes);
     this.upstreamFramer = new LineFramer(Math.max(this.config.limits.maxLineBytes, 8192));
@@ -170,6 +181,9 @@ export class Session {
       clientIp: this.clientIp,
       epsvAll: this.epsvAll,
       allowNatFixup: this.config.client.portNatFixup,
+      loggedIn: this.loggedIn,
+      ownAddresses: this.ownAddresses,
+      ownNames: this.ownNames,
     };
   }
 
@@ -388,6 +402,11 @@ export class Session {
         return;
       case 'reply':
         this.log.info({ event: 'command-refused', code: decision.errorCode, command: describeCommandForLog(command), reply: decision.line }, 'command refused');
+        this.replies.append(replyLine(decision.line));
+        return;
+      case 'host-answered':
+        // Not a refusal: the client named the proxy (RFC 7151), the server never hears of it.
+        this.log.debug({ event: 'host-answered', host: command.argument.slice(0, 256) }, 'HOST names the proxy; answered here');
         this.replies.append(replyLine(decision.line));
         return;
       case 'epsv-all':

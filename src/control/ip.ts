@@ -19,6 +19,19 @@ export function isIp(text: string): boolean {
   return ipaddr.isValid(text);
 }
 
+/**
+ * The address an IP literal in a host-name field names (RFC 7151 §3, after RFC 3986 §3.2.2):
+ * dotted-quad IPv4, IPv6, or IPv6 in brackets; normalized. Null for anything else, including
+ * the shorthands ipaddr.js would take for IPv4 ("127.1", "2130706433"): in a host field
+ * those are names, not addresses.
+ */
+export function parseIpLiteral(text: string): string | null {
+  const bracketed = text.startsWith('[') && text.endsWith(']');
+  const inner = bracketed ? text.slice(1, -1) : text;
+  const valid = ipaddr.IPv6.isValid(inner) || (!bracketed && ipaddr.IPv4.isValidFourPartDecimal(inner));
+  return valid ? normalizeIp(inner) : null;
+}
+
 export function sameIp(a: string, b: string): boolean {
   try {
     return normalizeIp(a) === normalizeIp(b);

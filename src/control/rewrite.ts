@@ -10,7 +10,7 @@ import {
   parsePortArgument,
   type HostPort,
 } from './address.js';
-import type { Family } from './ip.js';
+import { parseIpLiteral, sameIp, type Family } from './ip.js';
 import { decideActiveTarget, type ActiveTargetSource } from './policy.js';
 import type { ClientCommand } from './command.js';
 import type { Reply } from './reply.js';
@@ -26,6 +26,16 @@ export interface SessionView {
   readonly epsvAll: boolean;
   /** Apply the PORT NAT fix-up (protocol.md §4.1). */
   readonly allowNatFixup: boolean;
+  /** The server accepted a login (230) in this session. */
+  readonly loggedIn: boolean;
+  /**
+   * The proxy's own addresses as this client may know them: the one it dialled (a PROXY
+   * header's destination behind a load balancer), the control socket's local address, and the
+   * configured `advertise`/`advertiseFor` addresses. A HOST naming one of them names the proxy.
+   */
+  readonly ownAddresses: readonly string[];
+  /** Host names of the proxy (a hostname `advertise`), compared case-insensitively, trailing dot ignored. */
+  readonly ownNames: readonly string[];
 }
 
 export type TransferDirection = 'download' | 'upload';
@@ -46,7 +56,9 @@ export type CommandDecision =
   /** ABOR: reset the data legs, then forward a clean ABOR. */
   | { readonly kind: 'abort' }
   /** Answered by the proxy; nothing goes upstream. */
-  | { readonly kind: 'reply'; readonly line: string; readonly errorCode: ErrorCode };
+  | { readonly kind: 'reply'; readonly line: string; readonly errorCode: ErrorCode }
+  /** HOST naming the proxy itself (hostNamesProxy): accepted here, nothing goes upstream. */
+  | { readonly kind: 'host-answered'; readonly line: string };
 
 const TRANSFER_VERBS: ReadonlyMap<string, TransferDirection> = new Map([
   ['RETR', 'download'],
@@ -75,6 +87,8 @@ function wrongFamily(family: Family): CommandDecision {
 
 const SYNTAX_REPLY = '501 Syntax error in parameters or arguments.';
 const EPSV_ALL_REPLY = '501 Only EPSV is allowed after EPSV ALL.';
+/** RFC 7151: 220 is the success reply to HOST. */
+const HOST_ACCEPTED_REPLY = '220 Host accepted.';
 
 export function decideCommand(command: ClientCommand, view: SessionView): CommandDecision {
   const verb = command.verb;
@@ -125,10 +139,33 @@ export function decideCommand(command: ClientCommand, view: SessionView): Comman
       return { kind: 'abort' };
     case 'FEAT':
       return { kind: 'feat' };
+    case 'HOST':
+      // RFC 7151. A client that dialled the proxy by address sends that address; the server
+      // does not know it (ProFTPD: "504 Unknown hostname"), so the proxy accepts it itself and
+      // the server sees what a client dialling it directly without a name sends: no HOST.
+      // A real name goes through (name-based virtual hosts), and so does any HOST after login:
+      // HOST belongs before login, and the server's own 503 is the honest answer (ProFTPD's).
+      if (!view.loggedIn && hostNamesProxy(command.argument, view)) return { kind: 'host-answered', line: HOST_ACCEPTED_REPLY };
+      return { kind: 'forward' };
     default:
       if (SECURITY_VERBS.has(verb)) return reply(`502 ${verb} not supported by this proxy.`, 'FTPP_ERR_NOT_IMPLEMENTED');
       return { kind: 'forward' };
   }
+}
+
+/** Whether a HOST argument names the proxy: one of its addresses, or its advertised name. */
+function hostNamesProxy(argument: string, view: SessionView): boolean {
+  const host = argument.trim();
+  if (host === '') return false;
+  const address = parseIpLiteral(host);
+  if (address !== null) return view.ownAddresses.some((own) => sameIp(own, address));
+  const name = canonicalHostName(host);
+  return view.ownNames.some((own) => canonicalHostName(own) === name);
+}
+
+/** DNS names compare case-insensitively (RFC 4343); "name." and "name" are the same host. */
+function canonicalHostName(name: string): string {
+  return (name.endsWith('.') ? name.slice(0, -1) : name).toLowerCase();
 }
 
 function activeDecision(style: 'port' | 'eprt', requested: HostPort, view: SessionView): CommandDecision {

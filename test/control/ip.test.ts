@@ -2,7 +2,7 @@
  * Address helpers (protocol.md §2.4 normalization, §4.1 unroutable ranges).
  */
 import t from 'tap';
-import { familyOf, ipInCidr, isIp, isUnroutableIp, normalizeIp, parseCidr, sameIp } from '../../src/control/ip.js';
+import { familyOf, ipInCidr, isIp, isUnroutableIp, normalizeIp, parseCidr, parseIpLiteral, sameIp } from '../../src/control/ip.js';
 
 t.test('normalizeIp', async (t) => {
   const table: [string, string][] = [
@@ -35,6 +35,29 @@ t.test('isIp', async (t) => {
     ['1.2.3', true], // ipaddr.js accepts classful shorthands; config uses node:net isIP instead
   ];
   for (const [input, expected] of table) t.equal(isIp(input), expected, JSON.stringify(input));
+});
+
+t.test('parseIpLiteral (an address in a host field, RFC 7151 HOST)', async (t) => {
+  const table: [string, string | null][] = [
+    ['198.51.100.7', '198.51.100.7'],
+    ['::1', '::1'],
+    ['[::1]', '::1'],
+    ['[2001:DB8:0::7]', '2001:db8::7'],
+    ['::ffff:127.0.0.1', '127.0.0.1'],
+    ['[::ffff:127.0.0.1]', '127.0.0.1'],
+    ['[fe80::1%eth0]', 'fe80::1'],
+    ['[127.0.0.1]', null], // brackets hold IPv6 only (RFC 3986 §3.2.2)
+    ['127.1', null], // classful shorthands are names in a host field
+    ['2130706433', null],
+    ['0x7f.0.0.1', null],
+    ['010.0.0.1', null],
+    ['[::1', null],
+    ['::1]', null],
+    ['[]', null],
+    ['', null],
+    ['ftp.example.com', null],
+  ];
+  for (const [input, expected] of table) t.equal(parseIpLiteral(input), expected, JSON.stringify(input));
 });
 
 t.test('sameIp', async (t) => {

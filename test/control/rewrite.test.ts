@@ -19,10 +19,19 @@ import type { ActiveTargetSource } from '../../src/control/policy.js';
 import type { ErrorCode } from '../../src/errors.js';
 import { assembleChunks, bytes, chunkingMismatches } from '../helpers/split.js';
 
-const V4: SessionView = { controlFamily: 4, clientIp: '198.51.100.7', epsvAll: false, allowNatFixup: true };
+const V4: SessionView = {
+  controlFamily: 4,
+  clientIp: '198.51.100.7',
+  epsvAll: false,
+  allowNatFixup: true,
+  loggedIn: false,
+  // Dialled (a PROXY header's destination), then the control socket's own local address.
+  ownAddresses: ['203.0.113.10', '10.0.0.2'],
+  ownNames: [],
+};
 const V4_NO_FIXUP: SessionView = { ...V4, allowNatFixup: false };
 const V4_ALL: SessionView = { ...V4, epsvAll: true };
-const V6: SessionView = { controlFamily: 6, clientIp: '2001:db8::7', epsvAll: false, allowNatFixup: true };
+const V6: SessionView = { ...V4, controlFamily: 6, clientIp: '2001:db8::7', ownAddresses: ['2001:db8::10'] };
 const V6_ALL: SessionView = { ...V6, epsvAll: true };
 
 const reply = (line: string, errorCode: ErrorCode): CommandDecision => ({ kind: 'reply', line, errorCode });
@@ -41,6 +50,16 @@ const active = (style: 'port' | 'eprt', host: string, port: number, via: ActiveT
 });
 const PASSIVE_EPSV: CommandDecision = { kind: 'passive', style: 'epsv' };
 const PASSIVE_PASV: CommandDecision = { kind: 'passive', style: 'pasv' };
+// RFC 7151 HOST: sessions whose client dialled the proxy at a loopback address.
+const LOOPBACK: SessionView = { ...V4, clientIp: '127.0.0.1', ownAddresses: ['127.0.0.1', '127.0.0.1'] };
+const LOOPBACK_V6: SessionView = { ...V6, clientIp: '::1', ownAddresses: ['::1', '::1'] };
+/** A dual-stack (`::`) listener reports an IPv4 control connection's addresses IPv4-mapped. */
+const DUAL_STACK: SessionView = { ...LOOPBACK, ownAddresses: ['::ffff:127.0.0.1', '::ffff:127.0.0.1'] };
+const NAMED: SessionView = { ...V4, ownAddresses: [...V4.ownAddresses, '198.18.0.1'], ownNames: ['ftp.proxy.example'] };
+const NAMED_DOT: SessionView = { ...V4, ownNames: ['Ftp.Proxy.Example.'] };
+const LOOPBACK_LOGGED_IN: SessionView = { ...LOOPBACK, loggedIn: true };
+const HOST_ANSWERED: CommandDecision = { kind: 'host-answered', line: '220 Host accepted.' };
+const FORWARD: CommandDecision = { kind: 'forward' };
 
 /** Client bytes -> decisions (or the parse failure), for one chunking. */
 function decisionsOf(chunks: readonly Buffer[], view: SessionView): (CommandDecision | string)[] {
@@ -150,6 +169,34 @@ const decisionCases: [name: string, wire: string, view: SessionView, expected: C
   ['STOR', 'STOR up.bin\r\n', V4, { kind: 'transfer', direction: 'upload' }],
   ['STOU', 'STOU\r\n', V4, { kind: 'transfer', direction: 'upload' }],
   ['APPE', 'APPE log\r\n', V4, { kind: 'transfer', direction: 'upload' }],
+  // RFC 7151 HOST naming the proxy: answered here (issue #10 item 7)
+  ['HOST the dialled IPv4 address', 'HOST 127.0.0.1\r\n', LOOPBACK, HOST_ANSWERED],
+  ['HOST [::1] (RFC 7151 bracketed IPv6)', 'HOST [::1]\r\n', LOOPBACK_V6, HOST_ANSWERED],
+  ['HOST ::1 without brackets', 'HOST ::1\r\n', LOOPBACK_V6, HOST_ANSWERED],
+  ['HOST ::ffff:127.0.0.1 (IPv4-mapped)', 'HOST ::ffff:127.0.0.1\r\n', LOOPBACK, HOST_ANSWERED],
+  ['HOST [::ffff:127.0.0.1]', 'HOST [::ffff:127.0.0.1]\r\n', LOOPBACK, HOST_ANSWERED],
+  ['HOST 127.0.0.1 on a dual-stack listener', 'HOST 127.0.0.1\r\n', DUAL_STACK, HOST_ANSWERED],
+  ['HOST the PROXY header destination', 'HOST 203.0.113.10\r\n', V4, HOST_ANSWERED],
+  ['HOST the control socket local address', 'host 10.0.0.2\r\n', V4, HOST_ANSWERED],
+  ['HOST the advertise IP', 'HOST 198.18.0.1\r\n', NAMED, HOST_ANSWERED],
+  ['HOST own IPv6 in another spelling', 'HOST [2001:DB8:0::10]\r\n', V6, HOST_ANSWERED],
+  ['HOST the advertise name, other case, trailing dot', 'HOST FTP.PROXY.EXAMPLE.\r\n', NAMED, HOST_ANSWERED],
+  ['HOST the advertise name configured with a dot', 'HOST ftp.proxy.example\r\n', NAMED_DOT, HOST_ANSWERED],
+  ['HOST with a trailing space', 'HOST 127.0.0.1 \r\n', LOOPBACK, HOST_ANSWERED],
+  // HOST naming anything else goes upstream (name-based virtual hosts)
+  ['HOST a real name', 'HOST ftp.example.com\r\n', NAMED, FORWARD],
+  ['HOST a real name, no advertise name', 'HOST ftp.example.com\r\n', LOOPBACK, FORWARD],
+  ['HOST another IPv4 address', 'HOST 127.0.0.2\r\n', LOOPBACK, FORWARD],
+  ['HOST another IPv6 address', 'HOST [2001:db8::11]\r\n', V6, FORWARD],
+  ['HOST ::1 on an IPv4 loopback session', 'HOST [::1]\r\n', LOOPBACK, FORWARD],
+  ['HOST without argument (the server answers 501)', 'HOST\r\n', LOOPBACK, FORWARD],
+  ['HOST with a blank argument', 'HOST \r\n', LOOPBACK, FORWARD],
+  ['HOST 127.1 is a name, not an address', 'HOST 127.1\r\n', LOOPBACK, FORWARD],
+  ['HOST [127.0.0.1]: brackets hold IPv6 only', 'HOST [127.0.0.1]\r\n', LOOPBACK, FORWARD],
+  ['HOST [::1 unclosed', 'HOST [::1\r\n', LOOPBACK_V6, FORWARD],
+  ['HOST a name under the advertise name', 'HOST a.ftp.proxy.example\r\n', NAMED, FORWARD],
+  ['HOST a suffix of the advertise name', 'HOST proxy.example\r\n', NAMED, FORWARD],
+  ['HOST own address after login (the server answers 503)', 'HOST 127.0.0.1\r\n', LOOPBACK_LOGGED_IN, FORWARD],
   // everything else goes upstream
   ['NOOP', 'NOOP\r\n', V4, { kind: 'forward' }],
   ['TYPE I', 'TYPE I\r\n', V4, { kind: 'forward' }],
@@ -177,11 +224,12 @@ t.test('CR smuggled inside a PORT line never reaches decideCommand', async (t) =
   t.same(reference, ['unparsed:bad-argument']);
 });
 
-t.test('every refusal line is a well-formed single-line reply', async (t) => {
+t.test('every line the proxy answers with itself is a well-formed single-line reply', async (t) => {
   const bad: string[] = [];
   for (const [name, wire, view] of decisionCases) {
     for (const d of decisionsOf([bytes(wire)], view)) {
-      if (typeof d !== 'string' && d.kind === 'reply' && !/^[1-5][0-5]\d [\x20-\x7e]+$/.test(d.line)) bad.push(name);
+      if (typeof d === 'string' || (d.kind !== 'reply' && d.kind !== 'host-answered')) continue;
+      if (!/^[1-5][0-5]\d [\x20-\x7e]+$/.test(d.line)) bad.push(name);
     }
   }
   t.same(bad, []);

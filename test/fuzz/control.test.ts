@@ -21,6 +21,7 @@ import {
   parsePortArgument,
 } from '../../src/control/address.js';
 import { decideCommand, editFeatReply } from '../../src/control/rewrite.js';
+import { sameIp } from '../../src/control/ip.js';
 
 const RUNS = Number(process.env.FTPP_FUZZ_RUNS ?? 300);
 const params = { numRuns: RUNS, ...(process.env.FTPP_FUZZ_SEED ? { seed: Number(process.env.FTPP_FUZZ_SEED) } : {}) };
@@ -78,7 +79,15 @@ t.test('command parser and Telnet cleanup never throw; verbs are clean', async (
       isUnterminatedAbort(input);
       const parsed = parseCommandLine(input);
       if (!parsed.ok) return true;
-      const view = { controlFamily: 4 as const, clientIp: '198.51.100.7', epsvAll: false, allowNatFixup: true };
+      const view = {
+        controlFamily: 4 as const,
+        clientIp: '198.51.100.7',
+        epsvAll: false,
+        allowNatFixup: true,
+        loggedIn: false,
+        ownAddresses: ['203.0.113.10', '10.0.0.2'],
+        ownNames: ['ftp.proxy.example'],
+      };
       const decision = decideCommand(parsed.command, view);
       decideCommand(parsed.command, { ...view, controlFamily: 6, clientIp: '2001:db8::7', epsvAll: true });
       if (decision.kind === 'active' && decision.target.port < 1024) return false;
@@ -87,6 +96,38 @@ t.test('command parser and Telnet cleanup never throw; verbs are clean', async (
       const decision6 = decideCommand(parsed.command, { ...view, controlFamily: 6, clientIp: '2001:db8::7' });
       if (decision6.kind === 'active' && (decision6.target.port < 1024 || decision6.target.host !== '2001:db8::7')) return false;
       return /^[A-Z]{1,8}$/.test(parsed.command.verb);
+    }),
+    params,
+  );
+  t.pass(`${RUNS} runs`);
+});
+
+t.test('HOST with any argument never throws; only the proxy\'s own address or name is answered here', async (t) => {
+  const own = ['127.0.0.1', '::1'];
+  const view = {
+    controlFamily: 4 as const,
+    clientIp: '127.0.0.1',
+    epsvAll: false,
+    allowNatFixup: true,
+    loggedIn: false,
+    ownAddresses: own,
+    ownNames: ['ftp.proxy.example'],
+  };
+  const hostChars = fc.constantFrom(...'0123456789abcdefABCDEF:.[]%-xyz '.split(''));
+  const argument = fc.oneof(
+    fc.string({ maxLength: 60 }),
+    fc.array(hostChars, { maxLength: 45 }).map((chars) => chars.join('')),
+    fc.constantFrom('127.0.0.1', '[::1]', '::ffff:127.0.0.1', '[fe80::1%eth0]', 'FTP.PROXY.EXAMPLE.'),
+  );
+  fc.assert(
+    fc.property(argument, (arg) => {
+      const parsed = parseCommandLine(Buffer.from(`HOST ${arg}`, 'latin1'));
+      if (!parsed.ok) return true;
+      const decision = decideCommand(parsed.command, view);
+      if (decision.kind === 'forward') return true;
+      if (decision.kind !== 'host-answered') return false;
+      const host = parsed.command.argument.trim().replace(/^\[(.*)\]$/, '$1').replace(/\.$/, '').toLowerCase();
+      return host === 'ftp.proxy.example' || own.some((ip) => sameIp(ip, host));
     }),
     params,
   );

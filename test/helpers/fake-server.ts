@@ -428,6 +428,8 @@ export interface HarnessOptions {
   readonly extraYaml?: string;
   /** Use this upstream port instead of starting a fake (e.g. a closed port). */
   readonly upstreamPort?: number;
+  /** `client.advertise` of the listener (default `auto`). */
+  readonly advertise?: string;
 }
 
 export interface Harness {
@@ -473,6 +475,7 @@ export async function startHarness(t: TeardownHost, options: HarnessOptions): Pr
     upstreamPort,
     passivePorts: range.text,
     extraYaml: options.extraYaml ?? FAST_TIMEOUTS_YAML,
+    ...(options.advertise !== undefined ? { advertise: options.advertise } : {}),
   });
   proxy = started;
   const connect = async (connectOptions: ConnectOptions = {}): Promise<FtpClient> => {
