@@ -501,6 +501,8 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       // the proxy may only ever connect back to the client's real address (nothing listens there).
       t.match(replies[0], /^200 /, `PORT 10,20,0,7 is accepted as a NAT artefact (${replies[0]})`);
       t.match(replies[1], /^425 /, `RETR: the proxy cannot reach ${ADDR.publicClient}:2000 (${replies[1]})`);
+      // The proxy's log is another process's stdout: wait for the record, do not read once.
+      await waitFor(() => edgeProxy.records().some((record) => record.event === 'port-nat-fixup' && record.target === `${ADDR.publicClient}:2000`), 5000);
       const fixups = edgeProxy.records().filter((record) => record.event === 'port-nat-fixup');
       t.equal(String(fixups.at(-1)?.target), `${ADDR.publicClient}:2000`, 'the proxy dialled the client, not 10.20.0.7');
       await new Promise((resolve) => setTimeout(resolve, 300));

@@ -3,7 +3,7 @@
  * at once (ECONNREFUSED), open sessions are served for `shutdown.drainSeconds`, then get
  * `421 Service shutting down.` and the process exits 0; when the last session leaves during the
  * drain the process exits at once.
- * Upstream: the scripted fake server in this process. Relay ports 28000-28999 belong to this file.
+ * Upstream: the scripted fake server in this process. Relay ports 18000-18999 belong to this file.
  */
 import t from 'tap';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -14,7 +14,7 @@ import { delay, FtpClient, withTimeout, type TapTest } from '../helpers/ftp-clie
 import { freePort } from '../helpers/vsftpd.js';
 import { connectResult, opsYaml, spawnCli, type CliProcess } from '../helpers/ops.js';
 
-const ports = new PortBlocks(28000);
+const ports = new PortBlocks(18000);
 let dir: string;
 t.before(() => {
   dir = mkdtempSync(join(tmpdir(), 'ftpnp-drain-'));

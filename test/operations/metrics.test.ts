@@ -4,7 +4,7 @@
  * /metrics then reports exactly those sessions, transfers and bytes, no open session and the
  * whole relay range free; /healthz is 200; /readyz is 200 while vsftpd runs and 503 after it
  * stopped.
- * Relay ports 29000-29999 belong to this file.
+ * Relay ports 19000-19999 belong to this file.
  */
 import t from 'tap';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -17,7 +17,7 @@ import { sha256File, transfer, writeRandomFile } from '../helpers/clients.js';
 import { opsYaml, startOpsProxy, takeFreeRange, type Metrics } from '../helpers/ops.js';
 import { REJECTION_REASONS } from '../../src/metrics.js';
 
-const ports = new PortBlocks(29000);
+const ports = new PortBlocks(19000);
 const N = 777_777;
 const M = 333_331;
 const RANGE_SIZE = 5;

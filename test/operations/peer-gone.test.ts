@@ -9,7 +9,7 @@
  * spawnSync while a Python client connects, sends its commands and resets with SO_LINGER 0;
  * only then does the proxy's event loop accept the already-reset connection.
  *
- * Upstream: the scripted fake server. Relay ports 41000-41999 belong to this file.
+ * Upstream: the scripted fake server. Relay ports 11000-11999 belong to this file.
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -18,7 +18,7 @@ import { FakeFtpServer, PortBlocks } from '../helpers/fake-server.js';
 import { FtpClient, openData, parse227, readAll, type TapTest } from '../helpers/ftp-client.js';
 import { opsYaml, startOpsProxy, type LogRecord, type OpsProxy } from '../helpers/ops.js';
 
-const ports = new PortBlocks(41000);
+const ports = new PortBlocks(11000);
 const PIPELINED = 'USER x\\r\\nPASS y\\r\\nMKD z\\r\\n';
 
 /**

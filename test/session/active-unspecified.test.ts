@@ -7,7 +7,7 @@
  * Linux connects a socket aimed at 0.0.0.0 or :: to the local host, so on loopback a
  * connection arriving at our listener does not prove where the proxy aimed: the
  * `data-active` log record does.
- * Relay ports 43000-43999 belong to this file.
+ * Relay ports 12000-12999 belong to this file.
  */
 import t from 'tap';
 import net from 'node:net';
@@ -16,7 +16,7 @@ import { FAST_TIMEOUTS_YAML, FakeFtpServer, PortBlocks, settleLeaks, startHarnes
 import { FtpClient, readAll, withTimeout, type TapTest } from '../helpers/ftp-client.js';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
 
-const ports = new PortBlocks(43000);
+const ports = new PortBlocks(12000);
 const FILE = randomBytes(64 * 1024);
 
 /** A one-shot "client data socket" listener on `host`, closed at teardown. */

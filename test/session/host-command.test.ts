@@ -3,13 +3,13 @@
  * address sends `HOST <that address>`; the server behind the proxy does not know it (ProFTPD:
  * 504), so the proxy accepts it itself and the server sees no HOST, as if dialled directly
  * without a name. A real name still reaches the server (name-based virtual hosts).
- * Relay ports 44000-44999 belong to this file.
+ * Relay ports 13000-13999 belong to this file.
  */
 import t from 'tap';
 import { PortBlocks, settleLeaks, startHarness, type FakeHandler, type Harness } from '../helpers/fake-server.js';
 import type { FtpClient, TapTest } from '../helpers/ftp-client.js';
 
-const ports = new PortBlocks(44000);
+const ports = new PortBlocks(13000);
 
 /** The name the fake server hosts; ProFTPD with `<VirtualHost>`/ServerAlias ftp.example.com. */
 const VIRTUAL_HOST = 'ftp.example.com';

@@ -3,14 +3,14 @@
  * at all, 125 instead of 150, the data connection closed long before or after the 226, a 226
  * with no data connection ever made, a final 451 after partial data. The client must always
  * get every byte that was sent, the replies in order, and a failed transfer must look failed.
- * Relay ports 27000-27999 belong to this file.
+ * Relay ports 17000-17999 belong to this file.
  */
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import { PortBlocks, settleLeaks, startHarness, type FakeHandler } from '../helpers/fake-server.js';
 import { delay, openData, parse227, readAll, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
 
-const ports = new PortBlocks(27000);
+const ports = new PortBlocks(17000);
 const DATA = randomBytes(2 * 1024 * 1024 + 11);
 
 /** A RETR handler that sends `DATA` in the given style. */
