@@ -7,6 +7,10 @@
 export const ERROR_CODES = {
   /** Configuration file unreadable, unparsable or invalid. */
   FTPP_ERR_CONFIG: 'FTPP_ERR_CONFIG',
+  /** A client line that is not a command: no verb, or a verb that is not 1-8 letters (RFC 959 §5.3). */
+  FTPP_ERR_BAD_COMMAND: 'FTPP_ERR_BAD_COMMAND',
+  /** CR, LF or NUL inside a command's argument: refused, never forwarded (it could smuggle a second command). */
+  FTPP_ERR_BAD_ARGUMENT: 'FTPP_ERR_BAD_ARGUMENT',
   /** A command line from the client exceeded the configured maximum length (RFC 959 §4.2.1 "500"). */
   FTPP_ERR_LINE_TOO_LONG: 'FTPP_ERR_LINE_TOO_LONG',
   /** A reply line or multi-line reply from the server exceeded its bound. */
@@ -15,6 +19,10 @@ export const ERROR_CODES = {
   FTPP_ERR_UPSTREAM_PROTOCOL: 'FTPP_ERR_UPSTREAM_PROTOCOL',
   /** The upstream control connection could not be opened (refused, unreachable, timed out). */
   FTPP_ERR_UPSTREAM_UNREACHABLE: 'FTPP_ERR_UPSTREAM_UNREACHABLE',
+  /** The upstream control connection could not be opened within upstreamConnectSeconds. */
+  FTPP_ERR_UPSTREAM_CONNECT_TIMEOUT: 'FTPP_ERR_UPSTREAM_CONNECT_TIMEOUT',
+  /** The server did not answer one of the proxy's own commands (EPSV/PASV/PORT) within upstreamReplySeconds. */
+  FTPP_ERR_UPSTREAM_TIMEOUT: 'FTPP_ERR_UPSTREAM_TIMEOUT',
   /** The upstream control connection closed while the client was still connected. */
   FTPP_ERR_UPSTREAM_CLOSED: 'FTPP_ERR_UPSTREAM_CLOSED',
   /** Every port of a relay port range is leased or in use by someone else. */
@@ -59,6 +67,8 @@ export const ERROR_CODES = {
   FTPP_ERR_LOGIN_TIMEOUT: 'FTPP_ERR_LOGIN_TIMEOUT',
   /** PROXY protocol header missing, malformed, truncated, late, or from an untrusted sender. */
   FTPP_ERR_PROXY_PROTOCOL: 'FTPP_ERR_PROXY_PROTOCOL',
+  /** A bug: something the proxy did not expect went wrong inside a session (logged with its stack). */
+  FTPP_ERR_INTERNAL: 'FTPP_ERR_INTERNAL',
   /** The kernel data path (client.dataPath: kernel) cannot start, or one mapping failed (that transfer is relayed). */
   FTPP_ERR_KERNEL_PATH: 'FTPP_ERR_KERNEL_PATH',
 } as const;
@@ -68,10 +78,14 @@ export type ErrorCode = keyof typeof ERROR_CODES;
 /** The FTP reply line (without CRLF) a client sees for each error code. */
 export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze({
   FTPP_ERR_CONFIG: '421 Service not available.',
+  FTPP_ERR_BAD_COMMAND: '500 Syntax error, command unrecognized.',
+  FTPP_ERR_BAD_ARGUMENT: '501 Syntax error in parameters or arguments.',
   FTPP_ERR_LINE_TOO_LONG: '500 Command line too long.',
   FTPP_ERR_UPSTREAM_REPLY_TOO_LONG: '421 Service not available: server reply too long.',
   FTPP_ERR_UPSTREAM_PROTOCOL: '421 Service not available: server protocol error.',
   FTPP_ERR_UPSTREAM_UNREACHABLE: '421 Service not available.',
+  FTPP_ERR_UPSTREAM_CONNECT_TIMEOUT: '421 Service not available.',
+  FTPP_ERR_UPSTREAM_TIMEOUT: '421 Service not available: server does not answer.',
   FTPP_ERR_UPSTREAM_CLOSED: '421 Service not available: server closed the connection.',
   FTPP_ERR_POOL_EXHAUSTED: "425 Can't open data connection: no free relay port.",
   FTPP_ERR_RELAY_PORTS_PER_IP: "425 Can't open data connection: too many data connections from your address.",
@@ -94,6 +108,7 @@ export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze
   FTPP_ERR_TOO_MANY_DATA_CHANNELS: "425 Can't open data connection: too many data connections.",
   FTPP_ERR_LOGIN_TIMEOUT: '421 Login timeout.',
   FTPP_ERR_PROXY_PROTOCOL: '421 Service not available.',
+  FTPP_ERR_INTERNAL: '421 Internal proxy error.',
   FTPP_ERR_KERNEL_PATH: "425 Can't open data connection.",
 });
 
@@ -110,4 +125,20 @@ export class ProxyError extends Error {
 /** True when `err` is a ProxyError carrying `code`. */
 export function isProxyError(err: unknown, code?: ErrorCode): err is ProxyError {
   return err instanceof ProxyError && (code === undefined || err.code === code);
+}
+
+/**
+ * The server's own answer to a data-setup command of the proxy's (421 going away, 530 not
+ * logged in): meaningful to the client as is, so it is passed on instead of a proxy reply.
+ */
+export class ServerReplyError extends Error {
+  /** The server's reply, CRLF-terminated, exactly as received. */
+  readonly raw: Buffer;
+  readonly replyCode: number;
+  constructor(replyCode: number, raw: Buffer) {
+    super(`server replied ${replyCode}`);
+    this.name = 'ServerReplyError';
+    this.replyCode = replyCode;
+    this.raw = raw;
+  }
 }

@@ -16,6 +16,7 @@ import { createRelay } from './splice-relay.js';
 import type { Dial } from './dial.js';
 import type { PortLease } from './port-pool.js';
 import type { KernelForward } from './kernel-forward.js';
+import { isProxyError, type ErrorCode } from '../errors.js';
 
 export type ClientLeg =
   | { readonly kind: 'passive'; readonly accept: PassiveAccept }
@@ -56,8 +57,12 @@ export class DataChannel {
   private relay: Relay | null = null;
   private readonly closedWaiters: Array<() => void> = [];
   private readonly relayWaiters: Array<(relay: Relay) => void> = [];
-  /** Fires once with the relay result, or null when the channel closed before relaying. */
-  onSettled: ((result: RelayResult | null, reason: string) => void) | null = null;
+  /**
+   * Fires once with the relay result, or null when the channel closed before relaying; `code`
+   * classifies a failure (FTPP_ERR_DATA_ACCEPT_TIMEOUT: nobody acceptable connected in time).
+   */
+  onSettled: ((result: RelayResult | null, reason: string, code: ErrorCode | null) => void) | null = null;
+  private closeCode: ErrorCode | null = null;
 
   constructor(clientLeg: ClientLeg, upstreamLeg: UpstreamLeg) {
     this.clientLeg = clientLeg;
@@ -155,7 +160,7 @@ export class DataChannel {
         for (const waiter of this.relayWaiters.splice(0)) waiter(relay);
         relay.done.then((result) => this.finish(result, result.outcome));
       },
-      (err: Error) => this.close(`pairing failed: ${err.message}`),
+      (err: Error) => this.close(`pairing failed: ${err.message}`, isProxyError(err) ? err.code : null),
     );
   }
 
@@ -199,8 +204,9 @@ export class DataChannel {
    * Tear everything down: cancel accepts and dials, reset every socket (an abortive close,
    * so nothing half-sent looks complete). Idempotent; the first reason wins.
    */
-  close(reason: string): void {
+  close(reason: string, code: ErrorCode | null = null): void {
     if (this.stateValue.status === 'closed') return;
+    this.closeCode = code;
     const relay = this.stateValue.status === 'relaying' ? this.stateValue.relay : null;
     this.stateValue = { status: 'closed', reason };
     if (this.lingerTimer) clearTimeout(this.lingerTimer);
@@ -238,6 +244,6 @@ export class DataChannel {
   private settle(result: RelayResult | null, reason: string): void {
     if (this.settled) return;
     this.settled = true;
-    this.onSettled?.(result, reason);
+    this.onSettled?.(result, reason, this.closeCode);
   }
 }

@@ -11,6 +11,8 @@ export interface DialOptions {
   readonly timeoutMs: number;
   /** Error code used when the connection fails. */
   readonly errorCode?: ErrorCode;
+  /** Error code used when it times out (default: errorCode), so callers tell the two apart by code. */
+  readonly timeoutCode?: ErrorCode;
   readonly allowHalfOpen?: boolean;
 }
 
@@ -31,7 +33,7 @@ export function dial(options: DialOptions): Dial {
   let settled = false;
   let cancel: () => void = () => {};
   const connected = new Promise<net.Socket>((resolve, reject) => {
-    const timer = setTimeout(() => finish(new ProxyError(code, `connect to ${options.host}:${options.port} timed out after ${options.timeoutMs} ms`)), options.timeoutMs);
+    const timer = setTimeout(() => finish(new ProxyError(options.timeoutCode ?? code, `connect to ${options.host}:${options.port} timed out after ${options.timeoutMs} ms`)), options.timeoutMs);
     const onError = (err: Error): void => finish(new ProxyError(code, `connect to ${options.host}:${options.port} failed: ${err.message}`, { cause: err }));
     const onConnect = (): void => finish(null);
     function finish(err: ProxyError | null): void {

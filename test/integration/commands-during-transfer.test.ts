@@ -3,8 +3,9 @@
  * vsftpd reads no command during a transfer; straight to it a client gets the transfer's
  * 226 and then the 227. The proxy used to send its own EPSV toward vsftpd at once, got no
  * answer, and after upstreamReplySeconds told the client "421 ... server does not answer",
- * killing the running download. Here upstreamReplySeconds is 1 and the client holds the
- * download for 2.5 s before reading it, so the old behaviour fails every time.
+ * killing the running download. Here upstreamReplySeconds is 2 and the client holds the
+ * download for 4 s before reading it, so the old behaviour fails every time (with room for a
+ * loaded machine: the proxy's own EPSV after the 226 must still be answered within 2 s).
  */
 import t from 'tap';
 import net from 'node:net';
@@ -15,7 +16,7 @@ import { sha256, writeRandomFile } from '../helpers/clients.js';
 import { delay, FtpClient, openData, parse227, parse229, readAll, type TapTest } from '../helpers/ftp-client.js';
 
 const FILE_BYTES = 64 * 1024 * 1024;
-const HOLD_MS = 2500;
+const HOLD_MS = 4000;
 
 const reason = vsftpdUnavailable();
 if (reason) {
@@ -35,7 +36,7 @@ if (reason) {
     const proxy = await startTestProxy({
       upstreamHost: vsftpd.host,
       upstreamPort: vsftpd.port,
-      extraYaml: ['    timeouts:', '      upstreamReplySeconds: 1'].join('\n'),
+      extraYaml: ['    timeouts:', '      upstreamReplySeconds: 2'].join('\n'),
     });
     t.teardown(() => proxy.close());
     const client = await FtpClient.connect(proxy.host, proxy.port);

@@ -1,0 +1,325 @@
+/**
+ * Data-channel setup for one session, on both legs: the client's PASV/EPSV (a leased relay
+ * port, or a kernel mapping) or PORT/EPRT (the proxy dials the client), and the server's side
+ * opened at once, not at transfer time, so REST stays right before RETR/STOR (RFC 959 §4.1.3,
+ * protocol.md §2.4): EPSV (PASV fallback) toward the server, or PORT/EPRT from an activePorts
+ * lease. Holds the one pending channel until a transfer command takes it.
+ */
+import type net from 'node:net';
+import { formatEprtArgument, formatEpsvReply, formatPasvReply, formatPortArgument, type HostPort } from '../control/address.js';
+import { familyOf } from '../control/ip.js';
+import type { ActiveTargetSource } from '../control/policy.js';
+import { replyLine, type Reply } from '../control/reply.js';
+import { interpretUpstreamPassiveReply } from '../control/rewrite.js';
+import { DataChannel, type UpstreamLeg } from '../data/channel.js';
+import { dial } from '../data/dial.js';
+import { kernelPathBlocker, type ForwardMapping, type KernelForward } from '../data/kernel-forward.js';
+import { PassiveAccept } from '../data/passive.js';
+import type { PortLease, PortPool } from '../data/port-pool.js';
+import type { SessionDeps } from './types.js';
+import { resetSocket } from '../data/relay.js';
+import { describePeer, type SocketAddresses } from '../data/socket-address.js';
+import { ProxyError, REPLY_FOR_CODE, ServerReplyError, isProxyError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { RejectionReason } from '../metrics.js';
+import type { ReplyQueue } from '../reply-queue.js';
+
+/** What data setup uses of the server's control connection. */
+export interface UpstreamForData {
+  /** The server's control address (data is dialled there, never to a 227's) and ours toward it. */
+  readonly addresses: SocketAddresses;
+  /** Send a command of the proxy's own; resolves with the server's final reply. */
+  request(command: string): Promise<Reply>;
+  /** A transfer command still waits for its final reply (the server reads no command meanwhile). */
+  readonly awaitsTransferReply: boolean;
+  transferRepliesSettled(): Promise<void>;
+}
+
+export interface DataSetupDeps extends Pick<SessionDeps, 'config' | 'metrics' | 'endpoints' | 'clientPool' | 'upstreamPool' | 'advertiser' | 'kernelForwarder'> {
+  /** The session's logger. */
+  readonly log: Logger;
+  readonly replies: ReplyQueue;
+  /** The server's control connection, while the session takes work. */
+  readonly upstream: () => UpstreamForData | null;
+  /** Data channels carrying a transfer now (for maxDataChannelsPerSession). */
+  readonly runningTransfers: () => number;
+  /** The session stopped taking work: whatever is set up now is thrown away. */
+  readonly isFinished: () => boolean;
+  readonly limitHit: (reason: RejectionReason, fields: Record<string, unknown>) => void;
+}
+
+export class DataSetup {
+  private readonly deps: DataSetupDeps;
+  /** The client's real address; the control socket's local address; what the client dialled. */
+  private readonly clientIp: string;
+  private readonly localIp: string;
+  private readonly dialledIp: string;
+  private pending: DataChannel | null = null;
+  /** The server refused EPSV once: PASV for the rest of the session. */
+  private upstreamLacksEpsv = false;
+
+  constructor(deps: DataSetupDeps) {
+    this.deps = deps;
+    this.clientIp = deps.endpoints.client.ip;
+    this.localIp = deps.endpoints.local.ip;
+    this.dialledIp = deps.endpoints.dialled.ip;
+  }
+
+  /** PASV or EPSV from the client: lease a relay port, open the server's side, answer 227/229. */
+  async passive(style: 'pasv' | 'epsv'): Promise<void> {
+    const { replies, advertiser, log } = this.deps;
+    const slot = replies.open();
+    this.releasePending(`new ${style.toUpperCase()}`);
+    try {
+      this.checkChannelLimit();
+      let advertised: string | null = null;
+      if (style === 'pasv') {
+        advertised = await advertiser.addressFor(this.clientIp, this.dialledIp);
+        if (!advertised) throw new ProxyError('FTPP_ERR_ADVERTISE_UNRESOLVED', `no IPv4 address to advertise (${advertiser.lastError?.message ?? 'control connection is not IPv4'})`);
+      }
+      const lease = await this.leaseRelayPort(this.deps.clientPool, this.localIp);
+      // Until the 227/229 goes out nobody has a reason to connect here: refuse anyone who does.
+      lease.setConnectionHandler((socket) => this.refuseStranger(lease.port, socket, 'early'));
+      const upstreamLeg = await this.prepareUpstreamLeg('passive').catch((err: unknown) => {
+        lease.release();
+        throw err;
+      });
+      if (this.deps.isFinished()) {
+        lease.release();
+        if (upstreamLeg.kind === 'active') upstreamLeg.accept.cancel('session closing');
+        return;
+      }
+      const forward = this.tryKernelPath(lease.port, upstreamLeg);
+      if (forward) {
+        // The kernel carries the connection; one reaching our listener missed the mapping.
+        lease.setConnectionHandler((socket) => this.refuseStranger(lease.port, socket, 'unmapped'));
+        this.pending = new DataChannel({ kind: 'forwarded', lease, forward }, upstreamLeg);
+      } else {
+        this.pending = new DataChannel({ kind: 'passive', accept: this.passiveAccept(lease) }, upstreamLeg);
+      }
+      log.debug({ event: 'data-passive', port: lease.port, upstream: describeLeg(upstreamLeg), dataPath: forward ? 'kernel' : 'relay' }, 'passive channel ready');
+      replies.push(slot, replyLine(style === 'pasv' ? formatPasvReply(advertised!, lease.port) : formatEpsvReply(lease.port)));
+    } catch (err) {
+      replies.push(slot, this.failureReply(err, style.toUpperCase()));
+    } finally {
+      replies.end(slot);
+    }
+  }
+
+  /** PORT or EPRT from the client: open the server's side, answer 200; the client is dialled at transfer time. */
+  async active(style: 'port' | 'eprt', target: HostPort, via: ActiveTargetSource): Promise<void> {
+    const { replies, log } = this.deps;
+    const slot = replies.open();
+    // PASV then PORT: PORT wins (vsftpd handle_port runs pasv_cleanup; protocol.md §3.5).
+    this.releasePending(`new ${style.toUpperCase()}`);
+    const where = `${target.host}:${target.port}`;
+    if (via === 'nat-fixup') log.info({ event: 'port-nat-fixup', target: where }, 'client sent an unroutable address; using its real address');
+    if (via === 'unspecified') log.debug({ event: 'port-unspecified', target: where }, 'client sent the unspecified address; using its real address');
+    try {
+      this.checkChannelLimit();
+      const upstreamLeg = await this.prepareUpstreamLeg('active');
+      if (this.deps.isFinished()) {
+        if (upstreamLeg.kind === 'active') upstreamLeg.accept.cancel('session closing');
+        return;
+      }
+      this.pending = new DataChannel({ kind: 'active', target }, upstreamLeg);
+      log.debug({ event: 'data-active', target: where, upstream: describeLeg(upstreamLeg) }, 'active channel ready');
+      // 200 only now that the server side is ready (so REST stays right before the transfer).
+      replies.push(slot, replyLine(`200 ${style === 'port' ? 'PORT' : 'EPRT'} command successful.`));
+    } catch (err) {
+      replies.push(slot, this.failureReply(err, style.toUpperCase()));
+    } finally {
+      replies.end(slot);
+    }
+  }
+
+  /** The pending channel, now the transfer command's (null: no PASV/PORT came first). */
+  take(): DataChannel | null {
+    const channel = this.pending;
+    this.pending = null;
+    return channel;
+  }
+
+  releasePending(reason: string): void {
+    const channel = this.pending;
+    this.pending = null;
+    channel?.close(reason);
+  }
+
+  /**
+   * Dial the channel's outbound legs (the server's passive port, the client's PORT address)
+   * before the transfer command goes upstream: if the client cannot be reached, the command is
+   * never sent (protocol.md §8.14). Rejects with a ProxyError (FTPP_ERR_DATA_CONNECT).
+   */
+  async connectOutbound(channel: DataChannel): Promise<{ clientSocket: net.Socket | null; upstreamSocket: net.Socket | null }> {
+    const { dataConnectMs } = this.deps.config.timeouts;
+    const upstream = this.deps.upstream();
+    const { upstreamLeg, clientLeg } = channel;
+    const upstreamDial = upstreamLeg.kind === 'passive' && !channel.isForwarded && upstream
+      ? channel.track(dial({ host: upstreamLeg.target.host, port: upstreamLeg.target.port, localAddress: upstream.addresses.local.ip, timeoutMs: dataConnectMs }))
+      : null;
+    const clientDial = clientLeg.kind === 'active'
+      ? channel.track(dial({ host: clientLeg.target.host, port: clientLeg.target.port, localAddress: this.localIp, timeoutMs: dataConnectMs }))
+      : null;
+    const [upstreamSocket, clientSocket] = await Promise.all([upstreamDial?.connected ?? null, clientDial?.connected ?? null]);
+    return { clientSocket, upstreamSocket };
+  }
+
+  /** The reply a failed setup or outbound connect gives the client (empty while closing: the session says it once). */
+  failureReply(err: unknown, what: string): Buffer {
+    const { log } = this.deps;
+    if (err instanceof ServerReplyError) return err.raw;
+    if (isProxyError(err)) {
+      if (err.code === 'FTPP_ERR_SHUTDOWN') {
+        log.debug({ event: 'data-setup-failed', code: err.code, command: what, err: err.message }, 'data channel setup abandoned');
+        return Buffer.alloc(0);
+      }
+      log.warn({ event: 'data-setup-failed', code: err.code, command: what, err: err.message }, 'data channel setup failed');
+      return replyLine(REPLY_FOR_CODE[err.code]);
+    }
+    log.error({ event: 'data-setup-failed', command: what, err }, 'data channel setup failed');
+    return replyLine(REPLY_FOR_CODE.FTPP_ERR_DATA_CONNECT);
+  }
+
+  /** Refuse a new data channel when the session already runs as many as allowed. */
+  private checkChannelLimit(): void {
+    const running = this.deps.runningTransfers();
+    const max = this.deps.config.limits.maxDataChannelsPerSession;
+    if (running >= max) {
+      this.deps.limitHit('passive-listeners', { code: 'FTPP_ERR_TOO_MANY_DATA_CHANNELS', max });
+      throw new ProxyError('FTPP_ERR_TOO_MANY_DATA_CHANNELS', `${running} data channels already open`);
+    }
+  }
+
+  /** A relay port bound on `host`, counted against this client address's share of `pool`. */
+  private async leaseRelayPort(pool: PortPool, host: string): Promise<PortLease> {
+    try {
+      return await pool.lease(host, this.clientIp);
+    } catch (err) {
+      if (isProxyError(err, 'FTPP_ERR_RELAY_PORTS_PER_IP')) this.deps.limitHit('relay-ports-per-ip', { code: err.code, max: pool.maxPerOwner, range: `${pool.range.first}-${pool.range.last}` });
+      throw err;
+    }
+  }
+
+  /** The one-shot accept of a relayed passive channel: only the control client may connect. */
+  private passiveAccept(lease: PortLease): PassiveAccept {
+    const { config, log } = this.deps;
+    const pp = config.proxyProtocol;
+    return new PassiveAccept(lease, {
+      expectedIp: this.clientIp,
+      timeoutMs: config.timeouts.dataAcceptMs,
+      ...(pp.dataPorts && pp.accept !== 'off' ? { proxyHeader: { accept: pp.accept, from: pp.from.map((rule) => rule.cidr), timeoutMs: pp.timeoutMs } } : {}),
+      onStranger: (address, port) => this.noteStranger(lease.port, `${address}:${port}`),
+      onPeerGone: () => log.debug({ event: 'data-peer-gone', port: lease.port }, 'data connection reset before it could be checked; dropped'),
+    });
+  }
+
+  /** A connection on a leased port nobody expected at this point (the kernel path's, or too early). */
+  private refuseStranger(port: number, socket: net.Socket, when: 'early' | 'unmapped'): void {
+    this.noteStranger(port, describePeer(socket), when);
+    resetSocket(socket);
+  }
+
+  private noteStranger(port: number, from: string, when?: 'early' | 'unmapped'): void {
+    this.deps.metrics.dataStranger(this.deps.config.name);
+    this.deps.log.warn({ event: 'data-stranger', port, from, ...(when ? { when } : {}) }, 'refused data connection from another address');
+  }
+
+  /**
+   * `client.dataPath: kernel`: map the leased port to the server's passive port in nftables
+   * (kernel-forward.ts). Null when the relay carries this channel: the path is off, this
+   * channel is not one the kernel can carry, or the mapping failed (logged; the relay works).
+   */
+  private tryKernelPath(port: number, upstreamLeg: UpstreamLeg): KernelForward | null {
+    const { kernelForwarder: forwarder, config, metrics, log } = this.deps;
+    const upstream = this.deps.upstream();
+    if (config.client.dataPath !== 'kernel' || !forwarder || upstreamLeg.kind !== 'passive' || !upstream) return null;
+    const mapping: ForwardMapping = {
+      clientIp: this.clientIp,
+      proxyIp: this.localIp,
+      proxyPort: port,
+      serverIp: upstreamLeg.target.host,
+      serverPort: upstreamLeg.target.port,
+      snatIp: upstream.addresses.local.ip,
+    };
+    const blocker = kernelPathBlocker({ ...mapping, proxyProtocol: config.proxyProtocol.accept !== 'off' });
+    if (blocker) {
+      log.debug({ event: 'kernel-path-skipped', reason: blocker }, 'data channel relayed');
+      metrics.kernelMapping(config.name, 'skipped');
+      return null;
+    }
+    try {
+      const forward = forwarder.forward(mapping, config.timeouts.dataAcceptMs);
+      metrics.kernelMapping(config.name, 'added');
+      return forward;
+    } catch (err) {
+      metrics.kernelMapping(config.name, 'failed');
+      log.warn({ event: 'kernel-path-failed', code: isProxyError(err) ? err.code : 'FTPP_ERR_KERNEL_PATH', err: (err as Error).message }, 'kernel mapping failed; relaying this data channel');
+      return null;
+    }
+  }
+
+  /** Open the server's side of a data channel (EPSV, PASV fallback, or PORT/EPRT from activePorts). */
+  private async prepareUpstreamLeg(clientMode: 'passive' | 'active'): Promise<UpstreamLeg> {
+    const { config, log } = this.deps;
+    let upstream = this.deps.upstream();
+    if (upstream?.awaitsTransferReply) {
+      // vsftpd reads no command while it sends or receives a file: the proxy's own EPSV/PASV/
+      // PORT would go unanswered until the transfer's final reply and, after
+      // upstreamReplySeconds, kill the session and the transfer with it (issue #10). Do what
+      // the server does: set this channel up after that reply (the client's reply slot is
+      // already reserved, so replies stay in order).
+      log.debug({ event: 'data-setup-deferred' }, 'data setup waits for the running transfer\'s final reply');
+      await upstream.transferRepliesSettled();
+      upstream = this.deps.upstream();
+    }
+    if (!upstream || this.deps.isFinished()) throw new ProxyError('FTPP_ERR_SHUTDOWN', 'session closing');
+    const mode = config.upstream.dataMode === 'mirror' ? clientMode : config.upstream.dataMode;
+    const { remote: { ip: serverIp }, local: { ip: localIp } } = upstream.addresses;
+    if (mode === 'passive') {
+      let verb: 'EPSV' | 'PASV' = this.upstreamLacksEpsv ? 'PASV' : 'EPSV';
+      let reply = await upstream.request(verb);
+      let result = interpretUpstreamPassiveReply(reply, verb);
+      if (!result.ok && result.reason === 'unsupported' && verb === 'EPSV') {
+        // Server without EPSV (or refusing it): fall back to PASV for the rest of the session.
+        this.upstreamLacksEpsv = true;
+        verb = 'PASV';
+        reply = await upstream.request(verb);
+        result = interpretUpstreamPassiveReply(reply, verb);
+      }
+      // The 227 address is ignored: connect to the server's control address (protocol.md §2.4).
+      if (result.ok) return { kind: 'passive', target: { host: serverIp, port: result.port } };
+      throw upstreamSetupError(reply, verb, result.reason);
+    }
+    const pool = this.deps.upstreamPool;
+    if (!pool) throw new ProxyError('FTPP_ERR_UPSTREAM_DATA_SETUP', 'dataMode needs upstream.activePorts');
+    const lease = await this.leaseRelayPort(pool, localIp);
+    const accept = new PassiveAccept(lease, {
+      expectedIp: serverIp,
+      timeoutMs: config.timeouts.dataAcceptMs,
+      onStranger: (address, port) => log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}`, side: 'upstream' }, 'refused data connection that is not from the server'),
+    });
+    // vsftpd port_promiscuous=NO: the address must be our own upstream-side address (protocol.md §2.4).
+    const line = familyOf(localIp) === 4 ? `PORT ${formatPortArgument(localIp, lease.port)}` : `EPRT ${formatEprtArgument(localIp, lease.port)}`;
+    let reply: Reply;
+    try {
+      reply = await upstream.request(line);
+    } catch (err) {
+      accept.cancel('session closing');
+      throw err;
+    }
+    if (reply.code >= 200 && reply.code < 300) return { kind: 'active', accept };
+    accept.cancel('server refused PORT');
+    throw upstreamSetupError(reply, line.slice(0, 4), 'refused');
+  }
+}
+
+function upstreamSetupError(reply: Reply, sent: string, reason: string): Error {
+  // Meaningful to the client as is (not logged in, server going away).
+  if (reply.code === 421 || reply.code === 530) return new ServerReplyError(reply.code, reply.raw);
+  return new ProxyError('FTPP_ERR_UPSTREAM_DATA_SETUP', `server answered ${sent} with "${reply.lines[0] ?? ''}" (${reason})`);
+}
+
+function describeLeg(leg: UpstreamLeg): string {
+  return leg.kind === 'passive' ? `passive ${leg.target.host}:${leg.target.port}` : `active port ${leg.accept.port}`;
+}
