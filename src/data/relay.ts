@@ -5,6 +5,7 @@
  * never 226 (RFC 959 §3.3: stream mode cannot tell a complete file from a truncated one).
  */
 import type net from 'node:net';
+import tls from 'node:tls';
 
 /** Zero-length probe write that tells a FIN from an RST reported as EOF (see pump()). */
 const EMPTY = Buffer.alloc(0);
@@ -32,6 +33,8 @@ type Direction = 'toClient' | 'toUpstream';
  * event loop; SpliceRelay (splice-relay.ts) moves them in the kernel with the same contract.
  */
 export interface Relay {
+  /** Which implementation moves the bytes (for tests and logs). */
+  readonly kind: 'splice' | 'js';
   readonly client: net.Socket;
   readonly upstream: net.Socket;
   /** Settles once both sockets are closed. Never rejects. */
@@ -48,6 +51,7 @@ export interface Relay {
 }
 
 export class DataRelay implements Relay {
+  readonly kind = 'js';
   readonly client: net.Socket;
   readonly upstream: net.Socket;
   /** Settles once both sockets are closed. Never rejects. */
@@ -171,6 +175,19 @@ export class DataRelay implements Relay {
       });
     }
   }
+}
+
+/**
+ * True for a socket that carries TLS (RFC 4217 PROT P, or any tls upgrade): its `_handle`
+ * is a TLSWrap over the TCP handle, and its plaintext exists only above Node's TLS layer.
+ * `instanceof tls.TLSSocket` is the real test (every socket Node's tls module makes);
+ * `encrypted === true`, Node's documented marker of a TLS
+ * socket, is accepted too because the two mistakes are not alike: a plain socket taken for
+ * TLS only loses the kernel relay, a TLS socket taken for plain would be spliced as
+ * ciphertext.
+ */
+export function isTlsSocket(socket: net.Socket): socket is tls.TLSSocket {
+  return socket instanceof tls.TLSSocket || (socket as { encrypted?: unknown }).encrypted === true;
 }
 
 /** Abortive close (RST) that tolerates sockets already gone. */

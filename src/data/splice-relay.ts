@@ -9,15 +9,15 @@
  * direction (protocol.md §3.2), an error or reset on either side resets both (§3.3), abort()
  * and the idle timeout reset both, `done` settles once both sockets are closed and never
  * rejects. createRelay() picks this relay when the addon is built and loads and both
- * sockets are clean (nothing buffered in JS, no FIN seen); otherwise, or with
- * FTPNP_RELAY=js, it returns the JS relay.
+ * sockets are plain TCP and clean (relayKindFor: not TLS, nothing buffered in JS, no FIN
+ * seen); otherwise, or with FTPNP_RELAY=js, it returns the JS relay.
  */
 import type net from 'node:net';
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { DataRelay, resetSocket, type Relay, type RelayOptions, type RelayOutcome, type RelayResult } from './relay.js';
+import { DataRelay, isTlsSocket, resetSocket, type Relay, type RelayOptions, type RelayOutcome, type RelayResult } from './relay.js';
 
 /** The native module's surface (src/native/splice_relay.c). */
 export interface SpliceAddon {
@@ -81,7 +81,9 @@ function handleOf(socket: net.Socket): HandleInternals | undefined {
 /**
  * The descriptor of a socket the kernel can take over: open, connected, nothing read into
  * JS buffers or queued for writing, no FIN seen. Otherwise null (the JS relay handles it,
- * e.g. bytes that arrived behind a PROXY header and were unshifted).
+ * e.g. bytes that arrived behind a PROXY header and were unshifted). Says nothing about
+ * TLS: a TLSSocket's handle (TLSWrap) exposes the TCP descriptor too, whose bytes are
+ * ciphertext. relayKindFor() rules TLS out first.
  */
 function spliceableFd(socket: net.Socket): number | null {
   if (socket.destroyed || socket.connecting || !socket.readable || !socket.writable) return null;
@@ -89,6 +91,31 @@ function spliceableFd(socket: net.Socket): number | null {
   if ((socket as unknown as { _readableState?: { ended?: boolean } })._readableState?.ended) return null;
   const fd = handleOf(socket)?.fd;
   return typeof fd === 'number' && fd >= 0 ? fd : null;
+}
+
+/** The relay a pair of sockets can take, and why (tests and logs). */
+export interface RelayChoice {
+  readonly kind: 'splice' | 'js';
+  readonly reason: string;
+}
+
+/**
+ * Which relay these two sockets can take, judged by the sockets alone (whether the addon
+ * loads, and FTPNP_RELAY, are relayImplementation()'s part). Never splice for TLS
+ * (RFC 4217 PROT P data connection, or any socket upgraded with tls): splice(2) would move
+ * the TCP payload, i.e. ciphertext from one leg to a peer that expects plaintext, and would
+ * starve Node's TLS layer of the records it must decrypt. The JS relay reads and writes the
+ * TLSSocket, so it carries plaintext between the two TLS sessions (or TLS and plain TCP).
+ */
+export function relayKindFor(client: net.Socket, upstream: net.Socket): RelayChoice {
+  const legs = [['client', client], ['upstream', upstream]] as const;
+  for (const [leg, socket] of legs) {
+    if (isTlsSocket(socket)) return { kind: 'js', reason: `${leg} leg is TLS: the kernel would move ciphertext` };
+  }
+  for (const [leg, socket] of legs) {
+    if (spliceableFd(socket) === null) return { kind: 'js', reason: `${leg} leg is closed, ended or has bytes buffered in JS` };
+  }
+  return { kind: 'splice', reason: 'both legs are plain TCP with nothing buffered in JS' };
 }
 
 /** Stop libuv reading: from now on only the native thread reads this socket. */
@@ -105,13 +132,15 @@ function stopReading(socket: net.Socket): void {
 export function createRelay(client: net.Socket, upstream: net.Socket, options: RelayOptions = {}): Relay {
   if (process.env[RELAY_ENV] !== 'js') {
     const { addon } = loadSpliceAddon();
-    const clientFd = addon ? spliceableFd(client) : null;
-    const upstreamFd = addon ? spliceableFd(upstream) : null;
-    if (addon && clientFd !== null && upstreamFd !== null) {
-      try {
-        return new SpliceRelay(client, upstream, options, addon, clientFd, upstreamFd);
-      } catch {
-        // Out of descriptors or threads: the JS relay still works (it resumes reading).
+    if (addon && relayKindFor(client, upstream).kind === 'splice') {
+      const clientFd = spliceableFd(client);
+      const upstreamFd = spliceableFd(upstream);
+      if (clientFd !== null && upstreamFd !== null) {
+        try {
+          return new SpliceRelay(client, upstream, options, addon, clientFd, upstreamFd);
+        } catch {
+          // Out of descriptors or threads: the JS relay still works (it resumes reading).
+        }
       }
     }
   }
@@ -119,6 +148,7 @@ export function createRelay(client: net.Socket, upstream: net.Socket, options: R
 }
 
 export class SpliceRelay implements Relay {
+  readonly kind = 'splice';
   readonly client: net.Socket;
   readonly upstream: net.Socket;
   /** Settles once both sockets are closed and the native thread has ended. Never rejects. */
@@ -139,8 +169,9 @@ export class SpliceRelay implements Relay {
   private readonly startedAt: number;
   private readonly now: () => number;
 
-  /** Throws (before touching either socket) when the native side cannot start. */
+  /** Throws (before touching either socket) when the native side cannot start, or for a TLS socket. */
   constructor(client: net.Socket, upstream: net.Socket, options: RelayOptions, addon: SpliceAddon, clientFd: number, upstreamFd: number) {
+    if (isTlsSocket(client) || isTlsSocket(upstream)) throw new Error('a TLS socket cannot be spliced (see relayKindFor)');
     this.client = client;
     this.upstream = upstream;
     this.addon = addon;

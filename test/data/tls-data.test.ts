@@ -1,0 +1,241 @@
+/**
+ * The data layer with TLS legs (RFC 4217 PROT P, protocol.md §5.4), issue #11: a TLSSocket is
+ * never spliced (its handle exposes the TCP descriptor, whose bytes are ciphertext), the JS
+ * relay carries its plaintext, and resetSocket() resets a TLSSocket's TCP connection so the
+ * peer sees ECONNRESET, never the FIN of a complete transfer (§3.3).
+ *
+ * TLS sockets are built the way the proxy builds them (§5.4): the TLS server role wraps an
+ * accepted socket, `new tls.TLSSocket(sock, { isServer: true, secureContext })`; the TLS
+ * client role wraps a connected one, `tls.connect({ socket })`. A self-signed certificate is
+ * made with openssl in a temporary directory and removed at teardown.
+ *
+ * Relay topology: clientApp <-> relay.client  [relay]  relay.upstream <-> serverApp
+ */
+import t from 'tap';
+import net from 'node:net';
+import tls from 'node:tls';
+import { execFileSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createRelay, relayImplementation, relayKindFor, SpliceRelay } from '../../src/data/splice-relay.js';
+import { DataRelay, type Relay } from '../../src/data/relay.js';
+import { readAll, withTimeout } from '../helpers/ftp-client.js';
+
+/** The type of `t` inside a subtest callback. */
+type Tap = Parameters<Parameters<typeof t.test>[0]>[0];
+
+let ca: Buffer;
+let secureContext: tls.SecureContext;
+let certDir: string | null = null;
+
+t.before(() => {
+  certDir = mkdtempSync(join(tmpdir(), 'ftpnp-tls-data-'));
+  const keyPath = join(certDir, 'k.pem');
+  const certPath = join(certDir, 'c.pem');
+  execFileSync('openssl', [
+    'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', keyPath, '-out', certPath,
+    '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1',
+  ], { stdio: 'ignore' });
+  ca = readFileSync(certPath);
+  secureContext = tls.createSecureContext({ key: readFileSync(keyPath), cert: ca });
+});
+
+const allSockets = new Set<net.Socket>();
+t.teardown(() => {
+  // Wrappers first (added after the sockets under them): a TLSSocket closes its parent.
+  for (const socket of [...allSockets].reverse()) socket.destroy();
+  if (certDir) rmSync(certDir, { recursive: true, force: true });
+});
+
+/** Two connected plain TCP sockets on loopback: `app` dialled, `inner` accepted. */
+async function tcpPair(): Promise<{ app: net.Socket; inner: net.Socket }> {
+  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+  const port = (server.address() as net.AddressInfo).port;
+  const innerP = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
+  const app = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true });
+  await new Promise<void>((resolve, reject) => {
+    app.once('connect', () => resolve());
+    app.once('error', reject);
+  });
+  const inner = await innerP;
+  server.close();
+  allSockets.add(app);
+  allSockets.add(inner);
+  return { app, inner };
+}
+
+function tlsServer(socket: net.Socket): tls.TLSSocket {
+  const wrapped = new tls.TLSSocket(socket, { isServer: true, secureContext });
+  allSockets.add(wrapped);
+  return wrapped;
+}
+
+function tlsClient(socket: net.Socket): tls.TLSSocket {
+  const wrapped = tls.connect({ socket, host: '127.0.0.1', ca });
+  allSockets.add(wrapped);
+  return wrapped;
+}
+
+function secured(socket: tls.TLSSocket, isServer: boolean): Promise<void> {
+  return withTimeout(new Promise<void>((resolve, reject) => {
+    socket.once(isServer ? 'secure' : 'secureConnect', () => resolve());
+    socket.once('error', reject);
+  }), 5000, 'TLS handshake');
+}
+
+/** What the relay (or resetSocket) holds: `inner`, over its TCP socket `innerRaw` (null when it dialled itself). */
+interface TlsPair {
+  readonly app: tls.TLSSocket;
+  readonly appRaw: net.Socket;
+  readonly inner: tls.TLSSocket;
+  readonly innerRaw: net.Socket | null;
+}
+
+/**
+ * A TLS connection on loopback. `server`: `inner` is the TLS server on an accepted socket
+ * (the proxy's client legs); `client`: `inner` is `tls.connect({ socket })` (upstream legs);
+ * `direct`: `inner` is `tls.connect({ host, port })`, which owns its TCP handle.
+ */
+async function tlsPair(innerRole: 'server' | 'client' | 'direct'): Promise<TlsPair> {
+  if (innerRole === 'server') {
+    const { app: appRaw, inner: innerRaw } = await tcpPair();
+    const inner = tlsServer(innerRaw);
+    const app = tlsClient(appRaw);
+    await Promise.all([secured(inner, true), secured(app, false)]);
+    return { app, appRaw, inner, innerRaw };
+  }
+  if (innerRole === 'client') {
+    const { app: innerRaw, inner: appRaw } = await tcpPair();
+    const inner = tlsClient(innerRaw);
+    const app = tlsServer(appRaw);
+    await Promise.all([secured(inner, false), secured(app, true)]);
+    return { app, appRaw, inner, innerRaw };
+  }
+  const server = net.createServer({ allowHalfOpen: true });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+  const port = (server.address() as net.AddressInfo).port;
+  const appRawP = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
+  const inner = tls.connect({ host: '127.0.0.1', port, ca });
+  allSockets.add(inner);
+  const appRaw = await appRawP;
+  server.close();
+  allSockets.add(appRaw);
+  const app = tlsServer(appRaw);
+  await Promise.all([secured(inner, false), secured(app, true)]);
+  return { app, appRaw, inner, innerRaw: null };
+}
+
+/**
+ * One message each way. Besides proving the session works, this makes the TLS 1.3 server
+ * send its session tickets before a test resets anything: a ticket write that meets the
+ * peer's RST is swallowed by Node's TLS layer, which then reports the reset as a clean 'end'
+ * (seen on Node 20), a quirk of the observer, not of the reset.
+ */
+async function exchange(a: tls.TLSSocket, b: tls.TLSSocket): Promise<void> {
+  const atB = new Promise((resolve) => b.once('data', resolve));
+  a.write('ping');
+  await withTimeout(atB, 3000, 'ping');
+  const atA = new Promise((resolve) => a.once('data', resolve));
+  b.write('pong');
+  await withTimeout(atA, 3000, 'pong');
+}
+
+function sha256(data: Buffer): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+
+/** Resolves on the socket's next 'close' (register it before closing the socket). */
+function closed(socket: net.Socket): Promise<void> {
+  return withTimeout(new Promise<void>((resolve) => socket.once('close', () => resolve())), 3000, 'socket close');
+}
+
+const implementation = relayImplementation();
+t.comment(`relay implementation here: ${implementation.kind} (${implementation.reason})`);
+
+t.test('relayKindFor: TLS on either leg means the JS relay; plain untouched TCP may be spliced', async (t) => {
+  const plainA = await tcpPair();
+  const plainB = await tcpPair();
+  t.same(relayKindFor(plainA.inner, plainB.inner).kind, 'splice', 'two fresh plain TCP sockets');
+
+  const tlsLeg = await tlsPair('server');
+  const client = relayKindFor(tlsLeg.inner, plainB.inner);
+  t.equal(client.kind, 'js', 'TLS client leg');
+  t.match(client.reason, /client leg is TLS/, client.reason);
+  const upstream = relayKindFor(plainA.inner, tlsLeg.inner);
+  t.equal(upstream.kind, 'js', 'TLS upstream leg');
+  t.match(upstream.reason, /upstream leg is TLS/, upstream.reason);
+  const both = await tlsPair('client');
+  t.equal(relayKindFor(tlsLeg.inner, both.inner).kind, 'js', 'TLS on both legs');
+
+  // Node's documented marker of a TLS socket counts as much as the class.
+  const marked = await tcpPair();
+  Object.assign(marked.inner, { encrypted: true });
+  t.equal(relayKindFor(marked.inner, plainB.inner).kind, 'js', 'a socket with encrypted === true');
+
+  plainB.inner.unshift(Buffer.from('early'));
+  t.match(relayKindFor(plainA.inner, plainB.inner), { kind: 'js', reason: /upstream leg .*buffered/ }, 'bytes buffered in JS');
+});
+
+/** Move `down` from serverApp to clientApp and `up` the other way; both ends FIN (TLS: close_notify + FIN). */
+async function transferBothWays(t: Tap, clientApp: net.Socket, serverApp: net.Socket, relay: Relay): Promise<void> {
+  const down = randomBytes(2_000_000);
+  const up = randomBytes(1_234_567);
+  const clientRead = readAll(clientApp, 15000);
+  const serverRead = readAll(serverApp, 15000);
+  serverApp.end(down);
+  clientApp.end(up);
+  const [c, s] = await Promise.all([clientRead, serverRead]);
+  t.equal(c.outcome, 'end', 'client app sees a clean end');
+  t.equal(s.outcome, 'end', 'server app sees a clean end');
+  t.equal(sha256(c.data), sha256(down), `download arrives as the plaintext sent (${c.data.length} of ${down.length} bytes)`);
+  t.equal(sha256(s.data), sha256(up), `upload arrives as the plaintext sent (${s.data.length} of ${up.length} bytes)`);
+  const result = await withTimeout(relay.done, 5000, 'relay done');
+  t.equal(result.outcome, 'complete');
+  t.equal(result.upstreamToClientBytes, down.length, 'plaintext bytes counted down');
+  t.equal(result.clientToUpstreamBytes, up.length, 'plaintext bytes counted up');
+}
+
+t.test('createRelay never splices a TLS leg: the JS relay carries plaintext (TLS client leg, plain upstream)', async (t) => {
+  const c = await tlsPair('server');
+  const s = await tcpPair();
+  const relay = createRelay(c.inner, s.inner);
+  t.equal(relay.kind, 'js', 'relay.kind says js');
+  t.ok(relay instanceof DataRelay && !(relay instanceof SpliceRelay), 'the JS relay, even where the splice addon is built');
+  await transferBothWays(t, c.app, s.app, relay);
+});
+
+t.test('createRelay never splices a TLS leg: the JS relay carries plaintext (plain client leg, TLS upstream)', async (t) => {
+  const c = await tcpPair();
+  const s = await tlsPair('client');
+  const relay = createRelay(c.inner, s.inner);
+  t.equal(relay.kind, 'js', 'relay.kind says js');
+  t.ok(relay instanceof DataRelay, 'the JS relay');
+  await transferBothWays(t, c.app, s.app, relay);
+});
+
+t.test('two plain legs still get the kernel relay where it is built (relay.kind)', async (t) => {
+  const c = await tcpPair();
+  const s = await tcpPair();
+  const relay = createRelay(c.inner, s.inner);
+  t.equal(relay.kind, implementation.kind, `kind ${relay.kind}`);
+  relay.abort();
+  await withTimeout(relay.done, 3000, 'relay done');
+});
+
+t.test('SpliceRelay refuses a TLS socket before touching it', async (t) => {
+  const c = await tlsPair('server');
+  const s = await tcpPair();
+  const neverStarted = {
+    start: () => {
+      throw new Error('the addon must not be reached');
+    },
+    cancel: () => {},
+    bytes: () => 0,
+    idleMs: () => 0,
+  };
+  t.throws(() => new SpliceRelay(c.inner, s.inner, {}, neverStarted, 1, 2), /TLS socket cannot be spliced/);
+  t.throws(() => new SpliceRelay(s.inner, c.inner, {}, neverStarted, 1, 2), /TLS socket cannot be spliced/);
+});
