@@ -4,7 +4,7 @@
  * abortive close: a truncated upload must reach the server as a reset so it answers 426,
  * never 226 (RFC 959 §3.3: stream mode cannot tell a complete file from a truncated one).
  */
-import type net from 'node:net';
+import net from 'node:net';
 import tls from 'node:tls';
 
 /** Zero-length probe write that tells a FIN from an RST reported as EOF (see pump()). */
@@ -133,12 +133,14 @@ export class DataRelay implements Relay {
       // (protocol.md §3.2, §8.23; test/data/relay.test.ts "...paused (backpressure)...").
       // A zero-length write still reaches the kernel: it succeeds on a half-closed
       // connection and fails (ECONNRESET/EPIPE) on a reset one, which onError handles.
+      // On a TLSSocket it stays inside Node's TLS layer, so probe the TCP socket under it.
       // Nothing to probe with when our side is already ended or has writes queued: trust it.
-      if (source.destroyed || source.writableEnded || source.writableLength > 0) {
+      const probe = tcpSocketOf(source);
+      if (source.destroyed || source.writableEnded || source.writableLength > 0 || !probe || probe.destroyed || probe.writableLength > 0) {
         if (!sink.destroyed) sink.end();
         return;
       }
-      source.write(EMPTY, (err) => {
+      probe.write(EMPTY, (err) => {
         if (err) this.onError();
         else if (!sink.destroyed) sink.end();
       });
@@ -180,8 +182,8 @@ export class DataRelay implements Relay {
 /**
  * True for a socket that carries TLS (RFC 4217 PROT P, or any tls upgrade): its `_handle`
  * is a TLSWrap over the TCP handle, and its plaintext exists only above Node's TLS layer.
- * `instanceof tls.TLSSocket` is the real test (every socket Node's tls module makes);
- * `encrypted === true`, Node's documented marker of a TLS
+ * `instanceof tls.TLSSocket` is the real test (every socket Node's tls module makes, and the
+ * type the reset below needs); `encrypted === true`, Node's documented marker of a TLS
  * socket, is accepted too because the two mistakes are not alike: a plain socket taken for
  * TLS only loses the kernel relay, a TLS socket taken for plain would be spliced as
  * ciphertext.
@@ -190,10 +192,89 @@ export function isTlsSocket(socket: net.Socket): socket is tls.TLSSocket {
   return socket instanceof tls.TLSSocket || (socket as { encrypted?: unknown }).encrypted === true;
 }
 
-/** Abortive close (RST) that tolerates sockets already gone. */
+/** Ignore late errors from a socket this module is resetting (the peer may reset it too). */
+function ignoreError(): void {}
+
+/**
+ * Abortive close (RST) that tolerates sockets already gone. The peer sees ECONNRESET, never
+ * a clean end: a failed transfer must not look complete (RFC 959 §3.3, protocol.md §3.3).
+ * A TLS socket is reset on its TCP connection (resetTlsSocket).
+ */
 export function resetSocket(socket: net.Socket): void {
   if (socket.destroyed) return;
-  socket.on('error', () => {});
+  socket.on('error', ignoreError);
+  if (isTlsSocket(socket)) {
+    resetTlsSocket(socket);
+    return;
+  }
+  try {
+    socket.resetAndDestroy();
+  } catch {
+    socket.destroy();
+  }
+}
+
+/** Node 20 internals of a TLSSocket (lib/_tls_wrap.js) that resetTlsSocket and the probe use. */
+interface TlsInternals {
+  /** The net.Socket it was built on: `new tls.TLSSocket(socket)`, `tls.connect({ socket })`. */
+  _parent?: unknown;
+  /** The TLSWrap; its `_parent` is the TCP handle under it. */
+  _handle?: { _parent?: { reset?: unknown; close?: unknown } | null } | null;
+}
+
+/** The net.Socket a TLS socket was built on, or null. */
+function tlsParentOf(socket: tls.TLSSocket): net.Socket | null {
+  const parent = (socket as unknown as TlsInternals)._parent;
+  return parent instanceof net.Socket ? parent : null;
+}
+
+/**
+ * The socket whose writes reach the TCP connection: the socket itself, or for a TLS socket
+ * the one under it; null for a TLS socket that owns its TCP handle (`tls.connect({ host })`).
+ */
+function tcpSocketOf(socket: net.Socket): net.Socket | null {
+  if (!isTlsSocket(socket)) return socket;
+  const parent = tlsParentOf(socket);
+  return parent ? tcpSocketOf(parent) : null;
+}
+
+/** TLS sockets whose reset has started: a later call must not destroy them early. */
+const resettingTls = new WeakSet<tls.TLSSocket>();
+
+/**
+ * Reset the TCP connection under a TLS socket and destroy both. `resetAndDestroy()` throws
+ * ERR_INVALID_HANDLE_TYPE on a TLSSocket (its handle is a TLSWrap, not a TCP handle) and
+ * `destroy()` closes the TCP connection gracefully: a FIN, which the peer takes for a
+ * complete transfer. Node 20 internals (lib/_tls_wrap.js), checked by
+ * test/data/tls-data.test.ts:
+ * - Built on a net.Socket (how the proxy upgrades a connection, TLS server and client role
+ *   alike, protocol.md §5.4): that socket is `_parent` and still owns the TCP handle. Reset
+ *   it; Node destroys the TLSSocket once its parent has closed (`wrap.on('close', ...)`),
+ *   and so does the listener here. Not sooner: destroying the TLSSocket while its parent's
+ *   handle was still closing crashed Node 20 (SIGSEGV) when the server's TLS 1.3 session
+ *   tickets were still being written, right after a handshake.
+ * - `tls.connect({ host, port })`: the TLSSocket owns its TCP handle, `_handle._parent`, and
+ *   TLSWrap's close() closes it with `_parent.close(done)`. That handle's own `reset` has the
+ *   same callback contract (TCPWrap::Reset: SO_LINGER 0, then close): put it in close's place.
+ * Without these internals a TLS socket is destroyed: a FIN, as before.
+ */
+function resetTlsSocket(socket: tls.TLSSocket): void {
+  if (resettingTls.has(socket)) return;
+  resettingTls.add(socket);
+  const parent = tlsParentOf(socket);
+  if (parent) {
+    // A parent destroyed by someone else still emits 'close', which destroys this socket.
+    parent.once('close', () => socket.destroy());
+    resetSocket(parent);
+    return;
+  }
+  const tcp = (socket as unknown as TlsInternals)._handle?._parent;
+  if (tcp && typeof tcp.reset === 'function') {
+    tcp.close = tcp.reset;
+    socket.destroy();
+    return;
+  }
+  // Not laid out like a Node 20 TLSSocket (or only marked `encrypted`): try a plain reset.
   try {
     socket.resetAndDestroy();
   } catch {

@@ -20,8 +20,8 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createRelay, relayImplementation, relayKindFor, SpliceRelay } from '../../src/data/splice-relay.js';
-import { DataRelay, type Relay } from '../../src/data/relay.js';
-import { readAll, withTimeout } from '../helpers/ftp-client.js';
+import { DataRelay, resetSocket, type Relay } from '../../src/data/relay.js';
+import { delay, readAll, waitFor, withTimeout } from '../helpers/ftp-client.js';
 
 /** The type of `t` inside a subtest callback. */
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0];
@@ -238,4 +238,166 @@ t.test('SpliceRelay refuses a TLS socket before touching it', async (t) => {
   };
   t.throws(() => new SpliceRelay(c.inner, s.inner, {}, neverStarted, 1, 2), /TLS socket cannot be spliced/);
   t.throws(() => new SpliceRelay(s.inner, c.inner, {}, neverStarted, 1, 2), /TLS socket cannot be spliced/);
+});
+
+for (const role of ['server', 'client', 'direct'] as const) {
+  const how = {
+    server: 'new tls.TLSSocket(accepted, { isServer: true })',
+    client: 'tls.connect({ socket })',
+    direct: 'tls.connect({ host, port })',
+  }[role];
+  t.test(`resetSocket on a TLS socket (${how}) resets its TCP connection: the peer sees ECONNRESET`, async (t) => {
+    const { app, inner, innerRaw } = await tlsPair(role);
+    await exchange(app, inner);
+    const peer = readAll(app, 5000);
+    const innerClosed = closed(inner);
+    t.doesNotThrow(() => resetSocket(inner), 'no exception');
+    t.doesNotThrow(() => resetSocket(inner), 'a second call is harmless');
+    const r = await peer;
+    t.equal(r.outcome, 'error', `the peer sees a reset, not a clean end (${r.outcome})`);
+    t.equal(r.error?.code, 'ECONNRESET', 'ECONNRESET');
+    await innerClosed;
+    t.ok(inner.destroyed, 'the TLS socket is destroyed');
+    if (innerRaw) t.ok(innerRaw.destroyed, 'and the TCP socket under it');
+    t.doesNotThrow(() => resetSocket(inner), 'a socket already gone is tolerated');
+  });
+}
+
+t.test('resetSocket on a plain socket that is only marked encrypted still resets it', async (t) => {
+  const { app, inner } = await tcpPair();
+  Object.assign(inner, { encrypted: true });
+  const peer = readAll(app, 3000);
+  resetSocket(inner);
+  t.equal((await peer).error?.code, 'ECONNRESET', 'the peer sees a reset');
+});
+
+t.test('resetSocket right after a handshake, repeated, does not crash the process', async (t) => {
+  // Destroying the TLSSocket before its TCP handle had finished closing (while the server's
+  // TLS 1.3 session tickets were still being written) ended Node 20 with SIGSEGV.
+  for (let i = 0; i < 5; i++) {
+    const { app, inner, innerRaw } = await tlsPair('server');
+    const peer = readAll(app, 5000);
+    const innerClosed = closed(inner);
+    resetSocket(inner);
+    resetSocket(inner);
+    setImmediate(() => resetSocket(inner));
+    await innerClosed;
+    t.ok(inner.destroyed && innerRaw?.destroyed, `round ${i + 1}: both sockets destroyed`);
+    t.equal((await peer).error?.code, 'ECONNRESET', `round ${i + 1}: the peer sees a reset`);
+  }
+});
+
+/** clientApp (TLS client) <-> relay.client (TLS server) [JS relay] relay.upstream <-> serverApp (plain). */
+async function tlsClientLegRelay(): Promise<{ c: TlsPair; serverApp: net.Socket; relay: Relay }> {
+  const c = await tlsPair('server');
+  const s = await tcpPair();
+  return { c, serverApp: s.app, relay: createRelay(c.inner, s.inner) };
+}
+
+t.test('the TLS leg fails (its peer resets mid-download): the plain leg is reset too', async (t) => {
+  const { c, serverApp, relay } = await tlsClientLegRelay();
+  const serverRead = readAll(serverApp, 10000);
+  c.app.on('error', () => {});
+  const gotData = new Promise((resolve) => c.app.once('data', resolve));
+  serverApp.write(randomBytes(100_000));
+  await withTimeout(gotData, 3000, 'download started');
+  c.appRaw.resetAndDestroy();
+  const s = await serverRead;
+  t.equal(s.outcome, 'error', `the server sees a reset, never a clean end (${s.outcome})`);
+  t.equal(s.error?.code, 'ECONNRESET', 'ECONNRESET');
+  const result = await withTimeout(relay.done, 5000, 'relay done');
+  t.equal(result.outcome, 'reset', 'outcome reset');
+});
+
+t.test('the TLS leg fails mid-upload: the plain leg is reset too (a truncated upload stays visible)', async (t) => {
+  const { c, serverApp, relay } = await tlsClientLegRelay();
+  const serverRead = readAll(serverApp, 10000);
+  c.app.on('error', () => {});
+  c.app.write(randomBytes(100_000));
+  t.ok(await waitFor(() => relay.clientToUpstreamBytes > 0, 3000, 10), 'upload started');
+  c.appRaw.resetAndDestroy();
+  const s = await serverRead;
+  t.equal(s.outcome, 'error', `the server sees a reset, never a clean end (${s.outcome})`);
+  const result = await withTimeout(relay.done, 5000, 'relay done');
+  t.equal(result.outcome, 'reset', 'outcome reset');
+});
+
+t.test('the plain leg fails: the TLS leg is reset on its TCP connection, not closed with a FIN', async (t) => {
+  const { c, serverApp, relay } = await tlsClientLegRelay();
+  const clientRead = readAll(c.app, 10000);
+  serverApp.write(randomBytes(100_000));
+  t.ok(await waitFor(() => relay.upstreamToClientBytes === 100_000, 3000, 10), 'bytes relayed');
+  serverApp.resetAndDestroy();
+  const r = await clientRead;
+  t.equal(r.outcome, 'error', `the TLS client sees a reset, never a clean end (${r.outcome})`);
+  t.equal(r.error?.code, 'ECONNRESET', 'ECONNRESET');
+  const result = await withTimeout(relay.done, 5000, 'relay done');
+  t.equal(result.outcome, 'reset', 'outcome reset');
+});
+
+t.test('the plain leg fails with TLS upstream: the TLS server sees a reset', async (t) => {
+  const cp = await tcpPair();
+  const s = await tlsPair('client');
+  const relay = createRelay(cp.inner, s.inner);
+  const serverRead = readAll(s.app, 10000);
+  cp.app.on('error', () => {});
+  cp.app.write(randomBytes(100_000));
+  t.ok(await waitFor(() => relay.clientToUpstreamBytes === 100_000, 3000, 10), 'bytes relayed');
+  cp.app.resetAndDestroy();
+  const r = await serverRead;
+  t.equal(r.outcome, 'error', `the TLS server sees a reset, never a clean end (${r.outcome})`);
+  t.equal(r.error?.code, 'ECONNRESET', 'ECONNRESET');
+  t.equal((await withTimeout(relay.done, 5000, 'relay done')).outcome, 'reset');
+});
+
+t.test('abort() resets the TLS leg and the plain leg', async (t) => {
+  const { c, serverApp, relay } = await tlsClientLegRelay();
+  const clientRead = readAll(c.app, 5000);
+  const serverRead = readAll(serverApp, 5000);
+  const arrived = new Promise((resolve) => c.app.once('data', resolve));
+  serverApp.write('partial');
+  await withTimeout(arrived, 3000, 'plaintext relayed');
+  relay.abort();
+  relay.abort();
+  const [r, s] = await Promise.all([clientRead, serverRead]);
+  t.equal(r.outcome, 'error', 'TLS client sees a reset');
+  t.equal(r.error?.code, 'ECONNRESET');
+  t.equal(r.data.toString(), 'partial', 'the plaintext relayed before the abort arrived');
+  t.equal(s.outcome, 'error', 'server sees a reset');
+  t.equal(s.error?.code, 'ECONNRESET');
+  const result = await withTimeout(relay.done, 5000, 'relay done');
+  t.equal(result.outcome, 'aborted');
+  t.ok(c.innerRaw?.destroyed, 'the TCP socket under the TLS leg is closed');
+});
+
+t.test('the TLS peer resets while the relay holds the TLS leg back (slow server): the server sees a reset', async (t) => {
+  const { c, serverApp, relay } = await tlsClientLegRelay();
+  serverApp.pause();
+  c.app.on('error', () => {});
+  const chunk = Buffer.alloc(1024 * 1024, 1);
+  for (let i = 0; i < 32; i++) c.app.write(chunk);
+  t.ok(await waitFor(() => relay.client.isPaused(), 5000, 10), 'the relay paused the TLS leg');
+  await delay(200);
+  c.appRaw.resetAndDestroy();
+  await delay(200);
+  const s = await readAll(serverApp, 10000);
+  t.equal(s.outcome, 'error', `the server sees a reset, not a clean end (${s.outcome} after ${s.data.length} bytes)`);
+  t.equal((await withTimeout(relay.done, 5000, 'relay done')).outcome, 'reset', 'outcome reset');
+});
+
+t.test('the TLS server resets while the relay holds the TLS upstream leg back (slow client): the client sees a reset', async (t) => {
+  const cp = await tcpPair();
+  const s = await tlsPair('client');
+  const relay = createRelay(cp.inner, s.inner);
+  cp.app.pause();
+  s.app.on('error', () => {});
+  const chunk = Buffer.alloc(1024 * 1024, 2);
+  for (let i = 0; i < 32; i++) s.app.write(chunk);
+  t.ok(await waitFor(() => relay.upstream.isPaused(), 5000, 10), 'the relay paused the TLS leg');
+  await delay(200);
+  s.appRaw.resetAndDestroy();
+  await delay(200);
+  const c = await readAll(cp.app, 10000);
+  t.equal(c.outcome, 'error', `the client sees a reset, not a clean end (${c.outcome} after ${c.data.length} bytes)`);
+  t.equal((await withTimeout(relay.done, 5000, 'relay done')).outcome, 'reset', 'outcome reset');
 });
