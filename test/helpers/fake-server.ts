@@ -17,6 +17,7 @@ import {
   withTimeout,
   type ConnectOptions,
   type ReadResult,
+  type TapTest,
   type TeardownHost,
 } from './ftp-client.js';
 import { startTestProxy, type TestProxy } from './proxy.js';
@@ -508,6 +509,27 @@ export async function settleLeaks(proxy: TestProxy, timeoutMs = 5000): Promise<L
     return s.sessions === 0 && s.leased === 0;
   }, timeoutMs);
   return state();
+}
+
+export interface NoLeaksOptions {
+  /** How the clients leave first: 'quit' (QUIT, then close; the default) or 'destroy' (drop the connection). */
+  readonly close?: 'quit' | 'destroy';
+  /** The assertion's message; default 'no session or relay port left behind'. */
+  readonly message?: string;
+}
+
+/** Close `clients`, then assert that the proxy kept no session and no leased relay port. */
+export async function noLeaks(
+  t: TapTest,
+  h: Pick<Harness, 'proxy'>,
+  clients: FtpClient | readonly FtpClient[],
+  options: NoLeaksOptions = {},
+): Promise<void> {
+  for (const client of clients instanceof FtpClient ? [clients] : clients) {
+    if (options.close === 'destroy') client.destroy();
+    else await client.quit();
+  }
+  t.same(await settleLeaks(h.proxy), { sessions: 0, leased: 0 }, options.message ?? 'no session or relay port left behind');
 }
 
 /** Open a data connection to a relay port and read it to the end. */

@@ -7,16 +7,11 @@
 import t from 'tap';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import { PortBlocks, settleLeaks, startHarness, type Harness } from '../helpers/fake-server.js';
-import { openData, parse227, parse229, readAll, withTimeout, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
+import { PortBlocks, noLeaks, settleLeaks, startHarness } from '../helpers/fake-server.js';
+import { openData, parse227, parse229, readAll, withTimeout } from '../helpers/ftp-client.js';
 
 const ports = new PortBlocks(27000);
 const FILE = randomBytes(100 * 1024);
-
-async function noLeaks(t: TapTest, h: Harness, client: FtpClient): Promise<void> {
-  await client.quit();
-  t.same(await settleLeaks(h.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
-}
 
 /** Resolves with how the proxy ended the socket, or 'still-open' after `ms`. */
 function closedByProxy(socket: net.Socket, ms = 3000): Promise<string> {

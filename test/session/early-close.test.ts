@@ -5,7 +5,7 @@
  * Relay ports 24000-24999 belong to this file.
  */
 import t from 'tap';
-import { PortBlocks, closedPort, settleLeaks, startHarness, type Harness } from '../helpers/fake-server.js';
+import { PortBlocks, closedPort, noLeaks, settleLeaks, startHarness, type Harness } from '../helpers/fake-server.js';
 import { delay, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
 
 const ports = new PortBlocks(24000);
@@ -26,11 +26,6 @@ async function repliesUntilClose(t: TapTest, client: FtpClient, timeoutMs = 5000
   return texts;
 }
 
-async function noLeaks(t: TapTest, h: Harness, client: FtpClient): Promise<void> {
-  client.destroy();
-  t.same(await settleLeaks(h.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
-}
-
 t.test('server closes right after the greeting: 220, then a 421 line, then close', async (t) => {
   const h = await startHarness(t, {
     ports,
@@ -43,7 +38,7 @@ t.test('server closes right after the greeting: 220, then a 421 line, then close
   t.equal(texts.length, 2, 'nothing else');
   const warn = h.proxy.logs().find((r) => r.event === 'upstream-closed');
   t.equal(warn?.code, 'FTPP_ERR_UPSTREAM_CLOSED', 'logged with its code');
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
 });
 
 t.test('server closes before any greeting: the client gets a 421 instead of 220', async (t) => {
@@ -54,7 +49,7 @@ t.test('server closes before any greeting: the client gets a 421 instead of 220'
   const client = await h.connect();
   const texts = await repliesUntilClose(t, client);
   t.same(texts, [UPSTREAM_CLOSED], `one 421 line: ${JSON.stringify(texts)}`);
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
 });
 
 t.test('server resets right after the greeting', async (t) => {
@@ -65,7 +60,7 @@ t.test('server resets right after the greeting', async (t) => {
   const client = await h.connect();
   const texts = await repliesUntilClose(t, client);
   t.equal(texts[texts.length - 1]?.slice(0, 4), '421 ', `ends with a 421 line: ${JSON.stringify(texts)}`);
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
 });
 
 for (const how of ['end', 'reset'] as const) {
@@ -86,7 +81,7 @@ for (const how of ['end', 'reset'] as const) {
     client.send('SYST');
     const texts = await repliesUntilClose(t, client);
     t.same(texts, [UPSTREAM_CLOSED], `one 421 line for the waiting command: ${JSON.stringify(texts)}`);
-    await noLeaks(t, h, client);
+    await noLeaks(t, h, client, { close: 'destroy' });
   });
 }
 
@@ -97,7 +92,7 @@ t.test('server closes mid-session while idle: 421, then close', async (t) => {
   close!();
   const texts = await repliesUntilClose(t, client);
   t.same(texts, [UPSTREAM_CLOSED], `one 421 line: ${JSON.stringify(texts)}`);
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
 });
 
 t.test('server not listening: "421 Service not available." then close', async (t) => {
@@ -109,7 +104,7 @@ t.test('server not listening: "421 Service not available." then close', async (t
   t.equal(client.received.toString('latin1'), '421 Service not available.\r\n', 'nothing else on the wire');
   const warn = h.proxy.logs().find((r) => r.event === 'upstream-unreachable');
   t.equal(warn?.code, 'FTPP_ERR_UPSTREAM_UNREACHABLE', 'logged with its code');
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
 });
 
 t.test('server not listening: commands sent early get nothing but the 421', async (t) => {
@@ -119,7 +114,7 @@ t.test('server not listening: commands sent early get nothing but the 421', asyn
   client.sendRaw('USER a\r\nPASS b\r\n');
   const texts = await repliesUntilClose(t, client);
   t.same(texts, ['421 Service not available.'], `only the 421: ${JSON.stringify(texts)}`);
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
 });
 
 t.test('server answers 421: forwarded byte for byte, then the proxy closes (server keeps its socket open)', async (t) => {
@@ -138,7 +133,7 @@ t.test('server answers 421: forwarded byte for byte, then the proxy closes (serv
   const texts = await repliesUntilClose(t, client);
   t.same(texts, ['421 Timeout.'], `the server's 421 only: ${JSON.stringify(texts)}`);
   t.ok(client.received.toString('latin1').endsWith('421 Timeout.\r\n'), 'bytes unchanged');
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
   t.ok(await waitServerSideClosed(h), "the proxy closed the server's control connection too");
 });
 
@@ -159,7 +154,7 @@ t.test('unsolicited 421 from the server (idle timeout) is forwarded, then close'
   say!();
   const texts = await repliesUntilClose(t, client);
   t.same(texts, ['421 Timeout.'], `forwarded once, no second 421 of the proxy's own: ${JSON.stringify(texts)}`);
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
 });
 
 t.test('QUIT: 221, then close, no 421', async (t) => {
@@ -168,7 +163,7 @@ t.test('QUIT: 221, then close, no 421', async (t) => {
   client.send('QUIT');
   const texts = await repliesUntilClose(t, client);
   t.same(texts, ['221 Goodbye.'], `only the 221: ${JSON.stringify(texts)}`);
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
 });
 
 t.test('client vanishes mid-session: the server connection is closed and nothing leaks', async (t) => {
@@ -205,5 +200,5 @@ t.test('server answers the proxy EPSV with 421: the client gets it for its PASV,
   client.send('PASV');
   const texts = await repliesUntilClose(t, client);
   t.same(texts, ['421 Timeout.'], `the server's 421 once: ${JSON.stringify(texts)}`);
-  await noLeaks(t, h, client);
+  await noLeaks(t, h, client, { close: 'destroy' });
 });

@@ -6,7 +6,7 @@
  * Relay ports 13000-13999 belong to this file.
  */
 import t from 'tap';
-import { PortBlocks, settleLeaks, startHarness, type FakeHandler, type Harness } from '../helpers/fake-server.js';
+import { PortBlocks, noLeaks, startHarness, type FakeHandler, type Harness } from '../helpers/fake-server.js';
 import type { FtpClient, TapTest } from '../helpers/ftp-client.js';
 
 const ports = new PortBlocks(13000);
@@ -30,11 +30,6 @@ function hostLines(h: Harness): string[] {
 async function login(t: TapTest, client: FtpClient): Promise<void> {
   t.equal((await client.command('USER test')).code, 331, 'USER');
   t.equal((await client.command('PASS secret')).code, 230, 'PASS: logged in');
-}
-
-async function noLeaks(t: TapTest, h: Harness, client: FtpClient): Promise<void> {
-  await client.quit();
-  t.same(await settleLeaks(h.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
 }
 
 t.test('HOST naming the address the client dialled is answered by the proxy, never reaches the server', async (t) => {

@@ -9,7 +9,7 @@ import t from 'tap';
 import {
   FakeFtpServer,
   PortBlocks,
-  settleLeaks,
+  noLeaks,
   startHarness,
   downloadFrom,
   type FakeHandler,
@@ -73,12 +73,6 @@ async function passiveRetr(t: Tap, h: Harness, client: FtpClient, style: 'PASV' 
   const data = await download;
   t.equal(data.outcome, 'end', 'data ended cleanly');
   t.ok(data.data.equals(FILE), `file relayed (${data.data.length} of ${FILE.length} bytes)`);
-}
-
-async function noLeaks(t: Tap, h: Harness, client: FtpClient): Promise<void> {
-  await client.quit();
-  const state = await settleLeaks(h.proxy);
-  t.same(state, { sessions: 0, leased: 0 }, 'no session or relay port left behind');
 }
 
 function dataFromControlIp(t: Tap, fake: FakeFtpServer | null): void {

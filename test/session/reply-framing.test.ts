@@ -4,15 +4,10 @@
  * §8.10, §8.19, §8.32. Relay ports 23000-23999 belong to this file.
  */
 import t from 'tap';
-import { PortBlocks, settleLeaks, startHarness, type Harness } from '../helpers/fake-server.js';
-import { delay, parse227, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
+import { PortBlocks, noLeaks, startHarness } from '../helpers/fake-server.js';
+import { delay, parse227, type FtpClient } from '../helpers/ftp-client.js';
 
 const ports = new PortBlocks(23000);
-
-async function noLeaks(t: TapTest, h: Harness, client: FtpClient): Promise<void> {
-  await client.quit();
-  t.same(await settleLeaks(h.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
-}
 
 t.test('multi-line reply with a 227-looking inner line is relayed byte for byte (§8.5)', async (t) => {
   const STATUS = '211-Status\r\n227 Entering Passive Mode (10,0,0,5,1,2)\r\n 226 x\r\n211-not the end\r\n2110 neither\r\n211 End\r\n';

@@ -8,16 +8,11 @@
 import t from 'tap';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import { PortBlocks, settleLeaks, startHarness, type Harness } from '../helpers/fake-server.js';
-import { delay, openData, parse227, readAll, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
+import { PortBlocks, noLeaks, startHarness, type Harness } from '../helpers/fake-server.js';
+import { delay, openData, parse227, readAll } from '../helpers/ftp-client.js';
 
 const ports = new PortBlocks(26000);
 const FILE = randomBytes(200 * 1024);
-
-async function noLeaks(t: TapTest, h: Harness, ...clients: FtpClient[]): Promise<void> {
-  for (const client of clients) await client.quit();
-  t.same(await settleLeaks(h.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
-}
 
 function connectOutcome(port: number, localAddress: string): Promise<string> {
   return new Promise((resolve) => {
@@ -167,7 +162,7 @@ t.test('pool exhaustion: the third PASV gets 425 and a coded warning; the pool r
   const again = await c.command('PASV');
   t.equal(again.code, 227, `recovered: ${again.text}`);
   t.equal(parse227(again).port, pa, 'the freed port');
-  await noLeaks(t, h, b, c);
+  await noLeaks(t, h, [b, c]);
 });
 
 t.test('PASS never reaches the logs', async (t) => {

@@ -7,7 +7,7 @@
  */
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
-import { PortBlocks, settleLeaks, startHarness, type FakeHandler } from '../helpers/fake-server.js';
+import { PortBlocks, noLeaks, startHarness, type FakeHandler } from '../helpers/fake-server.js';
 import { delay, openData, parse227, readAll, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
 
 const ports = new PortBlocks(17000);
@@ -44,10 +44,10 @@ async function download(t: TapTest, client: FtpClient): Promise<{ final: string;
   return { final: reply.text, prelim, bytes: result.data, outcome: result.outcome };
 }
 
-async function noLeaks(t: TapTest, h: Awaited<ReturnType<typeof startHarness>>, client: FtpClient): Promise<void> {
+/** The session still answers in step; then QUIT and nothing is left behind. */
+async function inStepNoLeaks(t: TapTest, h: Awaited<ReturnType<typeof startHarness>>, client: FtpClient): Promise<void> {
   t.equal((await client.command('NOOP')).code, 200, 'session still in step');
-  await client.quit();
-  t.same(await settleLeaks(h.proxy), { sessions: 0, leased: 0 }, 'nothing left behind');
+  await noLeaks(t, h, client, { message: 'nothing left behind' });
 }
 
 t.test('server omits the 1yz reply: data, then 226 only', async (t) => {
@@ -61,7 +61,7 @@ t.test('server omits the 1yz reply: data, then 226 only', async (t) => {
   t.same(got.prelim, [], 'no preliminary reply invented');
   t.equal(got.final, '226 Transfer complete.');
   t.ok(got.bytes.equals(DATA), 'every byte');
-  await noLeaks(t, h, client);
+  await inStepNoLeaks(t, h, client);
 });
 
 t.test('server sends 125 instead of 150', async (t) => {
@@ -75,7 +75,7 @@ t.test('server sends 125 instead of 150', async (t) => {
   const got = await download(t, client);
   t.same(got.prelim, ['125 Data connection already open; transfer starting.'], '125 passed through');
   t.ok(got.bytes.equals(DATA), 'every byte');
-  await noLeaks(t, h, client);
+  await inStepNoLeaks(t, h, client);
 });
 
 t.test('server closes the data connection long before its 226', async (t) => {
@@ -91,7 +91,7 @@ t.test('server closes the data connection long before its 226', async (t) => {
   t.equal(got.final, '226 Transfer complete.');
   t.equal(got.outcome, 'end', 'clean end');
   t.ok(got.bytes.equals(DATA), 'every byte');
-  await noLeaks(t, h, client);
+  await inStepNoLeaks(t, h, client);
 });
 
 t.test('server sends 226 first and closes the data connection later', async (t) => {
@@ -107,7 +107,7 @@ t.test('server sends 226 first and closes the data connection later', async (t) 
   t.equal(got.final, '226 Transfer complete.', '226 delivered (after the data)');
   t.equal(got.outcome, 'end', 'clean end');
   t.ok(got.bytes.equals(DATA), 'every byte, none cut by the early 226');
-  await noLeaks(t, h, client);
+  await inStepNoLeaks(t, h, client);
 });
 
 t.test('server fails mid-transfer with 451 after partial data: the client sees a reset and 451', async (t) => {
@@ -122,7 +122,7 @@ t.test('server fails mid-transfer with 451 after partial data: the client sees a
   t.equal(got.final, '451 Failure reading local file.');
   t.not(got.outcome, 'end', `a failed transfer must not end cleanly (${got.outcome})`);
   t.ok(got.bytes.length <= 100_000, 'no more than was sent');
-  await noLeaks(t, h, client);
+  await inStepNoLeaks(t, h, client);
 });
 
 t.test('a 226 for a transfer whose data connection the client never opened is not held forever: 426 after the hold', async (t) => {
@@ -144,7 +144,7 @@ t.test('a 226 for a transfer whose data connection the client never opened is no
   const final = await client.readReply(5000);
   t.equal(final.code, 426, `not held forever, and not a 226 for data the client never got (${final.text})`);
   t.ok(Date.now() - started < 4000, 'released by the hold timeout');
-  await noLeaks(t, h, client);
+  await inStepNoLeaks(t, h, client);
 });
 
 t.test('MLSD (RFC 3659) is relayed like any listing', async (t) => {
@@ -170,5 +170,5 @@ t.test('MLSD (RFC 3659) is relayed like any listing', async (t) => {
   t.equal((await client.readReply()).code, 150, '150');
   t.equal((await client.readReply(10000)).code, 226, '226');
   t.equal((await reading).data.toString('latin1'), listing, 'listing intact');
-  await noLeaks(t, h, client);
+  await inStepNoLeaks(t, h, client);
 });

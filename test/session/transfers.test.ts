@@ -7,17 +7,12 @@
 import t from 'tap';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import { PortBlocks, readUpload, settleLeaks, startHarness, type Harness } from '../helpers/fake-server.js';
+import { PortBlocks, readUpload, noLeaks, startHarness } from '../helpers/fake-server.js';
 import { delay, openData, parse227, readAll, withTimeout, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
 
 const ports = new PortBlocks(25000);
 const SMALL = randomBytes(64 * 1024);
 const FOUR_MIB = randomBytes(4 * 1024 * 1024);
-
-async function noLeaks(t: TapTest, h: Harness, client: FtpClient): Promise<void> {
-  await client.quit();
-  t.same(await settleLeaks(h.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
-}
 
 /**
  * Register a test once per relay implementation: the default (kernel splice when the addon is
