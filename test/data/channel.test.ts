@@ -10,7 +10,9 @@ import { PassiveAccept } from '../../src/data/passive.js';
 import { DataChannel } from '../../src/data/channel.js';
 import { dial } from '../../src/data/dial.js';
 import type { RelayResult } from '../../src/data/relay.js';
-import { openData, readAll, withTimeout, waitFor } from '../helpers/ftp-client.js';
+import { openData } from '../helpers/ftp-client.js';
+import { withTimeout, waitFor } from '../helpers/async.js';
+import { readAll } from '../helpers/sockets.js';
 
 // Its own block, away from the other data test files (port-pool 20000-20999, passive 21000-21999).
 let nextBase = 29000 + Math.floor(Math.random() * 40) * 10;

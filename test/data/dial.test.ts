@@ -6,7 +6,8 @@ import net from 'node:net';
 import { dial } from '../../src/data/dial.js';
 import { isProxyError } from '../../src/errors.js';
 import { closedPort } from '../helpers/fake-server.js';
-import { withTimeout, waitFor, type TeardownHost } from '../helpers/ftp-client.js';
+import { withTimeout, waitFor } from '../helpers/async.js';
+import type { TeardownHost } from '../helpers/tap.js';
 
 async function listener(t: TeardownHost): Promise<{ server: net.Server; port: number; connections: () => number }> {
   const sockets = new Set<net.Socket>();

@@ -9,7 +9,7 @@ import net from 'node:net';
 import { PortPool } from '../../src/data/port-pool.js';
 import { PassiveAccept } from '../../src/data/passive.js';
 import { isProxyError } from '../../src/errors.js';
-import { withTimeout, waitFor } from '../helpers/ftp-client.js';
+import { withTimeout, waitFor } from '../helpers/async.js';
 
 const HOST = '127.0.0.1';
 let nextBase = 21000 + Math.floor(Math.random() * 40) * 10;

@@ -8,23 +8,17 @@
  * its own: test/data/relay.test.ts (DataRelay), test/data/splice-relay.test.ts (SpliceRelay,
  * both native modes, and createRelay's choice). A third relay (e.g. TLS on the client leg)
  * gets its own test file that calls relayContract() with its factory and, when its legs are
- * not plain TCP, its own `socketPair` (see RelayContractOptions).
+ * not plain TCP, its own `socketPair` (see RelayContractOptions; the default is helpers/sockets.ts).
  *
  * Topology: clientApp <-> relay.client  [relay]  relay.upstream <-> serverApp
  */
-import net from 'node:net';
+import type net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { readdirSync } from 'node:fs';
 import type { Relay, RelayOptions, RelayResult } from '../../src/data/relay.js';
-import { delay, readAll, waitFor, withTimeout, type TapTest, type TeardownHost } from '../helpers/ftp-client.js';
-
-/** One connected socket pair: `app` plays the real client or server, the relay owns `inner`. */
-export interface SocketPair {
-  /** The outer end (the "real" client or server). */
-  readonly app: net.Socket;
-  /** The end the relay owns. */
-  readonly inner: net.Socket;
-}
+import { delay, isSettled, waitFor, withTimeout } from '../helpers/async.js';
+import { readAll, socketPair, writeWithBackpressure, type SocketPair } from '../helpers/sockets.js';
+import type { TapTest, TeardownHost } from '../helpers/tap.js';
 
 /** Builds the relay under test on two freshly paired inner sockets. */
 export type MakeRelay = (client: net.Socket, upstream: net.Socket, options: RelayOptions) => Relay;
@@ -46,52 +40,6 @@ export interface RelayContractOptions {
   readonly acceptsClosedSockets: boolean;
   /** Makes one leg's socket pair; default: plain TCP on 127.0.0.1 (see socketPair). */
   readonly socketPair?: (t: TeardownHost) => Promise<SocketPair>;
-}
-
-/**
- * A connected TCP pair on 127.0.0.1, both ends allowHalfOpen, the inner end paused (as a data
- * channel hands it over). Both ends are destroyed at `owner`'s teardown.
- */
-export async function socketPair(owner: TeardownHost): Promise<SocketPair> {
-  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
-  const port = (server.address() as net.AddressInfo).port;
-  const innerP = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
-  const app = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true });
-  await new Promise<void>((resolve, reject) => {
-    app.once('connect', () => resolve());
-    app.once('error', reject);
-  });
-  const inner = await innerP;
-  server.close();
-  owner.teardown(() => {
-    app.destroy();
-    inner.destroy();
-  });
-  return { app, inner };
-}
-
-/** Whether `promise` has settled by the next turn of the event loop. */
-export function isSettled(promise: Promise<unknown>): Promise<boolean> {
-  let settled = false;
-  void promise.then(() => {
-    settled = true;
-  });
-  return new Promise((resolve) => setImmediate(() => resolve(settled)));
-}
-
-/** Write `total` bytes honouring the writer's own backpressure, then FIN. */
-export async function writeWithBackpressure(socket: net.Socket, total: number, chunkSize = 64 * 1024): Promise<void> {
-  const chunk = Buffer.alloc(chunkSize, 0x61);
-  let sent = 0;
-  while (sent < total) {
-    const n = Math.min(chunkSize, total - sent);
-    sent += n;
-    if (!socket.write(n === chunkSize ? chunk : chunk.subarray(0, n))) {
-      await new Promise<void>((resolve) => socket.once('drain', () => resolve()));
-    }
-  }
-  socket.end();
 }
 
 /**

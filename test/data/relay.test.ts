@@ -7,8 +7,8 @@
  */
 import t from 'tap';
 import { DataRelay, resetSocket } from '../../src/data/relay.js';
-import { readAll } from '../helpers/ftp-client.js';
-import { relayContract, socketPair } from './relay-contract.js';
+import { readAll, socketPair } from '../helpers/sockets.js';
+import { relayContract } from './relay-contract.js';
 
 relayContract(t, 'DataRelay', (client, upstream, options) => new DataRelay(client, upstream, options), {
   nodeStreams: true,

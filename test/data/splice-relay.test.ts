@@ -11,8 +11,9 @@
 import t from 'tap';
 import type net from 'node:net';
 import { createRelay, loadSpliceAddon, relayImplementation, SpliceRelay, type SpliceAddon } from '../../src/data/splice-relay.js';
-import { readAll, withTimeout } from '../helpers/ftp-client.js';
-import { relayContract, socketPair, type MakeRelay, type RelayContractOptions } from './relay-contract.js';
+import { withTimeout } from '../helpers/async.js';
+import { readAll, socketPair } from '../helpers/sockets.js';
+import { relayContract, type MakeRelay, type RelayContractOptions } from './relay-contract.js';
 
 /** The kernel moves the bytes: no stream state to look at, and it needs open descriptors. */
 const SPLICE: RelayContractOptions = { nodeStreams: false, acceptsClosedSockets: false };

@@ -9,17 +9,10 @@
  * command is answered after the previous handler finished.
  */
 import net from 'node:net';
-import {
-  FtpClient,
-  openData,
-  readAll,
-  waitFor,
-  withTimeout,
-  type ConnectOptions,
-  type ReadResult,
-  type TapTest,
-  type TeardownHost,
-} from './ftp-client.js';
+import { FtpClient, openData, type ConnectOptions } from './ftp-client.js';
+import { waitFor, withTimeout } from './async.js';
+import { readAll, type ReadResult } from './sockets.js';
+import type { TapTest, TeardownHost } from './tap.js';
 import { startTestProxy, type TestProxy } from './proxy.js';
 
 export interface FakeCommand {
@@ -366,7 +359,7 @@ export function readUpload(name: string, socket: net.Socket): Promise<FakeUpload
     let error: NodeJS.ErrnoException | null = null;
     socket.on('data', (chunk: Buffer) => chunks.push(chunk));
     // A reset that lands while reading is paused can surface as EOF in libuv; a zero-length
-    // write tells them apart (see readAll in ftp-client.ts). Prepended so it runs before
+    // write tells them apart (see readAll in sockets.ts). Prepended so it runs before
     // net's own auto-end of a socket without allowHalfOpen.
     socket.prependOnceListener('end', () => {
       if (socket.destroyed || socket.writableEnded || socket.writableLength > 0) {

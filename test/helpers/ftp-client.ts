@@ -5,9 +5,7 @@
  * same code followed by SP or end-of-line). Every wait is bounded by a timeout.
  */
 import net from 'node:net';
-import type { TAP } from 'tap';
-
-export const DEFAULT_WAIT_MS = 5000;
+import { DEFAULT_WAIT_MS, withTimeout } from './async.js';
 
 export interface FtpReply {
   readonly code: number;
@@ -22,32 +20,6 @@ export interface FtpReply {
 export interface ConnectOptions {
   readonly localAddress?: string;
   readonly timeoutMs?: number;
-}
-
-/** Race `promise` against a timer; the timer never keeps the process alive. */
-export function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | null = null;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-    timer.unref();
-  });
-  return Promise.race([promise, timeout]).finally(() => {
-    if (timer) clearTimeout(timer);
-  });
-}
-
-export function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-/** Poll `check` until it returns true or `ms` runs out; returns the last result. */
-export async function waitFor(check: () => boolean, ms = 3000, stepMs = 20): Promise<boolean> {
-  const end = Date.now() + ms;
-  for (;;) {
-    if (check()) return true;
-    if (Date.now() >= end) return false;
-    await delay(stepMs);
-  }
 }
 
 export class FtpClient {
@@ -294,56 +266,3 @@ export function openData(host: string, port: number, options: DataConnectOptions
     throw err;
   });
 }
-
-export interface ReadResult {
-  readonly data: Buffer;
-  /** 'end' = clean FIN, 'error' = reset or other error, 'close' = closed without either. */
-  readonly outcome: 'end' | 'error' | 'close';
-  readonly error: NodeJS.ErrnoException | null;
-}
-
-/**
- * Read a socket until it ends, errors or closes (bounded). A half-open socket is ended from
- * our side when the peer's FIN arrives, unless `endOnEnd` is false (the caller still writes).
- *
- * Tells a reset from a FIN even when libuv reports the RST as EOF (it does when the RST lands
- * while this socket's reading is stopped: POLLHUP after a partial read): on 'end' a
- * zero-length write is sent; it succeeds on a half-closed connection and fails with
- * ECONNRESET/EPIPE on a reset one.
- */
-export function readAll(socket: net.Socket, timeoutMs = DEFAULT_WAIT_MS, endOnEnd = true): Promise<ReadResult> {
-  const chunks: Buffer[] = [];
-  const result = new Promise<ReadResult>((resolve) => {
-    let error: NodeJS.ErrnoException | null = null;
-    let ended = false;
-    socket.on('data', (chunk: Buffer) => chunks.push(chunk));
-    socket.once('end', () => {
-      const confirm = (): void => {
-        ended = true;
-        // Half-open sockets stay open until our side ends too.
-        if (endOnEnd && !socket.writableEnded) socket.end();
-      };
-      if (socket.destroyed || socket.writableEnded || socket.writableLength > 0) return confirm();
-      socket.write(Buffer.alloc(0), (err) => {
-        if (err) error ??= err as NodeJS.ErrnoException;
-        else confirm();
-      });
-    });
-    socket.on('error', (err: NodeJS.ErrnoException) => {
-      error ??= err;
-    });
-    socket.once('close', () => {
-      resolve({ data: Buffer.concat(chunks), outcome: error ? 'error' : ended ? 'end' : 'close', error });
-    });
-    socket.resume();
-  });
-  return withTimeout(result, timeoutMs, 'read data socket to the end');
-}
-
-/** The part of a tap Test the helpers need (avoids depending on tap's plugin types). */
-export interface TeardownHost {
-  teardown(fn: () => unknown): void;
-}
-
-/** The type of `t` inside a `t.test(name, async (t) => ...)` callback. */
-export type TapTest = Parameters<Parameters<TAP['test']>[0]>[0];

@@ -15,7 +15,8 @@ import { Writable } from 'node:stream';
 import { validateConfigText } from '../../src/config/load.js';
 import { startProxy, type RunningProxy } from '../../src/index.js';
 import { createLogger } from '../../src/log.js';
-import { delay, withTimeout, type TeardownHost } from './ftp-client.js';
+import { delay, withTimeout } from './async.js';
+import type { TeardownHost } from './tap.js';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const CLI = join(ROOT, 'dist', 'cli.js');

@@ -13,7 +13,10 @@ import { join } from 'node:path';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
 import { sha256, writeRandomFile } from '../helpers/clients.js';
-import { delay, FtpClient, openData, parse227, parse229, readAll, type TapTest } from '../helpers/ftp-client.js';
+import { FtpClient, openData, parse227, parse229 } from '../helpers/ftp-client.js';
+import { delay } from '../helpers/async.js';
+import { readAll } from '../helpers/sockets.js';
+import type { TapTest } from '../helpers/tap.js';
 
 const FILE_BYTES = 64 * 1024 * 1024;
 const HOLD_MS = 4000;

@@ -9,7 +9,9 @@
  */
 import t from 'tap';
 import { FakeFtpServer, PortBlocks } from '../helpers/fake-server.js';
-import { delay, FtpClient, type TapTest } from '../helpers/ftp-client.js';
+import { FtpClient } from '../helpers/ftp-client.js';
+import { delay } from '../helpers/async.js';
+import type { TapTest } from '../helpers/tap.js';
 import { opsYaml, probe, probeClosed, startOpsProxy, type OpsProxy } from '../helpers/ops.js';
 
 const ports = new PortBlocks(35000);

@@ -10,7 +10,9 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { FakeFtpServer, PortBlocks } from '../helpers/fake-server.js';
-import { delay, FtpClient, withTimeout, type TapTest } from '../helpers/ftp-client.js';
+import { FtpClient } from '../helpers/ftp-client.js';
+import { delay, withTimeout } from '../helpers/async.js';
+import type { TapTest } from '../helpers/tap.js';
 import { freePort } from '../helpers/vsftpd.js';
 import { connectResult, opsYaml, spawnCli, type CliProcess } from '../helpers/ops.js';
 

@@ -9,7 +9,10 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import { FakeFtpServer, PortBlocks } from '../helpers/fake-server.js';
-import { delay, FtpClient, openData, parse227, readAll, waitFor, type TapTest } from '../helpers/ftp-client.js';
+import { FtpClient, openData, parse227 } from '../helpers/ftp-client.js';
+import { delay, waitFor } from '../helpers/async.js';
+import { readAll } from '../helpers/sockets.js';
+import type { TapTest } from '../helpers/tap.js';
 import { sha256 } from '../helpers/clients.js';
 import { opsYaml, probe, probeClosed, startOpsProxy, type LogRecord, type OpsProxy } from '../helpers/ops.js';
 

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
 import { PortBlocks } from '../helpers/fake-server.js';
-import { delay } from '../helpers/ftp-client.js';
+import { delay } from '../helpers/async.js';
 import { sha256File, transfer, writeRandomFile } from '../helpers/clients.js';
 import { opsYaml, startOpsProxy, takeFreeRange, type Metrics } from '../helpers/ops.js';
 import { REJECTION_REASONS } from '../../src/metrics.js';

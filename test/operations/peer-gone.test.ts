@@ -15,7 +15,9 @@ import t from 'tap';
 import { spawnSync } from 'node:child_process';
 import { encodeProxyHeaderV1 } from '../../src/control/proxy-protocol.js';
 import { FakeFtpServer, PortBlocks } from '../helpers/fake-server.js';
-import { FtpClient, openData, parse227, readAll, type TapTest } from '../helpers/ftp-client.js';
+import { FtpClient, openData, parse227 } from '../helpers/ftp-client.js';
+import { readAll } from '../helpers/sockets.js';
+import type { TapTest } from '../helpers/tap.js';
 import { opsYaml, startOpsProxy, type LogRecord, type OpsProxy } from '../helpers/ops.js';
 
 const ports = new PortBlocks(11000);

@@ -12,7 +12,9 @@
 import t from 'tap';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
 import { PortBlocks } from '../helpers/fake-server.js';
-import { delay, FtpClient, parse227, waitFor, type TapTest } from '../helpers/ftp-client.js';
+import { FtpClient, parse227 } from '../helpers/ftp-client.js';
+import { delay, waitFor } from '../helpers/async.js';
+import type { TapTest } from '../helpers/tap.js';
 import { inRange, opsYaml, probe, probeClosed, startOpsProxy, takeFreeRange, type OpsProxy } from '../helpers/ops.js';
 import { encodeProxyHeaderV1, encodeProxyHeaderV2 } from '../../src/control/proxy-protocol.js';
 

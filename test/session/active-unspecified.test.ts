@@ -13,7 +13,10 @@ import t from 'tap';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { FAST_TIMEOUTS_YAML, FakeFtpServer, PortBlocks, settleLeaks, startHarness } from '../helpers/fake-server.js';
-import { FtpClient, readAll, withTimeout, type TapTest } from '../helpers/ftp-client.js';
+import { FtpClient } from '../helpers/ftp-client.js';
+import { withTimeout } from '../helpers/async.js';
+import { readAll } from '../helpers/sockets.js';
+import type { TapTest } from '../helpers/tap.js';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
 
 const ports = new PortBlocks(12000);

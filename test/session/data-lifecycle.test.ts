@@ -8,7 +8,9 @@ import t from 'tap';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { PortBlocks, noLeaks, settleLeaks, startHarness } from '../helpers/fake-server.js';
-import { openData, parse227, parse229, readAll, withTimeout } from '../helpers/ftp-client.js';
+import { openData, parse227, parse229 } from '../helpers/ftp-client.js';
+import { withTimeout } from '../helpers/async.js';
+import { readAll } from '../helpers/sockets.js';
 
 const ports = new PortBlocks(27000);
 const FILE = randomBytes(100 * 1024);

@@ -6,7 +6,9 @@
  */
 import t from 'tap';
 import { PortBlocks, closedPort, noLeaks, settleLeaks, startHarness, type Harness } from '../helpers/fake-server.js';
-import { delay, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
+import { type FtpClient } from '../helpers/ftp-client.js';
+import { delay } from '../helpers/async.js';
+import type { TapTest } from '../helpers/tap.js';
 
 const ports = new PortBlocks(24000);
 const UPSTREAM_CLOSED = '421 Service not available: server closed the connection.';

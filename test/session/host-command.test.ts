@@ -7,7 +7,8 @@
  */
 import t from 'tap';
 import { PortBlocks, noLeaks, startHarness, type FakeHandler, type Harness } from '../helpers/fake-server.js';
-import type { FtpClient, TapTest } from '../helpers/ftp-client.js';
+import type { FtpClient } from '../helpers/ftp-client.js';
+import type { TapTest } from '../helpers/tap.js';
 
 const ports = new PortBlocks(13000);
 

@@ -6,7 +6,9 @@
  */
 import t from 'tap';
 import { PortBlocks, settleLeaks, startHarness, type FakeHandler } from '../helpers/fake-server.js';
-import { delay, withTimeout, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
+import { type FtpClient } from '../helpers/ftp-client.js';
+import { delay, withTimeout } from '../helpers/async.js';
+import type { TapTest } from '../helpers/tap.js';
 
 const ports = new PortBlocks(28000);
 

@@ -15,7 +15,9 @@ import {
   type FakeHandler,
   type Harness,
 } from '../helpers/fake-server.js';
-import { parse227, parse229, withTimeout, type FtpClient, type TapTest as Tap } from '../helpers/ftp-client.js';
+import { parse227, parse229, type FtpClient } from '../helpers/ftp-client.js';
+import { withTimeout } from '../helpers/async.js';
+import type { TapTest as Tap } from '../helpers/tap.js';
 
 const ports = new PortBlocks(22000);
 const FILE = Buffer.from('hello from the fake server\n'.repeat(1000));

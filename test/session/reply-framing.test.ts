@@ -5,7 +5,8 @@
  */
 import t from 'tap';
 import { PortBlocks, noLeaks, startHarness } from '../helpers/fake-server.js';
-import { delay, parse227, type FtpClient } from '../helpers/ftp-client.js';
+import { parse227, type FtpClient } from '../helpers/ftp-client.js';
+import { delay } from '../helpers/async.js';
 
 const ports = new PortBlocks(23000);
 

@@ -9,7 +9,9 @@ import t from 'tap';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { PortBlocks, noLeaks, startHarness, type Harness } from '../helpers/fake-server.js';
-import { delay, openData, parse227, readAll } from '../helpers/ftp-client.js';
+import { openData, parse227 } from '../helpers/ftp-client.js';
+import { delay } from '../helpers/async.js';
+import { readAll } from '../helpers/sockets.js';
 
 const ports = new PortBlocks(26000);
 const FILE = randomBytes(200 * 1024);

@@ -8,7 +8,10 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import { PortBlocks, noLeaks, startHarness, type FakeHandler } from '../helpers/fake-server.js';
-import { delay, openData, parse227, readAll, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
+import { openData, parse227, type FtpClient } from '../helpers/ftp-client.js';
+import { delay } from '../helpers/async.js';
+import { readAll } from '../helpers/sockets.js';
+import type { TapTest } from '../helpers/tap.js';
 
 const ports = new PortBlocks(17000);
 const DATA = randomBytes(2 * 1024 * 1024 + 11);

@@ -8,7 +8,10 @@ import t from 'tap';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { PortBlocks, readUpload, noLeaks, startHarness } from '../helpers/fake-server.js';
-import { delay, openData, parse227, readAll, withTimeout, type FtpClient, type TapTest } from '../helpers/ftp-client.js';
+import { openData, parse227, type FtpClient } from '../helpers/ftp-client.js';
+import { delay, withTimeout } from '../helpers/async.js';
+import { readAll } from '../helpers/sockets.js';
+import type { TapTest } from '../helpers/tap.js';
 
 const ports = new PortBlocks(25000);
 const SMALL = randomBytes(64 * 1024);
