@@ -21,7 +21,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createRelay, relayImplementation, relayKindFor, SpliceRelay } from '../../src/data/splice-relay.js';
 import { DataRelay, resetSocket, type Relay } from '../../src/data/relay.js';
-import { delay, readAll, waitFor, withTimeout } from '../helpers/ftp-client.js';
+import { delay, waitFor, withTimeout } from '../helpers/async.js';
+import { readAll } from '../helpers/sockets.js';
 
 /** The type of `t` inside a subtest callback. */
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0];

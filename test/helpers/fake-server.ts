@@ -13,7 +13,7 @@ import { FtpClient, openData, type ConnectOptions } from './ftp-client.js';
 import { waitFor, withTimeout } from './async.js';
 import { readAll, type ReadResult } from './sockets.js';
 import type { TapTest, TeardownHost } from './tap.js';
-import { startTestProxy, type TestProxy } from './proxy.js';
+import { proxyYaml, startTestProxy, type TestProxy } from './proxy.js';
 
 export interface FakeCommand {
   /** Upper-case verb. */
@@ -464,13 +464,13 @@ export async function startHarness(t: TeardownHost, options: HarnessOptions): Pr
     upstreamPort = fake.port;
   }
   const range = options.ports.take(options.portCount ?? 10);
-  const started = await startTestProxy({
+  const started = await startTestProxy(proxyYaml({
     upstreamHost: '127.0.0.1',
     upstreamPort,
     passivePorts: range.text,
     extraYaml: options.extraYaml ?? FAST_TIMEOUTS_YAML,
     ...(options.advertise !== undefined ? { advertise: options.advertise } : {}),
-  });
+  }));
   proxy = started;
   const connect = async (connectOptions: ConnectOptions = {}): Promise<FtpClient> => {
     const client = await FtpClient.connect(started.host, started.port, connectOptions);

@@ -1,27 +1,21 @@
 /**
- * Helpers for the operations tests (test/operations/): a proxy started in-process from a full
- * YAML text (admin listener, shutdown and per-listener sections included) with its logs in
- * memory; Prometheus text parsing; small HTTP GETs; raw TCP probes that record every byte and
- * how the connection ended; the built CLI run as a child process with its JSON log lines.
- * Every wait is bounded; everything started here is torn down through `t.teardown`.
+ * Helpers for the operations tests (test/operations/): the text of a whole configuration file
+ * (admin listener, shutdown and per-listener sections included) for startTestProxy
+ * (helpers/proxy.ts) or the CLI; raw TCP probes that record every byte and how the connection
+ * ended; the built CLI run as a child process with its JSON log lines. Every wait is bounded;
+ * everything started here is torn down through `t.teardown`.
  */
-import http from 'node:http';
 import net from 'node:net';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Writable } from 'node:stream';
-import { validateConfigText } from '../../src/config/load.js';
-import { startProxy, type RunningProxy } from '../../src/index.js';
-import { createLogger } from '../../src/log.js';
 import { delay, withTimeout } from './async.js';
+import type { LogRecord } from './proxy.js';
 import type { TeardownHost } from './tap.js';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const CLI = join(ROOT, 'dist', 'cli.js');
-
-export type LogRecord = Record<string, unknown>;
 
 // ------------------------------------------------------------------ configuration text
 
@@ -63,127 +57,6 @@ export function opsYaml(options: OpsConfigOptions): string {
     ...(options.lines ?? []),
     '',
   ].join('\n');
-}
-
-// ------------------------------------------------------------------ in-process proxy
-
-export interface OpsProxy extends RunningProxy {
-  readonly host: string;
-  readonly port: number;
-  readonly name: string;
-  logs(): LogRecord[];
-  /** Wait until a log record matching `pred` exists; returns it or null on timeout. */
-  waitLog(pred: (r: LogRecord) => boolean, timeoutMs?: number): Promise<LogRecord | null>;
-  /** GET /metrics from the admin listener (fails when there is none). */
-  scrape(): Promise<Metrics>;
-  /** GET any admin path. */
-  adminGet(path: string): Promise<HttpResult>;
-}
-
-/** Validate `yaml`, start the proxy with an in-memory logger; closed at teardown. */
-export async function startOpsProxy(t: TeardownHost, yaml: string): Promise<OpsProxy> {
-  const config = validateConfigText(yaml, 'ops-test');
-  let text = '';
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      text += chunk.toString();
-      cb();
-    },
-  });
-  const logger = createLogger(config.log.level, sink);
-  const running = await startProxy(config, { logger });
-  t.teardown(() => running.close());
-  const first = running.listeners[0]!;
-  const logs = (): LogRecord[] => text.split('\n').filter(Boolean).map((line) => JSON.parse(line) as LogRecord);
-  const adminGet = (path: string): Promise<HttpResult> => {
-    if (!running.admin) throw new Error('no admin listener configured');
-    return httpGet(running.admin.address.host, running.admin.address.port, path);
-  };
-  return {
-    ...running,
-    host: first.host,
-    port: first.port,
-    name: first.name,
-    logs,
-    waitLog: async (pred, timeoutMs = 3000) => {
-      const end = Date.now() + timeoutMs;
-      for (;;) {
-        const found = logs().find(pred);
-        if (found) return found;
-        if (Date.now() >= end) return null;
-        await delay(20);
-      }
-    },
-    scrape: async () => {
-      const res = await adminGet('/metrics');
-      if (res.status !== 200) throw new Error(`/metrics answered ${res.status}: ${res.body.slice(0, 200)}`);
-      return parseMetrics(res.body);
-    },
-    adminGet: adminGet,
-  };
-}
-
-// ------------------------------------------------------------------ HTTP and Prometheus text
-
-export interface HttpResult {
-  readonly status: number;
-  readonly body: string;
-  readonly headers: http.IncomingHttpHeaders;
-}
-
-export function httpGet(host: string, port: number, path: string, timeoutMs = 5000): Promise<HttpResult> {
-  const request = new Promise<HttpResult>((resolve, reject) => {
-    const req = http.get({ host, port, path, agent: false, timeout: timeoutMs }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (d: string) => (body += d));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body, headers: res.headers }));
-      res.on('error', reject);
-    });
-    req.on('timeout', () => req.destroy(new Error(`GET ${path} timed out`)));
-    req.on('error', reject);
-  });
-  return withTimeout(request, timeoutMs + 500, `GET http://${host}:${port}${path}`);
-}
-
-export interface Sample {
-  readonly name: string;
-  readonly labels: Readonly<Record<string, string>>;
-  readonly value: number;
-}
-
-export class Metrics {
-  readonly samples: readonly Sample[];
-  readonly text: string;
-  constructor(text: string, samples: Sample[]) {
-    this.text = text;
-    this.samples = samples;
-  }
-
-  /** The value of the one sample of `name` whose labels include `labels`; undefined if none. */
-  get(name: string, labels: Record<string, string> = {}): number | undefined {
-    const matches = this.samples.filter(
-      (s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v),
-    );
-    if (matches.length > 1) throw new Error(`${name} ${JSON.stringify(labels)} matches ${matches.length} samples`);
-    return matches[0]?.value;
-  }
-}
-
-/** Prometheus text exposition format (the subset prom-client writes). */
-export function parseMetrics(text: string): Metrics {
-  const samples: Sample[] = [];
-  for (const line of text.split('\n')) {
-    if (line === '' || line.startsWith('#')) continue;
-    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
-    if (!match) continue;
-    const labels: Record<string, string> = {};
-    const labelText = match[2] ?? '';
-    const re = /([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g;
-    for (let m = re.exec(labelText); m; m = re.exec(labelText)) labels[m[1]!] = m[2]!.replace(/\\(.)/g, '$1');
-    samples.push({ name: match[1]!, labels, value: Number(match[3]) });
-  }
-  return new Metrics(text, samples);
 }
 
 // ------------------------------------------------------------------ raw TCP probes

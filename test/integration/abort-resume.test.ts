@@ -10,7 +10,7 @@ import { mkdtempSync, rmSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
-import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
+import { proxyYaml, startTestProxy, type TestProxy } from '../helpers/proxy.js';
 import { sha256, sha256File, writeRandomFile } from '../helpers/clients.js';
 import { run } from '../helpers/run.js';
 
@@ -55,8 +55,7 @@ if (reason) {
       t.teardown(() => vsftpd.stop());
       writeRandomFile(join(vsftpd.root, 'big.bin'), BIG);
       const smallHash = writeRandomFile(join(vsftpd.root, 'small.bin'), SMALL);
-      const proxy: TestProxy = await startTestProxy({ upstreamHost: vsftpd.host, upstreamPort: vsftpd.port, level: 'debug' });
-      t.teardown(() => proxy.close());
+      const proxy: TestProxy = await startTestProxy(proxyYaml({ upstreamHost: vsftpd.host, upstreamPort: vsftpd.port, level: 'debug' }), { teardown: t });
 
       t.test('ftplib abort() mid-download (urgent ABOR, LF lost)', async (t) => {
         const result = await run('python3', ['-c', FTPLIB_ABORT, proxy.host, String(proxy.port), vsftpd.user, vsftpd.password], { timeoutMs: 30000 });

@@ -9,7 +9,7 @@ import { mkdtempSync, rmSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
-import { startTestProxy, nextPortRange, type TestProxy } from '../helpers/proxy.js';
+import { proxyYaml, startTestProxy, nextPortRange, type TestProxy } from '../helpers/proxy.js';
 import { CLIENT_MODES, MODE_VERB, sha256File, transfer, writeRandomFile, type ClientName } from '../helpers/clients.js';
 
 const FILE_BYTES = 3 * 1024 * 1024 + 17;
@@ -33,14 +33,13 @@ if (reason) {
 
   for (const dataMode of ['passive', 'active', 'mirror'] as const) {
     t.test(`upstream dataMode ${dataMode}`, async (t) => {
-      const proxy: TestProxy = await startTestProxy({
+      const proxy: TestProxy = await startTestProxy(proxyYaml({
         upstreamHost: vsftpd.host,
         upstreamPort: vsftpd.port,
         dataMode,
         level: 'debug',
         ...(dataMode === 'passive' ? {} : { activePorts: nextPortRange(10) }),
-      });
-      t.teardown(() => proxy.close());
+      }), { teardown: t });
       const serverLogStart = vsftpd.protocolLog().length;
       const endpoint = { host: proxy.host, port: proxy.port, user: vsftpd.user, password: vsftpd.password, activeAddress: '127.0.0.1' };
       for (const client of Object.keys(CLIENT_MODES) as ClientName[]) {

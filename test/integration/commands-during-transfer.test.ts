@@ -11,7 +11,7 @@ import t from 'tap';
 import net from 'node:net';
 import { join } from 'node:path';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
-import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
+import { proxyYaml, startTestProxy, type TestProxy } from '../helpers/proxy.js';
 import { sha256, writeRandomFile } from '../helpers/clients.js';
 import { FtpClient, openData, parse227, parse229 } from '../helpers/ftp-client.js';
 import { delay } from '../helpers/async.js';
@@ -36,12 +36,11 @@ if (reason) {
   });
 
   async function session(t: TapTest): Promise<{ proxy: TestProxy; client: FtpClient }> {
-    const proxy = await startTestProxy({
+    const proxy = await startTestProxy(proxyYaml({
       upstreamHost: vsftpd.host,
       upstreamPort: vsftpd.port,
       extraYaml: ['    timeouts:', '      upstreamReplySeconds: 2'].join('\n'),
-    });
-    t.teardown(() => proxy.close());
+    }), { teardown: t });
     const client = await FtpClient.connect(proxy.host, proxy.port);
     t.teardown(() => client.destroy());
     t.equal((await client.readReply()).code, 220);

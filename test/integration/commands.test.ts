@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
-import { startTestProxy, nextPortRange, type TestProxy } from '../helpers/proxy.js';
+import { proxyYaml, startTestProxy, nextPortRange, type TestProxy } from '../helpers/proxy.js';
 import { sha256, sha256File, transfer, writeRandomFile } from '../helpers/clients.js';
 import { run } from '../helpers/run.js';
 
@@ -71,8 +71,7 @@ if (reason) {
   });
 
   t.test('LIST, NLST, MLSD, STOU, FEAT, 550 release, PASV twice, EPSV ALL, 502s', async (t) => {
-    const proxy: TestProxy = await startTestProxy({ upstreamHost: vsftpd.host, upstreamPort: vsftpd.port });
-    t.teardown(() => proxy.close());
+    const proxy: TestProxy = await startTestProxy(proxyYaml({ upstreamHost: vsftpd.host, upstreamPort: vsftpd.port }), { teardown: t });
     const r = await run('python3', ['-c', FTPLIB_COMMANDS, proxy.host, String(proxy.port), vsftpd.user, vsftpd.password], { timeoutMs: 30000 });
     t.equal(r.code, 0, r.stderr.slice(-500));
     const out = r.stdout;
@@ -99,8 +98,7 @@ if (reason) {
   });
 
   t.test('IPv6 client, IPv4-only vsftpd: EPSV and EPRT |2| bridged', async (t) => {
-    const proxy: TestProxy = await startTestProxy({ upstreamHost: vsftpd.host, upstreamPort: vsftpd.port, listen: '[::1]:0' });
-    t.teardown(() => proxy.close());
+    const proxy: TestProxy = await startTestProxy(proxyYaml({ upstreamHost: vsftpd.host, upstreamPort: vsftpd.port, listen: '[::1]:0' }), { teardown: t });
     const endpoint = { host: '::1', port: proxy.port, user: vsftpd.user, password: vsftpd.password, activeAddress: '::1' };
     for (const mode of ['epsv', 'eprt'] as const) {
       const local = join(dir, `v6-${mode}.bin`);
@@ -132,8 +130,7 @@ f.quit()
     t.teardown(() => v6.stop());
     const hash = writeRandomFile(join(v6.root, 'v6.bin'), 512 * 1024 + 9);
     for (const dataMode of ['passive', 'active'] as const) {
-      const proxy: TestProxy = await startTestProxy({ upstreamHost: '::1', upstreamPort: v6.port, dataMode, ...(dataMode === 'active' ? { activePorts: nextPortRange(5) } : {}) });
-      t.teardown(() => proxy.close());
+      const proxy: TestProxy = await startTestProxy(proxyYaml({ upstreamHost: '::1', upstreamPort: v6.port, dataMode, ...(dataMode === 'active' ? { activePorts: nextPortRange(5) } : {}) }), { teardown: t });
       const endpoint = { host: proxy.host, port: proxy.port, user: v6.user, password: v6.password, activeAddress: '127.0.0.1' };
       for (const mode of ['pasv', 'port'] as const) {
         const local = join(dir, `v4to6-${dataMode}-${mode}.bin`);
@@ -148,8 +145,7 @@ f.quit()
   });
 
   t.test('client closes without QUIT (FIN): no stray 421, no warning', async (t) => {
-    const proxy: TestProxy = await startTestProxy({ upstreamHost: vsftpd.host, upstreamPort: vsftpd.port });
-    t.teardown(() => proxy.close());
+    const proxy: TestProxy = await startTestProxy(proxyYaml({ upstreamHost: vsftpd.host, upstreamPort: vsftpd.port }), { teardown: t });
     const socket = net.connect({ host: proxy.host, port: proxy.port });
     let received = '';
     socket.on('data', (d) => {

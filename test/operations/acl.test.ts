@@ -12,34 +12,35 @@ import { FakeFtpServer, PortBlocks } from '../helpers/fake-server.js';
 import { FtpClient } from '../helpers/ftp-client.js';
 import { delay } from '../helpers/async.js';
 import type { TapTest } from '../helpers/tap.js';
-import { opsYaml, probe, probeClosed, startOpsProxy, type OpsProxy } from '../helpers/ops.js';
+import { opsYaml, probe, probeClosed } from '../helpers/ops.js';
+import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
 
 const ports = new PortBlocks(35000);
 const ACL_REPLY = '421 Service not available for your address.\r\n';
 
-async function setup(t: TapTest, aclLines: string[], name = 'acl-edge'): Promise<{ fake: FakeFtpServer; proxy: OpsProxy }> {
+async function setup(t: TapTest, aclLines: string[], name = 'acl-edge'): Promise<{ fake: FakeFtpServer; proxy: TestProxy }> {
   const fake = await FakeFtpServer.start();
   t.teardown(() => fake.close());
-  const proxy = await startOpsProxy(
-    t,
+  const proxy = await startTestProxy(
     opsYaml({ name, upstreamPort: fake.port, passivePorts: ports.take(4).text, lines: ['    acl:', ...aclLines.map((l) => `      ${l}`)] }),
+    { teardown: t },
   );
   return { fake, proxy };
 }
 
 /** A refused client: connect from `localAddress`, expect `expected` bytes exactly, then the close. */
-async function expectRefused(t: TapTest, proxy: OpsProxy, localAddress: string, expected: string): Promise<void> {
+async function expectRefused(t: TapTest, proxy: TestProxy, localAddress: string, expected: string): Promise<void> {
   const p = await probe(t, proxy.host, proxy.port, { localAddress });
   const end = await probeClosed(p, 4000);
   t.ok(end, `connection from ${localAddress} closed by the proxy`);
   t.equal(p.data().toString('latin1'), expected, `client from ${localAddress} got ${JSON.stringify(expected)}`);
 }
 
-async function rejections(proxy: OpsProxy, reason: string): Promise<number | undefined> {
+async function rejections(proxy: TestProxy, reason: string): Promise<number | undefined> {
   return (await proxy.scrape()).get('ftpnp_rejections_total', { listener: proxy.name, reason });
 }
 
-function aclLogs(proxy: OpsProxy): Array<Record<string, unknown>> {
+function aclLogs(proxy: TestProxy): Array<Record<string, unknown>> {
   return proxy.logs().filter((r) => r.event === 'rejected' && r.limit === 'acl-deny');
 }
 
@@ -112,14 +113,14 @@ t.test('deny wins over allow', async (t) => {
 t.test('behind a PROXY-protocol load balancer the ACL applies to the header source, not the balancer', async (t) => {
   const fake = await FakeFtpServer.start();
   t.teardown(() => fake.close());
-  const proxy = await startOpsProxy(
-    t,
+  const proxy = await startTestProxy(
     opsYaml({
       name: 'acl-lb',
       upstreamPort: fake.port,
       passivePorts: ports.take(4).text,
       lines: ['    acl:', '      deny: [198.51.100.0/24]', '    proxyProtocol:', '      accept: v1', '      from: [127.0.0.1/32]'],
     }),
+    { teardown: t },
   );
   const denied = await probe(t, proxy.host, proxy.port);
   denied.write('PROXY TCP4 198.51.100.7 203.0.113.10 40000 21\r\n');

@@ -22,7 +22,8 @@ import { delay } from '../helpers/async.js';
 import { readAll } from '../helpers/sockets.js';
 import type { TapTest } from '../helpers/tap.js';
 import { sha256, writeRandomFile } from '../helpers/clients.js';
-import { inRange, opsYaml, probe, probeClosed, rangePorts, startOpsProxy, takeFreeRange, type OpsProxy } from '../helpers/ops.js';
+import { inRange, opsYaml, probe, probeClosed, rangePorts, takeFreeRange } from '../helpers/ops.js';
+import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
 import { encodeProxyHeaderV1, encodeProxyHeaderV2 } from '../../src/control/proxy-protocol.js';
 
 const ports = new PortBlocks(38000);
@@ -50,10 +51,9 @@ if (reason) {
     await vsftpd?.stop();
   });
 
-  async function lbProxy(t: TapTest): Promise<{ proxy: OpsProxy; range: string }> {
+  async function lbProxy(t: TapTest): Promise<{ proxy: TestProxy; range: string }> {
     const range = await takeFreeRange(ports);
-    const proxy = await startOpsProxy(
-      t,
+    const proxy = await startTestProxy(
       opsYaml({
         name: 'nlb',
         upstreamPort: vsftpd.port,
@@ -61,6 +61,7 @@ if (reason) {
         bindAllPassivePorts: true,
         lines: ['    proxyProtocol:', '      accept: any', '      from: [127.0.0.1/32]', '      timeoutSeconds: 1', '      dataPorts: true'],
       }),
+      { teardown: t },
     );
     return { proxy, range };
   }

@@ -14,12 +14,13 @@ import { delay, waitFor } from '../helpers/async.js';
 import { readAll } from '../helpers/sockets.js';
 import type { TapTest } from '../helpers/tap.js';
 import { sha256 } from '../helpers/clients.js';
-import { opsYaml, probe, probeClosed, startOpsProxy, type LogRecord, type OpsProxy } from '../helpers/ops.js';
+import { opsYaml, probe, probeClosed } from '../helpers/ops.js';
+import { startTestProxy, type LogRecord, type TestProxy } from '../helpers/proxy.js';
 
 const ports = new PortBlocks(36000);
 const TOO_MANY = '421 Too many connections, try again later.\r\n';
 
-async function setup(t: TapTest, lines: string[], files: Record<string, Buffer> = {}): Promise<{ fake: FakeFtpServer; proxy: OpsProxy }> {
+async function setup(t: TapTest, lines: string[], files: Record<string, Buffer> = {}): Promise<{ fake: FakeFtpServer; proxy: TestProxy }> {
   const fake = await FakeFtpServer.start({
     files,
     handler: (command, session) => {
@@ -31,35 +32,35 @@ async function setup(t: TapTest, lines: string[], files: Record<string, Buffer> 
     },
   });
   t.teardown(() => fake.close());
-  const proxy = await startOpsProxy(t, opsYaml({ name: 'lim', upstreamPort: fake.port, passivePorts: ports.take(4).text, lines }));
+  const proxy = await startTestProxy(opsYaml({ name: 'lim', upstreamPort: fake.port, passivePorts: ports.take(4).text, lines }), { teardown: t });
   return { fake, proxy };
 }
 
-async function connect(t: TapTest, proxy: OpsProxy, localAddress: string): Promise<FtpClient> {
+async function connect(t: TapTest, proxy: TestProxy, localAddress: string): Promise<FtpClient> {
   const client = await FtpClient.connect(proxy.host, proxy.port, { localAddress });
   t.teardown(() => client.destroy());
   return client;
 }
 
-async function loggedIn(t: TapTest, proxy: OpsProxy, localAddress: string): Promise<FtpClient> {
+async function loggedIn(t: TapTest, proxy: TestProxy, localAddress: string): Promise<FtpClient> {
   const client = await connect(t, proxy, localAddress);
   const reply = await client.login();
   if (reply.code !== 230) throw new Error(`login from ${localAddress} failed: ${reply.text}`);
   return client;
 }
 
-async function expectTooMany(t: TapTest, proxy: OpsProxy, localAddress: string): Promise<void> {
+async function expectTooMany(t: TapTest, proxy: TestProxy, localAddress: string): Promise<void> {
   const p = await probe(t, proxy.host, proxy.port, { localAddress });
   const end = await probeClosed(p, 4000);
   t.ok(end, `connection from ${localAddress} closed`);
   t.equal(p.data().toString('latin1'), TOO_MANY, `${localAddress} got exactly "421 Too many connections"`);
 }
 
-async function rejections(proxy: OpsProxy, reason: string): Promise<number | undefined> {
+async function rejections(proxy: TestProxy, reason: string): Promise<number | undefined> {
   return (await proxy.scrape()).get('ftpnp_rejections_total', { listener: 'lim', reason });
 }
 
-function eventLogs(proxy: OpsProxy, event: string, limit: string): LogRecord[] {
+function eventLogs(proxy: TestProxy, event: string, limit: string): LogRecord[] {
   return proxy.logs().filter((r) => r.event === event && r.limit === limit);
 }
 
@@ -217,7 +218,7 @@ t.test('maxRelayPortsPerIp (auto: a quarter of the pool, at least 2): sessions f
   // An 8-port pool: auto allows 2 per client address.
   const fake = await FakeFtpServer.start();
   t.teardown(() => fake.close());
-  const proxy = await startOpsProxy(t, opsYaml({ name: 'lim', upstreamPort: fake.port, passivePorts: ports.take(8).text }));
+  const proxy = await startTestProxy(opsYaml({ name: 'lim', upstreamPort: fake.port, passivePorts: ports.take(8).text }), { teardown: t });
   const hog = [await loggedIn(t, proxy, '127.0.0.1'), await loggedIn(t, proxy, '127.0.0.1'), await loggedIn(t, proxy, '127.0.0.1')];
   t.equal((await hog[0]!.command('PASV')).code, 227, 'first session of 127.0.0.1: 227');
   t.equal((await hog[1]!.command('EPSV')).code, 229, 'second session of 127.0.0.1: 229');

@@ -14,7 +14,8 @@ import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/
 import { PortBlocks } from '../helpers/fake-server.js';
 import { delay } from '../helpers/async.js';
 import { sha256File, transfer, writeRandomFile } from '../helpers/clients.js';
-import { opsYaml, startOpsProxy, takeFreeRange, type Metrics } from '../helpers/ops.js';
+import { opsYaml, takeFreeRange } from '../helpers/ops.js';
+import { startTestProxy, type Metrics } from '../helpers/proxy.js';
 import { REJECTION_REASONS } from '../../src/metrics.js';
 
 const ports = new PortBlocks(19000);
@@ -41,7 +42,7 @@ if (reason) {
     const downHash = writeRandomFile(join(vsftpd.root, 'down.bin'), N);
     const upHash = writeRandomFile(join(dir, 'up.bin'), M);
     const range = await takeFreeRange(ports, RANGE_SIZE);
-    const proxy = await startOpsProxy(t, opsYaml({ name: 'edge-m', upstreamPort: vsftpd.port, passivePorts: range, admin: '127.0.0.1:0', level: 'info' }));
+    const proxy = await startTestProxy(opsYaml({ name: 'edge-m', upstreamPort: vsftpd.port, passivePorts: range, admin: '127.0.0.1:0', level: 'info' }), { teardown: t });
     t.ok(proxy.admin, 'admin listener bound');
     t.equal(proxy.admin?.address.host, '127.0.0.1');
     t.ok((proxy.admin?.address.port ?? 0) > 0, `admin on port ${proxy.admin?.address.port}`);

@@ -18,7 +18,8 @@ import { FakeFtpServer, PortBlocks } from '../helpers/fake-server.js';
 import { FtpClient, openData, parse227 } from '../helpers/ftp-client.js';
 import { readAll } from '../helpers/sockets.js';
 import type { TapTest } from '../helpers/tap.js';
-import { opsYaml, startOpsProxy, type LogRecord, type OpsProxy } from '../helpers/ops.js';
+import { opsYaml } from '../helpers/ops.js';
+import { startTestProxy, type LogRecord, type TestProxy } from '../helpers/proxy.js';
 
 const ports = new PortBlocks(11000);
 const PIPELINED = 'USER x\\r\\nPASS y\\r\\nMKD z\\r\\n';
@@ -41,14 +42,14 @@ function resetWhileBlocked(host: string, port: number, count: number, payload: s
   if (result.status !== 0) throw new Error(`reset client failed: ${result.stderr}`);
 }
 
-async function setup(t: TapTest, lines: string[]): Promise<{ fake: FakeFtpServer; proxy: OpsProxy }> {
+async function setup(t: TapTest, lines: string[]): Promise<{ fake: FakeFtpServer; proxy: TestProxy }> {
   const fake = await FakeFtpServer.start();
   t.teardown(() => fake.close());
-  const proxy = await startOpsProxy(t, opsYaml({ name: 'edge', upstreamPort: fake.port, passivePorts: ports.take(4).text, lines }));
+  const proxy = await startTestProxy(opsYaml({ name: 'edge', upstreamPort: fake.port, passivePorts: ports.take(4).text, lines }), { teardown: t });
   return { fake, proxy };
 }
 
-async function waitCount(proxy: OpsProxy, pred: (r: LogRecord) => boolean, count: number): Promise<number> {
+async function waitCount(proxy: TestProxy, pred: (r: LogRecord) => boolean, count: number): Promise<number> {
   await proxy.waitLog(() => proxy.logs().filter(pred).length >= count, 10000);
   return proxy.logs().filter(pred).length;
 }
@@ -87,14 +88,14 @@ t.test('a data connection reset before it is checked is dropped; the client behi
   const FILE = Buffer.alloc(64 * 1024, 7);
   const fake = await FakeFtpServer.start({ files: { 'f.bin': FILE } });
   t.teardown(() => fake.close());
-  const proxy = await startOpsProxy(
-    t,
+  const proxy = await startTestProxy(
     opsYaml({
       name: 'nlb',
       upstreamPort: fake.port,
       passivePorts: ports.take(4).text,
       lines: ['    proxyProtocol:', '      accept: v1', '      from: [127.0.0.1/32]', '      timeoutSeconds: 2', '      dataPorts: true'],
     }),
+    { teardown: t },
   );
   const header = (port: number): Buffer =>
     encodeProxyHeaderV1({ command: 'proxy', family: 4, source: { host: '198.51.100.7', port }, destination: { host: '203.0.113.10', port: 21 } });

@@ -15,7 +15,8 @@ import { PortBlocks } from '../helpers/fake-server.js';
 import { FtpClient, parse227 } from '../helpers/ftp-client.js';
 import { delay, waitFor } from '../helpers/async.js';
 import type { TapTest } from '../helpers/tap.js';
-import { inRange, opsYaml, probe, probeClosed, startOpsProxy, takeFreeRange, type OpsProxy } from '../helpers/ops.js';
+import { inRange, opsYaml, probe, probeClosed, takeFreeRange } from '../helpers/ops.js';
+import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
 import { encodeProxyHeaderV1, encodeProxyHeaderV2 } from '../../src/control/proxy-protocol.js';
 
 const ports = new PortBlocks(37000);
@@ -42,9 +43,9 @@ if (reason) {
   /** CONNECT lines in vsftpd's protocol log: control connections that reached the server. */
   const upstreamConnects = (): number => (vsftpd.protocolLog().match(/CONNECT: Client/g) ?? []).length;
 
-  async function ppProxy(t: TapTest, accept: string, from: string, name = 'pp'): Promise<{ proxy: OpsProxy; range: string }> {
+  async function ppProxy(t: TapTest, accept: string, from: string, name = 'pp'): Promise<{ proxy: TestProxy; range: string }> {
     const range = await takeFreeRange(ports);
-    const proxy = await startOpsProxy(t, opsYaml({ name, upstreamPort: vsftpd.port, passivePorts: range, lines: ppLines(accept, from) }));
+    const proxy = await startTestProxy(opsYaml({ name, upstreamPort: vsftpd.port, passivePorts: range, lines: ppLines(accept, from) }), { teardown: t });
     return { proxy, range };
   }
 
@@ -52,7 +53,7 @@ if (reason) {
    * Send `header` in two pieces with a pause, check that nothing arrives before it is complete,
    * then that the 220 does; log in; PASV, PORT checks. `clientPort` is the header's source port.
    */
-  async function fullSession(t: TapTest, proxy: OpsProxy, range: string, header: Buffer, clientPort: number): Promise<void> {
+  async function fullSession(t: TapTest, proxy: TestProxy, range: string, header: Buffer, clientPort: number): Promise<void> {
     const connectsBefore = upstreamConnects();
     const client = await FtpClient.connect(proxy.host, proxy.port);
     t.teardown(() => client.destroy());
@@ -153,7 +154,7 @@ if (reason) {
     const { proxy: v1only } = await ppProxy(t, 'v1', '127.0.0.1/32', 'pp-v1');
     const before = upstreamConnects();
     const v2 = encodeProxyHeaderV2({ command: 'proxy', family: 4, source: { host: CLIENT, port: 1 }, destination: { host: DIALLED, port: 21 } });
-    const cases: Array<{ what: string; target: OpsProxy; bytes: Buffer | null; minMs?: number }> = [
+    const cases: Array<{ what: string; target: TestProxy; bytes: Buffer | null; minMs?: number }> = [
       { what: 'header from an untrusted sender', target: untrusted, bytes: Buffer.from(V1_HEADER, 'latin1') },
       { what: 'malformed (octet 999)', target: proxy, bytes: Buffer.from(`PROXY TCP4 198.51.100.999 ${DIALLED} 51515 21\r\n`, 'latin1') },
       { what: 'v1 without CR', target: proxy, bytes: Buffer.from(`PROXY TCP4 ${CLIENT} ${DIALLED} 51515 21\n`, 'latin1') },

@@ -20,7 +20,8 @@ import { delay, withTimeout } from '../helpers/async.js';
 import { readAll } from '../helpers/sockets.js';
 import type { TapTest } from '../helpers/tap.js';
 import { sha256, writeRandomFile } from '../helpers/clients.js';
-import { inRange, opsYaml, spawnCli, startOpsProxy, takeFreeRange } from '../helpers/ops.js';
+import { inRange, opsYaml, spawnCli, takeFreeRange } from '../helpers/ops.js';
+import { startTestProxy } from '../helpers/proxy.js';
 import { validateConfigText } from '../../src/config/load.js';
 
 const ports = new PortBlocks(39000);
@@ -75,7 +76,7 @@ if (reason) {
     const listenPort = await freePort();
     const yaml = (range: string): string =>
       opsYaml({ name: 'rl', listen: `127.0.0.1:${listenPort}`, upstreamPort: vsftpd.port, passivePorts: range, admin: null });
-    const proxy = await startOpsProxy(t, yaml(oldRange));
+    const proxy = await startTestProxy(yaml(oldRange), { teardown: t });
 
     const s1 = await login(t, proxy.host, proxy.port);
     const pasv = await s1.command('PASV');
@@ -143,7 +144,7 @@ if (reason) {
     const range = await takeFreeRange(ports);
     const listenPort = await freePort();
     const base = { name: 'rl-acl', listen: `127.0.0.1:${listenPort}`, upstreamPort: vsftpd.port, passivePorts: range, admin: null } as const;
-    const proxy = await startOpsProxy(t, opsYaml(base));
+    const proxy = await startTestProxy(opsYaml(base), { teardown: t });
     const open = await login(t, proxy.host, proxy.port);
     const denyYaml = opsYaml({ ...base, lines: ['    acl:', '      deny: [127.0.0.1/32]', '    timeouts:', '      idleSeconds: 0.5'] });
     await proxy.server.reload(validateConfigText(denyYaml, 'reload'));

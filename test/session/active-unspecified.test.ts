@@ -17,7 +17,7 @@ import { FtpClient } from '../helpers/ftp-client.js';
 import { withTimeout } from '../helpers/async.js';
 import { readAll } from '../helpers/sockets.js';
 import type { TapTest } from '../helpers/tap.js';
-import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
+import { proxyYaml, startTestProxy, type TestProxy } from '../helpers/proxy.js';
 
 const ports = new PortBlocks(12000);
 const FILE = randomBytes(64 * 1024);
@@ -103,13 +103,13 @@ t.test('IPv6: EPRT |2|::|p| (lftp) means the client itself', { skip: await ipv6L
     await withTimeout(fake.close(), 5000, 'fake server close').catch(() => {});
     if (proxy) await withTimeout(proxy.close(), 5000, 'proxy close').catch(() => {});
   });
-  proxy = await startTestProxy({
+  proxy = await startTestProxy(proxyYaml({
     upstreamHost: fake.host,
     upstreamPort: fake.port,
     listen: '[::1]:0',
     passivePorts: ports.take().text,
     extraYaml: FAST_TIMEOUTS_YAML,
-  });
+  }));
   client = await FtpClient.connect('::1', proxy.port);
   t.equal((await client.login()).code, 230, 'logged in over IPv6');
   const { port, accepted } = await listenOnce(t, '::1');

@@ -16,7 +16,7 @@ import { FtpClient, openData, parse227, parse229 } from '../helpers/ftp-client.j
 import { waitFor } from '../helpers/async.js';
 import { readAll } from '../helpers/sockets.js';
 import type { TapTest } from '../helpers/tap.js';
-import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
+import { proxyYaml, startTestProxy, type TestProxy } from '../helpers/proxy.js';
 import { KernelForwarder, type NftResult } from '../../src/data/kernel-forward.js';
 import { isProxyError } from '../../src/errors.js';
 
@@ -33,21 +33,25 @@ interface Lab {
 async function startLab(t: TapTest, answer: (script: string) => Partial<NftResult> = () => ({})): Promise<Lab> {
   const scripts: string[] = [];
   const fake = await FakeFtpServer.start({ files: { 'f.bin': FILE } });
-  const proxy = await startTestProxy({
-    upstreamHost: '127.0.0.1',
-    upstreamPort: fake.port,
-    passivePorts: ports.take(10).text,
-    dataPath: 'kernel',
-    extraYaml: FAST_TIMEOUTS_YAML,
-    openKernelForwarder: () =>
-      new KernelForwarder(
-        (script) => {
-          scripts.push(script);
-          return { ok: true, output: '', error: '', ...answer(script) };
-        },
-        { pid: 4242 },
-      ),
-  });
+  const proxy = await startTestProxy(
+    proxyYaml({
+      upstreamHost: '127.0.0.1',
+      upstreamPort: fake.port,
+      passivePorts: ports.take(10).text,
+      dataPath: 'kernel',
+      extraYaml: FAST_TIMEOUTS_YAML,
+    }),
+    {
+      openKernelForwarder: () =>
+        new KernelForwarder(
+          (script) => {
+            scripts.push(script);
+            return { ok: true, output: '', error: '', ...answer(script) };
+          },
+          { pid: 4242 },
+        ),
+    },
+  );
   const client = await FtpClient.connect(proxy.host, proxy.port);
   t.teardown(async () => {
     client.destroy();
@@ -186,14 +190,16 @@ t.test('a kernel path that cannot start fails the start, binds nothing', async (
   const fake = await FakeFtpServer.start({});
   t.teardown(() => fake.close());
   const range = ports.take(10);
-  const err = await startTestProxy({
-    upstreamHost: '127.0.0.1',
-    upstreamPort: fake.port,
-    passivePorts: range.text,
-    listen: '127.0.0.1:0',
-    dataPath: 'kernel',
-    openKernelForwarder: () => new KernelForwarder(() => ({ ok: false, output: '', error: 'Operation not permitted' })),
-  }).then(
+  const err = await startTestProxy(
+    proxyYaml({
+      upstreamHost: '127.0.0.1',
+      upstreamPort: fake.port,
+      passivePorts: range.text,
+      listen: '127.0.0.1:0',
+      dataPath: 'kernel',
+    }),
+    { openKernelForwarder: () => new KernelForwarder(() => ({ ok: false, output: '', error: 'Operation not permitted' })) },
+  ).then(
     () => null,
     (e: unknown) => e,
   );

@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ControlConnection, type ControlConnectionHandlers } from '../../../src/session/control-connection.js';
 import { findCommand } from '../../helpers/netns.js';
-import type { TapTest } from '../../helpers/ftp-client.js';
+import type { TapTest } from '../../helpers/tap.js';
 
 interface Pair {
   readonly server: net.Socket;
