@@ -7,7 +7,7 @@
  */
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import type { CidrRule, ListenerConfig, PortRange, ProxyConfig } from './config/schema.js';
+import type { ListenerConfig, PortRange, ProxyConfig } from './config/schema.js';
 import { PortPool, relayPortsPerIpCap } from './data/port-pool.js';
 import { readProxyHeader } from './data/proxy-header.js';
 import { dial } from './data/dial.js';
@@ -17,9 +17,12 @@ import { Advertiser, type HostnameResolver } from './advertise.js';
 import { Session, type SessionEndpoints } from './session.js';
 import type { Logger } from './log.js';
 import { ProxyError, REPLY_FOR_CODE, type ErrorCode } from './errors.js';
-import { ipInCidr, normalizeIp } from './control/ip.js';
+import { normalizeIp } from './control/ip.js';
+import { aclAllows, inAnyCidr } from './server/acl.js';
 import { NOOP_METRICS, type ProxyMetrics, type RejectionReason } from './metrics.js';
 import { KernelForwarder, loadNftRunner } from './data/kernel-forward.js';
+
+export { aclAllows } from './server/acl.js';
 
 export interface BoundListener {
   readonly name: string;
@@ -484,16 +487,6 @@ function samePorts(a: ListenerConfig, b: ListenerConfig): boolean {
   return range(a.client.passivePorts) === range(b.client.passivePorts)
     && range(a.upstream.activePorts) === range(b.upstream.activePorts)
     && a.client.bindAllPassivePorts === b.client.bindAllPassivePorts;
-}
-
-function inAnyCidr(ip: string, rules: readonly CidrRule[]): boolean {
-  return rules.some((rule) => ipInCidr(ip, rule.cidr));
-}
-
-/** Deny wins; a non-empty allow list admits only its members. */
-export function aclAllows(ip: string, config: ListenerConfig): boolean {
-  if (inAnyCidr(ip, config.acl.deny)) return false;
-  return config.acl.allow.length === 0 || inAnyCidr(ip, config.acl.allow);
 }
 
 function refuse(socket: net.Socket, code: ErrorCode, action: 'reply' | 'close'): void {
