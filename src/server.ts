@@ -5,15 +5,14 @@
  * accepting, lets sessions finish for a drain time, then tells the rest "421" and waits
  * until every one has released its resources.
  */
-import net from 'node:net';
+import type net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import type { ListenerConfig, PortRange, ProxyConfig } from './config/schema.js';
-import { PortPool, relayPortsPerIpCap } from './data/port-pool.js';
+import type { ProxyConfig } from './config/schema.js';
 import { readProxyHeader } from './data/proxy-header.js';
 import { dial } from './data/dial.js';
 import { addressesOf } from './data/socket-address.js';
 import { resetSocket } from './data/relay.js';
-import { Advertiser, type HostnameResolver } from './advertise.js';
+import type { HostnameResolver } from './advertise.js';
 import { Session, type SessionEndpoints } from './session.js';
 import type { Logger } from './log.js';
 import { ProxyError, REPLY_FOR_CODE, type ErrorCode } from './errors.js';
@@ -21,6 +20,7 @@ import { normalizeIp } from './control/ip.js';
 import { aclAllows, inAnyCidr } from './server/acl.js';
 import { NOOP_METRICS, type ProxyMetrics, type RejectionReason } from './metrics.js';
 import { KernelForwarder, loadNftRunner } from './data/kernel-forward.js';
+import { ListenerRuntime, discardPrepared, prepareListener, type ListenerRuntimeDeps, type PreparedListener } from './server/listener-runtime.js';
 
 export { aclAllows } from './server/acl.js';
 
@@ -36,18 +36,6 @@ export interface ServerDeps {
   readonly metrics?: ProxyMetrics;
   /** Opens the nftables table for `client.dataPath: kernel` (tests inject a fake). */
   readonly openKernelForwarder?: () => KernelForwarder;
-}
-
-/** Mutable on reload: new sessions read the current values, open ones keep theirs. */
-interface ListenerRuntime {
-  config: ListenerConfig;
-  server: net.Server;
-  clientPool: PortPool;
-  upstreamPool: PortPool | null;
-  advertiser: Advertiser;
-  readonly log: Logger;
-  readonly sessions: Set<Session>;
-  readonly perIp: Map<string, number>;
 }
 
 export type ServerStatus = 'idle' | 'running' | 'draining' | 'closed';
@@ -71,11 +59,18 @@ export class ProxyServer {
   private statusValue: ServerStatus = 'idle';
   private closing: Promise<void> | null = null;
   private kernelForwarder: KernelForwarder | null = null;
+  private readonly runtimeDeps: ListenerRuntimeDeps;
 
   constructor(config: ProxyConfig, deps: ServerDeps) {
     this.configValue = config;
     this.deps = deps;
     this.metrics = deps.metrics ?? NOOP_METRICS;
+    this.runtimeDeps = {
+      log: deps.log,
+      metrics: this.metrics,
+      resolver: deps.resolver,
+      accept: (runtime, socket) => void this.admit(runtime, socket),
+    };
   }
 
   get config(): ProxyConfig {
@@ -94,8 +89,9 @@ export class ProxyServer {
   poolStats(): Array<{ listener: string; pool: 'passive' | 'active'; size: number; leased: number }> {
     const out: Array<{ listener: string; pool: 'passive' | 'active'; size: number; leased: number }> = [];
     for (const runtime of this.runtimes.values()) {
-      out.push({ listener: runtime.config.name, pool: 'passive', ...runtime.clientPool.stats });
-      if (runtime.upstreamPool) out.push({ listener: runtime.config.name, pool: 'active', ...runtime.upstreamPool.stats });
+      const { clientPool, upstreamPool } = runtime.settings;
+      out.push({ listener: runtime.name, pool: 'passive', ...clientPool.stats });
+      if (upstreamPool) out.push({ listener: runtime.name, pool: 'active', ...upstreamPool.stats });
     }
     return out;
   }
@@ -107,7 +103,7 @@ export class ProxyServer {
     this.logConfigWarnings(this.configValue);
     try {
       this.ensureKernelPath(this.configValue);
-      for (const config of this.configValue.listeners) this.runtimes.set(config.name, await this.bind(config));
+      for (const config of this.configValue.listeners) this.runtimes.set(config.name, await ListenerRuntime.open(config, this.runtimeDeps));
     } catch (err) {
       await this.close(0);
       throw err;
@@ -127,82 +123,7 @@ export class ProxyServer {
   }
 
   addresses(): BoundListener[] {
-    return [...this.runtimes.values()].map((runtime) => {
-      const address = runtime.server.address() as net.AddressInfo;
-      return { name: runtime.config.name, host: address.address, port: address.port };
-    });
-  }
-
-  private makePools(config: ListenerConfig): { clientPool: PortPool; upstreamPool: PortPool | null } {
-    const pool = (range: PortRange): PortPool =>
-      new PortPool(range, Math.random, relayPortsPerIpCap(config.limits.maxRelayPortsPerIp, range.last - range.first + 1));
-    return {
-      clientPool: pool(config.client.passivePorts),
-      upstreamPool: config.upstream.activePorts ? pool(config.upstream.activePorts) : null,
-    };
-  }
-
-  /** Pools for a listener; with bindAllPassivePorts every relay port is bound now. */
-  private async preparePools(config: ListenerConfig, log: Logger): Promise<{ clientPool: PortPool; upstreamPool: PortPool | null }> {
-    const pools = this.makePools(config);
-    if (config.client.bindAllPassivePorts) {
-      const { bound, failed } = await pools.clientPool.bindAll(config.listen.host);
-      if (failed.length > 0) log.warn({ event: 'passive-ports-unavailable', ports: failed }, 'some passive ports are in use by another process and will not be used');
-      if (bound === 0) {
-        await pools.clientPool.close();
-        throw new Error(`listener ${config.name}: none of passivePorts ${config.client.passivePorts.first}-${config.client.passivePorts.last} could be bound`);
-      }
-    }
-    return pools;
-  }
-
-  private async bind(config: ListenerConfig): Promise<ListenerRuntime> {
-    const log = this.deps.log.child({ listener: config.name });
-    const server = await listen(config);
-    let pools;
-    try {
-      pools = await this.preparePools(config, log);
-    } catch (err) {
-      server.close();
-      throw err;
-    }
-    const runtime: ListenerRuntime = {
-      config,
-      server,
-      ...pools,
-      advertiser: new Advertiser(config.client, this.deps.resolver),
-      log,
-      sessions: new Set(),
-      perIp: new Map(),
-    };
-    this.attach(runtime);
-    this.registerPools(runtime);
-    const address = server.address() as net.AddressInfo;
-    log.info(
-      {
-        event: 'listening',
-        listen: `${address.address}:${address.port}`,
-        upstream: `${config.upstream.host}:${config.upstream.port}`,
-        dataMode: config.upstream.dataMode,
-        passivePorts: `${config.client.passivePorts.first}-${config.client.passivePorts.last}`,
-        proxyProtocol: config.proxyProtocol.accept,
-      },
-      'listening',
-    );
-    return runtime;
-  }
-
-  private attach(runtime: ListenerRuntime): void {
-    runtime.server.on('connection', (socket) => void this.admit(runtime, socket));
-    runtime.server.on('error', (err) => runtime.log.error({ event: 'listener-error', err }, 'listener error'));
-  }
-
-  private registerPools(runtime: ListenerRuntime): void {
-    const name = runtime.config.name;
-    this.metrics.registerPool(name, 'passive', () => runtime.clientPool.stats);
-    if (runtime.upstreamPool) {
-      this.metrics.registerPool(name, 'active', () => runtime.upstreamPool?.stats ?? { size: 0, leased: 0 });
-    }
+    return [...this.runtimes.values()].map((runtime) => ({ name: runtime.name, ...runtime.address() }));
   }
 
   /**
@@ -211,7 +132,8 @@ export class ProxyServer {
    */
   private async admit(runtime: ListenerRuntime, socket: net.Socket): Promise<void> {
     socket.on('error', () => {}); // a reset during admission must not crash the process
-    const config = runtime.config;
+    const settings = runtime.settings;
+    const config = settings.config;
     const log = runtime.log;
     // Before anything else: a peer that reset the connection before we looked has no address
     // to check against the ACL or the limits, so it gets nothing (issue #10; socket-address.ts).
@@ -273,42 +195,38 @@ export class ProxyServer {
       refuse(socket, 'FTPP_ERR_ACL_DENIED', config.acl.action);
       return;
     }
-    if (runtime.sessions.size >= config.limits.maxSessions) {
+    if (runtime.slots.total >= config.limits.maxSessions) {
       this.rejected(runtime, 'sessions-total', { client: clientText, max: config.limits.maxSessions });
       refuse(socket, 'FTPP_ERR_TOO_MANY_SESSIONS', 'reply');
       return;
     }
-    if ((runtime.perIp.get(clientIp) ?? 0) >= config.limits.maxSessionsPerIp) {
+    if (runtime.slots.heldBy(clientIp) >= config.limits.maxSessionsPerIp) {
       this.rejected(runtime, 'sessions-per-ip', { client: clientText, max: config.limits.maxSessionsPerIp });
       refuse(socket, 'FTPP_ERR_TOO_MANY_SESSIONS', 'reply');
       return;
     }
+    const release = runtime.slots.take(clientIp);
     const session = new Session(socket, {
       id: randomBytes(6).toString('hex'),
       endpoints,
       metrics: this.metrics,
       config,
-      clientPool: runtime.clientPool,
-      upstreamPool: runtime.upstreamPool,
-      advertiser: runtime.advertiser,
+      clientPool: settings.clientPool,
+      upstreamPool: settings.upstreamPool,
+      advertiser: settings.advertiser,
       kernelForwarder: this.kernelForwarder,
       log,
       onClosed: (closed) => {
         this.sessions.delete(closed);
-        runtime.sessions.delete(closed);
-        const left = (runtime.perIp.get(clientIp) ?? 1) - 1;
-        if (left > 0) runtime.perIp.set(clientIp, left);
-        else runtime.perIp.delete(clientIp);
+        release();
       },
     });
     this.sessions.add(session);
-    runtime.sessions.add(session);
-    runtime.perIp.set(clientIp, (runtime.perIp.get(clientIp) ?? 0) + 1);
     session.start();
   }
 
   private rejected(runtime: ListenerRuntime, reason: RejectionReason, fields: Record<string, unknown>): void {
-    this.metrics.limitHit(runtime.config.name, reason);
+    this.metrics.limitHit(runtime.name, reason);
     runtime.log.warn({ ...fields, event: 'rejected', limit: reason }, `connection refused: ${reason}`);
   }
 
@@ -321,63 +239,35 @@ export class ProxyServer {
   async reload(next: ProxyConfig): Promise<ReloadResult> {
     if (this.statusValue !== 'running') throw new Error(`cannot reload while ${this.statusValue}`);
     this.ensureKernelPath(next);
-    const fresh = new Map<string, net.Server>();
+    // Bind whatever the new configuration needs before anything changes: on a failure the
+    // running listeners are exactly as they were.
+    const plans: Array<{ current: ListenerRuntime | null; prepared: PreparedListener }> = [];
     try {
       for (const config of next.listeners) {
-        const current = this.runtimes.get(config.name);
-        if (!current || !sameListen(current.config, config)) fresh.set(config.name, await listen(config));
+        const current = this.runtimes.get(config.name) ?? null;
+        plans.push({ current, prepared: await prepareListener(config, this.runtimeDeps, current) });
       }
     } catch (err) {
-      for (const server of fresh.values()) server.close();
+      await Promise.all(plans.map(({ current, prepared }) => discardPrepared(prepared, current)));
       throw err;
     }
     const result: ReloadResult = { added: [], removed: [], updated: [] };
     for (const [name, runtime] of this.runtimes) {
       if (!next.listeners.some((l) => l.name === name)) {
-        runtime.server.close();
+        runtime.retire();
         this.runtimes.delete(name);
         result.removed.push(name);
-        runtime.log.info({ event: 'listener-removed' }, 'listener removed; open sessions continue');
       }
     }
-    for (const config of next.listeners) {
-      const runtime = this.runtimes.get(config.name);
-      const server = fresh.get(config.name);
-      if (!runtime) {
-        const log = this.deps.log.child({ listener: config.name });
-        const added: ListenerRuntime = {
-          config,
-          server: server!,
-          ...(await this.preparePools(config, log)),
-          advertiser: new Advertiser(config.client, this.deps.resolver),
-          log,
-          sessions: new Set(),
-          perIp: new Map(),
-        };
-        this.attach(added);
-        this.registerPools(added);
-        this.runtimes.set(config.name, added);
-        result.added.push(config.name);
-        continue;
+    for (const { current, prepared } of plans) {
+      if (current) {
+        current.apply(prepared);
+        result.updated.push(current.name);
+      } else {
+        const added = new ListenerRuntime(prepared, this.runtimeDeps);
+        this.runtimes.set(added.name, added);
+        result.added.push(added.name);
       }
-      if (server) {
-        runtime.server.close();
-        runtime.server = server;
-        this.attach(runtime);
-      }
-      const old = runtime.config;
-      if (!samePorts(old, config)) {
-        if (old.client.bindAllPassivePorts || config.client.bindAllPassivePorts) {
-          // Permanently bound ports cannot be handed over while open sessions hold leases.
-          runtime.log.warn({ event: 'reload-ports-skipped' }, 'passivePorts/activePorts changes with bindAllPassivePorts need a restart; keeping the current ports');
-        } else {
-          Object.assign(runtime, this.makePools(config));
-          this.registerPools(runtime);
-        }
-      }
-      runtime.advertiser = new Advertiser(config.client, this.deps.resolver);
-      runtime.config = config;
-      result.updated.push(config.name);
     }
     this.deps.log.level = next.log.level;
     this.configValue = next;
@@ -402,8 +292,8 @@ export class ProxyServer {
     checks.running = this.statusValue === 'running' || this.statusValue;
     await Promise.all(
       [...this.runtimes.values()].map(async (runtime) => {
-        const name = runtime.config.name;
-        const bound = runtime.server.listening;
+        const name = runtime.name;
+        const bound = runtime.listening;
         checks[`${name}.listening`] = bound;
         const reachable = await tcpReachable(runtime.config.upstream.host, runtime.config.upstream.port, runtime.config.upstream.bind);
         checks[`${name}.upstream`] = reachable === true ? true : reachable;
@@ -431,7 +321,7 @@ export class ProxyServer {
     this.statusValue = 'draining';
     // Stop accepting now. server.close()'s callback only runs once every connection it
     // accepted has ended, i.e. after the drain: wait for it at the very end, not here.
-    const stopped = [...this.runtimes.values()].map((runtime) => new Promise<void>((resolve) => runtime.server.close(() => resolve())));
+    const stopped = [...this.runtimes.values()].map((runtime) => runtime.stopAccepting());
     if (this.sessions.size > 0 && drainMs > 0) {
       this.deps.log.info({ event: 'draining', sessions: this.sessions.size, drainMs }, 'waiting for open sessions to finish');
       let timer: NodeJS.Timeout | null = null;
@@ -448,7 +338,7 @@ export class ProxyServer {
     // Drain time is over: nothing waits for a server any more (a hung one included).
     for (const session of sessions) session.abandon('shutdown', REPLY_FOR_CODE.FTPP_ERR_SHUTDOWN);
     await Promise.all(sessions.map((session) => session.closed));
-    await Promise.all([...this.runtimes.values()].map((runtime) => runtime.clientPool.close()));
+    await Promise.all([...this.runtimes.values()].map((runtime) => runtime.closePorts()));
     // Every session has closed its channels (and their mappings); the table goes last.
     this.kernelForwarder?.close();
     await Promise.all(stopped);
@@ -464,29 +354,6 @@ function defaultKernelForwarder(log: Logger): KernelForwarder {
   // it; only SIGKILL leaves it, for the next start to remove (staleTables).
   process.once('exit', () => forwarder.close());
   return forwarder;
-}
-
-function listen(config: ListenerConfig): Promise<net.Server> {
-  // pauseOnConnect: nothing is read until admission is done and the session is listening.
-  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
-  return new Promise<net.Server>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen({ host: config.listen.host, port: config.listen.port, backlog: 511 }, () => {
-      server.removeListener('error', reject);
-      resolve(server);
-    });
-  });
-}
-
-function sameListen(a: ListenerConfig, b: ListenerConfig): boolean {
-  return a.listen.host === b.listen.host && a.listen.port === b.listen.port;
-}
-
-function samePorts(a: ListenerConfig, b: ListenerConfig): boolean {
-  const range = (r: { first: number; last: number } | null): string => (r ? `${r.first}-${r.last}` : '');
-  return range(a.client.passivePorts) === range(b.client.passivePorts)
-    && range(a.upstream.activePorts) === range(b.upstream.activePorts)
-    && a.client.bindAllPassivePorts === b.client.bindAllPassivePorts;
 }
 
 function refuse(socket: net.Socket, code: ErrorCode, action: 'reply' | 'close'): void {
