@@ -1,25 +1,22 @@
 /**
- * Listeners and the session registry. One net.Server per configured listener; each accepted
- * connection is admitted (PROXY header, ACL, session limits) and becomes a Session.
- * reload() swaps settings for new sessions without touching open ones; close() stops
- * accepting, lets sessions finish for a drain time, then tells the rest "421" and waits
- * until every one has released its resources.
+ * Listeners and the session registry. One ListenerRuntime per configured listener
+ * (server/listener-runtime.ts builds it, for start and reload alike); each accepted
+ * connection goes through admission (server/admission.ts: PROXY header, ACL, session
+ * limits) and becomes a Session. reload() swaps settings for new sessions without touching
+ * open ones; close() stops accepting, lets sessions finish for a drain time, then tells the
+ * rest "421" and waits until every one has released its resources.
  */
 import type net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import type { ProxyConfig } from './config/schema.js';
-import { readProxyHeader } from './data/proxy-header.js';
 import { dial } from './data/dial.js';
-import { addressesOf } from './data/socket-address.js';
-import { resetSocket } from './data/relay.js';
 import type { HostnameResolver } from './advertise.js';
-import { Session, type SessionEndpoints } from './session.js';
+import { Session } from './session.js';
 import type { Logger } from './log.js';
-import { ProxyError, REPLY_FOR_CODE, type ErrorCode } from './errors.js';
-import { normalizeIp } from './control/ip.js';
-import { aclAllows, inAnyCidr } from './server/acl.js';
-import { NOOP_METRICS, type ProxyMetrics, type RejectionReason } from './metrics.js';
+import { ProxyError, REPLY_FOR_CODE } from './errors.js';
+import { NOOP_METRICS, type ProxyMetrics } from './metrics.js';
 import { KernelForwarder, loadNftRunner } from './data/kernel-forward.js';
+import { admitConnection, refuseConnection, type AdmissionDeps } from './server/admission.js';
 import { ListenerRuntime, discardPrepared, prepareListener, type ListenerRuntimeDeps, type PreparedListener } from './server/listener-runtime.js';
 
 export { aclAllows } from './server/acl.js';
@@ -46,8 +43,6 @@ export interface ReloadResult {
   readonly updated: string[];
 }
 
-/** How long a refused connection may linger after its 421 before it is destroyed. */
-const REFUSAL_LINGER_MS = 2000;
 const READY_CHECK_TIMEOUT_MS = 2000;
 
 export class ProxyServer {
@@ -60,6 +55,7 @@ export class ProxyServer {
   private closing: Promise<void> | null = null;
   private kernelForwarder: KernelForwarder | null = null;
   private readonly runtimeDeps: ListenerRuntimeDeps;
+  private readonly admissionDeps: AdmissionDeps;
 
   constructor(config: ProxyConfig, deps: ServerDeps) {
     this.configValue = config;
@@ -69,8 +65,9 @@ export class ProxyServer {
       log: deps.log,
       metrics: this.metrics,
       resolver: deps.resolver,
-      accept: (runtime, socket) => void this.admit(runtime, socket),
+      accept: (runtime, socket) => void this.accept(runtime, socket),
     };
+    this.admissionDeps = { metrics: this.metrics, accepting: () => this.statusValue === 'running' };
   }
 
   get config(): ProxyConfig {
@@ -127,95 +124,30 @@ export class ProxyServer {
   }
 
   /**
-   * Admission: the PROXY header (when configured) says who the client really is; the ACL and
-   * the session limits are checked on that address, before anything reaches the server.
+   * A connection a listener accepted: admission (server/admission.ts) decides, and refuses
+   * on its own; an admitted one becomes a session built from the settings it was admitted under.
    */
-  private async admit(runtime: ListenerRuntime, socket: net.Socket): Promise<void> {
-    socket.on('error', () => {}); // a reset during admission must not crash the process
-    const settings = runtime.settings;
-    const config = settings.config;
-    const log = runtime.log;
-    // Before anything else: a peer that reset the connection before we looked has no address
-    // to check against the ACL or the limits, so it gets nothing (issue #10; socket-address.ts).
-    const addresses = addressesOf(socket);
-    if (!addresses) {
-      this.metrics.limitHit(config.name, 'peer-gone');
-      log.debug({ event: 'rejected', limit: 'peer-gone' }, 'connection reset before admission; closed unread');
-      resetSocket(socket);
-      return;
-    }
-    const peer = addresses.remote;
-    const peerIp = peer.ip;
+  private async accept(runtime: ListenerRuntime, socket: net.Socket): Promise<void> {
+    const admission = await admitConnection(socket, runtime, this.admissionDeps);
+    if (admission.kind === 'refused') return;
     if (this.statusValue !== 'running') {
-      refuse(socket, 'FTPP_ERR_SHUTDOWN', 'reply');
+      // close() began between admission's decision and this continuation (one microtask):
+      // the drain has already counted its sessions, so this one must not start.
+      admission.release();
+      refuseConnection(socket, 'FTPP_ERR_SHUTDOWN', 'reply');
       return;
     }
-    let endpoints: SessionEndpoints = {
-      client: peer,
-      dialled: addresses.local,
-      local: addresses.local,
-      initialData: null,
-    };
-    const pp = config.proxyProtocol;
-    if (pp.accept !== 'off') {
-      if (!inAnyCidr(peerIp, pp.from)) {
-        this.rejected(runtime, 'proxy-protocol', { from: `${peerIp}:${peer.port}`, err: 'sender is not a trusted load balancer' });
-        socket.destroy();
-        return;
-      }
-      try {
-        const { header, rest } = await readProxyHeader(socket, pp.accept, pp.timeoutMs);
-        if (header.command === 'local') {
-          // Load-balancer health check (v2 LOCAL / v1 UNKNOWN): nothing to proxy.
-          log.debug({ event: 'proxy-local', from: `${peerIp}:${peer.port}` }, 'PROXY LOCAL connection closed');
-          socket.end();
-          socket.setTimeout(REFUSAL_LINGER_MS, () => socket.destroy());
-          return;
-        }
-        endpoints = {
-          client: { ip: normalizeIp(header.source.host), port: header.source.port },
-          dialled: { ip: normalizeIp(header.destination.host), port: header.destination.port },
-          local: addresses.local,
-          initialData: rest,
-        };
-      } catch (err) {
-        this.rejected(runtime, 'proxy-protocol', { from: `${peerIp}:${peer.port}`, err: (err as Error).message });
-        socket.destroy();
-        return;
-      }
-      if (this.statusValue !== 'running' || socket.destroyed) {
-        refuse(socket, 'FTPP_ERR_SHUTDOWN', 'reply');
-        return;
-      }
-    }
-    const clientIp = endpoints.client.ip;
-    const clientText = `${clientIp}:${endpoints.client.port}`;
-    if (!aclAllows(clientIp, config)) {
-      this.rejected(runtime, 'acl-deny', { client: clientText });
-      refuse(socket, 'FTPP_ERR_ACL_DENIED', config.acl.action);
-      return;
-    }
-    if (runtime.slots.total >= config.limits.maxSessions) {
-      this.rejected(runtime, 'sessions-total', { client: clientText, max: config.limits.maxSessions });
-      refuse(socket, 'FTPP_ERR_TOO_MANY_SESSIONS', 'reply');
-      return;
-    }
-    if (runtime.slots.heldBy(clientIp) >= config.limits.maxSessionsPerIp) {
-      this.rejected(runtime, 'sessions-per-ip', { client: clientText, max: config.limits.maxSessionsPerIp });
-      refuse(socket, 'FTPP_ERR_TOO_MANY_SESSIONS', 'reply');
-      return;
-    }
-    const release = runtime.slots.take(clientIp);
+    const { endpoints, settings, release } = admission;
     const session = new Session(socket, {
       id: randomBytes(6).toString('hex'),
       endpoints,
       metrics: this.metrics,
-      config,
+      config: settings.config,
       clientPool: settings.clientPool,
       upstreamPool: settings.upstreamPool,
       advertiser: settings.advertiser,
       kernelForwarder: this.kernelForwarder,
-      log,
+      log: runtime.log,
       onClosed: (closed) => {
         this.sessions.delete(closed);
         release();
@@ -223,11 +155,6 @@ export class ProxyServer {
     });
     this.sessions.add(session);
     session.start();
-  }
-
-  private rejected(runtime: ListenerRuntime, reason: RejectionReason, fields: Record<string, unknown>): void {
-    this.metrics.limitHit(runtime.name, reason);
-    runtime.log.warn({ ...fields, event: 'rejected', limit: reason }, `connection refused: ${reason}`);
   }
 
   /**
@@ -354,19 +281,6 @@ function defaultKernelForwarder(log: Logger): KernelForwarder {
   // it; only SIGKILL leaves it, for the next start to remove (staleTables).
   process.once('exit', () => forwarder.close());
   return forwarder;
-}
-
-function refuse(socket: net.Socket, code: ErrorCode, action: 'reply' | 'close'): void {
-  if (action === 'close') {
-    socket.destroy();
-    return;
-  }
-  socket.end(`${REPLY_FOR_CODE[code]}\r\n`);
-  // Read (and drop) what the client still sends so its FIN is seen and the socket closes as
-  // soon as the client does; the timer only bounds a client that never closes.
-  socket.resume();
-  socket.once('end', () => socket.destroy());
-  socket.setTimeout(REFUSAL_LINGER_MS, () => socket.destroy());
 }
 
 async function tcpReachable(host: string, port: number, localAddress: string | null): Promise<true | string> {
