@@ -11,7 +11,7 @@
 import t from 'tap';
 import net from 'node:net';
 import { PortBlocks } from '../helpers/fake-server.js';
-import type { TapTest } from '../helpers/ftp-client.js';
+import type { TapTest } from '../helpers/tap.js';
 import { probe, probeClosed, type Probe } from '../helpers/ops.js';
 import { listenerConfig, memoryLogger, RecordingMetrics, type LogRecord } from '../helpers/server-unit.js';
 import { admitConnection, type AdmissionResult } from '../../src/server/admission.js';

@@ -9,7 +9,7 @@
 import t from 'tap';
 import type net from 'node:net';
 import { PortBlocks } from '../helpers/fake-server.js';
-import type { TapTest } from '../helpers/ftp-client.js';
+import type { TapTest } from '../helpers/tap.js';
 import type { ListenerConfig } from '../../src/config/schema.js';
 import { takeFreeRange, rangePorts } from '../helpers/ops.js';
 import { ListenerRuntime, discardPrepared, prepareListener, type ListenerRuntimeDeps } from '../../src/server/listener-runtime.js';
