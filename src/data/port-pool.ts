@@ -44,7 +44,7 @@ export function relayPortsPerIpCap(setting: number | 'auto', poolSize: number): 
 
 export class PortPool {
   readonly range: PortRange;
-  /** Most ports one owner (a client address) may hold at once. */
+  /** Most ports one owner (a client address) may hold at once, unless a lease says otherwise. */
   readonly maxPerOwner: number;
   private readonly leased = new Set<number>();
   private readonly perOwner = new Map<string, number>();
@@ -56,8 +56,12 @@ export class PortPool {
   constructor(range: PortRange, random: () => number = Math.random, maxPerOwner = Number.POSITIVE_INFINITY) {
     this.range = range;
     this.random = random;
-    // A share as large as the pool is no share: running out is then exhaustion, and says so.
-    this.maxPerOwner = maxPerOwner >= range.last - range.first + 1 ? Number.POSITIVE_INFINITY : maxPerOwner;
+    this.maxPerOwner = this.shareOf(maxPerOwner);
+  }
+
+  /** A share as large as the pool is no share: running out is then exhaustion, and says so. */
+  shareOf(maxPerOwner: number): number {
+    return maxPerOwner >= this.range.last - this.range.first + 1 ? Number.POSITIVE_INFINITY : maxPerOwner;
   }
 
   /** Ports `owner` holds now. */
@@ -114,15 +118,17 @@ export class PortPool {
    * range's size (the full shuffle below costs a pass over the range, ~0.1 ms per PASV at
    * 10,000 ports). Only a crowded pool pays for the shuffle, which tries every free port once.
    *
-   * `owner` (the client address) may hold at most maxPerOwner ports at once; one more is
-   * refused with FTPP_ERR_RELAY_PORTS_PER_IP before any port is touched. Without an owner
-   * nothing is counted.
+   * `owner` (the client address) may hold at most `maxPerOwner` ports at once (the pool's
+   * own share unless the caller's settings say otherwise: a reload changes the share for new
+   * sessions without a new pool); one more is refused with FTPP_ERR_RELAY_PORTS_PER_IP before
+   * any port is touched. Without an owner nothing is counted.
    */
-  async lease(host: string, owner: string | null = null): Promise<PortLease> {
+  async lease(host: string, owner: string | null = null, maxPerOwner: number = this.maxPerOwner): Promise<PortLease> {
     if (owner === null) return this.leaseAnyPort(host);
     const held = this.heldBy(owner);
-    if (held >= this.maxPerOwner) {
-      throw new ProxyError('FTPP_ERR_RELAY_PORTS_PER_IP', `${owner} already holds ${held} of ${this.range.first}-${this.range.last} (limit ${this.maxPerOwner})`);
+    const share = this.shareOf(maxPerOwner);
+    if (held >= share) {
+      throw new ProxyError('FTPP_ERR_RELAY_PORTS_PER_IP', `${owner} already holds ${held} of ${this.range.first}-${this.range.last} (limit ${share})`);
     }
     // Counted before the first await: concurrent leases of one owner cannot overshoot.
     this.perOwner.set(owner, held + 1);

@@ -15,7 +15,7 @@ import { DataChannel, type UpstreamLeg } from '../data/channel.js';
 import { dial } from '../data/dial.js';
 import { kernelPathBlocker, type ForwardMapping, type KernelForward } from '../data/kernel-forward.js';
 import { PassiveAccept } from '../data/passive.js';
-import type { PortLease, PortPool } from '../data/port-pool.js';
+import { relayPortsPerIpCap, type PortLease, type PortPool } from '../data/port-pool.js';
 import type { SessionDeps } from './types.js';
 import { resetSocket } from '../data/relay.js';
 import { describePeer, type SocketAddresses } from '../data/socket-address.js';
@@ -193,10 +193,12 @@ export class DataSetup {
 
   /** A relay port bound on `host`, counted against this client address's share of `pool`. */
   private async leaseRelayPort(pool: PortPool, host: string): Promise<PortLease> {
+    const { first, last } = pool.range;
+    const max = relayPortsPerIpCap(this.deps.config.limits.maxRelayPortsPerIp, last - first + 1);
     try {
-      return await pool.lease(host, this.clientIp);
+      return await pool.lease(host, this.clientIp, max);
     } catch (err) {
-      if (isProxyError(err, 'FTPP_ERR_RELAY_PORTS_PER_IP')) this.deps.limitHit('relay-ports-per-ip', { code: err.code, max: pool.maxPerOwner, range: `${pool.range.first}-${pool.range.last}` });
+      if (isProxyError(err, 'FTPP_ERR_RELAY_PORTS_PER_IP')) this.deps.limitHit('relay-ports-per-ip', { code: err.code, max, range: `${first}-${last}` });
       throw err;
     }
   }

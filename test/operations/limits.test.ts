@@ -16,6 +16,7 @@ import type { TapTest } from '../helpers/tap.js';
 import { sha256 } from '../helpers/clients.js';
 import { opsYaml, probe, probeClosed } from '../helpers/ops.js';
 import { startTestProxy, type LogRecord, type TestProxy } from '../helpers/proxy.js';
+import { validateConfigText } from '../../src/config/load.js';
 
 const ports = new PortBlocks(36000);
 const TOO_MANY = '421 Too many connections, try again later.\r\n';
@@ -247,6 +248,22 @@ t.test('maxRelayPortsPerIp: 1 allows one port per address', async (t) => {
   t.equal((await b.command('PASV')).code, 425, 'the second port for the same address is refused');
   await a.quit();
   await b.quit();
+});
+
+t.test('maxRelayPortsPerIp changed by a reload applies to new sessions at once, open ones keep theirs', async (t) => {
+  const fake = await FakeFtpServer.start();
+  t.teardown(() => fake.close());
+  const range = ports.take(8).text;
+  const yaml = (cap: number): string => opsYaml({ name: 'lim', upstreamPort: fake.port, passivePorts: range, lines: ['    limits:', `      maxRelayPortsPerIp: ${cap}`] });
+  const proxy = await startTestProxy(yaml(1), { teardown: t });
+  const before = [await loggedIn(t, proxy, '127.0.0.1'), await loggedIn(t, proxy, '127.0.0.1')];
+  t.equal((await before[0]!.command('PASV')).code, 227);
+  t.equal((await before[1]!.command('PASV')).code, 425, 'cap 1: the second port is refused');
+  await proxy.server.reload(validateConfigText(yaml(3), 'reload'));
+  const after = await loggedIn(t, proxy, '127.0.0.1');
+  t.equal((await after.command('PASV')).code, 227, 'cap 3 after the reload: a new session gets a second port (same range, same pool)');
+  t.equal((await before[1]!.command('PASV')).code, 425, 'an open session keeps the settings it started with');
+  for (const client of [...before, after]) await client.quit();
 });
 
 t.test('behind a PROXY-protocol balancer maxSessionsPerIp counts the header source', async (t) => {
