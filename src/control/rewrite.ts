@@ -14,7 +14,7 @@ import { parseIpLiteral, sameIp, type Family } from './ip.js';
 import { decideActiveTarget, type ActiveTargetSource } from './policy.js';
 import type { ClientCommand } from './command.js';
 import type { Reply } from './reply.js';
-import type { ErrorCode } from '../errors.js';
+import { REPLY_FOR_CODE, type ErrorCode } from '../errors.js';
 
 /** What the proxy knows about a session when it decides. */
 export interface SessionView {
@@ -85,8 +85,8 @@ function wrongFamily(family: Family): CommandDecision {
   return reply(`522 Network protocol not supported, use (${family === 4 ? 1 : 2})`, 'FTPP_ERR_WRONG_FAMILY');
 }
 
-const SYNTAX_REPLY = '501 Syntax error in parameters or arguments.';
-const EPSV_ALL_REPLY = '501 Only EPSV is allowed after EPSV ALL.';
+const SYNTAX_REPLY = REPLY_FOR_CODE.FTPP_ERR_BAD_ADDRESS_SYNTAX;
+const EPSV_ALL_REPLY = REPLY_FOR_CODE.FTPP_ERR_EPSV_ALL;
 /** RFC 7151: 220 is the success reply to HOST. */
 const HOST_ACCEPTED_REPLY = '220 Host accepted.';
 
@@ -99,7 +99,7 @@ export function decideCommand(command: ClientCommand, view: SessionView): Comman
       if (view.epsvAll) return reply(EPSV_ALL_REPLY, 'FTPP_ERR_EPSV_ALL');
       // vsftpd answers 0,0,0,0 here; a trusting client would then dial the local host
       // (protocol.md §2.5, §8.17).
-      if (view.controlFamily === 6) return reply('425 Use EPSV on an IPv6 connection.', 'FTPP_ERR_PASV_ON_IPV6');
+      if (view.controlFamily === 6) return reply(REPLY_FOR_CODE.FTPP_ERR_PASV_ON_IPV6, 'FTPP_ERR_PASV_ON_IPV6');
       return { kind: 'passive', style: 'pasv' };
     case 'EPSV': {
       const arg = parseEpsvArgument(command.argument);
@@ -130,7 +130,7 @@ export function decideCommand(command: ClientCommand, view: SessionView): Comman
       // RFC 2428 §3: after EPSV ALL every data-setup command but EPSV is refused.
       if (view.epsvAll) return reply(EPSV_ALL_REPLY, 'FTPP_ERR_EPSV_ALL');
       // RFC 1639 was superseded by RFC 2428; clients fall back to EPRT/PORT (protocol.md §2.3).
-      return reply('502 Command not implemented.', 'FTPP_ERR_NOT_IMPLEMENTED');
+      return reply(REPLY_FOR_CODE.FTPP_ERR_NOT_IMPLEMENTED, 'FTPP_ERR_NOT_IMPLEMENTED');
     case 'REIN':
       // Resetting the session would have to reset the proxy's own state too; vsftpd does not
       // implement it either (protocol.md §3.5).
