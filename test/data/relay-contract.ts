@@ -421,7 +421,9 @@ function runContract(t: TapTest, makeRelay: MakeRelay, options: RelayContractOpt
     t.equal(result.outcome, 'complete');
   });
 
-  t.test('a relay built on an already-closed socket still settles', { skip: options.acceptsClosedSockets ? false : 'this relay needs open sockets (createRelay falls back to the JS relay)' }, async (t) => {
+  // Only for relays that take sockets as they come: SpliceRelay needs open descriptors, and
+  // createRelay gives a closed socket to the JS relay (splice-relay.test.ts checks that).
+  if (options.acceptsClosedSockets) t.test('a relay built on an already-closed socket still settles', async (t) => {
     const c = await pairOf();
     const s = await pairOf();
     s.inner.destroy();
