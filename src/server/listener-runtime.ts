@@ -28,6 +28,11 @@ import { SessionSlots } from './session-slots.js';
  */
 export interface ListenerSettings {
   readonly config: ListenerConfig;
+  /**
+   * The configuration the pools were built from: with bindAllPassivePorts a reload may keep
+   * the pools while `config` moves on, and the next reload must compare with what is bound.
+   */
+  readonly poolsConfig: ListenerConfig;
   readonly clientPool: PortPool;
   readonly upstreamPool: PortPool | null;
   readonly advertiser: Advertiser;
@@ -189,18 +194,19 @@ async function preparePools(
   config: ListenerConfig,
   log: Logger,
   previous: ListenerSettings | null,
-): Promise<{ pools: Pick<ListenerSettings, 'clientPool' | 'upstreamPool'>; portsKept: boolean }> {
+): Promise<{ pools: Pick<ListenerSettings, 'clientPool' | 'upstreamPool' | 'poolsConfig'>; portsKept: boolean }> {
   if (previous) {
-    const kept = { clientPool: previous.clientPool, upstreamPool: previous.upstreamPool };
-    if (samePorts(previous.config, config)) return { pools: kept, portsKept: false };
+    const kept = { clientPool: previous.clientPool, upstreamPool: previous.upstreamPool, poolsConfig: previous.poolsConfig };
+    if (samePorts(previous.poolsConfig, config)) return { pools: kept, portsKept: false };
     // Permanently bound ports cannot be handed over while open sessions hold leases.
-    if (previous.config.client.bindAllPassivePorts || config.client.bindAllPassivePorts) return { pools: kept, portsKept: true };
+    if (previous.poolsConfig.client.bindAllPassivePorts || config.client.bindAllPassivePorts) return { pools: kept, portsKept: true };
   }
   const pool = (range: PortRange): PortPool =>
     new PortPool(range, Math.random, relayPortsPerIpCap(config.limits.maxRelayPortsPerIp, range.last - range.first + 1));
   const pools = {
     clientPool: pool(config.client.passivePorts),
     upstreamPool: config.upstream.activePorts ? pool(config.upstream.activePorts) : null,
+    poolsConfig: config,
   };
   if (config.client.bindAllPassivePorts) {
     const { bound, failed } = await pools.clientPool.bindAll(config.listen.host);

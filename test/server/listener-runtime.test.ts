@@ -176,6 +176,23 @@ t.test('reload, changed ranges with bindAllPassivePorts on either side: pools ke
   for (const port of rangePorts(range)) t.equal(await connectResult(port), 'connected', `port ${port} still bound`);
 });
 
+t.test('regression: after a reload kept the bound pools, the next reload still compares with what is bound', async (t) => {
+  const rt = rig();
+  const range = await takeFreeRange(blocks);
+  const runtime = await open(t, rt, listenerConfig({ name: 'nlb2', passivePorts: range, bindAllPassivePorts: true }));
+  const pool = runtime.settings.clientPool;
+  // First reload turns bindAllPassivePorts off: the bound pool is kept (needs a restart).
+  runtime.apply(await prepareListener(listenerConfig({ name: 'nlb2', passivePorts: range }), rt.deps, runtime));
+  t.equal(runtime.settings.clientPool, pool, 'kept by the first reload');
+  // Second reload changes the range: comparing with the configuration in force (bindAll off)
+  // used to build a new pool over a range while the old one stayed bound for good.
+  const prepared = await prepareListener(listenerConfig({ name: 'nlb2', passivePorts: await takeFreeRange(blocks) }), rt.deps, runtime);
+  t.equal(prepared.settings.clientPool, pool, 'still the bound pool: ports are only handed over by a restart');
+  t.equal(prepared.portsKept, true, 'and reported as kept');
+  runtime.apply(prepared);
+  for (const port of rangePorts(range)) t.equal(await connectResult(port), 'connected', `port ${port} still bound, by the pool sessions lease from`);
+});
+
 t.test('bindAllPassivePorts at open: a taken port is left out and warned about; all taken rejects and unbinds the listener', async (t) => {
   const rt = rig();
   const range = await takeFreeRange(blocks);
