@@ -160,6 +160,8 @@ export class ListenerRuntime {
   retire(): void {
     this.server.close();
     this.log.info({ event: 'listener-removed' }, 'listener removed; open sessions continue');
+    // Ports bound for the listener's life (bindAllPassivePorts) go once its last session has.
+    this.slots.whenEmpty(() => void this.closePorts());
   }
 
   /**

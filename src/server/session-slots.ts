@@ -7,6 +7,7 @@
 export class SessionSlots {
   private totalValue = 0;
   private readonly perIp = new Map<string, number>();
+  private emptyWaiters: Array<() => void> = [];
 
   /** Slots held now (the listener's open sessions). */
   get total(): number {
@@ -30,6 +31,13 @@ export class SessionSlots {
       const left = this.heldBy(ip) - 1;
       if (left > 0) this.perIp.set(ip, left);
       else this.perIp.delete(ip);
+      if (this.totalValue === 0) for (const wake of this.emptyWaiters.splice(0)) wake();
     };
+  }
+
+  /** Call `fn` once no slot is held (now, if none is). */
+  whenEmpty(fn: () => void): void {
+    if (this.totalValue === 0) fn();
+    else this.emptyWaiters.push(fn);
   }
 }

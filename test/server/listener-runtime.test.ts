@@ -193,6 +193,23 @@ t.test('regression: after a reload kept the bound pools, the next reload still c
   for (const port of rangePorts(range)) t.equal(await connectResult(port), 'connected', `port ${port} still bound, by the pool sessions lease from`);
 });
 
+t.test('a removed listener unbinds its bindAllPassivePorts ports once its last session is gone', async (t) => {
+  const rt = rig();
+  const range = await takeFreeRange(blocks);
+  const runtime = await open(t, rt, listenerConfig({ name: 'gone', passivePorts: range, bindAllPassivePorts: true }));
+  const release = runtime.slots.take('198.51.100.7');
+  runtime.retire();
+  for (const port of rangePorts(range)) t.equal(await connectResult(port), 'connected', `port ${port} still bound while a session may hold it`);
+  release();
+  const refused = async (): Promise<boolean> => (await Promise.all(rangePorts(range).map((port) => connectResult(port)))).every((r) => r === 'ECONNREFUSED');
+  let done = await refused();
+  for (let i = 0; i < 50 && !done; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    done = await refused();
+  }
+  t.ok(done, 'every port unbound after the last session');
+});
+
 t.test('bindAllPassivePorts at open: a taken port is left out and warned about; all taken rejects and unbinds the listener', async (t) => {
   const rt = rig();
   const range = await takeFreeRange(blocks);
