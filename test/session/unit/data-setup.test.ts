@@ -19,7 +19,7 @@ import { NOOP_METRICS, type ProxyMetrics, type RejectionReason } from '../../../
 import { ReplyQueue } from '../../../src/reply-queue.js';
 import { DataSetup, type UpstreamForData } from '../../../src/session/data-setup.js';
 import { PortBlocks } from '../../helpers/fake-server.js';
-import type { TapTest } from '../../helpers/ftp-client.js';
+import type { TapTest } from '../../helpers/tap.js';
 import { proxyYaml } from '../../helpers/proxy.js';
 
 const PORTS = new PortBlocks(16000);
