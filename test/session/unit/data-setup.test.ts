@@ -113,12 +113,17 @@ interface Setup {
   finished: boolean;
 }
 
+/** CONFIG with limits.maxRelayPortsPerIp set (the share DataSetup asks of the pool per lease). */
+function withRelayPortsPerIp(max: number): ListenerConfig {
+  return { ...CONFIG, limits: { ...CONFIG.limits, maxRelayPortsPerIp: max } };
+}
+
 function setup(t: TapTest, options: { ports?: number; maxPerOwner?: number } = {}): Setup {
   let out = '';
   const replies = new ReplyQueue((bytes) => { out += bytes.toString('latin1'); }, () => {});
   const { log, records } = memoryLogger();
   const range = PORTS.take(options.ports ?? 10);
-  const pool = new PortPool(range, Math.random, options.maxPerOwner);
+  const pool = new PortPool(range);
   const s: Setup = {
     dataSetup: null as unknown as DataSetup,
     pool,
@@ -141,7 +146,7 @@ function setup(t: TapTest, options: { ports?: number; maxPerOwner?: number } = {
     lastError: null,
   } as unknown as Advertiser;
   s.dataSetup = new DataSetup({
-    config: CONFIG,
+    config: options.maxPerOwner === undefined ? CONFIG : withRelayPortsPerIp(options.maxPerOwner),
     metrics,
     endpoints: {
       client: { ip: '127.0.0.1', port: 50000 },
