@@ -76,7 +76,10 @@ export async function prepareListener(config: ListenerConfig, deps: ListenerRunt
 
 /** Release what `prepared` bound beyond what `current` already had (a reload that failed). */
 export async function discardPrepared(prepared: PreparedListener, current: ListenerRuntime | null): Promise<void> {
-  if (prepared.server !== current?.boundServer) prepared.server.close();
+  if (prepared.server !== current?.boundServer) {
+    prepared.server.close();
+    for (const socket of unpark(prepared.server)) socket.destroy();
+  }
   if (prepared.settings.clientPool !== current?.settings.clientPool) await prepared.settings.clientPool.close();
 }
 
@@ -178,8 +181,10 @@ export class ListenerRuntime {
   }
 
   private attach(server: net.Server): void {
+    const early = unpark(server);
     server.on('connection', (socket: net.Socket) => this.deps.accept(this, socket));
     server.on('error', (err) => this.log.error({ event: 'listener-error', err }, 'listener error'));
+    for (const socket of early) this.deps.accept(this, socket);
   }
 
   /** Pool occupancy for the metrics; the callbacks read the settings in force at scrape time. */
@@ -221,9 +226,30 @@ async function preparePools(
   return { pools, portsKept: false };
 }
 
+/**
+ * Connections a freshly bound socket accepted before its listener was put in force (a reload
+ * binds first and applies later): held, paused, until attach() hands them to admission or a
+ * failed reload closes them. Without this they were accepted and never handled.
+ */
+const parked = new WeakMap<net.Server, { sockets: net.Socket[]; park: (socket: net.Socket) => void }>();
+
+function unpark(server: net.Server): net.Socket[] {
+  const held = parked.get(server);
+  if (!held) return [];
+  parked.delete(server);
+  server.removeListener('connection', held.park);
+  return held.sockets.filter((socket) => !socket.destroyed);
+}
+
 function listen(config: ListenerConfig): Promise<net.Server> {
   // pauseOnConnect: nothing is read until admission is done and the session is listening.
   const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
+  const held = { sockets: [] as net.Socket[], park: (socket: net.Socket): void => {
+    socket.on('error', () => {});
+    held.sockets.push(socket);
+  } };
+  parked.set(server, held);
+  server.on('connection', held.park);
   return new Promise<net.Server>((resolve, reject) => {
     server.once('error', reject);
     server.listen({ host: config.listen.host, port: config.listen.port, backlog: 511 }, () => {

@@ -8,8 +8,10 @@
  */
 import t from 'tap';
 import type net from 'node:net';
+import netModule from 'node:net';
 import { PortBlocks } from '../helpers/fake-server.js';
 import type { TapTest } from '../helpers/tap.js';
+import { withTimeout } from '../helpers/async.js';
 import type { ListenerConfig } from '../../src/config/schema.js';
 import { takeFreeRange, rangePorts } from '../helpers/ops.js';
 import { ListenerRuntime, discardPrepared, prepareListener, type ListenerRuntimeDeps } from '../../src/server/listener-runtime.js';
@@ -250,6 +252,37 @@ t.test('reload, changed listen address: bound at prepare, swapped at apply, the 
   t.equal(await connectResult(newPort), 'connected', 'the new address accepts');
   t.equal(await acceptedCount(rt, 2), 2);
   t.equal(rt.accepted[1], runtime, 'through the same runtime (its sessions and slots)');
+});
+
+t.test('regression: a connection to a newly bound address before the reload applies is handled once it does (or closed if it fails)', async (t) => {
+  const rt = rig();
+  const passive = blocks.take(4).text;
+  const runtime = await open(t, rt, listenerConfig({ name: 'early', passivePorts: passive }));
+  const newPort = await freePort();
+  const prepared = await prepareListener(listenerConfig({ name: 'early', listen: `127.0.0.1:${newPort}`, passivePorts: passive }), rt.deps, runtime);
+  const early = netModule.connect({ host: '127.0.0.1', port: newPort });
+  early.on('error', () => {});
+  const earlyClosed = new Promise<void>((resolve) => early.once('close', () => resolve()));
+  await new Promise<void>((resolve) => early.once('connect', () => resolve()));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  t.equal(rt.accepted.length, 0, 'not handled before apply');
+  runtime.apply(prepared);
+  t.equal(await acceptedCount(rt, 1), 1, 'handed to admission when the reload applies');
+  t.equal(rt.accepted[0], runtime);
+  await withTimeout(earlyClosed, 5000, 'the early connection handled and closed');
+  t.pass('and not left hanging');
+
+  const otherPort = await freePort();
+  const failed = await prepareListener(listenerConfig({ name: 'early', listen: `127.0.0.1:${otherPort}`, passivePorts: passive }), rt.deps, runtime);
+  const stranded = netModule.connect({ host: '127.0.0.1', port: otherPort });
+  stranded.on('error', () => {});
+  await new Promise<void>((resolve) => stranded.once('connect', () => resolve()));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  const strandedClosed = new Promise<void>((resolve) => (stranded.destroyed ? resolve() : stranded.once('close', () => resolve())));
+  await discardPrepared(failed, runtime);
+  await withTimeout(strandedClosed, 5000, 'the stranded connection closed');
+  t.pass('a reload that failed closes what its socket accepted');
+  t.equal(rt.accepted.length, 1, 'and hands nothing to admission');
 });
 
 t.test('discardPrepared releases what preparing bound, never what the running listener has', async (t) => {
