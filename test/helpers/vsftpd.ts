@@ -4,10 +4,11 @@
  * Facts behind the settings: ../shared/test-environment.md.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, writeFileSync, readFileSync, chmodSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync, readFileSync, chmodSync, rmSync, openSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import net from 'node:net';
+import tls from 'node:tls';
 
 export const TEST_USER = 'ftpnptest';
 export const TEST_PASSWORD = 'ftpnp-Pass-1';
@@ -59,7 +60,69 @@ export interface VsftpdOptions {
   readonly netns?: string;
   /** Directory to serve; default a fresh temp dir. */
   readonly root?: string;
+  /** Serve FTPS (protocol.md §5); absent: plain FTP as before. */
+  readonly ssl?: VsftpdSslOptions;
 }
+
+/**
+ * FTPS settings, mapped onto vsftpd.conf. Facts about Debian 12's vsftpd 3.0.3 behind them
+ * (checked against the binary, which refuses to start on an unknown option with
+ * `500 OOPS: unrecognised variable in config file: …`):
+ * - it knows `ssl_sslv2`, `ssl_sslv3`, `ssl_tlsv1` but NOT `ssl_tlsv1_1`, `ssl_tlsv1_2` or
+ *   `ssl_tlsv1_3`; it uses OpenSSL 3's TLS_server_method, so TLS 1.2 and TLS 1.3 are both on
+ *   and no vsftpd option turns TLS 1.3 off. `tlsv13: false` therefore caps the server through
+ *   OpenSSL itself: an OPENSSL_CONF file with `MaxProtocol = TLSv1.2` in its environment.
+ * - with the default `ssl_ciphers`, TLS 1.2 needs an RSA server key (helpers/tls.ts makes one).
+ */
+export interface VsftpdSslOptions {
+  /** PEM certificate (chain) file: `rsa_cert_file`. */
+  readonly cert: string;
+  /** PEM private key file: `rsa_private_key_file`. */
+  readonly key: string;
+  /** `implicit_ssl=YES`: TLS from the first byte (port-990 style); plain clients cannot talk to it. */
+  readonly implicit?: boolean;
+  /** `force_local_logins_ssl`; default true (vsftpd's default). */
+  readonly forceLogins?: boolean;
+  /** `force_local_data_ssl`; default true (vsftpd's default). */
+  readonly forceData?: boolean;
+  /** `require_ssl_reuse`; default true (vsftpd's default): data TLS must resume the control session. */
+  readonly requireReuse?: boolean;
+  /** Offer TLS 1.3; default true. false caps the server at TLS 1.2 (see above). */
+  readonly tlsv13?: boolean;
+  /** `ssl_ciphers` (TLS ≤ 1.2 cipher list); default vsftpd's. */
+  readonly ciphers?: string;
+  /** `debug_ssl=YES`: the protocol log then names each connection's TLS version and "reused". */
+  readonly debug?: boolean;
+}
+
+/** The vsftpd.conf lines for `ssl` (anonymous FTPS stays off: the tests log in as a local user). */
+function sslSettings(ssl: VsftpdSslOptions): Record<string, string> {
+  const yesNo = (value: boolean): string => (value ? 'YES' : 'NO');
+  return {
+    ssl_enable: 'YES',
+    rsa_cert_file: ssl.cert,
+    rsa_private_key_file: ssl.key,
+    allow_anon_ssl: 'NO',
+    force_local_logins_ssl: yesNo(ssl.forceLogins ?? true),
+    force_local_data_ssl: yesNo(ssl.forceData ?? true),
+    require_ssl_reuse: yesNo(ssl.requireReuse ?? true),
+    implicit_ssl: yesNo(ssl.implicit ?? false),
+    debug_ssl: yesNo(ssl.debug ?? false),
+    ...(ssl.ciphers !== undefined ? { ssl_ciphers: ssl.ciphers } : {}),
+  };
+}
+
+/** OpenSSL config that caps every TLS context in the process at TLS 1.2. */
+const OPENSSL_TLS12_ONLY = [
+  'openssl_conf = openssl_init',
+  '[openssl_init]',
+  'ssl_conf = ssl_section',
+  '[ssl_section]',
+  'system_default = system_default_section',
+  '[system_default_section]',
+  'MaxProtocol = TLSv1.2',
+  '',
+].join('\n');
 
 export interface VsftpdInstance {
   readonly host: string;
@@ -127,6 +190,7 @@ export async function startVsftpd(options: VsftpdOptions = {}): Promise<VsftpdIn
     max_per_ip: '0',
     use_localtime: 'NO',
     ftpd_banner: 'ftpnp test vsftpd',
+    ...(options.ssl ? sslSettings(options.ssl) : {}),
     ...(options.extra ?? {}),
   };
   if (host.includes(':')) {
@@ -139,12 +203,35 @@ export async function startVsftpd(options: VsftpdOptions = {}): Promise<VsftpdIn
   if (options.pasvAddress !== null && !host.includes(':')) settings.pasv_address = options.pasvAddress ?? '127.0.0.9';
   const confPath = join(work, 'vsftpd.conf');
   writeFileSync(confPath, Object.entries(settings).map(([k, v]) => `${k}=${v}\n`).join(''));
+  let env: NodeJS.ProcessEnv = process.env;
+  if (options.ssl?.tlsv13 === false) {
+    const opensslConf = join(work, 'openssl-tls12.cnf');
+    writeFileSync(opensslConf, OPENSSL_TLS12_ONLY);
+    env = { ...process.env, OPENSSL_CONF: opensslConf };
+  }
   const [cmd, args] = options.netns ? ['ip', ['netns', 'exec', options.netns, binary, confPath]] : [binary, [confPath]];
-  const child: ChildProcess = spawn(cmd, args as string[], { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+  // vsftpd writes a startup failure ("500 OOPS: …") to fd 0, not to stderr: give it a file there.
+  const oopsPath = join(work, 'stdin-oops.txt');
+  const oopsFd = openSync(oopsPath, 'w+');
+  const child: ChildProcess = spawn(cmd, args as string[], { stdio: [oopsFd, 'ignore', 'pipe'], detached: true, env });
+  closeSync(oopsFd);
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  if (!options.netns) await waitForGreeting(host, port, 5000, () => (child.exitCode !== null ? `vsftpd exited: ${stderr}` : null));
+  const startFailure = (): string | null =>
+    child.exitCode !== null ? `vsftpd exited: ${[stderr, readFileSync(oopsPath, 'utf8')].join(' ').trim()}` : null;
+  if (!options.netns) {
+    try {
+      await waitForGreeting(host, port, 5000, startFailure, { implicitTls: options.ssl?.implicit ?? false });
+    } catch (err) {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill('SIGKILL');
+        await exited;
+      }
+      rmSync(work, { recursive: true, force: true });
+      throw err;
+    }
+  }
   const pid = child.pid!;
   return {
     host,
@@ -186,14 +273,21 @@ export async function startVsftpd(options: VsftpdOptions = {}): Promise<VsftpdIn
   };
 }
 
-/** Poll until something on host:port sends a 220 greeting. */
-export async function waitForGreeting(host: string, port: number, timeoutMs: number, failed: () => string | null = () => null): Promise<void> {
+/** Poll until something on host:port sends a 220 greeting (inside TLS for an implicit FTPS server). */
+export async function waitForGreeting(
+  host: string,
+  port: number,
+  timeoutMs: number,
+  failed: () => string | null = () => null,
+  options: { readonly implicitTls?: boolean } = {},
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const reason = failed();
     if (reason) throw new Error(reason);
     const ok = await new Promise<boolean>((resolve) => {
-      const socket = net.connect({ host, port });
+      // Readiness only: the certificate is the tests' business, not the poll's.
+      const socket = options.implicitTls ? tls.connect({ host, port, rejectUnauthorized: false }) : net.connect({ host, port });
       let data = '';
       const done = (result: boolean): void => {
         socket.destroy();
