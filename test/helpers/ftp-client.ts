@@ -69,6 +69,14 @@ export class FtpClient {
     });
   }
 
+  /**
+   * Drive a socket that is already connected, e.g. the TLSSocket that replaced a control
+   * connection after `AUTH TLS` / `234` (RFC 4217 §4): nothing has been read from it yet.
+   */
+  static over(socket: net.Socket): FtpClient {
+    return new FtpClient(socket);
+  }
+
   /** The server sent FIN (or the socket closed). */
   get ended(): boolean {
     return this.endedValue || this.closedValue;
