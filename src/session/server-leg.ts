@@ -118,8 +118,10 @@ export class ServerLeg<T> {
     });
     this.pendingDial = attempt;
     const fail = (err: ProxyError): void => {
+      const cancelled = this.pendingDial === null;
       this.pendingDial = null;
-      if (this.failed) return;
+      // A dial the session gave up (it is closing) is no unreachable server: nothing to report.
+      if (this.failed || cancelled) return;
       this.failed = true;
       this.metrics.upstreamConnect(this.config.name, false, seconds());
       if (err.code === 'FTPP_ERR_UPSTREAM_CONNECT_TIMEOUT') this.hooks.limitHit('upstream-connect-timeout', { upstream: target });
@@ -127,6 +129,10 @@ export class ServerLeg<T> {
       this.hooks.unreachable(err);
     };
     attempt.connected.then((socket) => {
+      if (this.pendingDial === null) {
+        socket.destroy(); // given up meanwhile
+        return;
+      }
       this.pendingDial = null;
       // The server's address is what data connections are checked against and dialled: a
       // connection reset before we could read it is a failed connect, not a placeholder.
