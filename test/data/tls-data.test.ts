@@ -22,7 +22,7 @@ import { join } from 'node:path';
 import { createRelay, relayImplementation, relayKindFor, SpliceRelay } from '../../src/data/splice-relay.js';
 import { DataRelay, resetSocket, type Relay } from '../../src/data/relay.js';
 import { delay, waitFor, withTimeout } from '../helpers/async.js';
-import { readAll } from '../helpers/sockets.js';
+import { readAll, socketPair, type SocketPair } from '../helpers/sockets.js';
 
 /** The type of `t` inside a subtest callback. */
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0];
@@ -50,22 +50,12 @@ t.teardown(() => {
   if (certDir) rmSync(certDir, { recursive: true, force: true });
 });
 
-/** Two connected plain TCP sockets on loopback: `app` dialled, `inner` accepted. */
-async function tcpPair(): Promise<{ app: net.Socket; inner: net.Socket }> {
-  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
-  const port = (server.address() as net.AddressInfo).port;
-  const innerP = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
-  const app = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true });
-  await new Promise<void>((resolve, reject) => {
-    app.once('connect', () => resolve());
-    app.once('error', reject);
-  });
-  const inner = await innerP;
-  server.close();
-  allSockets.add(app);
-  allSockets.add(inner);
-  return { app, inner };
+/** Two connected plain TCP sockets on loopback: `app` dialled, `inner` accepted (closed with allSockets). */
+async function tcpPair(): Promise<SocketPair> {
+  const pair = await socketPair({ teardown: () => {} });
+  allSockets.add(pair.app);
+  allSockets.add(pair.inner);
+  return pair;
 }
 
 function tlsServer(socket: net.Socket): tls.TLSSocket {

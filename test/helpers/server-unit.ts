@@ -4,11 +4,10 @@
  * ports, and plain TCP connects. Not a test file itself (tap runs only *.test.ts).
  */
 import net from 'node:net';
-import { Writable } from 'node:stream';
 import { validateConfigText } from '../../src/config/load.js';
 import type { ListenerConfig, ProxyConfig } from '../../src/config/schema.js';
-import { createLogger, type Logger } from '../../src/log.js';
 import type { KernelMappingOutcome, PoolKind, PoolStats, ProxyMetrics, RejectionReason } from '../../src/metrics.js';
+import { connectResult as connectOutcome } from './ops.js';
 
 export interface ListenerYaml {
   readonly name: string;
@@ -52,19 +51,7 @@ export function listenerConfig(listener: ListenerYaml): ListenerConfig {
 export type LogRecord = Record<string, unknown>;
 
 /** A pino logger (the proxy's own settings) whose records are kept in memory. */
-export function memoryLogger(level = 'debug'): { log: Logger; records: () => LogRecord[] } {
-  let text = '';
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      text += chunk.toString();
-      cb();
-    },
-  });
-  return {
-    log: createLogger(level, sink),
-    records: () => text.split('\n').filter(Boolean).map((line) => JSON.parse(line) as LogRecord),
-  };
-}
+export { memoryLogger } from './logs.js';
 
 /** Every ProxyMetrics call, in order. */
 export class RecordingMetrics implements ProxyMetrics {
@@ -117,22 +104,7 @@ export function closeServer(server: net.Server): Promise<void> {
 }
 
 /** Connect once: 'connected' or the error code (ECONNREFUSED...). */
+/** ops.ts's connectResult with the port first (most calls here name only a port). */
 export function connectResult(port: number, host = '127.0.0.1', timeoutMs = 3000): Promise<string> {
-  return new Promise((resolve) => {
-    const socket = net.connect({ host, port });
-    const timer = setTimeout(() => {
-      socket.destroy();
-      resolve('timeout');
-    }, timeoutMs);
-    socket.once('connect', () => {
-      clearTimeout(timer);
-      socket.destroy();
-      resolve('connected');
-    });
-    socket.once('error', (err: NodeJS.ErrnoException) => {
-      clearTimeout(timer);
-      socket.destroy();
-      resolve(err.code ?? err.message);
-    });
-  });
+  return connectOutcome(host, port, timeoutMs);
 }

@@ -8,19 +8,18 @@
  */
 import t from 'tap';
 import net from 'node:net';
-import { Writable } from 'node:stream';
 import type { Advertiser } from '../../../src/advertise.js';
 import { validateConfigText } from '../../../src/config/load.js';
 import type { ListenerConfig } from '../../../src/config/schema.js';
 import type { Reply } from '../../../src/control/reply.js';
 import { PortPool } from '../../../src/data/port-pool.js';
-import { createLogger } from '../../../src/log.js';
 import { NOOP_METRICS, type ProxyMetrics, type RejectionReason } from '../../../src/metrics.js';
 import { ReplyQueue } from '../../../src/reply-queue.js';
 import { DataSetup, type UpstreamForData } from '../../../src/session/data-setup.js';
 import { PortBlocks } from '../../helpers/fake-server.js';
 import type { TapTest } from '../../helpers/tap.js';
 import { proxyYaml } from '../../helpers/proxy.js';
+import { memoryLogger } from '../../helpers/logs.js';
 
 const PORTS = new PortBlocks(16000);
 const MAX_DATA_CHANNELS = 2;
@@ -41,11 +40,6 @@ const CONFIG: ListenerConfig = validateConfigText(proxyYaml({
   ].join('\n'),
 }), 'test').listeners[0]!;
 
-function memoryLogger(): { log: ReturnType<typeof createLogger>; records: () => Array<Record<string, unknown>> } {
-  let text = '';
-  const sink = new Writable({ write(chunk: Buffer, _enc, cb) { text += chunk.toString(); cb(); } });
-  return { log: createLogger('debug', sink), records: () => text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>) };
-}
 
 function reply(text: string): Reply {
   return { code: Number(text.slice(0, 3)), lines: [text], raw: Buffer.from(`${text}\r\n`, 'latin1') };

@@ -5,9 +5,8 @@
  */
 import t from 'tap';
 import net from 'node:net';
-import { Writable } from 'node:stream';
 import { validateConfigText } from '../../../src/config/load.js';
-import { createLogger } from '../../../src/log.js';
+import { memoryLogger } from '../../helpers/logs.js';
 import { NOOP_METRICS, type ProxyMetrics } from '../../../src/metrics.js';
 import { ReplyQueue } from '../../../src/reply-queue.js';
 import { ServerLeg, type ServerLegHooks } from '../../../src/session/server-leg.js';
@@ -34,13 +33,11 @@ async function server(t: TapTest, onConnection: (socket: net.Socket) => void): P
 }
 
 function rig(port: number): Rig {
-  let text = '';
-  const sink = new Writable({ write(chunk: Buffer, _enc, cb) { text += chunk.toString(); cb(); } });
-  const log = createLogger('debug', sink);
+  const { log, records } = memoryLogger();
   const config = validateConfigText(proxyYaml({ upstreamHost: '127.0.0.1', upstreamPort: port }), 'test').listeners[0]!;
   let out = '';
   const replies = new ReplyQueue((bytes) => { out += bytes.toString('latin1'); }, () => {});
-  const r: Rig = { leg: null as unknown as ServerLeg<string>, replies, written: () => out, events: [], connects: [], records: () => text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>), connected: null };
+  const r: Rig = { leg: null as unknown as ServerLeg<string>, replies, written: () => out, events: [], connects: [], records, connected: null };
   const metrics: ProxyMetrics = { ...NOOP_METRICS, upstreamConnect: (_l, ok) => { r.connects.push(ok); } };
   const hooks: ServerLegHooks<string> = {
     connected: (upstream) => { r.connected = upstream; r.events.push('connected'); upstream.connection.start(); },

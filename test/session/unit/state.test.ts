@@ -4,16 +4,10 @@
  */
 import t from 'tap';
 import net from 'node:net';
-import { Writable } from 'node:stream';
-import { createLogger } from '../../../src/log.js';
 import { canTransition, SessionLifecycle, type SessionStateKind, type UpstreamControl } from '../../../src/session/state.js';
 import { ControlConnection } from '../../../src/session/control-connection.js';
+import { memoryLogger } from '../../helpers/logs.js';
 
-function memoryLogger(): { log: ReturnType<typeof createLogger>; records: () => Array<Record<string, unknown>> } {
-  let text = '';
-  const sink = new Writable({ write(chunk: Buffer, _enc, cb) { text += chunk.toString(); cb(); } });
-  return { log: createLogger('debug', sink), records: () => text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>) };
-}
 
 /** An UpstreamControl around an unconnected socket: the lifecycle only carries it. */
 function fakeUpstream(): UpstreamControl {

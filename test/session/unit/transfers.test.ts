@@ -6,7 +6,6 @@
  * a channel's end is counted (accept and idle timeouts) and removes its entry.
  */
 import t from 'tap';
-import { Writable } from 'node:stream';
 import { parseCommandLine, type ClientCommand } from '../../../src/control/command.js';
 import { replyLine, type Reply } from '../../../src/control/reply.js';
 import type { TransferDirection } from '../../../src/control/rewrite.js';
@@ -15,11 +14,11 @@ import type { ListenerConfig } from '../../../src/config/schema.js';
 import type { DataChannel, PairOptions } from '../../../src/data/channel.js';
 import type { RelayResult } from '../../../src/data/relay.js';
 import { ProxyError, type ErrorCode } from '../../../src/errors.js';
-import { createLogger } from '../../../src/log.js';
 import { NOOP_METRICS, type ProxyMetrics, type RejectionReason, type TransferResult } from '../../../src/metrics.js';
 import { ReplyQueue, type ReplySlot } from '../../../src/reply-queue.js';
 import { Transfers, type TransferContext, type TransfersDeps } from '../../../src/session/transfers.js';
 import { proxyYaml } from '../../helpers/proxy.js';
+import { memoryLogger } from '../../helpers/logs.js';
 
 const HOLD_MS = 200;
 const LINGER_MS = 1500;
@@ -36,11 +35,6 @@ const CONFIG: ListenerConfig = validateConfigText(proxyYaml({
   ].join('\n'),
 }), 'test').listeners[0]!;
 
-function memoryLogger(): { log: ReturnType<typeof createLogger>; records: () => Array<Record<string, unknown>> } {
-  let text = '';
-  const sink = new Writable({ write(chunk: Buffer, _enc, cb) { text += chunk.toString(); cb(); } });
-  return { log: createLogger('debug', sink), records: () => text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>) };
-}
 
 function command(text: string): ClientCommand {
   const parsed = parseCommandLine(Buffer.from(text, 'latin1'));
