@@ -27,12 +27,10 @@ import { DataSetup } from './session/data-setup.js';
 import { Transfers, type TransferContext } from './session/transfers.js';
 import { SessionLifecycle, type ExpectedServerClose, type SessionState, type UpstreamControl } from './session/state.js';
 import { ServerLeg } from './session/server-leg.js';
-import { NamedTimers } from './session/timers.js';
+import { SessionTimeouts } from './session/timeouts.js';
 
 /** Pause reading the server while this much reply text waits for the client. */
 const REPLY_HIGH_WATER_BYTES = 256 * 1024;
-/** After the last reply is flushed, how long a closing session waits for the client's FIN. */
-const CLOSE_GRACE_MS = 2000;
 /** After a client FIN with no transfer running: how long pending server replies may take. */
 const CLIENT_GONE_DEADLINE_MS = 4000;
 
@@ -61,7 +59,7 @@ export class Session {
   private epsvAll = false;
   private user: string | null = null;
   private readonly limitHit: (reason: RejectionReason, fields?: Record<string, unknown>) => void;
-  private readonly timers = new NamedTimers<'idle' | 'login' | 'close-deadline' | 'close-grace'>();
+  private readonly timeouts: SessionTimeouts;
   private closeReason = '';
   private resolveClosed!: () => void;
 
@@ -76,12 +74,19 @@ export class Session {
     this.log = deps.log.child({ session: this.id, client: `${this.clientIp}:${endpoints.client.port}` });
     this.lifecycle = new SessionLifecycle(this.log);
     this.limitHit = limitReporter(deps.metrics, config.name, this.log);
+    this.timeouts = new SessionTimeouts(config.timeouts, this.log, {
+      busy: () => this.transfers.count > 0,
+      finished: () => this.lifecycle.isFinished,
+      abandon: (why, replyText) => this.abandon(why, replyText),
+      teardown: (why) => this.teardown(why),
+      limitHit: this.limitHit,
+    });
     this.closed = new Promise((resolve) => {
       this.resolveClosed = resolve;
     });
     this.client = new ClientLeg(socket, config, this.log, {
       execute: this.executeLine,
-      activity: this.armIdleTimer,
+      activity: () => this.timeouts.activity(),
       close: (why, replyText) => this.beginClose(why, replyText),
       fin: this.onClientFin,
       gone: (why) => this.teardown(why),
@@ -143,10 +148,9 @@ export class Session {
     const { endpoints } = this.deps;
     this.log.info({ event: 'session-start', listener: this.config.name, local: `${endpoints.local.ip}:${endpoints.local.port}`, dialled: `${endpoints.dialled.ip}:${endpoints.dialled.port}` }, 'session start');
     this.deps.metrics.sessionOpened(this.config.name);
-    this.timers.set('login', this.config.timeouts.loginMs, this.onLoginTimeout);
     // The greeting is the reply to "connecting" (RFC 959 §5.4: 120 then 220, or 220, or 421).
     this.server.exchange.expect(this.replies.open());
-    this.armIdleTimer();
+    this.timeouts.start();
     this.server.connect();
     if (endpoints.initialData) this.client.connection.feed(endpoints.initialData);
     this.client.connection.start();
@@ -159,7 +163,7 @@ export class Session {
     this.log.debug({ event: 'client-fin' }, 'client closed its side');
     // A server that never answers nor closes must not keep the session forever. A client
     // that hung up without a transfer running has little left to wait for: a short deadline.
-    this.armCloseDeadline(this.transfers.count > 0 ? undefined : CLIENT_GONE_DEADLINE_MS);
+    this.timeouts.closing(this.transfers.count > 0 ? undefined : CLIENT_GONE_DEADLINE_MS);
     const state = this.lifecycle.state;
     if (state.kind === 'connecting') {
       this.lifecycle.transition({ kind: 'connecting', clientFin: true });
@@ -262,7 +266,7 @@ export class Session {
     const state = this.lifecycle.state;
     if (reply.code !== 230 || state.kind !== 'open' || state.loggedIn) return;
     this.lifecycle.transition({ ...state, loggedIn: true });
-    this.timers.clear('login');
+    this.timeouts.loggedIn();
   };
 
   private readonly onUpstreamTimeout = (command: string, waitedMs: number): void => {
@@ -306,40 +310,6 @@ export class Session {
     if (this.lifecycle.state.kind === 'closing' && this.replies.isEmpty) this.finishClose();
   };
 
-  // ---------------------------------------------------------------- limits and timers
-
-  /** Only a complete command is activity (issue #10: the bytes of an endless line are not). */
-  private readonly armIdleTimer = (): void => {
-    if (!this.lifecycle.isFinished) this.timers.set('idle', this.config.timeouts.idleMs, this.onIdle);
-  };
-
-  private readonly onIdle = (): void => {
-    if (this.lifecycle.isFinished) return;
-    // A long transfer keeps the control connection quiet; that is not idleness.
-    if (this.transfers.count > 0) return this.armIdleTimer();
-    this.limitHit('idle-timeout', { code: 'FTPP_ERR_IDLE_TIMEOUT', idleMs: this.config.timeouts.idleMs });
-    // Abandon, not a graceful close: if the server still owes a reply it is hung, and the
-    // 421 must not wait behind that reply.
-    this.abandon('idle timeout', REPLY_FOR_CODE.FTPP_ERR_IDLE_TIMEOUT);
-  };
-
-  private readonly onLoginTimeout = (): void => {
-    const state = this.lifecycle.state;
-    if ((state.kind === 'open' && state.loggedIn) || this.lifecycle.isFinished) return;
-    this.limitHit('login-timeout', { code: 'FTPP_ERR_LOGIN_TIMEOUT', loginMs: this.config.timeouts.loginMs });
-    this.abandon('login timeout', REPLY_FOR_CODE.FTPP_ERR_LOGIN_TIMEOUT);
-  };
-
-  /** Tear down after a bounded time, whatever is still pending (a hung peer). */
-  private armCloseDeadline(ms?: number): void {
-    if (this.lifecycle.isClosed) return;
-    const { transferReplyHoldMs, upstreamReplyMs } = this.config.timeouts;
-    this.timers.setOnce('close-deadline', ms ?? Math.max(transferReplyHoldMs, upstreamReplyMs) + CLOSE_GRACE_MS, () => {
-      this.log.warn({ event: 'close-deadline' }, 'session did not finish closing in time; tearing down');
-      this.teardown(this.closeReason || 'close deadline');
-    });
-  }
-
   // ---------------------------------------------------------------- closing
 
   /**
@@ -367,7 +337,7 @@ export class Session {
     const upstream = this.lifecycle.upstream;
     const quitSent = state.kind === 'open' && state.serverCloseExpected === 'quit';
     this.lifecycle.transition({ kind: 'closing', upstream, why: this.closeReason });
-    this.armCloseDeadline();
+    this.timeouts.closing();
     this.client.stop();
     this.server.cancel();
     this.dataSetup.releasePending('session closing');
@@ -377,19 +347,18 @@ export class Session {
   }
 
   private finishClose(): void {
-    if (this.lifecycle.isClosed || this.timers.has('close-grace')) return;
+    // Give the client a moment to read the last reply and close; then force it.
+    if (this.lifecycle.isClosed || !this.timeouts.grace()) return;
     this.client.connection.end();
     // Read (and drop) what the client still sends so its FIN closes the socket at once.
     this.client.connection.discardInput();
-    // Give the client a moment to read the last reply and close; then force it.
-    this.timers.set('close-grace', CLOSE_GRACE_MS, () => this.teardown(this.closeReason || 'closed'), { unref: true });
   }
 
   /** Release everything. Idempotent; the first reason wins. */
   teardown(reason: string): void {
     this.closeReason ||= reason;
     if (!this.lifecycle.transition({ kind: 'closed', why: this.closeReason })) return;
-    this.timers.clearAll();
+    this.timeouts.stopAll();
     this.server.abandon();
     this.client.pipeline.stop();
     this.failExpectations();
