@@ -4,16 +4,16 @@
  */
 import { readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
-import { LineCounter, parseDocument, type Document, type Node } from "yaml";
+import { LineCounter, parseDocument } from "yaml";
 import ipaddr from 'ipaddr.js';
 import { ProxyError } from '../errors.js';
 import { parseCidr } from '../control/ip.js';
+import { Validator, bool, checkKeys, cidrList, int, isHostname, isObject, parseListenAddress, parsePortRange, relayPortsPerIp, section, str } from './validator.js';
 import type {
   Advertise,
   AdvertiseRule,
   DataPath,
   DataMode,
-  HostAndPort,
   ListenerConfig,
   PortRange,
   ProxyConfig,
@@ -21,13 +21,13 @@ import type {
   LimitsConfig,
   AclConfig,
   AdminConfig,
-  CidrRule,
   ConfigIssue,
   ProxyProtocolAccept,
   ProxyProtocolConfig,
 } from './schema.js';
 
 export type { ConfigIssue } from './schema.js';
+export { parseListenAddress, parsePortRange } from './validator.js';
 
 export class ConfigError extends ProxyError {
   readonly issues: readonly ConfigIssue[];
@@ -77,145 +77,6 @@ export const PROXY_PROTOCOL_TIMEOUT_SECONDS = 5;
 export const DRAIN_SECONDS = 30;
 
 export const DEFAULT_PASSIVE_PORTS = '60000-60099';
-
-class Validator {
-  readonly issues: ConfigIssue[] = [];
-  /** Non-fatal: the config still loads (ProxyConfig.warnings). */
-  readonly warnings: ConfigIssue[] = [];
-  constructor(private readonly doc: Document, private readonly lines: LineCounter) {}
-
-  lineOf(path: readonly (string | number)[]): number {
-    for (let n = path.length; n >= 0; n--) {
-      const node = (n === 0 ? this.doc.contents : this.doc.getIn(path.slice(0, n), true)) as Node | undefined;
-      const start = node && (node as { range?: [number, number, number] }).range?.[0];
-      if (typeof start === 'number') return this.lines.linePos(start).line;
-    }
-    return 0;
-  }
-
-  fail(path: readonly (string | number)[], message: string): void {
-    this.issues.push({ path: formatPath(path), line: this.lineOf(path), message });
-  }
-
-  warn(path: readonly (string | number)[], message: string): void {
-    this.warnings.push({ path: formatPath(path), line: this.lineOf(path), message });
-  }
-}
-
-function formatPath(path: readonly (string | number)[]): string {
-  let out = '';
-  for (const part of path) out += typeof part === 'number' ? `[${part}]` : out === '' ? part : `.${part}`;
-  return out;
-}
-
-type Obj = Record<string, unknown>;
-
-function isObject(value: unknown): value is Obj {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
-
-function checkKeys(v: Validator, path: (string | number)[], value: Obj, allowed: readonly string[]): void {
-  for (const key of Object.keys(value)) {
-    if (!allowed.includes(key)) v.fail([...path, key], `unknown key (allowed: ${allowed.join(', ')})`);
-  }
-}
-
-function section(v: Validator, path: (string | number)[], value: unknown, allowed: readonly string[]): Obj {
-  if (value === undefined || value === null) return {};
-  if (!isObject(value)) {
-    v.fail(path, 'must be a mapping');
-    return {};
-  }
-  checkKeys(v, path, value, allowed);
-  return value;
-}
-
-export function parsePortRange(text: string): PortRange | null {
-  const match = /^\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?$/.exec(text);
-  if (!match) return null;
-  const first = Number(match[1]);
-  const last = match[2] === undefined ? first : Number(match[2]);
-  if (first < 1 || last > 65535 || first > last) return null;
-  return { first, last };
-}
-
-/** "host:port" or "[v6]:port"; host must be an IP literal. */
-export function parseListenAddress(text: string): HostAndPort | null {
-  const v6 = /^\[([^\]]+)\]:(\d{1,5})$/.exec(text);
-  const v4 = /^([^:[\]]+):(\d{1,5})$/.exec(text);
-  const match = v6 ?? v4;
-  if (!match) return null;
-  const host = match[1]!;
-  const port = Number(match[2]);
-  if (port > 65535) return null;
-  if (v6 ? isIP(host) !== 6 : isIP(host) !== 4) return null;
-  return { host: ipaddr.parse(host).toString(), port };
-}
-
-function isHostname(text: string): boolean {
-  // RFC 1123 §2.1: a host name never has the dotted-decimal form; an all-numeric last label
-  // is a mistyped IP ("203.0.113.300"), which would otherwise only fail at run time.
-  if (/(^|\.)\d+\.?$/.test(text)) return false;
-  return text.length <= 253 && /^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/.test(text);
-}
-
-function str(v: Validator, path: (string | number)[], value: unknown, fallback: string | undefined): string | undefined {
-  if (value === undefined || value === null) {
-    if (fallback === undefined) v.fail(path, 'is required');
-    return fallback;
-  }
-  if (typeof value !== 'string' && typeof value !== 'number') {
-    v.fail(path, 'must be a string');
-    return undefined;
-  }
-  return String(value);
-}
-
-function int(v: Validator, path: (string | number)[], value: unknown, fallback: number, min: number, max: number): number {
-  if (value === undefined || value === null) return fallback;
-  if (typeof value !== 'number' || !Number.isFinite(value) || value < min || value > max) {
-    v.fail(path, `must be a number from ${min} to ${max}`);
-    return fallback;
-  }
-  return value;
-}
-
-/** `auto` (the default: a share of each pool, see relayPortsPerIpCap) or a whole number of ports. */
-function relayPortsPerIp(v: Validator, path: (string | number)[], value: unknown): number | 'auto' {
-  if (value === undefined || value === null || value === 'auto') return 'auto';
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > 65535) {
-    v.fail(path, 'must be "auto" or a whole number from 1 to 65535');
-    return 'auto';
-  }
-  return value;
-}
-
-function bool(v: Validator, path: (string | number)[], value: unknown, fallback: boolean): boolean {
-  if (value === undefined || value === null) return fallback;
-  if (typeof value !== 'boolean') {
-    v.fail(path, 'must be true or false');
-    return fallback;
-  }
-  return value;
-}
-
-function cidrList(v: Validator, path: (string | number)[], value: unknown): CidrRule[] {
-  if (value === undefined || value === null) return [];
-  if (!Array.isArray(value)) {
-    v.fail(path, 'must be a list of CIDRs such as 10.0.0.0/8');
-    return [];
-  }
-  const out: CidrRule[] = [];
-  value.forEach((item: unknown, i: number) => {
-    const text = String(item);
-    try {
-      out.push(Object.freeze({ cidr: parseCidr(text), text }));
-    } catch {
-      v.fail([...path, i], `"${text}" is not a CIDR such as 10.0.0.0/8`);
-    }
-  });
-  return out;
-}
 
 function validateListener(v: Validator, index: number, raw: unknown): ListenerConfig | null {
   const base: (string | number)[] = ['listeners', index];

@@ -7,7 +7,7 @@
 import t from 'tap';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import { PortBlocks, readUpload, noLeaks, startHarness } from '../helpers/fake-server.js';
+import { PortBlocks, readUpload, noLeaks, startHarness, type FakeHandler } from '../helpers/fake-server.js';
 import { openData, parse227, type FtpClient } from '../helpers/ftp-client.js';
 import { delay, withTimeout } from '../helpers/async.js';
 import { readAll } from '../helpers/sockets.js';
@@ -34,6 +34,23 @@ function relayTest(name: string, fn: (t: TapTest) => Promise<void>): void {
       await fn(t);
     });
   }
+}
+
+/**
+ * A RETR handler that queues the whole file and its FIN and sends the 226 at once, as vsftpd
+ * does once the last bytes are in its socket buffer: the proxy must hold the 226 until the
+ * data is delivered, and the server cannot know whether the client's leg will fail.
+ */
+function retrThen226AtOnce(file: Buffer): FakeHandler {
+  return async (command, session) => {
+    if (command.verb !== 'RETR') return false;
+    const data = await session.takeData();
+    if (!data) return false;
+    session.reply('150 Opening BINARY mode data connection.');
+    data.end(file);
+    session.reply('226 Transfer complete.');
+    return true;
+  };
 }
 
 async function pasvPort(t: TapTest, client: FtpClient): Promise<number> {
@@ -310,17 +327,7 @@ relayTest('a client that never reads: after transferReplyHold the data leg is re
   const h = await startHarness(t, {
     ports,
     extraYaml: ['    timeouts:', '      transferReplyHoldSeconds: 1', '      dataConnectSeconds: 2'].join('\n'),
-    fake: {
-      handler: async (command, session) => {
-        if (command.verb !== 'RETR') return false;
-        const data = await session.takeData();
-        if (!data) return false;
-        session.reply('150 Opening BINARY mode data connection.');
-        data.end(BIG);
-        session.reply('226 Transfer complete.'); // at once: the proxy must hold it
-        return true;
-      },
-    },
+    fake: { handler: retrThen226AtOnce(BIG) },
   });
   const client = await h.login();
   const port = await pasvPort(t, client);
@@ -343,19 +350,7 @@ relayTest('a client that resets its data connection mid-download gets 426, never
   const BIG = Buffer.alloc(32 * 1024 * 1024, 0x44);
   const h = await startHarness(t, {
     ports,
-    fake: {
-      handler: async (command, session) => {
-        if (command.verb !== 'RETR') return false;
-        const data = await session.takeData();
-        if (!data) return false;
-        session.reply('150 Opening BINARY mode data connection.');
-        data.end(BIG);
-        // At once, as vsftpd does once the last bytes are in its socket buffer: the server
-        // cannot know that the proxy's client leg will fail.
-        session.reply('226 Transfer complete.');
-        return true;
-      },
-    },
+    fake: { handler: retrThen226AtOnce(BIG) },
   });
   const client = await h.login();
   const port = await pasvPort(t, client);
