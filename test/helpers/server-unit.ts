@@ -78,17 +78,8 @@ export class RecordingMetrics implements ProxyMetrics {
   }
 }
 
-/** A loopback port nobody listens on right now. */
-export function freePort(host = '127.0.0.1'): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, host, () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
+/** A loopback port nobody listens on right now (the vsftpd helper's). */
+export { freePort } from './vsftpd.js';
 
 /** Listen on host:port (the test holds a port the code under test wants); closed by the caller. */
 export function occupy(port: number, host = '127.0.0.1'): Promise<net.Server> {
