@@ -182,6 +182,7 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     abortIdleMs: Math.round(int(v, [...tp, 'abortIdleMilliseconds'], t.abortIdleMilliseconds, TIMEOUT_DEFAULTS.abortIdleMilliseconds, 1, 10000)),
     loginMs: seconds('loginSeconds'),
     dataIdleMs: seconds('dataIdleSeconds'),
+    tlsHandshakeMs: 10_000,
   };
 
   const lp = [...base, 'limits'];
@@ -231,12 +232,13 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
   return {
     name,
     listen,
-    upstream: { host: upHost, port: upPort, dataMode, activePorts, bind },
+    upstream: { host: upHost, port: upPort, dataMode, activePorts, bind, tls: null },
     client: { advertise, advertiseFor, passivePorts, portNatFixup, bindAllPassivePorts, dataPath },
     timeouts,
     limits,
     acl,
     proxyProtocol,
+    tls: null,
   };
 }
 

@@ -34,12 +34,52 @@ export interface AdvertiseRule {
   readonly address: string;
 }
 
+/** How TLS starts on a control connection: after `AUTH TLS` (RFC 4217) or at connect (port 990). */
+export type TlsMode = 'explicit' | 'implicit';
+
+export type TlsVersion = 'TLSv1.2' | 'TLSv1.3';
+
+/**
+ * TLS toward clients (`listeners[].tls`, issue #12, protocol.md §5). The PEM text is read
+ * and checked (parses, key matches certificate) when the file is loaded, so a reload with a
+ * broken key is rejected like any invalid config and the running material stays. Never logged.
+ */
+export interface ClientTlsConfig {
+  readonly mode: TlsMode;
+  readonly certFile: string;
+  readonly keyFile: string;
+  /** The certificate chain (leaf first), PEM. */
+  readonly certPem: string;
+  /** The private key, PEM. */
+  readonly keyPem: string;
+  /** Explicit only: refuse USER before AUTH (530) and PROT C transfers (522), vsftpd's force_local_*_ssl. */
+  readonly require: boolean;
+  /** `required`: a PROT P data connection must resume this control connection's TLS session. */
+  readonly dataSessionReuse: 'required' | 'off';
+  readonly minVersion: TlsVersion;
+}
+
+/** TLS toward the server (`upstream.tls`; mode off = null). */
+export interface UpstreamTlsConfig {
+  readonly mode: TlsMode;
+  /** File named by `ca` (null: the system trust store). */
+  readonly caFile: string | null;
+  /** Trusted CA certificates, PEM; null = Node's bundled roots plus the system bundle. */
+  readonly caPem: string | null;
+  /** Name verified in the certificate and sent as SNI (not sent when it is an IP address); default upstream.host. */
+  readonly servername: string;
+  /** false only for labs (a config warning). */
+  readonly verify: boolean;
+}
+
 export interface UpstreamConfig {
   readonly host: string;
   readonly port: number;
   readonly dataMode: DataMode;
   readonly activePorts: PortRange | null;
   readonly bind: string | null;
+  /** null: plain FTP toward the server. */
+  readonly tls: UpstreamTlsConfig | null;
 }
 
 export interface ClientSideConfig {
@@ -92,6 +132,8 @@ export interface TimeoutsConfig {
   readonly abortIdleMs: number;
   readonly loginMs: number;
   readonly dataIdleMs: number;
+  /** A TLS handshake (control or data, either leg) that takes longer fails (`timeouts.tlsHandshakeSeconds`). */
+  readonly tlsHandshakeMs: number;
 }
 
 export interface LimitsConfig {
@@ -118,6 +160,8 @@ export interface ListenerConfig {
   readonly limits: LimitsConfig;
   readonly acl: AclConfig;
   readonly proxyProtocol: ProxyProtocolConfig;
+  /** null: no TLS offered to clients (AUTH refused, not in FEAT). */
+  readonly tls: ClientTlsConfig | null;
 }
 
 export interface AdminConfig {
