@@ -71,6 +71,20 @@ export const ERROR_CODES = {
   FTPP_ERR_INTERNAL: 'FTPP_ERR_INTERNAL',
   /** The kernel data path (client.dataPath: kernel) cannot start, or one mapping failed (that transfer is relayed). */
   FTPP_ERR_KERNEL_PATH: 'FTPP_ERR_KERNEL_PATH',
+  /** A security command out of order: PBSZ/PROT before AUTH, AUTH twice or after login (RFC 4217 §4, §9). */
+  FTPP_ERR_TLS_SEQUENCE: 'FTPP_ERR_TLS_SEQUENCE',
+  /** CCC: clearing the control connection is refused (it only gives up protection; protocol.md §5.1). */
+  FTPP_ERR_TLS_POLICY: 'FTPP_ERR_TLS_POLICY',
+  /** `tls.require`: USER before AUTH TLS, or a transfer with PROT C (vsftpd force_local_logins_ssl/force_local_data_ssl). */
+  FTPP_ERR_TLS_REQUIRED: 'FTPP_ERR_TLS_REQUIRED',
+  /** The client's control TLS handshake failed or timed out (timeouts.tlsHandshakeSeconds); the connection is closed. */
+  FTPP_ERR_TLS_HANDSHAKE: 'FTPP_ERR_TLS_HANDSHAKE',
+  /** A PROT P data connection's TLS handshake (either leg) failed or timed out. */
+  FTPP_ERR_TLS_DATA_HANDSHAKE: 'FTPP_ERR_TLS_DATA_HANDSHAKE',
+  /** `dataSessionReuse: required`: a client's PROT P data connection did not resume its control connection's TLS session. */
+  FTPP_ERR_TLS_DATA_NOT_RESUMED: 'FTPP_ERR_TLS_DATA_NOT_RESUMED',
+  /** TLS toward the server failed: AUTH TLS refused, handshake failed, or the certificate did not verify. Never a plain fallback. */
+  FTPP_ERR_UPSTREAM_TLS: 'FTPP_ERR_UPSTREAM_TLS',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
@@ -110,6 +124,13 @@ export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze
   FTPP_ERR_PROXY_PROTOCOL: '421 Service not available.',
   FTPP_ERR_INTERNAL: '421 Internal proxy error.',
   FTPP_ERR_KERNEL_PATH: "425 Can't open data connection.",
+  FTPP_ERR_TLS_SEQUENCE: '503 Bad sequence of commands.',
+  FTPP_ERR_TLS_POLICY: '534 Request denied for policy reasons.',
+  FTPP_ERR_TLS_REQUIRED: '530 Non-anonymous sessions must use encryption.',
+  FTPP_ERR_TLS_HANDSHAKE: '421 TLS negotiation failed.',
+  FTPP_ERR_TLS_DATA_HANDSHAKE: "425 Can't open data connection: TLS negotiation failed.",
+  FTPP_ERR_TLS_DATA_NOT_RESUMED: '522 TLS session of data connection not resumed.',
+  FTPP_ERR_UPSTREAM_TLS: '421 Service not available: secure connection to the server failed.',
 });
 
 /** Base class of every error the proxy raises on purpose. */

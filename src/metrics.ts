@@ -43,6 +43,16 @@ type Direction = 'download' | 'upload';
 export type PoolKind = 'passive' | 'active';
 
 export type KernelMappingOutcome = 'added' | 'skipped' | 'failed';
+
+/** Which leg a TLS handshake was on: toward the client (proxy is TLS server) or the server (proxy is TLS client). */
+export type TlsLeg = 'client' | 'server';
+/** The connection a TLS handshake protected. */
+export type TlsChannel = 'control' | 'data';
+/** ok; failed (error, timeout, certificate); not-resumed (a data connection refused under dataSessionReuse: required). */
+export type TlsHandshakeResult = 'ok' | 'failed' | 'not-resumed';
+const TLS_LEGS: readonly TlsLeg[] = ['client', 'server'];
+const TLS_CHANNELS: readonly TlsChannel[] = ['control', 'data'];
+const TLS_RESULTS: readonly TlsHandshakeResult[] = ['ok', 'failed', 'not-resumed'];
 const KERNEL_MAPPING_OUTCOMES: readonly KernelMappingOutcome[] = ['added', 'skipped', 'failed'];
 
 /** A port pool's occupancy, read at scrape time. */
@@ -70,6 +80,8 @@ export interface ProxyMetrics {
    * `skipped` (not a channel the kernel can carry: relayed), `failed` (mapping refused: relayed).
    */
   kernelMapping(listener: string, outcome: KernelMappingOutcome): void;
+  /** A TLS handshake finished (issue #12): on which leg, for which connection, and how. */
+  tlsHandshake(listener: string, leg: TlsLeg, channel: TlsChannel, result: TlsHandshakeResult): void;
   /**
    * Report a port pool's occupancy. `stats` is called on every scrape, so it must be cheap
    * and must not block; registering the same (listener, pool) again replaces the callback.
@@ -119,6 +131,7 @@ export const NOOP_METRICS: ProxyMetrics = Object.freeze({
   upstreamConnect(): void {},
   dataStranger(): void {},
   kernelMapping(): void {},
+  tlsHandshake(): void {},
   registerPool(): void {},
 });
 
@@ -211,6 +224,13 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     registers,
   });
 
+  const tlsHandshakes = new Counter({
+    name: 'ftpnp_tls_handshakes_total',
+    help: 'TLS handshakes by leg (client: the proxy is TLS server; server: the proxy is TLS client), channel (control, data) and result (ok, failed, not-resumed: a data connection that did not resume its control session under dataSessionReuse: required).',
+    labelNames: ['listener', 'leg', 'channel', 'result'] as const,
+    registers,
+  });
+
   // Pools are read at scrape time: the proxy never has to push occupancy, and a scrape always
   // sees the current value. The gauges are rebuilt on each collect so a replaced callback
   // leaves no stale series behind.
@@ -253,6 +273,11 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     upstreamFailures.inc({ listener }, 0);
     strangers.inc({ listener }, 0);
     for (const outcome of KERNEL_MAPPING_OUTCOMES) kernelMappings.inc({ listener, outcome }, 0);
+    for (const leg of TLS_LEGS) {
+      for (const channel of TLS_CHANNELS) {
+        for (const result of TLS_RESULTS) tlsHandshakes.inc({ listener, leg, channel, result }, 0);
+      }
+    }
     upstreamSeconds.zero({ listener });
     for (const reason of REJECTION_REASONS) rejections.inc({ listener, reason }, 0);
     for (const direction of TRANSFER_DIRECTIONS) {
@@ -295,6 +320,10 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     kernelMapping(listener: string, outcome: KernelMappingOutcome): void {
       ensureListener(listener);
       kernelMappings.inc({ listener, outcome });
+    },
+    tlsHandshake(listener: string, leg: TlsLeg, channel: TlsChannel, result: TlsHandshakeResult): void {
+      ensureListener(listener);
+      tlsHandshakes.inc({ listener, leg, channel, result });
     },
     registerPool(listener: string, pool: PoolKind, stats: () => PoolStats): void {
       ensureListener(listener);

@@ -28,6 +28,8 @@ import { Transfers, type TransferContext } from './session/transfers.js';
 import { SessionLifecycle, type ExpectedServerClose, type SessionState, type UpstreamControl } from './session/state.js';
 import { ServerLeg } from './session/server-leg.js';
 import { SessionTimeouts } from './session/timeouts.js';
+import { ClientTls } from './session/client-tls.js';
+import { isProxyError, type ProxyError } from './errors.js';
 
 /** Pause reading the server while this much reply text waits for the client. */
 const REPLY_HIGH_WATER_BYTES = 256 * 1024;
@@ -60,6 +62,10 @@ export class Session {
   private user: string | null = null;
   private readonly limitHit: (reason: RejectionReason, fields?: Record<string, unknown>) => void;
   private readonly timeouts: SessionTimeouts;
+  /** TLS toward the client: what its leg negotiated, its control and data handshakes. */
+  private readonly clientTls: ClientTls;
+  /** Waiting for every reply owed to be written (AUTH: the 234 must be the last plain-text bytes). */
+  private readonly flushWaiters: Array<() => void> = [];
   private closeReason = '';
   private resolveClosed!: () => void;
 
@@ -74,6 +80,9 @@ export class Session {
     this.log = deps.log.child({ session: this.id, client: `${this.clientIp}:${endpoints.client.port}` });
     this.lifecycle = new SessionLifecycle(this.log);
     this.limitHit = limitReporter(deps.metrics, config.name, this.log);
+    this.clientTls = new ClientTls(config.tls, config.timeouts.tlsHandshakeMs, this.log, {
+      handshake: (channel, result) => deps.metrics.tlsHandshake(config.name, 'client', channel, result),
+    });
     this.timeouts = new SessionTimeouts(config.timeouts, this.log, {
       busy: () => this.transfers.count > 0,
       finished: () => this.lifecycle.isFinished,
@@ -113,6 +122,7 @@ export class Session {
       runningTransfers: () => this.transfers.count,
       isFinished: () => this.lifecycle.isFinished,
       limitHit: this.limitHit,
+      dataProtected: () => this.clientTls.dataLeg() !== null || this.server.tls !== null,
     });
     this.transfers = new Transfers({
       ...deps,
@@ -123,6 +133,7 @@ export class Session {
       forward: (line, slot, transfer) => this.server.exchange.forward(line, slot, transfer ? { transfer } : {}),
       isFinished: () => this.lifecycle.isFinished,
       limitHit: this.limitHit,
+      dataSecurity: () => ({ client: this.clientTls.dataLeg(), server: this.server.dataLeg() }),
     });
   }
 
@@ -140,6 +151,7 @@ export class Session {
       loggedIn: state.kind === 'open' && state.loggedIn,
       ownAddresses: this.own.addresses,
       ownNames: this.own.names,
+      protection: this.clientTls.protection,
     };
   }
 
@@ -151,9 +163,56 @@ export class Session {
     // The greeting is the reply to "connecting" (RFC 959 §5.4: 120 then 220, or 220, or 421).
     this.server.exchange.expect(this.replies.open());
     this.timeouts.start();
+    if (this.clientTls.isImplicit) {
+      void this.startImplicitTls();
+      return;
+    }
     this.server.connect();
     if (endpoints.initialData) this.client.connection.feed(endpoints.initialData);
     this.client.connection.start();
+  }
+
+  /**
+   * Implicit FTPS (port 990, protocol.md §5.2): the handshake comes first (after a PROXY
+   * header, whose trailing bytes are the ClientHello's start), the server is dialled only
+   * once the client has proven it speaks TLS, and its 220 then goes out encrypted.
+   */
+  private async startImplicitTls(): Promise<void> {
+    this.client.connection.start();
+    if (!(await this.secureClientControl(this.deps.endpoints.initialData))) return;
+    this.server.connect();
+  }
+
+  /** The client's control TLS handshake; on failure the session is over (no reply can reach it). */
+  private async secureClientControl(alreadyRead: Buffer | null): Promise<boolean> {
+    try {
+      await this.clientTls.secureControl(this.client.connection, alreadyRead);
+    } catch (err) {
+      const code = isProxyError(err) ? err.code : 'FTPP_ERR_TLS_HANDSHAKE';
+      this.log.warn({ event: 'tls-handshake-failed', code, leg: 'client', err: (err as Error).message }, 'client TLS handshake failed');
+      this.teardown('client TLS handshake failed');
+      return false;
+    }
+    return !this.lifecycle.isFinished;
+  }
+
+  /**
+   * AUTH TLS (RFC 4217 §4): every reply owed goes out first, then the 234 as the last
+   * plain-text bytes, then the handshake on the same socket. Lines the client pipelined
+   * behind AUTH are dropped: nothing sent in clear after AUTH may run once it is protected.
+   */
+  private async startTls(line: string, prot: 'C' | 'P'): Promise<void> {
+    await this.repliesFlushed();
+    if (this.lifecycle.isFinished) return;
+    this.replies.append(replyLine(line));
+    const dropped = this.client.pipeline.dropQueued();
+    if (dropped > 0) this.log.info({ event: 'auth-pipelined-dropped', lines: dropped }, 'commands sent after AUTH before the handshake were dropped');
+    if (await this.secureClientControl(null)) this.clientTls.setProt(prot);
+  }
+
+  private repliesFlushed(): Promise<void> {
+    if (this.replies.isEmpty) return Promise.resolve();
+    return new Promise((resolve) => this.flushWaiters.push(resolve));
   }
 
   // ---------------------------------------------------------------- the client's side
@@ -195,8 +254,18 @@ export class Session {
       case 'forward':
         this.server.exchange.forward(command.line, this.replies.open());
         return;
-      case 'feat':
-        this.server.exchange.forward(command.line, this.replies.open(), { transform: editFeatReply });
+      case 'feat': {
+        const tlsOffered = this.config.tls !== null;
+        this.server.exchange.forward(command.line, this.replies.open(), { transform: (reply) => editFeatReply(reply, tlsOffered) });
+        return;
+      }
+      case 'start-tls':
+        await this.startTls(decision.line, decision.prot);
+        return;
+      case 'protection':
+        // PBSZ/PROT are this leg's own (protocol.md §5.3); the server's leg has its own.
+        if (decision.prot) this.clientTls.setProt(decision.prot);
+        this.replies.append(replyLine(decision.line));
         return;
       case 'reply':
         this.log.info({ event: 'command-refused', code: decision.errorCode, command: describeCommandForLog(command), reply: decision.line }, 'command refused');
@@ -247,11 +316,11 @@ export class Session {
     if (state.clientFin) void Promise.resolve().then(() => upstream.connection.end());
   };
 
-  private readonly onServerUnreachable = (): void => {
+  private readonly onServerUnreachable = (err: ProxyError): void => {
     if (this.lifecycle.state.kind !== 'connecting') return;
     // The greeting is the reply owed first: the 421 answers "connecting" (RFC 959 §5.4).
-    this.server.exchange.answerInstead(replyLine(REPLY_FOR_CODE.FTPP_ERR_UPSTREAM_UNREACHABLE));
-    this.beginClose('upstream unreachable');
+    this.server.exchange.answerInstead(replyLine(REPLY_FOR_CODE[err.code]));
+    this.beginClose(err.code === 'FTPP_ERR_UPSTREAM_TLS' ? 'upstream TLS failed' : 'upstream unreachable');
   };
 
   private readonly onServerReplied = (reply: Reply): void => {
@@ -307,6 +376,7 @@ export class Session {
 
   private readonly onRepliesChanged = (): void => {
     this.updateUpstreamFlow();
+    if (this.replies.isEmpty) for (const resolve of this.flushWaiters.splice(0)) resolve();
     if (this.lifecycle.state.kind === 'closing' && this.replies.isEmpty) this.finishClose();
   };
 
@@ -366,7 +436,8 @@ export class Session {
     this.dataSetup.releasePending('session closed');
     this.transfers.closeAll('session closed');
     this.client.connection.abort();
-    this.log.info({ event: 'session-end', reason: this.closeReason, durationMs: Date.now() - this.startedAt, transfers: this.transfers.completed, user: this.user }, 'session end');
+    for (const resolve of this.flushWaiters.splice(0)) resolve();
+    this.log.info({ event: 'session-end', reason: this.closeReason, durationMs: Date.now() - this.startedAt, transfers: this.transfers.completed, user: this.user, clientTls: this.clientTls.version, serverTls: this.server.tls?.version ?? null }, 'session end');
     this.deps.metrics.sessionClosed(this.config.name);
     this.deps.onClosed(this);
     this.resolveClosed();

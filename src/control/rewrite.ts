@@ -13,6 +13,7 @@ import {
 import { parseIpLiteral, sameIp, type Family } from './ip.js';
 import { decideActiveTarget, type ActiveTargetSource } from './policy.js';
 import type { ClientCommand } from './command.js';
+import { decideSecurityCommand, requiredProtectionRefusal, type ClientProtection, type ProtectionLevel } from './security.js';
 import type { Reply } from './reply.js';
 import { REPLY_FOR_CODE, type ErrorCode } from '../errors.js';
 
@@ -36,6 +37,8 @@ export interface SessionView {
   readonly ownAddresses: readonly string[];
   /** Host names of the proxy (a hostname `advertise`), compared case-insensitively, trailing dot ignored. */
   readonly ownNames: readonly string[];
+  /** What the client's leg offers and has negotiated of TLS (control/security.ts). */
+  readonly protection: ClientProtection;
 }
 
 export type TransferDirection = 'download' | 'upload';
@@ -58,7 +61,11 @@ export type CommandDecision =
   /** Answered by the proxy; nothing goes upstream. */
   | { readonly kind: 'reply'; readonly line: string; readonly errorCode: ErrorCode }
   /** HOST naming the proxy itself (hostNamesProxy): accepted here, nothing goes upstream. */
-  | { readonly kind: 'host-answered'; readonly line: string };
+  | { readonly kind: 'host-answered'; readonly line: string }
+  /** AUTH TLS: answer `line` (234), then the TLS handshake on the same connection (RFC 4217 §4). */
+  | { readonly kind: 'start-tls'; readonly line: string; readonly prot: ProtectionLevel }
+  /** PBSZ/PROT answered here (each leg negotiates its own protection, protocol.md §5.3). */
+  | { readonly kind: 'protection'; readonly line: string; readonly prot?: ProtectionLevel };
 
 const TRANSFER_VERBS: ReadonlyMap<string, TransferDirection> = new Map([
   ['RETR', 'download'],
@@ -69,13 +76,6 @@ const TRANSFER_VERBS: ReadonlyMap<string, TransferDirection> = new Map([
   ['STOU', 'upload'],
   ['APPE', 'upload'],
 ]);
-
-/**
- * Security-layer commands (RFC 2228). The proxy does not terminate TLS yet, and passing AUTH
- * through would encrypt the control stream end to end so nothing could be rewritten
- * (protocol.md §5.3): refuse them; clients such as lftp then continue in plain text.
- */
-const SECURITY_VERBS: ReadonlySet<string> = new Set(['AUTH', 'ADAT', 'PBSZ', 'PROT', 'CCC', 'MIC', 'CONF', 'ENC']);
 
 function reply(line: string, errorCode: ErrorCode): CommandDecision {
   return { kind: 'reply', line, errorCode };
@@ -93,7 +93,17 @@ const HOST_ACCEPTED_REPLY = '220 Host accepted.';
 export function decideCommand(command: ClientCommand, view: SessionView): CommandDecision {
   const verb = command.verb;
   const direction = TRANSFER_VERBS.get(verb);
+  const required = requiredProtectionRefusal(verb, direction !== undefined, view.protection);
+  if (required) return reply(required.line, required.kind === 'refuse' ? required.errorCode : 'FTPP_ERR_TLS_REQUIRED');
   if (direction) return { kind: 'transfer', direction };
+  // Security commands are never forwarded: passing AUTH through would encrypt the control
+  // stream end to end so nothing could be rewritten (protocol.md §5.3).
+  const security = decideSecurityCommand(verb, command.argument, view.protection, view.loggedIn);
+  if (security) {
+    if (security.kind === 'refuse') return reply(security.line, security.errorCode);
+    if (security.kind === 'start-tls') return security;
+    return security.prot ? { kind: 'protection', line: security.line, prot: security.prot } : { kind: 'protection', line: security.line };
+  }
   switch (verb) {
     case 'PASV':
       if (view.epsvAll) return reply(EPSV_ALL_REPLY, 'FTPP_ERR_EPSV_ALL');
@@ -148,7 +158,6 @@ export function decideCommand(command: ClientCommand, view: SessionView): Comman
       if (!view.loggedIn && hostNamesProxy(command.argument, view)) return { kind: 'host-answered', line: HOST_ACCEPTED_REPLY };
       return { kind: 'forward' };
     default:
-      if (SECURITY_VERBS.has(verb)) return reply(`502 ${verb} not supported by this proxy.`, 'FTPP_ERR_NOT_IMPLEMENTED');
       return { kind: 'forward' };
   }
 }
@@ -209,16 +218,19 @@ export function interpretUpstreamPassiveReply(reply: Reply, sent: 'EPSV' | 'PASV
   return { ok: false, reason: 'refused' };
 }
 
-/** Features whose commands the proxy answers itself instead of the server (see SECURITY_VERBS, LPRT). */
+/** Features whose commands the proxy answers itself instead of the server (control/security.ts, LPRT). */
 const FEATURES_REMOVED: ReadonlySet<string> = new Set(['AUTH', 'PBSZ', 'PROT', 'CCC', 'ADAT', 'LPRT', 'LPSV']);
 /** Features the proxy offers whatever the server does (it translates EPSV/EPRT itself). */
 const FEATURES_ADDED: readonly string[] = ['EPRT', 'EPSV'];
+/** Added when the listener offers TLS, whatever the server says (RFC 4217 §6: FEAT lists AUTH TLS, PBSZ, PROT). */
+const TLS_FEATURES: readonly string[] = ['AUTH TLS', 'PBSZ', 'PROT'];
 
 /**
  * Edit a FEAT reply (RFC 2389) so it lists what the proxy offers: EPRT/EPSV always (the proxy
- * translates them), never the security extensions it refuses. Other lines pass unchanged.
+ * translates them), AUTH TLS/PBSZ/PROT when the listener offers TLS (`tls`), never the
+ * server's own security extensions (each leg negotiates its own). Other lines pass unchanged.
  */
-export function editFeatReply(reply: Reply): Buffer {
+export function editFeatReply(reply: Reply, tlsOffered = false): Buffer {
   if (reply.code !== 211) return reply.raw;
   const lines = reply.lines;
   const first = lines.length > 1 ? lines[0]! : '211-Features:';
@@ -229,6 +241,7 @@ export function editFeatReply(reply: Reply): Buffer {
   for (const feature of FEATURES_ADDED) {
     if (!present.has(feature)) kept.push(` ${feature}`);
   }
+  if (tlsOffered) kept.push(...TLS_FEATURES.map((feature) => ` ${feature}`));
   const text = [first.startsWith('211-') ? first : `211-${first.slice(4)}`, ...kept, last].join('\r\n') + '\r\n';
   return Buffer.from(text, 'latin1');
 }

@@ -35,12 +35,22 @@ export type ChannelState =
   | { readonly status: 'forwarded' }
   | { readonly status: 'closed'; readonly reason: string };
 
+/**
+ * Turn a leg's TCP socket into the socket to relay (TLS for PROT P data, RFC 4217); `adopt`
+ * is given the new socket at once so the channel can reset it. Rejects with a ProxyError.
+ */
+export type SecureLeg = (plain: net.Socket, adopt: (secure: net.Socket) => void) => Promise<net.Socket>;
+
 export interface PairOptions {
   /** Already connected client socket (active client leg), else the leg's accept is awaited. */
   readonly clientSocket: net.Socket | null;
   /** Already connected upstream socket (passive upstream leg), else the leg's accept is awaited. */
   readonly upstreamSocket: net.Socket | null;
   readonly idleTimeoutMs: number;
+  /** TLS on the client's data connection (the proxy is the TLS server, PASV or PORT alike). */
+  readonly secureClient?: SecureLeg | null;
+  /** TLS on the server's data connection (the proxy is the TLS client). */
+  readonly secureUpstream?: SecureLeg | null;
 }
 
 let nextChannelId = 1;
@@ -144,13 +154,12 @@ export class DataChannel {
     const upstreamSocket = options.upstreamSocket
       ? Promise.resolve(options.upstreamSocket)
       : this.upstreamLeg.kind === 'active' ? this.upstreamLeg.accept.accepted : Promise.reject(new Error('no upstream socket'));
-    for (const promise of [clientSocket, upstreamSocket]) {
-      promise.then((socket) => {
-        if (this.isClosed) resetSocket(socket);
-        else this.looseSockets.add(socket);
-      }, () => {});
-    }
-    Promise.all([clientSocket, upstreamSocket]).then(
+    for (const promise of [clientSocket, upstreamSocket]) promise.then(this.adopt, () => {});
+    // Each leg's handshake starts as soon as its socket exists (the server's before its 150
+    // is answered: protocol.md §5.4) and the relay starts once both are done.
+    const clientReady = options.secureClient ? clientSocket.then((socket) => this.secureLeg(socket, options.secureClient!)) : clientSocket;
+    const upstreamReady = options.secureUpstream ? upstreamSocket.then((socket) => this.secureLeg(socket, options.secureUpstream!)) : upstreamSocket;
+    Promise.all([clientReady, upstreamReady]).then(
       ([client, upstream]) => {
         if (this.isClosed) return;
         this.looseSockets.clear();
@@ -162,6 +171,22 @@ export class DataChannel {
       },
       (err: Error) => this.close(`pairing failed: ${err.message}`, isProxyError(err) ? err.code : null),
     );
+  }
+
+  /** Why the channel failed, when it failed with a code (e.g. a data TLS handshake); null otherwise. */
+  get failureCode(): ErrorCode | null {
+    return this.closeCode;
+  }
+
+  /** A socket of this channel: reset at once if the channel is closed, else owned until the relay takes it. */
+  private readonly adopt = (socket: net.Socket): void => {
+    if (this.isClosed) resetSocket(socket);
+    else this.looseSockets.add(socket);
+  };
+
+  private async secureLeg(socket: net.Socket, secure: SecureLeg): Promise<net.Socket> {
+    if (this.isClosed) throw new Error('channel closed');
+    return secure(socket, this.adopt);
   }
 
   /**

@@ -174,11 +174,14 @@ export interface KernelPathFacts {
   readonly snatIp: string;
   /** The listener reads PROXY headers: the data connection's source is then a load balancer. */
   readonly proxyProtocol: boolean;
+  /** Either leg's data is TLS (PROT P): the proxy must decrypt and re-encrypt it (RFC 4217). */
+  readonly tls?: boolean;
 }
 
 /** Null when the kernel can carry this data connection, else why not (the relay does). */
 export function kernelPathBlocker(f: KernelPathFacts): string | null {
   if (f.proxyProtocol) return 'PROXY protocol: data connections come from the load balancer';
+  if (f.tls) return 'TLS data (PROT P): the proxy terminates TLS on each leg';
   for (const [what, ip] of [['client', f.clientIp], ['proxy', f.proxyIp], ['server', f.serverIp], ['upstream-side', f.snatIp]] as const) {
     if (familyOf(ip) !== 4) return `${what} address ${ip} is not IPv4 (the kernel path maps IPv4 only)`;
   }

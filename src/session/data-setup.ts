@@ -46,6 +46,8 @@ export interface DataSetupDeps extends Pick<SessionDeps, 'config' | 'metrics' | 
   /** The session stopped taking work: whatever is set up now is thrown away. */
   readonly isFinished: () => boolean;
   readonly limitHit: (reason: RejectionReason, fields: Record<string, unknown>) => void;
+  /** Either leg's data connections are TLS now (PROT P): the kernel path cannot carry them. */
+  readonly dataProtected: () => boolean;
 }
 
 export class DataSetup {
@@ -244,7 +246,7 @@ export class DataSetup {
       serverPort: upstreamLeg.target.port,
       snatIp: upstream.addresses.local.ip,
     };
-    const blocker = kernelPathBlocker({ ...mapping, proxyProtocol: config.proxyProtocol.accept !== 'off' });
+    const blocker = kernelPathBlocker({ ...mapping, proxyProtocol: config.proxyProtocol.accept !== 'off', tls: this.deps.dataProtected() });
     if (blocker) {
       log.debug({ event: 'kernel-path-skipped', reason: blocker }, 'data channel relayed');
       metrics.kernelMapping(config.name, 'skipped');

@@ -2,8 +2,9 @@
  * The session's side toward the server: dialling the control connection (timeout, metrics,
  * the server's addresses read once), framing what the server sends into whole replies
  * (multi-line included, bounded), dispatching them through the UpstreamExchange, and telling
- * the session when the server is lost (closed, or not speaking FTP). Forward mode will choose
- * the target per session and FTPS will wrap the connection in TLS here.
+ * the session when the server is lost (closed, or not speaking FTP). With `upstream.tls` the
+ * connection is secured (session/upstream-tls.ts) before the session sees it. Forward mode
+ * will choose the target per session here.
  */
 import type net from 'node:net';
 import type { FramedLine } from '../control/line-framer.js';
@@ -11,9 +12,12 @@ import { ReplyAssembler, type Reply } from '../control/reply.js';
 import type { ListenerConfig } from '../config/schema.js';
 import { dial, type Dial } from '../data/dial.js';
 import { addressesOf, type SocketAddresses } from '../data/socket-address.js';
+import { resetSocket } from '../data/relay.js';
 import { ProxyError, type ErrorCode } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { ProxyMetrics, RejectionReason } from '../metrics.js';
+import { UpstreamTls } from './upstream-tls.js';
+import type { SecureDataLeg } from './client-tls.js';
 import type { ReplyQueue } from '../reply-queue.js';
 import { ControlConnection } from './control-connection.js';
 import { UpstreamExchange, type UpstreamExchangeHooks } from './upstream-exchange.js';
@@ -50,6 +54,10 @@ export class ServerLeg<T> {
   private connection: ControlConnection | null = null;
   private addresses: SocketAddresses | null = null;
   private pendingDial: Dial | null = null;
+  /** TLS toward the server (null: plain FTP). */
+  readonly tls: UpstreamTls | null;
+  /** The socket being secured (upstream.tls), until the session gets it. */
+  private securing: net.Socket | null = null;
   private failed = false;
   /** No more replies are taken (abandoned, or the server broke the protocol). */
   private stopped = false;
@@ -60,6 +68,15 @@ export class ServerLeg<T> {
     this.log = log;
     this.hooks = hooks;
     this.assembler = new ReplyAssembler(config.limits.maxReplyBytes);
+    const upstreamTls = config.upstream.tls;
+    this.tls = upstreamTls
+      ? new UpstreamTls(upstreamTls, {
+        handshakeMs: config.timeouts.tlsHandshakeMs,
+        replyMs: config.timeouts.upstreamReplyMs,
+        maxLineBytes: Math.max(config.limits.maxLineBytes, MIN_REPLY_LINE_BYTES),
+        maxReplyBytes: config.limits.maxReplyBytes,
+      }, log, { handshake: (channel, result) => metrics.tlsHandshake(config.name, 'server', channel, result) })
+      : null;
     this.exchange = new UpstreamExchange<T>(replies, config.timeouts.upstreamReplyMs, {
       send: (line) => this.connection?.writeLine(line),
       transferReply: hooks.transferReply,
@@ -99,6 +116,11 @@ export class ServerLeg<T> {
     this.stopped = true;
     this.cancel();
     this.connection?.abort();
+  }
+
+  /** How the server's data connections are secured (null: plain). */
+  dataLeg(): SecureDataLeg | null {
+    return this.tls?.dataLeg() ?? null;
   }
 
   /** Dial the configured server. */
@@ -144,16 +166,41 @@ export class ServerLeg<T> {
       }
       this.metrics.upstreamConnect(this.config.name, true, seconds());
       this.log.debug({ event: 'upstream-connected', upstream: `${addresses.remote.ip}:${addresses.remote.port}`, via: addresses.local.ip }, 'upstream connected');
-      this.connection = this.wrap(socket);
-      this.addresses = addresses;
-      this.hooks.connected({ connection: this.connection, addresses });
+      if (!this.tls) return this.ready(socket, addresses, null);
+      this.securing = socket;
+      this.tls.secure(socket).then(
+        (secured) => {
+          if (this.securing !== socket) return void resetSocket(secured.socket); // given up meanwhile
+          this.securing = null;
+          this.ready(secured.socket, addresses, secured.greeting);
+        },
+        (err: ProxyError) => {
+          if (this.securing !== socket) return;
+          this.securing = null;
+          socket.destroy();
+          this.failed = true;
+          this.log.warn({ event: 'upstream-tls-failed', code: err.code, err: err.message, servername: this.config.upstream.tls?.servername }, 'TLS toward the server failed');
+          this.hooks.unreachable(err);
+        },
+      );
     }, fail);
   }
 
-  /** Give up a dial still in progress. Idempotent. */
+  /** The control connection is the session's now; `greeting` was read while securing it. */
+  private ready(socket: net.Socket, addresses: SocketAddresses, greeting: Buffer | null): void {
+    this.connection = this.wrap(socket);
+    this.addresses = addresses;
+    this.hooks.connected({ connection: this.connection, addresses });
+    if (greeting) this.connection.feed(greeting);
+  }
+
+  /** Give up a dial (or its TLS negotiation) still in progress. Idempotent. */
   cancel(): void {
     this.pendingDial?.cancel();
     this.pendingDial = null;
+    const securing = this.securing;
+    this.securing = null;
+    securing?.destroy();
   }
 
   private wrap(socket: net.Socket): ControlConnection {

@@ -7,7 +7,8 @@
 import type { ClientCommand } from '../control/command.js';
 import { replyLine, type Reply } from '../control/reply.js';
 import type { TransferDirection } from '../control/rewrite.js';
-import type { DataChannel } from '../data/channel.js';
+import type { DataChannel, SecureLeg } from '../data/channel.js';
+import type tls from 'node:tls';
 import type { RelayResult } from '../data/relay.js';
 import { REPLY_FOR_CODE, type ErrorCode } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -16,8 +17,16 @@ import type { ReplyQueue, ReplySlot } from '../reply-queue.js';
 import type { DataSetup } from './data-setup.js';
 import type { SessionDeps } from './types.js';
 
+/** A data connection's TLS, for the transfer record (null: that leg was plain). */
+export interface DataTlsInfo {
+  readonly tlsVersion: string | null;
+  readonly resumed: boolean;
+}
+
 export interface TransferContext {
   readonly channel: DataChannel;
+  /** Filled in as each leg's TLS handshake completes. */
+  readonly tls: { client: DataTlsInfo | null; server: DataTlsInfo | null };
   readonly command: ClientCommand;
   readonly direction: TransferDirection;
   readonly startedAt: number;
@@ -37,6 +46,16 @@ export interface TransfersDeps extends Pick<SessionDeps, 'config' | 'metrics'> {
   readonly forward: (line: Buffer, slot: ReplySlot, transfer: TransferContext | null) => void;
   readonly isFinished: () => boolean;
   readonly limitHit: (reason: RejectionReason, fields: Record<string, unknown>) => void;
+  /** How each leg's data connection is secured now (null: plain), asked at each transfer. */
+  readonly dataSecurity: () => { readonly client: SecureLeg | null; readonly server: SecureLeg | null };
+}
+
+/** Data-connection failures the client hears of in the proxy's words, not the server's 426 (issue #12). */
+const TLS_DATA_FAILURES: ReadonlySet<ErrorCode> = new Set(['FTPP_ERR_TLS_DATA_HANDSHAKE', 'FTPP_ERR_TLS_DATA_NOT_RESUMED']);
+
+function tlsFailureOf(channel: DataChannel): ErrorCode | null {
+  const code = channel.failureCode;
+  return code !== null && TLS_DATA_FAILURES.has(code) ? code : null;
 }
 
 type Delivery = 'delivered' | 'cut' | 'hold-expired';
@@ -86,13 +105,19 @@ export class Transfers {
       channel.close('session closing');
       return;
     }
+    const security = this.deps.dataSecurity();
     this.deps.forward(command.line, slot, transfer);
-    channel.pair({ ...sockets, idleTimeoutMs: this.deps.config.timeouts.dataIdleMs });
+    channel.pair({
+      ...sockets,
+      idleTimeoutMs: this.deps.config.timeouts.dataIdleMs,
+      secureClient: noting(security.client, (info) => (transfer.tls.client = info)),
+      secureUpstream: noting(security.server, (info) => (transfer.tls.server = info)),
+    });
   }
 
   /** `channel` carries `command`'s data; the entry lives until the channel settles. */
   private begin(channel: DataChannel, command: ClientCommand, direction: TransferDirection): TransferContext {
-    const context: TransferContext = { channel, command, direction, startedAt: Date.now(), aborted: false };
+    const context: TransferContext = { channel, command, direction, startedAt: Date.now(), aborted: false, tls: { client: null, server: null } };
     this.running.set(channel, context);
     channel.onSettled = (result, reason, code) => this.onChannelSettled(context, result, reason, code);
     return context;
@@ -112,9 +137,11 @@ export class Transfers {
     this.finished += 1;
     if (reply.code < 200 || reply.code >= 300) {
       channel.close(`server replied ${reply.code}`);
-      replies.push(slot, reply.raw);
+      // The server's 426 for a data connection the proxy refused (TLS) says less than ours.
+      const ours = tlsFailureOf(channel);
+      replies.push(slot, ours ? replyLine(REPLY_FOR_CODE[ours]) : reply.raw);
       replies.end(slot);
-      this.record(transfer, reply.code, null);
+      this.record(transfer, ours ? Number.parseInt(REPLY_FOR_CODE[ours], 10) : reply.code, ours ? reply.code : null);
       return;
     }
     let timer: NodeJS.Timeout | null = null;
@@ -131,7 +158,7 @@ export class Transfers {
       } else {
         if (outcome === 'hold-expired') log.warn({ event: 'transfer-hold-timeout', holdMs: timeouts.transferReplyHoldMs }, 'data not flushed in time; resetting the data connection');
         channel.close(outcome === 'hold-expired' ? 'final reply hold timed out' : 'data connection failed');
-        const code: ErrorCode = 'FTPP_ERR_TRANSFER_INCOMPLETE';
+        const code: ErrorCode = tlsFailureOf(channel) ?? 'FTPP_ERR_TRANSFER_INCOMPLETE';
         log.info({ event: 'transfer-incomplete', code, serverReply: reply.code, why: outcome }, 'server reported success for data the client did not fully receive; answering 426');
         replies.push(slot, replyLine(REPLY_FOR_CODE[code]));
         this.record(transfer, Number.parseInt(REPLY_FOR_CODE[code], 10), reply.code);
@@ -177,6 +204,8 @@ export class Transfers {
         clientMode: channel.clientLeg.kind === 'active' ? 'active' : 'passive',
         dataPath: channel.isForwarded ? 'kernel' : 'relay',
         upstreamMode: channel.upstreamLeg.kind,
+        clientTls: transfer.tls.client,
+        serverTls: transfer.tls.server,
       },
       'transfer',
     );
@@ -191,4 +220,14 @@ export class Transfers {
     }
     this.deps.log.debug({ event: 'data-closed', reason, outcome: result?.outcome ?? 'not-connected' }, 'data channel closed');
   }
+}
+
+/** `leg`, telling `note` the TLS version and resumption of the socket it made. */
+function noting(leg: SecureLeg | null, note: (info: DataTlsInfo) => void): SecureLeg | null {
+  if (!leg) return null;
+  return async (plain, adopt) => {
+    const secure = (await leg(plain, adopt)) as tls.TLSSocket;
+    note({ tlsVersion: secure.getProtocol?.() ?? null, resumed: secure.isSessionReused?.() ?? false });
+    return secure;
+  };
 }

@@ -1,0 +1,131 @@
+/**
+ * TLS toward the client (issue #12, protocol.md §5): what the client's leg has negotiated
+ * (control/security.ts decides, this carries it out), the control connection's handshake
+ * (after `234`, or at connect for implicit FTPS), and the client's PROT P data connections.
+ *
+ * - The proxy is the TLS server on every client data connection, PASV or PORT alike
+ *   (protocol.md §5.4: vsftpd ssl_accept()s in both modes).
+ * - Binding data sessions to their control session (protocol.md §5.5, §5.6 [Verified]): one
+ *   SecureContext per FTP session with its own ticket keys, so a ticket issued on this control
+ *   connection resumes and one from another control connection does not; and one session-ID
+ *   store per FTP session for TLS <= 1.2 clients without tickets. With
+ *   `dataSessionReuse: required` a data connection that did not resume is refused, as vsftpd
+ *   (require_ssl_reuse) and FileZilla Server do.
+ * - The context is built when TLS starts, so plain sessions on a TLS listener pay nothing.
+ */
+import { randomBytes } from 'node:crypto';
+import type { EventEmitter } from 'node:events';
+import type net from 'node:net';
+import tls from 'node:tls';
+import type { ClientTlsConfig } from '../config/schema.js';
+import { initialProtection, type ClientProtection, type ProtectionLevel } from '../control/security.js';
+import { handshakeDone, sessionIdStore } from '../data/tls.js';
+import { resetSocket } from '../data/relay.js';
+import { ProxyError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { TlsChannel, TlsHandshakeResult } from '../metrics.js';
+import type { ControlConnection } from './control-connection.js';
+
+/** Wrap one data socket in TLS; `adopt` is told the TLS socket at once, so its owner can reset it. */
+export type SecureDataLeg = (plain: net.Socket, adopt: (secure: net.Socket) => void) => Promise<net.Socket>;
+
+export interface ClientTlsHooks {
+  handshake(channel: TlsChannel, result: TlsHandshakeResult): void;
+}
+
+export class ClientTls {
+  private readonly config: ClientTlsConfig | null;
+  private readonly handshakeMs: number;
+  private readonly log: Logger;
+  private readonly hooks: ClientTlsHooks;
+  private state: ClientProtection;
+  private context: tls.SecureContext | null = null;
+  private store: EventEmitter | null = null;
+  private controlVersion: string | null = null;
+
+  constructor(config: ClientTlsConfig | null, handshakeMs: number, log: Logger, hooks: ClientTlsHooks) {
+    this.config = config;
+    this.handshakeMs = handshakeMs;
+    this.log = log;
+    this.hooks = hooks;
+    this.state = initialProtection(config ? { mode: config.mode, require: config.require } : null);
+  }
+
+  get protection(): ClientProtection {
+    return this.state;
+  }
+
+  get isImplicit(): boolean {
+    return this.config?.mode === 'implicit';
+  }
+
+  /** The control connection's TLS version, null while it is plain (for logs). */
+  get version(): string | null {
+    return this.controlVersion;
+  }
+
+  setProt(prot: ProtectionLevel): void {
+    this.state = { ...this.state, prot };
+  }
+
+  /**
+   * Turn the control connection into TLS and wait for the handshake. `alreadyRead` is what
+   * arrived before (behind a PROXY header, implicit FTPS). Rejects with FTPP_ERR_TLS_HANDSHAKE;
+   * the caller closes the connection.
+   */
+  async secureControl(connection: ControlConnection, alreadyRead: Buffer | null = null): Promise<void> {
+    const { context, store } = this.ensureContext();
+    const socket = connection.upgrade((plain) => new tls.TLSSocket(plain, { isServer: true, secureContext: context, server: store as unknown as net.Server }), alreadyRead);
+    try {
+      await handshakeDone(socket, 'server', this.handshakeMs, 'FTPP_ERR_TLS_HANDSHAKE');
+    } catch (err) {
+      this.hooks.handshake('control', 'failed');
+      throw err;
+    }
+    this.controlVersion = socket.getProtocol();
+    this.state = { ...this.state, secured: true };
+    this.hooks.handshake('control', 'ok');
+    this.log.info({ event: 'tls-client', tlsVersion: this.controlVersion, cipher: socket.getCipher().name, mode: this.config?.mode }, 'client control connection secured');
+  }
+
+  /** How to secure the client's data connections now: null while data is in the clear (PROT C, plain control). */
+  dataLeg(): SecureDataLeg | null {
+    if (!this.state.secured || this.state.prot !== 'P' || !this.context) return null;
+    const { context, store } = this.ensureContext();
+    const required = this.config?.dataSessionReuse === 'required';
+    return async (plain, adopt) => {
+      const socket = new tls.TLSSocket(plain, { isServer: true, secureContext: context, server: store as unknown as net.Server });
+      adopt(socket);
+      try {
+        await handshakeDone(socket, 'server', this.handshakeMs, 'FTPP_ERR_TLS_DATA_HANDSHAKE');
+      } catch (err) {
+        this.hooks.handshake('data', 'failed');
+        resetSocket(socket);
+        throw err;
+      }
+      const resumed = socket.isSessionReused();
+      if (!resumed && required) {
+        this.hooks.handshake('data', 'not-resumed');
+        resetSocket(socket);
+        throw new ProxyError('FTPP_ERR_TLS_DATA_NOT_RESUMED', 'the data connection did not resume the control connection\'s TLS session');
+      }
+      this.hooks.handshake('data', 'ok');
+      this.log.debug({ event: 'tls-data', leg: 'client', tlsVersion: socket.getProtocol(), resumed }, 'client data connection secured');
+      return socket;
+    };
+  }
+
+  private ensureContext(): { context: tls.SecureContext; store: EventEmitter } {
+    const config = this.config;
+    if (!config) throw new ProxyError('FTPP_ERR_INTERNAL', 'TLS used on a listener without tls');
+    this.context ??= tls.createSecureContext({
+      cert: config.certPem,
+      key: config.keyPem,
+      minVersion: config.minVersion,
+      // Ticket keys of this FTP session only: its tickets resume nowhere else (protocol.md §5.6).
+      ticketKeys: randomBytes(48),
+    });
+    this.store ??= sessionIdStore();
+    return { context: this.context, store: this.store };
+  }
+}
