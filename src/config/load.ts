@@ -4,10 +4,12 @@
  */
 import { readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
+import { dirname, resolve } from 'node:path';
 import { LineCounter, parseDocument } from "yaml";
 import ipaddr from 'ipaddr.js';
 import { ProxyError } from '../errors.js';
 import { parseCidr } from '../control/ip.js';
+import { readClientTls, readUpstreamTls, type TlsFileContext } from './tls.js';
 import { Validator, bool, checkKeys, cidrList, int, isHostname, isObject, parseListenAddress, parsePortRange, relayPortsPerIp, section, str } from './validator.js';
 import type {
   Advertise,
@@ -61,6 +63,8 @@ export const TIMEOUT_DEFAULTS = {
   loginSeconds: 60,
   // A data connection that moves no byte in either direction for this long is reset.
   dataIdleSeconds: 300,
+  // One TLS handshake (control or data connection, either leg); at most 300.
+  tlsHandshakeSeconds: 10,
 } as const;
 
 export const LIMIT_DEFAULTS = {
@@ -78,10 +82,10 @@ export const DRAIN_SECONDS = 30;
 
 export const DEFAULT_PASSIVE_PORTS = '60000-60099';
 
-function validateListener(v: Validator, index: number, raw: unknown): ListenerConfig | null {
+function validateListener(v: Validator, index: number, raw: unknown, files: TlsFileContext): ListenerConfig | null {
   const base: (string | number)[] = ['listeners', index];
   const before = v.issues.length;
-  const obj = section(v, base, raw, ['name', 'listen', 'upstream', 'client', 'timeouts', 'limits', 'acl', 'proxyProtocol']);
+  const obj = section(v, base, raw, ['name', 'listen', 'upstream', 'client', 'timeouts', 'limits', 'acl', 'proxyProtocol', 'tls']);
   const name = str(v, [...base, 'name'], obj.name, `listener${index}`) ?? `listener${index}`;
   if (!/^[A-Za-z0-9_.-]{1,64}$/.test(name)) v.fail([...base, 'name'], 'must be 1-64 characters of A-Z a-z 0-9 _ . -');
 
@@ -89,7 +93,7 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
   const listen = listenText === undefined ? null : parseListenAddress(listenText);
   if (listenText !== undefined && !listen) v.fail([...base, 'listen'], `"${listenText}" is not host:port with an IP host (IPv6 as "[::1]:21")`);
 
-  const up = section(v, [...base, 'upstream'], obj.upstream, ['host', 'port', 'dataMode', 'activePorts', 'bind']);
+  const up = section(v, [...base, 'upstream'], obj.upstream, ['host', 'port', 'dataMode', 'activePorts', 'bind', 'tls']);
   if (obj.upstream === undefined) v.fail([...base, 'upstream'], 'is required');
   const upHost = str(v, [...base, 'upstream', 'host'], up.host, obj.upstream === undefined ? '' : undefined) ?? '';
   if (upHost !== '' && !isIP(upHost) && !isHostname(upHost)) v.fail([...base, 'upstream', 'host'], `"${upHost}" is neither an IP address nor a hostname`);
@@ -112,6 +116,7 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     if (!isIP(bind)) v.fail([...base, 'upstream', 'bind'], 'must be an IP address');
     else bind = ipaddr.parse(bind).toString();
   }
+  const upstreamTls = readUpstreamTls(v, [...base, 'upstream', 'tls'], up.tls, upHost, files);
 
   const cl = section(v, [...base, 'client'], obj.client, ['advertise', 'advertiseFor', 'passivePorts', 'portNatFixup', 'bindAllPassivePorts', 'dataPath']);
   const advertiseText = str(v, [...base, 'client', 'advertise'], cl.advertise, 'auto') ?? 'auto';
@@ -182,7 +187,7 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     abortIdleMs: Math.round(int(v, [...tp, 'abortIdleMilliseconds'], t.abortIdleMilliseconds, TIMEOUT_DEFAULTS.abortIdleMilliseconds, 1, 10000)),
     loginMs: seconds('loginSeconds'),
     dataIdleMs: seconds('dataIdleSeconds'),
-    tlsHandshakeMs: 10_000,
+    tlsHandshakeMs: seconds('tlsHandshakeSeconds', 300),
   };
 
   const lp = [...base, 'limits'];
@@ -228,25 +233,37 @@ function validateListener(v: Validator, index: number, raw: unknown): ListenerCo
     v.fail([...base, 'client', 'dataPath'], 'kernel cannot be used with proxyProtocol (data connections come from the load balancer); use relay');
   }
 
+  const tls = readClientTls(v, [...base, 'tls'], obj.tls, files);
+
   if (v.issues.length > before || !listen || !passivePorts) return null;
   return {
     name,
     listen,
-    upstream: { host: upHost, port: upPort, dataMode, activePorts, bind, tls: null },
+    upstream: { host: upHost, port: upPort, dataMode, activePorts, bind, tls: upstreamTls },
     client: { advertise, advertiseFor, passivePorts, portNatFixup, bindAllPassivePorts, dataPath },
     timeouts,
     limits,
     acl,
     proxyProtocol,
-    tls: null,
+    tls,
   };
+}
+
+export interface ValidateOptions {
+  /**
+   * Directory relative TLS file names (`tls.cert`, `tls.key`, `upstream.tls.ca`) resolve
+   * against. loadConfigFile passes the config file's directory; default: the current directory.
+   */
+  readonly baseDir?: string;
+  /** Clock for the certificate expiry warning, ms since the epoch (tests); default Date.now(). */
+  readonly now?: number;
 }
 
 /**
  * Validate a parsed YAML document. Throws ConfigError listing every problem; non-fatal ones
- * come back in the config's `warnings`.
+ * come back in the config's `warnings`. The PEM files named by TLS sections are read here.
  */
-export function validateConfigText(text: string, source = 'config'): ProxyConfig {
+export function validateConfigText(text: string, source = 'config', options: ValidateOptions = {}): ProxyConfig {
   const lines = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false, uniqueKeys: true });
   const v = new Validator(doc, lines);
@@ -273,6 +290,7 @@ export function validateConfigText(text: string, source = 'config'): ProxyConfig
   const level = str(v, ['log', 'level'], logObj.level, 'info') ?? 'info';
   if (!LOG_LEVELS.has(level)) v.fail(['log', 'level'], `must be one of ${[...LOG_LEVELS].join(', ')}`);
 
+  const files: TlsFileContext = { baseDir: resolve(options.baseDir ?? '.'), now: options.now ?? Date.now() };
   const listeners: ListenerConfig[] = [];
   if (!Array.isArray(root.listeners) || root.listeners.length === 0) {
     v.fail(['listeners'], 'must be a non-empty list');
@@ -281,7 +299,7 @@ export function validateConfigText(text: string, source = 'config'): ProxyConfig
     // index would name the wrong entry (and line) in the duplicate-name error.
     const fileIndex: number[] = [];
     root.listeners.forEach((raw: unknown, i: number) => {
-      const listener = validateListener(v, i, raw);
+      const listener = validateListener(v, i, raw, files);
       if (listener) {
         listeners.push(listener);
         fileIndex.push(i);
@@ -297,6 +315,7 @@ export function validateConfigText(text: string, source = 'config'): ProxyConfig
   return deepFreeze({ log: { level }, listeners, admin, shutdown: { drainMs }, warnings: v.warnings });
 }
 
+/** Read and validate a file; relative TLS file names resolve against the file's directory. */
 export async function loadConfigFile(path: string): Promise<ProxyConfig> {
   let text: string;
   try {
@@ -304,7 +323,7 @@ export async function loadConfigFile(path: string): Promise<ProxyConfig> {
   } catch (err) {
     throw new ConfigError(path, [{ path: '', line: 0, message: `cannot read file: ${(err as Error).message}` }]);
   }
-  return validateConfigText(text, path);
+  return validateConfigText(text, path, { baseDir: dirname(resolve(path)) });
 }
 
 function deepFreeze<T>(value: T): T {
