@@ -13,7 +13,7 @@ import { isIP } from 'node:net';
 import { resolve } from 'node:path';
 import { X509Certificate, createPrivateKey, type KeyObject } from 'node:crypto';
 import { createSecureContext } from 'node:tls';
-import { Validator, bool, isHostname, section, str } from './validator.js';
+import { Validator, bool, isHostname, isObject, section, str } from './validator.js';
 import type { ClientTlsConfig, TlsMode, TlsVersion, UpstreamTlsConfig } from './schema.js';
 
 /** Where relative file names resolve and what "now" is for the expiry check. */
@@ -38,6 +38,7 @@ const PASSPHRASE_CODES: ReadonlySet<string> = new Set(['ERR_MISSING_PASSPHRASE',
 /** `listeners[].tls`: absent or null = no TLS offered to clients. */
 export function readClientTls(v: Validator, path: Path, raw: unknown, ctx: TlsFileContext): ClientTlsConfig | null {
   if (raw === undefined || raw === null) return null;
+  if (!isObject(raw)) return notAMapping(v, path);
   const before = v.issues.length;
   const o = section(v, path, raw, ['mode', 'cert', 'key', 'require', 'dataSessionReuse', 'minVersion']);
   const mode = oneOf(v, [...path, 'mode'], o.mode, undefined, TLS_MODES, 'explicit or implicit');
@@ -82,6 +83,7 @@ export function readClientTls(v: Validator, path: Path, raw: unknown, ctx: TlsFi
 /** `upstream.tls`: absent, null or `mode: off` = plain FTP toward the server. */
 export function readUpstreamTls(v: Validator, path: Path, raw: unknown, upstreamHost: string, ctx: TlsFileContext): UpstreamTlsConfig | null {
   if (raw === undefined || raw === null) return null;
+  if (!isObject(raw)) return notAMapping(v, path);
   const before = v.issues.length;
   const keys = ['mode', 'ca', 'servername', 'verify'];
   const o = section(v, path, raw, keys);
@@ -107,6 +109,12 @@ export function readUpstreamTls(v: Validator, path: Path, raw: unknown, upstream
   }
   if (v.issues.length > before || !mode || servernameText === undefined) return null;
   return { mode, caFile: ca?.file ?? null, caPem: ca?.pem ?? null, servername: servernameText, verify };
+}
+
+/** One error, not one per required key inside. */
+function notAMapping(v: Validator, path: Path): null {
+  v.fail(path, 'must be a mapping');
+  return null;
 }
 
 interface PemText {

@@ -3,7 +3,9 @@
  * defaults, freeze (style.md "fastify + pino").
  */
 import t from 'tap';
-import { readFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { basename, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
   ConfigError,
@@ -18,6 +20,7 @@ import {
   type ConfigIssue,
 } from '../../src/config/load.js';
 import { ProxyError, isProxyError } from '../../src/errors.js';
+import { makeTestPki, opensslUnavailable, type TestPki } from '../helpers/tls.js';
 
 const SHIPPED = fileURLToPath(new URL('../../conf/ftp-nat-proxy.yaml', import.meta.url));
 
@@ -85,6 +88,9 @@ t.test('defaults filled in for a minimal listener', async (t) => {
   t.equal(l.timeouts.transferReplyHoldMs, TIMEOUT_DEFAULTS.transferReplyHoldSeconds * 1000);
   t.equal(l.timeouts.dataLingerMs, TIMEOUT_DEFAULTS.dataLingerSeconds * 1000);
   t.equal(l.timeouts.abortIdleMs, 200, '§1.4 rule 2: about 200 ms');
+  t.equal(l.timeouts.tlsHandshakeMs, 10_000, 'tlsHandshakeSeconds 10');
+  t.equal(l.tls, null, 'no TLS offered to clients unless configured');
+  t.equal(l.upstream.tls, null, 'plain FTP toward the server unless configured');
   t.equal(l.limits.maxLineBytes, LIMIT_DEFAULTS.maxLineBytes);
   t.equal(l.limits.maxLineBytes, 4096, 'vsftpd VSFTP_MAX_COMMAND_LINE');
   t.equal(l.limits.maxReplyBytes, LIMIT_DEFAULTS.maxReplyBytes);
@@ -123,7 +129,7 @@ listeners:
   t.equal(config.log.level, 'debug');
   const [a, b] = config.listeners;
   t.same(a?.listen, { host: '::', port: 21 }, 'IPv6 listen in brackets');
-  t.same(a?.upstream, { host: '10.0.0.5', port: 2021, dataMode: 'active', activePorts: { first: 50000, last: 50099 }, bind: '10.20.0.1' });
+  t.same(a?.upstream, { host: '10.0.0.5', port: 2021, dataMode: 'active', activePorts: { first: 50000, last: 50099 }, bind: '10.20.0.1', tls: null });
   t.same(a?.client.advertise, { kind: 'ip', address: '203.0.113.10' });
   t.same(a?.client.advertiseFor.map((r) => [r.fromText, r.address, r.from[1]]), [
     ['10.0.0.0/8', '10.20.0.1', 8],
@@ -156,6 +162,8 @@ t.test('the returned config is deeply frozen', async (t) => {
     ['passivePorts', l.client.passivePorts],
     ['timeouts', l.timeouts],
     ['limits', l.limits],
+    ['acl', l.acl],
+    ['proxyProtocol', l.proxyProtocol],
   ];
   for (const [name, value] of objects) t.ok(Object.isFrozen(value), `${name} frozen`);
   t.throws(() => {
@@ -489,3 +497,285 @@ t.test('parseListenAddress table', async (t) => {
   ];
   for (const [text, expected] of table) t.same(parseListenAddress(text), expected, JSON.stringify(text));
 });
+
+// ------------------------------------------------------------------ TLS (issue #12)
+
+const NO_OPENSSL = opensslUnavailable();
+const TLS_SKIP = NO_OPENSSL === null ? {} : { skip: NO_OPENSSL };
+
+/** The test PKI plus the broken files the error cases name, all in pki.dir. */
+interface TlsFiles {
+  readonly pki: TestPki;
+  /** Absolute paths. */
+  readonly cert: string;
+  readonly key: string;
+  readonly ca: string;
+  readonly otherKey: string;
+  readonly encryptedKey: string;
+  readonly encryptedTraditionalKey: string;
+  readonly garbage: string;
+  readonly brokenCert: string;
+  readonly keyOnly: string;
+  /** A line of the server key's base64 body: no output may contain it. */
+  readonly keyBodyLine: string;
+}
+
+let tlsFiles: TlsFiles | null = null;
+if (NO_OPENSSL === null) {
+  const pki = makeTestPki();
+  t.teardown(() => pki.cleanup());
+  const file = (name: string, text: string): string => {
+    const path = join(pki.dir, name);
+    writeFileSync(path, text, { mode: 0o600 });
+    return path;
+  };
+  const encryptedKey = join(pki.dir, 'encrypted.key');
+  execFileSync('openssl', ['pkey', '-in', pki.server.key.path, '-aes256', '-passout', 'pass:secret', '-out', encryptedKey], { stdio: 'ignore' });
+  const encryptedTraditionalKey = join(pki.dir, 'encrypted-traditional.key');
+  execFileSync('openssl', ['rsa', '-in', pki.server.key.path, '-aes256', '-passout', 'pass:secret', '-traditional', '-out', encryptedTraditionalKey], { stdio: 'ignore' });
+  const certLines = pki.server.cert.pem.trim().split('\n');
+  tlsFiles = {
+    pki,
+    cert: pki.server.cert.path,
+    key: pki.server.key.path,
+    ca: pki.ca.cert.path,
+    otherKey: pki.otherServer.key.path,
+    encryptedKey,
+    encryptedTraditionalKey,
+    garbage: file('garbage.pem', 'not a PEM file at all\n'),
+    // A certificate block whose DER is cut short.
+    brokenCert: file('broken.pem', `${certLines.slice(0, 4).join('\n')}\n-----END CERTIFICATE-----\n`),
+    keyOnly: file('key-only.pem', pki.server.key.pem),
+    keyBodyLine: pki.server.key.pem.split('\n')[1]!,
+  };
+}
+
+function files(): TlsFiles {
+  if (!tlsFiles) throw new Error('no test PKI (openssl missing)');
+  return tlsFiles;
+}
+
+interface TlsYamlOptions {
+  /** Lines under `tls:` of the listener (without indentation); undefined = no tls key. */
+  readonly tls?: readonly string[];
+  /** Lines under `upstream.tls:`. */
+  readonly upstreamTls?: readonly string[];
+  readonly timeouts?: readonly string[];
+}
+
+/** One listener; line 4 is `host:`, then upstream.tls, then tls and timeouts. */
+function tlsYaml(options: TlsYamlOptions): string {
+  const block = (header: string, indent: string, lines: readonly string[] | undefined): string[] =>
+    lines === undefined ? [] : [`${header}`, ...lines.map((l) => `${indent}${l}`)];
+  return [
+    'listeners:',
+    '  - listen: "0.0.0.0:21"',
+    '    upstream:',
+    '      host: ftp.internal.example',
+    ...block('      tls:', '        ', options.upstreamTls),
+    ...block('    tls:', '      ', options.tls),
+    ...block('    timeouts:', '      ', options.timeouts),
+    '',
+  ].join('\n');
+}
+
+/** The listener's minimal valid `tls:` lines. */
+function serverTls(mode = 'explicit'): string[] {
+  return [`mode: ${mode}`, `cert: ${files().cert}`, `key: ${files().key}`];
+}
+
+/** Every message a caller could print: the ConfigError's text, or the warnings. */
+function everythingPrinted(text: string, options: Parameters<typeof validateConfigText>[2] = {}): string {
+  try {
+    return validateConfigText(text, 'test', options).warnings.map(formatIssue).join('\n');
+  } catch (err) {
+    if (err instanceof ConfigError) return err.message;
+    throw err;
+  }
+}
+
+t.test('tls: defaults for a listener and an upstream with only the required keys', TLS_SKIP, async (t) => {
+  const f = files();
+  const config = validateConfigText(tlsYaml({ tls: serverTls(), upstreamTls: ['mode: explicit'] }));
+  const l = config.listeners[0]!;
+  t.same(l.tls, {
+    mode: 'explicit',
+    certFile: f.cert,
+    keyFile: f.key,
+    certPem: f.pki.server.cert.pem,
+    keyPem: f.pki.server.key.pem,
+    require: false,
+    dataSessionReuse: 'required',
+    minVersion: 'TLSv1.2',
+  });
+  t.same(l.upstream.tls, { mode: 'explicit', caFile: null, caPem: null, servername: 'ftp.internal.example', verify: true }, 'system trust store, servername = upstream.host');
+  t.equal(l.timeouts.tlsHandshakeMs, 10_000);
+  t.same(config.warnings, [], 'no warnings');
+  for (const [name, value] of [['tls', l.tls], ['upstream.tls', l.upstream.tls]] as const) t.ok(Object.isFrozen(value), `${name} frozen`);
+});
+
+t.test('tls: every key given', TLS_SKIP, async (t) => {
+  const f = files();
+  const config = validateConfigText(tlsYaml({
+    tls: ['mode: implicit', `cert: ${f.cert}`, `key: ${f.key}`, 'dataSessionReuse: "off"', 'minVersion: TLSv1.3'],
+    upstreamTls: ['mode: implicit', `ca: ${f.ca}`, 'servername: localhost', 'verify: true'],
+    timeouts: ['tlsHandshakeSeconds: 2.5'],
+  }));
+  const l = config.listeners[0]!;
+  t.match(l.tls, { mode: 'implicit', require: false, dataSessionReuse: 'off', minVersion: 'TLSv1.3' });
+  t.same(l.upstream.tls, { mode: 'implicit', caFile: f.ca, caPem: f.pki.ca.cert.pem, servername: 'localhost', verify: true });
+  t.equal(l.timeouts.tlsHandshakeMs, 2500, 'fractional seconds -> ms');
+  t.same(config.warnings, []);
+  const explicitRequired = validateConfigText(tlsYaml({ tls: [...serverTls(), 'require: true'] }));
+  t.equal(explicitRequired.listeners[0]?.tls?.require, true, 'require: true with explicit TLS');
+  const byIp = validateConfigText(tlsYaml({ upstreamTls: ['mode: explicit', 'servername: 10.20.0.5'] }));
+  t.equal(byIp.listeners[0]?.upstream.tls?.servername, '10.20.0.5', 'servername may be an IP address');
+});
+
+t.test('upstream.tls mode off, or tls null, is plain (null)', TLS_SKIP, async (t) => {
+  t.equal(validateConfigText(tlsYaml({ upstreamTls: ['mode: "off"'] })).listeners[0]?.upstream.tls, null, 'mode "off"');
+  t.equal(validateConfigText(tlsYaml({ upstreamTls: ['mode: off'] })).listeners[0]?.upstream.tls, null, 'mode off (a string in YAML 1.2)');
+  t.equal(validateConfigText(MINIMAL.replace('    upstream:\n', '    tls: null\n    upstream:\n')).listeners[0]?.tls, null, 'tls: null');
+  const ignored = validateConfigText(tlsYaml({ upstreamTls: ['mode: off', `ca: ${files().garbage}`, 'verify: false'] }));
+  t.equal(ignored.listeners[0]?.upstream.tls, null);
+  t.same(ignored.warnings.map((w) => [w.path, w.line]), [['listeners[0].upstream.tls', 6]], 'one warning: the other keys are ignored (the CA file is not read)');
+  t.match(ignored.warnings[0]?.message, /^ca, verify ignored: mode is off/);
+});
+
+t.test('timeouts.tlsHandshakeSeconds range 0.001..300', TLS_SKIP, async (t) => {
+  t.equal(validateConfigText(tlsYaml({ timeouts: ['tlsHandshakeSeconds: 300'] })).listeners[0]?.timeouts.tlsHandshakeMs, 300_000);
+  t.equal(validateConfigText(tlsYaml({ timeouts: ['tlsHandshakeSeconds: 0.001'] })).listeners[0]?.timeouts.tlsHandshakeMs, 1);
+  for (const bad of ['0', '301', '-1', 'soon']) {
+    const issues = issuesOf(tlsYaml({ timeouts: [`tlsHandshakeSeconds: ${bad}`] }));
+    t.same(issues.map((i) => [i.path, i.line]), [['listeners[0].timeouts.tlsHandshakeSeconds', 6]], `${bad} refused`);
+    t.match(issues[0]?.message, /from 0\.001 to 300/);
+  }
+});
+
+t.test('tls errors: each reported at its key with a clear message, never with key material', TLS_SKIP, async (t) => {
+  const f = files();
+  const listener = (lines: string[]): TlsYamlOptions => ({ tls: lines });
+  const upstream = (lines: string[]): TlsYamlOptions => ({ upstreamTls: lines });
+  const cases: [name: string, options: TlsYamlOptions, errors: [path: string, message: RegExp][]][] = [
+    ['mode missing', listener([`cert: ${f.cert}`, `key: ${f.key}`]), [['listeners[0].tls.mode', /^is required$/]]],
+    ['mode unknown', listener(['mode: auth', `cert: ${f.cert}`, `key: ${f.key}`]), [['listeners[0].tls.mode', /^must be explicit or implicit$/]]],
+    ['cert and key missing', listener(['mode: explicit']), [['listeners[0].tls.cert', /^is required$/], ['listeners[0].tls.key', /^is required$/]]],
+    ['unknown key', listener([...serverTls(), 'ciphers: HIGH']), [['listeners[0].tls.ciphers', /^unknown key \(allowed: mode, cert, key, require, dataSessionReuse, minVersion\)$/]]],
+    ['require not a boolean', listener([...serverTls(), 'require: "yes"']), [['listeners[0].tls.require', /true or false/]]],
+    ['dataSessionReuse unknown', listener([...serverTls(), 'dataSessionReuse: optional']), [['listeners[0].tls.dataSessionReuse', /^must be required or off$/]]],
+    ['minVersion TLSv1.1', listener([...serverTls(), 'minVersion: TLSv1.1']), [['listeners[0].tls.minVersion', /^must be TLSv1\.2 or TLSv1\.3$/]]],
+    ['cert file missing', listener(['mode: explicit', `cert: ${f.pki.dir}/nope.pem`, `key: ${f.key}`]),
+      [['listeners[0].tls.cert', new RegExp(`^cannot read ${escape(f.pki.dir)}/nope\\.pem: no such file or directory \\(ENOENT\\)$`)]]],
+    ['key is a directory', listener(['mode: explicit', `cert: ${f.cert}`, `key: ${f.pki.dir}`]),
+      [['listeners[0].tls.key', new RegExp(`^cannot read ${escape(f.pki.dir)}: illegal operation on a directory \\(EISDIR\\)$`)]]],
+    ['cert file holds no certificate', listener(['mode: explicit', `cert: ${f.garbage}`, `key: ${f.key}`]), [['listeners[0].tls.cert', /garbage\.pem holds no PEM certificate/]]],
+    ['cert file holds the key (swapped)', listener(['mode: explicit', `cert: ${f.key}`, `key: ${f.cert}`]),
+      [['listeners[0].tls.cert', /server\.key holds no PEM certificate/], ['listeners[0].tls.key', /server\.pem is not a PEM private key$/]]],
+    ['cert cut short', listener(['mode: explicit', `cert: ${f.brokenCert}`, `key: ${f.key}`]), [['listeners[0].tls.cert', /^certificate 1 in .*broken\.pem is not a valid PEM certificate: /]]],
+    ['key file is garbage', listener(['mode: explicit', `cert: ${f.cert}`, `key: ${f.garbage}`]), [['listeners[0].tls.key', /garbage\.pem is not a PEM private key$/]]],
+    ['key of another certificate', listener(['mode: explicit', `cert: ${f.cert}`, `key: ${f.otherKey}`]),
+      [['listeners[0].tls.key', /^the key in .*other-server\.key does not match the certificate in .*server\.pem$/]]],
+    ['encrypted key (PKCS#8)', listener(['mode: explicit', `cert: ${f.cert}`, `key: ${f.encryptedKey}`]), [['listeners[0].tls.key', /encrypted\.key: encrypted private keys are not supported/]]],
+    ['encrypted key (traditional)', listener(['mode: explicit', `cert: ${f.cert}`, `key: ${f.encryptedTraditionalKey}`]),
+      [['listeners[0].tls.key', /encrypted-traditional\.key: encrypted private keys are not supported/]]],
+    ['upstream mode missing', upstream([`ca: ${f.ca}`]), [['listeners[0].upstream.tls.mode', /^is required$/]]],
+    ['upstream mode unknown', upstream(['mode: starttls']), [['listeners[0].upstream.tls.mode', /^must be off, explicit or implicit$/]]],
+    ['upstream unknown key', upstream(['mode: explicit', 'cert: x.pem']), [['listeners[0].upstream.tls.cert', /^unknown key \(allowed: mode, ca, servername, verify\)$/]]],
+    ['ca file missing', upstream(['mode: explicit', `ca: ${f.pki.dir}/no-ca.pem`]), [['listeners[0].upstream.tls.ca', /^cannot read .*no-ca\.pem: no such file or directory \(ENOENT\)$/]]],
+    ['ca file holds no certificate', upstream(['mode: explicit', `ca: ${f.keyOnly}`]), [['listeners[0].upstream.tls.ca', /key-only\.pem holds no PEM certificate/]]],
+    ['ca certificate cut short', upstream(['mode: explicit', `ca: ${f.brokenCert}`]), [['listeners[0].upstream.tls.ca', /^certificate 1 in .*broken\.pem is not a valid PEM certificate/]]],
+    ['servername not a name', upstream(['mode: explicit', 'servername: "ftp internal"']), [['listeners[0].upstream.tls.servername', /^"ftp internal" is neither a hostname nor an IP address$/]]],
+    ['verify not a boolean', upstream(['mode: explicit', 'verify: "no"']), [['listeners[0].upstream.tls.verify', /true or false/]]],
+  ];
+  for (const [name, options, errors] of cases) {
+    const text = tlsYaml(options);
+    const issues = issuesOf(text);
+    t.same(issues.map((i) => i.path), errors.map(([path]) => path), `${name}: paths`);
+    errors.forEach(([path, message], n) => t.match(issues[n]?.message, message, `${name}: ${path} message`));
+    const lines = text.split('\n');
+    for (const issue of issues) {
+      const key = issue.path.split('.').at(-1)!;
+      const expected = lines.findIndex((l) => new RegExp(`^\\s*${key}:`).test(l)) + 1;
+      t.equal(issue.line, expected > 0 ? expected : issue.line, `${name}: ${issue.path} at line ${issue.line}`);
+      t.ok(issue.line >= 1, `${name}: line is 1-based`);
+    }
+    const printed = everythingPrinted(text);
+    t.notMatch(printed, /PRIVATE KEY/, `${name}: no PEM header in the message`);
+    t.notOk(printed.includes(f.keyBodyLine), `${name}: no key body in the message`);
+  }
+});
+
+t.test('tls: not a mapping is one error', TLS_SKIP, async (t) => {
+  for (const [text, path] of [
+    [MINIMAL.replace('    upstream:\n', '    tls: explicit\n    upstream:\n'), 'listeners[0].tls'],
+    [tlsYaml({}).replace('      host: ftp.internal.example\n', '      host: ftp.internal.example\n      tls: [explicit]\n'), 'listeners[0].upstream.tls'],
+  ] as const) {
+    const issues = issuesOf(text);
+    t.same(issues.map((i) => [i.path, i.message]), [[path, 'must be a mapping']], path);
+  }
+});
+
+t.test('tls warnings: implicit with require, verify false, an expired certificate', TLS_SKIP, async (t) => {
+  const f = files();
+  const implicit = validateConfigText(tlsYaml({ tls: [...serverTls('implicit'), 'require: true'] }));
+  t.equal(implicit.listeners[0]?.tls?.require, false, 'require is false with implicit TLS');
+  t.same(implicit.warnings, [{ path: 'listeners[0].tls.require', line: 9, message: 'require has no effect with implicit TLS' }]);
+  t.same(validateConfigText(tlsYaml({ tls: [...serverTls('implicit'), 'require: false'] })).warnings, [], 'require: false says nothing');
+
+  const unverified = validateConfigText(tlsYaml({ upstreamTls: ['mode: explicit', 'verify: false'] }));
+  t.equal(unverified.listeners[0]?.upstream.tls?.verify, false);
+  t.same(unverified.warnings.map((w) => [w.path, w.line]), [['listeners[0].upstream.tls.verify', 7]]);
+  t.match(unverified.warnings[0]?.message, /certificate is not verified.*labs only/);
+
+  const text = tlsYaml({ tls: serverTls() });
+  t.same(validateConfigText(text).warnings, [], 'valid today');
+  const later = validateConfigText(text, 'test', { now: Date.parse('2100-01-01T00:00:00Z') });
+  t.ok(later.listeners[0]?.tls, 'an expired certificate still loads');
+  t.same(later.warnings.map((w) => [w.path, w.line]), [['listeners[0].tls.cert', 7]]);
+  t.match(later.warnings[0]?.message, new RegExp(`^the certificate in ${escape(f.cert)} has expired \\(notAfter \\w{3} +\\d+ [\\d:]+ \\d{4} GMT\\)`));
+
+  const all = validateConfigText(tlsYaml({ tls: [...serverTls('implicit'), 'require: true'], upstreamTls: ['mode: explicit', 'verify: false'] }), 'test', { now: Date.parse('2100-01-01T00:00:00Z') });
+  const printed = all.warnings.map(formatIssue).join('\n');
+  t.equal(all.warnings.length, 3, 'three warnings together');
+  t.notMatch(printed, /PRIVATE KEY/);
+  t.notOk(printed.includes(f.keyBodyLine), 'no key body in a warning');
+});
+
+t.test('tls: a warning is not reported when the config has errors, the errors are', TLS_SKIP, async (t) => {
+  const issues = issuesOf(tlsYaml({ tls: ['mode: implicit', `cert: ${files().cert}`, `key: ${files().otherKey}`, 'require: true'] }));
+  t.same(issues.map((i) => i.path), ['listeners[0].tls.key']);
+});
+
+t.test('tls: relative file names resolve against the config file directory (loadConfigFile) or the current directory', TLS_SKIP, async (t) => {
+  const f = files();
+  const sub = join(f.pki.dir, 'conf.d');
+  mkdirSync(sub, { recursive: true });
+  const relativeYaml = (dir: string): string => tlsYaml({
+    tls: ['mode: explicit', `cert: ${dir}${basename(f.cert)}`, `key: ${dir}${basename(f.key)}`],
+    upstreamTls: ['mode: explicit', `ca: ${dir}${basename(f.ca)}`],
+  });
+  const expectFiles = (config: Awaited<ReturnType<typeof loadConfigFile>>, name: string): void => {
+    const l = config.listeners[0]!;
+    t.equal(l.tls?.certFile, f.cert, `${name}: certFile absolute`);
+    t.equal(l.tls?.keyFile, f.key, `${name}: keyFile absolute`);
+    t.equal(l.upstream.tls?.caFile, f.ca, `${name}: caFile absolute`);
+    t.equal(l.tls?.keyPem, f.pki.server.key.pem, `${name}: the key read`);
+  };
+  const beside = join(f.pki.dir, 'proxy.yaml');
+  writeFileSync(beside, relativeYaml(''));
+  expectFiles(await loadConfigFile(beside), 'file beside the PEM files');
+  const nested = join(sub, 'proxy.yaml');
+  writeFileSync(nested, relativeYaml('../'));
+  expectFiles(await loadConfigFile(nested), '../ from a sub-directory');
+  expectFiles(await loadConfigFile(relative(process.cwd(), nested)), 'config named by a relative path');
+  expectFiles(validateConfigText(relativeYaml(''), 'text', { baseDir: f.pki.dir }), 'validateConfigText with baseDir');
+  const fromCwd = `${relative(process.cwd(), f.pki.dir)}/`;
+  expectFiles(validateConfigText(relativeYaml(fromCwd)), 'validateConfigText without baseDir: the current directory');
+  const wrongDir = issuesOf(relativeYaml(''));
+  t.same(wrongDir.map((i) => i.path), ['listeners[0].upstream.tls.ca', 'listeners[0].tls.cert', 'listeners[0].tls.key'], 'not found in the current directory');
+  t.match(wrongDir[1]?.message, new RegExp(`^cannot read ${escape(join(process.cwd(), basename(f.cert)))}: `), 'the error names the resolved path');
+});
+
+function escape(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
