@@ -13,6 +13,7 @@ import {
   type UpstreamPassiveResult,
 } from '../../src/control/rewrite.js';
 import { parseCommandLine } from '../../src/control/command.js';
+import { initialProtection } from '../../src/control/security.js';
 import { LineFramer } from '../../src/control/line-framer.js';
 import type { Reply } from '../../src/control/reply.js';
 import type { ActiveTargetSource } from '../../src/control/policy.js';
@@ -28,6 +29,7 @@ const V4: SessionView = {
   // Dialled (a PROXY header's destination), then the control socket's own local address.
   ownAddresses: ['203.0.113.10', '10.0.0.2'],
   ownNames: [],
+  protection: initialProtection(null),
 };
 const V4_NO_FIXUP: SessionView = { ...V4, allowNatFixup: false };
 const V4_ALL: SessionView = { ...V4, epsvAll: true };

@@ -4,6 +4,7 @@
  * throw, never grow a buffer past its bound, and parse -> format -> parse must be stable for
  * every valid value. `npm test` runs a quick pass; `npm run fuzz` sets FTPP_FUZZ_RUNS high.
  */
+import { initialProtection } from '../../src/control/security.js';
 import t from 'tap';
 import fc from 'fast-check';
 import { LineFramer } from '../../src/control/line-framer.js';
@@ -87,6 +88,7 @@ t.test('command parser and Telnet cleanup never throw; verbs are clean', async (
         loggedIn: false,
         ownAddresses: ['203.0.113.10', '10.0.0.2'],
         ownNames: ['ftp.proxy.example'],
+        protection: initialProtection(null),
       };
       const decision = decideCommand(parsed.command, view);
       decideCommand(parsed.command, { ...view, controlFamily: 6, clientIp: '2001:db8::7', epsvAll: true });
@@ -112,6 +114,7 @@ t.test('HOST with any argument never throws; only the proxy\'s own address or na
     loggedIn: false,
     ownAddresses: own,
     ownNames: ['ftp.proxy.example'],
+        protection: initialProtection(null),
   };
   const hostChars = fc.constantFrom(...'0123456789abcdefABCDEF:.[]%-xyz '.split(''));
   const argument = fc.oneof(

@@ -72,6 +72,7 @@ export class RecordingMetrics implements ProxyMetrics {
   upstreamConnect(): void {}
   dataStranger(): void {}
   kernelMapping(_listener: string, _outcome: KernelMappingOutcome): void {}
+  tlsHandshake(): void {}
   registerPool(listener: string, pool: PoolKind, stats: () => PoolStats): void {
     this.poolRegistrations.push({ listener, pool });
     this.pools.set(`${listener}/${pool}`, stats);

@@ -140,6 +140,7 @@ function setup(t: TapTest, options: { ports?: number; maxPerOwner?: number } = {
     lastError: null,
   } as unknown as Advertiser;
   s.dataSetup = new DataSetup({
+    dataProtected: () => false,
     config: options.maxPerOwner === undefined ? CONFIG : withRelayPortsPerIp(options.maxPerOwner),
     metrics,
     endpoints: {

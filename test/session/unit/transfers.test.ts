@@ -161,6 +161,7 @@ function setup(): Setup {
     transferFinished: (listener, direction, result, bytes, seconds) => s.finished.push({ listener, direction, result, bytes, seconds }),
   };
   const deps: TransfersDeps = {
+    dataSecurity: () => ({ client: null, server: null }),
     config: CONFIG,
     metrics,
     log,
