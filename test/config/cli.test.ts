@@ -6,11 +6,12 @@
  */
 import t from 'tap';
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ConfigError, formatIssue, validateConfigText } from '../../src/config/load.js';
 import { spawnCli } from '../helpers/ops.js';
+import { makeTestPki, opensslUnavailable } from '../helpers/tls.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const CLI = join(ROOT, 'dist', 'cli.js');
@@ -155,6 +156,57 @@ t.test('a running proxy logs each warning at start and again on every SIGHUP rel
   process.kill(cli.pid, 'SIGTERM');
   const exit = await cli.exited;
   t.equal(exit.code, 0, 'clean stop');
+});
+
+const NO_OPENSSL = opensslUnavailable();
+
+t.test('--check with TLS: relative PEM files beside the config, warnings printed, the key never', NO_OPENSSL === null ? {} : { skip: NO_OPENSSL }, async (t) => {
+  const pki = makeTestPki();
+  t.teardown(() => pki.cleanup());
+  // The config and its PEM files in one directory, named relatively: the CLI runs from ROOT,
+  // so this passes only if they resolve against the config file's directory.
+  const dir = t.testdir({});
+  copyFileSync(pki.server.cert.path, join(dir, 'fullchain.pem'));
+  copyFileSync(pki.server.key.path, join(dir, 'privkey.pem'));
+  copyFileSync(pki.otherServer.key.path, join(dir, 'other.key'));
+  copyFileSync(pki.ca.cert.path, join(dir, 'backend-ca.pem'));
+  const keyBody = pki.server.key.pem.split('\n')[1]!;
+  const yaml = (cert: string, key: string): string => `listeners:
+  - name: edge-ftps
+    listen: "127.0.0.1:0"
+    tls: { mode: implicit, cert: ${cert}, key: ${key}, require: true }
+    upstream:
+      host: 127.0.0.1
+      tls: { mode: explicit, ca: backend-ca.pem, verify: false }
+`;
+  const noKey = (name: string, r: CliResult): void => {
+    t.notMatch(r.stdout + r.stderr, /PRIVATE KEY/, `${name}: no PEM key header printed`);
+    t.notOk((r.stdout + r.stderr).includes(keyBody), `${name}: no key body printed`);
+  };
+
+  const good = join(dir, 'good.yaml');
+  writeFileSync(good, yaml('fullchain.pem', 'privkey.pem'));
+  const ok = await runCli(['--config', good, '--check']);
+  t.equal(ok.code, 0, ok.stderr);
+  t.equal(ok.stdout, `${good}: OK (1 listener(s))\n`);
+  t.match(ok.stderr, /^ {2}listeners\[0\]\.upstream\.tls\.verify \(line 7\): .*not verified/m, 'verify: false warning');
+  t.match(ok.stderr, /^ {2}listeners\[0\]\.tls\.require \(line 4\): require has no effect with implicit TLS$/m, 'implicit + require warning');
+  noKey('valid', ok);
+
+  const bad: [name: string, cert: string, key: string, message: RegExp][] = [
+    ['the key of another certificate', 'fullchain.pem', 'other.key', /tls\.key \(line 4\): the key in .*other\.key does not match the certificate/],
+    ['the key given as the certificate', 'privkey.pem', 'privkey.pem', /tls\.cert \(line 4\): .*privkey\.pem holds no PEM certificate/],
+    ['the certificate given as the key', 'fullchain.pem', 'fullchain.pem', /tls\.key \(line 4\): .*fullchain\.pem is not a PEM private key/],
+    ['a missing key', 'fullchain.pem', 'missing.pem', /tls\.key \(line 4\): cannot read .*missing\.pem: no such file or directory \(ENOENT\)/],
+  ];
+  for (const [name, cert, key, message] of bad) {
+    const file = join(dir, 'bad.yaml');
+    writeFileSync(file, yaml(cert, key));
+    const r = await runCli(['--config', file, '--check']);
+    t.equal(r.code, 2, `${name}: exit 2`);
+    t.match(r.stderr, message, name);
+    noKey(name, r);
+  }
 });
 
 t.test('--check on a YAML syntax error exits 2 with its line', async (t) => {
