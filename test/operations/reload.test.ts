@@ -4,12 +4,14 @@
  *   new sessions get relay ports from the new passivePorts range, the running transfer
  *   completes with the right sha256 and its session keeps its old settings;
  * - the built CLI on SIGHUP: an invalid file is rejected (`reload-rejected` with every issue)
- *   and the proxy keeps serving; a valid changed file is applied (`reloaded`).
+ *   and the proxy keeps serving; a valid changed file is applied (`reloaded`);
+ * - the built CLI on SIGHUP with `tls:` on the listener: a key file rewritten with garbage or
+ *   with another certificate's key is rejected, the running config stays, nothing logs the key.
  * Relay ports 39000-39999 belong to this file.
  */
 import t from 'tap';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type net from 'node:net';
@@ -23,6 +25,7 @@ import { sha256, writeRandomFile } from '../helpers/clients.js';
 import { inRange, opsYaml, spawnCli, takeFreeRange } from '../helpers/ops.js';
 import { startTestProxy } from '../helpers/proxy.js';
 import { validateConfigText } from '../../src/config/load.js';
+import { makeTestPki, opensslUnavailable } from '../helpers/tls.js';
 
 const ports = new PortBlocks(39000);
 const BIG_BYTES = 32 * 1024 * 1024;
@@ -209,5 +212,61 @@ if (reason) {
     process.kill(cli.pid, 'SIGTERM');
     const exit = await withTimeout(cli.exited, 10000, 'CLI exit');
     t.equal(exit.code, 0, 'exit 0 on SIGTERM');
+  });
+
+  const noOpenssl = opensslUnavailable();
+  t.test('CLI: SIGHUP after the TLS key file is broken is rejected naming the file; the old config keeps serving', noOpenssl === null ? {} : { skip: noOpenssl }, async (t) => {
+    const pki = makeTestPki();
+    t.teardown(() => pki.cleanup());
+    const listenPort = await freePort();
+    const range = await takeFreeRange(ports);
+    const certPath = join(dir, 'fullchain.pem');
+    const keyPath = join(dir, 'privkey.pem');
+    copyFileSync(pki.server.cert.path, certPath);
+    copyFileSync(pki.server.key.path, keyPath);
+    const path = join(dir, 'tls-proxy.yaml');
+    // Explicit and not required: plain clients are still served (sessions do not use TLS yet).
+    writeFileSync(path, opsYaml({
+      name: 'tls', listen: `127.0.0.1:${listenPort}`, upstreamPort: vsftpd.port, passivePorts: range, admin: null, drainSeconds: 0, level: 'info',
+      lines: ['    tls:', '      mode: explicit', '      cert: fullchain.pem', '      key: privkey.pem'],
+    }));
+    const cli = spawnCli(t, path);
+    t.ok(await cli.waitLog((r) => r.event === 'started', 10000), `CLI started (stderr: ${cli.stderr().slice(0, 300)})`);
+    const open = await login(t, '127.0.0.1', listenPort);
+
+    const rejections = (): Record<string, unknown>[] => cli.logs().filter((r) => r.event === 'reload-rejected');
+    const broken: [name: string, key: string, message: RegExp][] = [
+      ['garbage', 'this is not a key\n', /privkey\.pem is not a PEM private key$/],
+      ["another certificate's key", pki.otherServer.key.pem, /^the key in .*privkey\.pem does not match the certificate in .*fullchain\.pem$/],
+    ];
+    for (const [n, [name, key, message]] of broken.entries()) {
+      writeFileSync(keyPath, key);
+      process.kill(cli.pid, 'SIGHUP');
+      t.ok(await cli.waitLog(() => rejections().length > n, 5000), `${name}: reload-rejected logged`);
+      const issues = (rejections()[n]?.issues ?? []) as Array<{ path: string; line: number; message: string }>;
+      t.same(issues.map((i) => [i.path, i.line]), [['listeners[0].tls.key', 15]], `${name}: the key, at its line`);
+      t.match(issues[0]?.message, message, `${name}: the message says what is wrong`);
+      t.ok(issues[0]?.message.includes(keyPath), `${name}: and names the file (${keyPath})`);
+      t.notOk(cli.hasExited(), `${name}: still running`);
+      t.equal((await open.command('NOOP')).code, 200, `${name}: the open session is untouched`);
+      const fresh = await login(t, '127.0.0.1', listenPort);
+      t.ok(inRange(await retrSmall(t, fresh), range), `${name}: new sessions are served on the running config`);
+      await fresh.quit();
+    }
+    t.equal(cli.logs().filter((r) => r.event === 'reloaded').length, 0, 'nothing was applied');
+
+    writeFileSync(keyPath, pki.server.key.pem);
+    process.kill(cli.pid, 'SIGHUP');
+    const reloaded = await cli.waitLog((r) => r.event === 'reloaded', 5000);
+    t.same(reloaded?.updated, ['tls'], 'the repaired key is accepted');
+    await open.quit();
+
+    const everything = cli.stdout() + cli.stderr();
+    t.notMatch(everything, /PRIVATE KEY/, 'no PEM key header in any log line');
+    for (const pem of [pki.server.key.pem, pki.otherServer.key.pem]) {
+      t.notOk(everything.includes(pem.split('\n')[1]!), 'no key body in any log line');
+    }
+    process.kill(cli.pid, 'SIGTERM');
+    t.equal((await withTimeout(cli.exited, 10000, 'CLI exit')).code, 0, 'exit 0 on SIGTERM');
   });
 }
