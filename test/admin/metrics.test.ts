@@ -70,6 +70,7 @@ const FTPNP_METRICS: ReadonlyArray<[string, string]> = [
   ['ftpnp_upstream_connect_seconds', 'histogram'],
   ['ftpnp_data_strangers_total', 'counter'],
   ['ftpnp_kernel_mappings_total', 'counter'],
+  ['ftpnp_tls_handshakes_total', 'counter'],
   ['ftpnp_data_ports_leased', 'gauge'],
   ['ftpnp_data_ports_free', 'gauge'],
 ];
@@ -215,6 +216,21 @@ t.test('kernel mappings counted per listener and outcome, every outcome from 0',
   t.equal(samples.get(key('ftpnp_kernel_mappings_total', { listener: 'edge', outcome: 'skipped' })), 0);
 });
 
+t.test('TLS handshakes counted per leg, channel and result, every combination from 0', async (t) => {
+  const metrics = createPromMetrics();
+  metrics.tlsHandshake('edge', 'client', 'control', 'ok');
+  metrics.tlsHandshake('edge', 'client', 'data', 'not-resumed');
+  metrics.tlsHandshake('edge', 'client', 'data', 'not-resumed');
+  metrics.tlsHandshake('edge', 'server', 'control', 'failed');
+  const { samples } = await scrape(metrics);
+  const at = (leg: string, channel: string, result: string): number | undefined => samples.get(key('ftpnp_tls_handshakes_total', { listener: 'edge', leg, channel, result }));
+  t.equal(at('client', 'control', 'ok'), 1);
+  t.equal(at('client', 'data', 'not-resumed'), 2);
+  t.equal(at('server', 'control', 'failed'), 1);
+  t.equal(at('server', 'data', 'ok'), 0, 'untouched combinations start at 0');
+  t.equal(at('client', 'control', 'failed'), 0);
+});
+
 t.test('pool gauges are read from the stats callback at scrape time', async (t) => {
   const metrics = createPromMetrics();
   const passive = { size: 100, leased: 3 };
@@ -311,6 +327,7 @@ t.test('NOOP_METRICS accepts every call and records nothing', async (t) => {
     noop.upstreamConnect('edge', false, 1);
     noop.dataStranger('edge');
     noop.kernelMapping('edge', 'added');
+    noop.tlsHandshake('edge', 'client', 'data', 'ok');
     noop.registerPool('edge', 'passive', () => {
       read++;
       return { size: 1, leased: 0 };
@@ -318,5 +335,5 @@ t.test('NOOP_METRICS accepts every call and records nothing', async (t) => {
   });
   t.equal(read, 0, 'pool callback never read');
   t.ok(Object.isFrozen(NOOP_METRICS), 'shared instance cannot be modified');
-  t.equal(Object.keys(NOOP_METRICS).length, 8, 'implements all eight methods');
+  t.equal(Object.keys(NOOP_METRICS).length, 9, 'implements all nine methods');
 });
