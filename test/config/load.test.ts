@@ -4,7 +4,7 @@
  */
 import t from 'tap';
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { basename, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
@@ -774,6 +774,36 @@ t.test('tls: relative file names resolve against the config file directory (load
   const wrongDir = issuesOf(relativeYaml(''));
   t.same(wrongDir.map((i) => i.path), ['listeners[0].upstream.tls.ca', 'listeners[0].tls.cert', 'listeners[0].tls.key'], 'not found in the current directory');
   t.match(wrongDir[1]?.message, new RegExp(`^cannot read ${escape(join(process.cwd(), basename(f.cert)))}: `), 'the error names the resolved path');
+});
+
+t.test('every example in conf/ validates (its /etc/ftp-nat-proxy/tls/ files replaced by test ones)', TLS_SKIP, async (t) => {
+  // The examples name the files where an installation keeps them; those do not exist here.
+  // The same names in a temporary directory let the rest of each file be checked as written.
+  const f = files();
+  const tlsDir = join(f.pki.dir, 'etc-tls');
+  mkdirSync(tlsDir, { recursive: true });
+  copyFileSync(f.cert, join(tlsDir, 'fullchain.pem'));
+  copyFileSync(f.key, join(tlsDir, 'privkey.pem'));
+  copyFileSync(f.ca, join(tlsDir, 'backend-ca.pem'));
+  const confDir = fileURLToPath(new URL('../../conf/', import.meta.url));
+  const examples = readdirSync(confDir).filter((name) => name.endsWith('.yaml')).sort();
+  t.ok(examples.includes('ftps-edge.yaml') && examples.includes('ftps-client-side.yaml'), `the FTPS examples are there (${examples.join(', ')})`);
+  const configs = new Map<string, ReturnType<typeof validateConfigText>>();
+  for (const name of examples) {
+    const text = readFileSync(join(confDir, name), 'utf8').replaceAll('/etc/ftp-nat-proxy/tls/', `${tlsDir}/`);
+    try {
+      const config = validateConfigText(text, name);
+      t.same(config.warnings, [], `${name}: valid, no warnings`);
+      configs.set(name, config);
+    } catch (err) {
+      t.fail(`${name}: ${(err as Error).message}`);
+    }
+  }
+  const edge = configs.get('ftps-edge.yaml')?.listeners;
+  t.match(edge?.map((l) => [l.tls?.mode, l.tls?.require, l.upstream.tls]), [['explicit', true, null], ['implicit', false, null]], 'ftps-edge: FTPS toward clients, plain toward vsftpd');
+  const clientSide = configs.get('ftps-client-side.yaml')?.listeners[0];
+  t.equal(clientSide?.tls, null, 'ftps-client-side: plain toward the clients');
+  t.match(clientSide?.upstream.tls, { mode: 'explicit', caFile: join(tlsDir, 'backend-ca.pem'), servername: 'ftp.example.net', verify: true }, 'ftps-client-side: explicit FTPS toward the server');
 });
 
 function escape(text: string): string {
