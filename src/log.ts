@@ -7,7 +7,8 @@ import pino, { type Logger, type DestinationStream } from 'pino';
 
 export type { Logger };
 
-export const REDACTED_PATHS = ['password', 'pass', '*.password', '*.pass'];
+/** Passwords, and TLS private keys (ListenerConfig.tls.keyPem) should a config ever be logged. */
+export const REDACTED_PATHS = ['password', 'pass', '*.password', '*.pass', 'keyPem', '*.keyPem', '*.tls.keyPem'];
 
 export function createLogger(level: string, destination?: DestinationStream): Logger {
   const options = {

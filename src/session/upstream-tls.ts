@@ -15,6 +15,7 @@
  *   it fires after the handshake, maybe several times). The data handshake starts at once and
  *   the transfer command is sent without waiting for it: vsftpd handshakes only after its 150.
  */
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
 import type { UpstreamTlsConfig } from '../config/schema.js';
@@ -133,13 +134,48 @@ export class UpstreamTls {
 
   /** What the certificate is checked against; SNI only for a name (RFC 6066 §3: never an address). */
   private identity(): tls.ConnectionOptions {
-    const { servername, caPem, verify } = this.config;
+    const { servername, verify } = this.config;
     return {
       ...(net.isIP(servername) ? { host: servername } : { servername }),
-      ...(caPem ? { ca: caPem } : {}),
+      secureContext: trustContextFor(this.config),
       rejectUnauthorized: verify,
     };
   }
+}
+
+/**
+ * One client SecureContext per `upstream.tls` section (a reload makes a new one): `ca` given to
+ * tls.connect would build a context, parsing every CA certificate, on each connection.
+ */
+const trustContexts = new WeakMap<UpstreamTlsConfig, tls.SecureContext>();
+
+function trustContextFor(config: UpstreamTlsConfig): tls.SecureContext {
+  let context = trustContexts.get(config);
+  if (!context) {
+    context = tls.createSecureContext({ ca: config.caPem ?? systemTrust() });
+    trustContexts.set(config, context);
+  }
+  return context;
+}
+
+/** Where distributions keep their CA bundle (Debian/Ubuntu, then RHEL/Fedora). */
+const SYSTEM_CA_BUNDLES = ['/etc/ssl/certs/ca-certificates.crt', '/etc/pki/tls/certs/ca-bundle.crt'];
+let systemTrustCache: string[] | null = null;
+
+/** No `ca`: Node's bundled roots plus the system bundle, read once per process. */
+function systemTrust(): string[] {
+  if (systemTrustCache) return systemTrustCache;
+  const roots = [...tls.rootCertificates];
+  for (const path of SYSTEM_CA_BUNDLES) {
+    try {
+      roots.push(readFileSync(path, 'utf8'));
+      break;
+    } catch {
+      // not this distribution's layout
+    }
+  }
+  systemTrustCache = roots;
+  return roots;
 }
 
 /**
