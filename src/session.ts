@@ -178,7 +178,6 @@ export class Session {
    * once the client has proven it speaks TLS, and its 220 then goes out encrypted.
    */
   private async startImplicitTls(): Promise<void> {
-    this.client.connection.start();
     if (!(await this.secureClientControl(this.deps.endpoints.initialData))) return;
     this.server.connect();
   }

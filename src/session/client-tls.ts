@@ -76,6 +76,9 @@ export class ClientTls {
   async secureControl(connection: ControlConnection, alreadyRead: Buffer | null = null): Promise<void> {
     const { context, store } = this.ensureContext();
     const socket = connection.upgrade((plain) => new tls.TLSSocket(plain, { isServer: true, secureContext: context, server: store as unknown as net.Server }), alreadyRead);
+    // Reading starts only now: resumed before the upgrade, the plain socket would hand
+    // bytes put back for the TLS layer (alreadyRead) to a reader that is gone.
+    connection.start();
     try {
       await handshakeDone(socket, 'server', this.handshakeMs, 'FTPP_ERR_TLS_HANDSHAKE');
     } catch (err) {

@@ -18,6 +18,11 @@ import type { TapTest } from '../helpers/tap.js';
 import { inRange, opsYaml, probe, probeClosed, takeFreeRange } from '../helpers/ops.js';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
 import { encodeProxyHeaderV1, encodeProxyHeaderV2 } from '../../src/control/proxy-protocol.js';
+import net from 'node:net';
+import tls from 'node:tls';
+import { once } from 'node:events';
+import { Duplex } from 'node:stream';
+import { makeTestPki } from '../helpers/tls.js';
 
 const ports = new PortBlocks(37000);
 const CLIENT = '198.51.100.7';
@@ -125,6 +130,53 @@ if (reason) {
     t.equal((await client.readReply(5000)).code, 331, 'then the USER sent with the header');
     t.equal((await client.readReply(5000)).code, 230, 'then the PASS');
     t.equal((await client.command('QUIT')).code, 221);
+  });
+
+  t.test('implicit FTPS: the ClientHello in the same segment as the header; the handshake follows the header, the 220 the handshake', async (t) => {
+    const pki = makeTestPki();
+    t.teardown(() => pki.cleanup());
+    const range = await takeFreeRange(ports);
+    const lines = [...ppLines('v1', '127.0.0.1/32'), '    tls:', '      mode: implicit', `      cert: ${pki.server.cert.path}`, `      key: ${pki.server.key.path}`];
+    const proxy = await startTestProxy(opsYaml({ name: 'ppimplicit', upstreamPort: vsftpd.port, passivePorts: range, lines }), { teardown: t });
+    const connectsBefore = upstreamConnects();
+    const tcp = net.connect(proxy.port, proxy.host);
+    t.teardown(() => tcp.destroy());
+    await once(tcp, 'connect');
+    tcp.setNoDelay(true);
+    // The TLS layer writes through this bridge: its first write (the ClientHello) goes out in
+    // one write with the header, the way a load balancer forwards a client's first segment.
+    let first = true;
+    const bridge = new Duplex({
+      write(chunk: Buffer, _encoding, done) {
+        tcp.write(first ? Buffer.concat([Buffer.from(V1_HEADER), chunk]) : chunk, done);
+        first = false;
+      },
+      read() {},
+      final(done) {
+        tcp.end();
+        done();
+      },
+    });
+    tcp.on('data', (chunk: Buffer) => bridge.push(chunk));
+    tcp.on('end', () => bridge.push(null));
+    const secure = tls.connect({ socket: bridge, host: '127.0.0.1', ca: pki.ca.cert.pem });
+    t.teardown(() => secure.destroy());
+    await Promise.race([once(secure, 'secureConnect'), once(secure, 'error').then(([err]) => Promise.reject(err as Error))]);
+    t.ok(secure.authorized, 'the proxy\'s certificate verifies');
+    const client = FtpClient.over(secure as unknown as net.Socket);
+    t.equal((await client.readReply(5000)).code, 220, 'the greeting comes over TLS');
+    t.equal(upstreamConnects(), connectsBefore + 1, 'the server was dialled once the handshake was done');
+    t.equal((await client.command(`USER ${vsftpd.user}`)).code, 331);
+    t.equal((await client.command(`PASS ${vsftpd.password}`)).code, 230);
+    t.equal((await client.command('PBSZ 0')).code, 200, 'PBSZ answered on an implicit session');
+    t.equal((await client.command('PROT P')).code, 200);
+    const start = proxy.logs().find((r) => r.event === 'session-start' && r.listener === 'ppimplicit');
+    t.match(String(proxy.logs().find((r) => r.event === 'tls-client')?.tlsVersion), /^TLSv1\.[23]$/, 'tls-client logged with its version');
+    t.ok(start, 'session-start logged');
+    t.equal((await client.command('QUIT')).code, 221);
+    const end = await proxy.waitLog((r) => r.event === 'session-end');
+    t.equal(end?.client, `${CLIENT}:51515`, 'the session is the header\'s client');
+    t.match(String(end?.clientTls), /^TLSv1\.[23]$/, 'session-end says the client leg was TLS');
   });
 
   t.test('LOCAL headers (v2 LOCAL, v1 UNKNOWN) are closed quietly, nothing reaches the server', async (t) => {
