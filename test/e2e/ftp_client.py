@@ -3,7 +3,8 @@
 Usage: python3 ftp_client.py '<json job>'; job["tool"] picks one of the modes below. Results
 are JSON objects, one per line on stdout, so the test never parses free text. Modes:
 
-  session   log in, run every op in `ops` in order (exit 1 if any failed)
+  session   log in, run every op in `ops` in order (exit 1 if any failed); with
+            "tls": "explicit" and "cafile", over FTPS (AUTH TLS, PBSZ 0, PROT P)
   victim    log in, PASV, print the port, wait for a line on stdin, then take that data
             connection and RETR (the port-stealing scenario, protocol.md section 4.2)
   probe     connect to host:port, read until EOF/reset/timeout, report the bytes received
@@ -13,6 +14,7 @@ import errno
 import ftplib
 import json
 import socket
+import ssl
 import sys
 import time
 
@@ -22,12 +24,37 @@ def emit(**fields):
     sys.stdout.flush()
 
 
+class ReusingFTP_TLS(ftplib.FTP_TLS):
+    """FTP_TLS whose data connections resume the control connection's TLS session.
+
+    Stock FTP_TLS wraps each data socket in a fresh session, which vsftpd's default
+    require_ssl_reuse=YES refuses with 522 (bpo-19500; protocol.md section 5.5).
+    """
+
+    def ntransfercmd(self, cmd, rest=None):
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
+
+
 def login(job):
-    ftp = ftplib.FTP(timeout=job.get("timeout", 15))
+    timeout = job.get("timeout", 15)
+    tls = job.get("tls")
+    if tls not in (None, "explicit"):
+        raise ValueError("unsupported tls mode %r" % tls)
+    if tls:
+        # Verifies the certificate and the address we dialled against the test CA.
+        context = ssl.create_default_context(cafile=job["cafile"])
+        ftp = ReusingFTP_TLS(context=context, timeout=timeout)
+    else:
+        ftp = ftplib.FTP(timeout=timeout)
     # The point of these tests is the 227 address: use it as BSD clients do (bpo-43285).
     ftp.trust_server_pasv_ipv4_address = bool(job.get("trust", True))
     ftp.connect(job["host"], job.get("port", 21))
-    ftp.login(job["user"], job["password"])
+    ftp.login(job["user"], job["password"])  # FTP_TLS sends AUTH TLS first
+    if tls:
+        ftp.prot_p()
     ftp.set_pasv(job.get("mode", "pasv") == "pasv")
     return ftp
 
@@ -59,7 +86,7 @@ def session(job):
     except Exception as err:  # noqa: BLE001 - report everything as data
         emit(op="login", ok=False, error="%s: %s" % (type(err).__name__, err))
         return 1
-    emit(op="login", ok=True)
+    emit(op="login", ok=True, tls=ftp.sock.version() if isinstance(ftp.sock, ssl.SSLSocket) else None)
     status = 0
     for op in job.get("ops", []):
         try:

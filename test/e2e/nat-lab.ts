@@ -14,6 +14,10 @@
  *
  * The edge host runs two proxies: :2121 relays every data connection, :2122 has
  * `client.dataPath: kernel` and NATs passive ones with nftables (table ip ftpnp_<pid>).
+ *
+ * FTPS (issue #12): 10.20.0.5 and 203.0.113.20 also run an explicit-FTPS vsftpd on :2021. The edge
+ * DNATs 203.0.113.10:2021 to 10.20.0.5:2021 *with* the kernel FTP helper (nf_conntrack_ftp +
+ * nf_nat_ftp) attached, so the lab shows it rewriting a plain 227 and blind to an encrypted one.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, statSync, writeFileSync } from 'node:fs';
@@ -44,6 +48,9 @@ export const ADDR = {
   publicServer: '203.0.113.20',
   thirdParty: '203.0.113.99',
 } as const;
+
+/** The explicit-FTPS vsftpd on the private and on the public server (beside the plain one on 21). */
+export const FTPS_SERVER_PORT = 2021;
 
 export interface NatTopology {
   readonly internet: string;
@@ -103,6 +110,11 @@ export function buildNatTopology(lab: NetnsLab): NatTopology {
   lab.link({ fromNs: edge, bridge: 'br0', fromName: 'srv', toNs: privateServer, toName: 'eth0', cidr: `${ADDR.privateServer}/24`, gateway: ADDR.edgePrivate });
   lab.link({ fromNs: edge, bridge: 'br0', fromName: 'slan', toNs: serverLanClient, toName: 'eth0', cidr: `${ADDR.serverLanClient}/24`, gateway: ADDR.edgePrivate });
   lab.iptables(edge, '-t', 'nat', '-A', 'PREROUTING', '-i', 'wan', '-d', ADDR.edgePublic, '-p', 'tcp', '--dport', '21', '-j', 'DNAT', '--to-destination', `${ADDR.privateServer}:21`);
+  // The FTPS port: DNAT plus the FTP helper, the best a router can do without a proxy. Modern
+  // kernels attach the helper only when a rule asks for it (test-environment.md).
+  const ftps = ['-i', 'wan', '-d', ADDR.edgePublic, '-p', 'tcp', '--dport', String(FTPS_SERVER_PORT)];
+  lab.iptables(edge, '-t', 'raw', '-A', 'PREROUTING', ...ftps, '-j', 'CT', '--helper', 'ftp');
+  lab.iptables(edge, '-t', 'nat', '-A', 'PREROUTING', ...ftps, '-j', 'DNAT', '--to-destination', `${ADDR.privateServer}:${FTPS_SERVER_PORT}`);
 
   return { internet, publicClient, attacker, router, lanClient, lanProxy, edge, privateServer, serverLanClient, publicServer, thirdParty };
 }
@@ -261,6 +273,29 @@ export interface LftpJob extends Transfer {
   readonly settings: readonly string[];
 }
 
+/**
+ * curl flags for explicit FTPS (ftp:// + AUTH TLS, PBSZ 0, PROT P; fail rather than go on in
+ * clear text), verifying the server certificate and the dialled address against `caFile`.
+ */
+export function curlTlsArgs(caFile: string): string[] {
+  return ['--ssl-reqd', '--cacert', caFile];
+}
+
+/**
+ * lftp settings for explicit FTPS with protected data, verifying the certificate and the host
+ * name against `caFile` (they override the wrapper's `ftp:ssl-allow no`).
+ */
+export function lftpTlsSettings(caFile: string): string[] {
+  return [
+    'ftp:ssl-allow yes',
+    'ftp:ssl-force true',
+    'ftp:ssl-protect-data true',
+    `ssl:ca-file ${caFile}`,
+    'ssl:verify-certificate yes',
+    'ssl:check-hostname yes',
+  ];
+}
+
 export function lftp(lab: NetnsLab, ns: string, job: LftpJob): Promise<RunResult> {
   const commands = [
     // Fail fast instead of lftp's patient reconnecting; no TLS attempt against a plain server.
@@ -287,7 +322,11 @@ export interface PyResult {
   readonly ok: boolean;
 }
 
-/** CPython ftplib via ftp_client.py (`tool: session`), trusting the 227 address by default. */
+/**
+ * CPython ftplib via ftp_client.py (`tool: session`), trusting the 227 address by default.
+ * `{ tls: 'explicit', cafile }` makes it FTP_TLS with PROT P and data sessions that resume the
+ * control session (what vsftpd's require_ssl_reuse demands).
+ */
 export async function ftplib(lab: NetnsLab, ns: string, job: Record<string, unknown>): Promise<PyResult> {
   const full = { tool: 'session', user: TEST_USER, password: TEST_PASSWORD, trust: true, mode: 'pasv', port: 21, ...job };
   const result = await nsRun(ns, pythonPath(), [CLIENT_SCRIPT, JSON.stringify(full)], { timeoutMs: CLIENT_TIMEOUT_MS, env: clientEnv(lab) });
