@@ -9,7 +9,11 @@
  * Scenario 6 runs a second edge proxy with `client.dataPath: kernel` (per-transfer nftables
  * DNAT/SNAT mappings instead of the relay) and reads its table with nft(8) in the edge namespace.
  *
- * Needs root, iproute2, iptables, vsftpd, tnftp, curl, lftp, python3; skips with one line
+ * Scenario 7 is FTPS (issue #12, protocol.md §5): the proxy terminates TLS on each leg,
+ * so it reads and rewrites the 227 that no router can see inside TLS. A throw-away PKI (openssl)
+ * gives one certificate with the lab's addresses; every TLS client verifies it.
+ *
+ * Needs root, iproute2, iptables, vsftpd, tnftp, curl, lftp, python3, openssl; skips with one line
  * without root, ip, iptables or vsftpd. Scenario 6 also needs nftables (nft, libnftables.so.1)
  * and the native addon, and skips with one line without them. Runs dist/cli.js (rebuilt here
  * when src/ is newer).
@@ -20,15 +24,19 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSyn
 import { dirname, join } from 'node:path';
 import { findCommand, NetnsLab, netnsUnavailable, sha256File, makeRandomFile, waitForFtpGreeting } from '../helpers/netns.js';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
+import { makeTestPki } from '../helpers/tls.js';
 import type { RunResult } from '../helpers/run.js';
 import {
   ADDR,
   buildNatTopology,
   curl,
+  curlTlsArgs,
   ensureProxyBuilt,
+  FTPS_SERVER_PORT,
   ftplib,
   ftpnpTables,
   lftp,
+  lftpTlsSettings,
   nft,
   nftablesUnavailable,
   nftMapElements,
@@ -43,7 +51,7 @@ import {
 } from './nat-lab.js';
 
 const SUITE_TIMEOUT_MS = 240000;
-const CLIENT_TOOLS = ['ftp', 'curl', 'lftp', 'python3', 'timeout', 'sysctl'];
+const CLIENT_TOOLS = ['ftp', 'curl', 'lftp', 'python3', 'timeout', 'sysctl', 'openssl'];
 /** Sizes that are not a multiple of any buffer size, so a truncated copy cannot look right. */
 const DOWNLOAD_BYTES = 4 * 1024 * 1024 + 4321;
 const UPLOAD_BYTES = 3 * 1024 * 1024 + 777;
@@ -59,6 +67,9 @@ const KERNEL_PASSIVE_PORTS = { first: 40300, last: 40349 };
 const KERNEL_ACCEPT_SECONDS = 4;
 /** Scenario 6: a kernel-path config run without CAP_NET_ADMIN (must not start). */
 const NOCAP_PROXY_PORT = 2123;
+/** Scenario 7: the FTPS edge proxy's two listeners (upstream plain vsftpd :21, FTPS vsftpd :2021). */
+const EDGE_TLS_PORT = 2131;
+const EDGE_TLS_UP_PORT = 2132;
 
 const reason = netnsUnavailable() ?? vsftpdUnavailable();
 if (reason) t.plan(0, reason);
@@ -101,19 +112,37 @@ async function runSuite(lab: NetnsLab): Promise<void> {
   const uploadSource = join(lab.dir, 'upload.bin');
   const uploadSha = makeRandomFile(uploadSource, UPLOAD_BYTES);
 
-  const [privateFtp, publicFtp] = await Promise.all([
+  // One server certificate for every TLS endpoint: the edge proxy's public address and the
+  // private vsftpd. Inside lab.dir, so the lab's cleanup removes the keys too.
+  const pki = makeTestPki({ parentDir: lab.dir, extraSans: [`IP:${ADDR.edgePublic}`, `IP:${ADDR.privateServer}`, `IP:${ADDR.publicServer}`] });
+  const serverSsl = { cert: pki.server.cert.path, key: pki.server.key.path, debug: true };
+
+  const [privateFtp, publicFtp, privateFtps] = await Promise.all([
     startVsftpd({ netns: topo.privateServer, listenAddress: ADDR.privateServer, port: 21, pasvAddress: null, pasvMinPort: 42000, pasvMaxPort: 42019 }),
     startVsftpd({ netns: topo.publicServer, listenAddress: ADDR.publicServer, port: 21, pasvAddress: null, pasvMinPort: 43000, pasvMaxPort: 43019 }),
+    // FTPS that still admits plain FTP: the kernel-helper baseline in scenario 7 runs plain FTP
+    // and FTPS over the same DNAT against the same server.
+    startVsftpd({
+      netns: topo.privateServer,
+      listenAddress: ADDR.privateServer,
+      port: FTPS_SERVER_PORT,
+      pasvAddress: null,
+      pasvMinPort: 42100,
+      pasvMaxPort: 42119,
+      ssl: { ...serverSsl, forceLogins: false, forceData: false },
+    }),
   ]);
-  for (const [name, server] of [['vsftpd private', privateFtp], ['vsftpd public', publicFtp]] as const) {
+  const servers = [['vsftpd private', privateFtp], ['vsftpd public', publicFtp], ['vsftpd private ftps', privateFtps]] as const;
+  for (const [name, server] of servers) {
     // startVsftpd keeps its config and logs in the parent of the served root.
     lab.adopt({ name, pid: server.pid, stop: () => server.stop(), removeSync: () => rmSync(dirname(server.root), { recursive: true, force: true }) });
   }
   const downloadSha = makeRandomFile(join(privateFtp.root, REMOTE_FILE), DOWNLOAD_BYTES);
-  copyFileSync(join(privateFtp.root, REMOTE_FILE), join(publicFtp.root, REMOTE_FILE));
+  for (const server of [publicFtp, privateFtps]) copyFileSync(join(privateFtp.root, REMOTE_FILE), join(server.root, REMOTE_FILE));
   await Promise.all([
     waitForFtpGreeting(topo.privateServer, ADDR.privateServer, 21, 10000),
     waitForFtpGreeting(topo.publicServer, ADDR.publicServer, 21, 10000),
+    waitForFtpGreeting(topo.privateServer, ADDR.privateServer, FTPS_SERVER_PORT, 10000),
   ]);
   // Hosts that must never receive a connection: a third party on the internet, and a host in
   // the server LAN that the edge proxy could reach (a bounce there would be SSRF).
@@ -184,14 +213,15 @@ async function runSuite(lab: NetnsLab): Promise<void> {
   /** Local download target and remote upload name for one client run. */
   const paths = (label: string): { local: string; remote: string } => ({ local: join(lab.dir, `${label}.down`), remote: `${label}.up` });
 
-  async function expectRoundTrip(tt: Tap, label: string, server: VsftpdInstance, run: RunResult | null, proxy: LabProxy): Promise<void> {
+  /** `proxy` null: a baseline without a proxy (no proxy log to show on failure). */
+  async function expectRoundTrip(tt: Tap, label: string, server: VsftpdInstance, run: RunResult | null, proxy: LabProxy | null): Promise<void> {
     const { local, remote } = paths(label);
     const got = await shaOf(local);
     const put = await shaOf(join(server.root, remote));
     const detail = run ? `\n--- client (exit ${run.code}${run.timedOut ? ', timed out' : ''})\n${clip(run.stdout)}\n${clip(run.stderr)}` : '';
     const downloaded = tt.equal(got, downloadSha, `${label}: download of ${DOWNLOAD_BYTES} bytes arrives intact (sha256)`);
     const uploaded = tt.equal(put, uploadSha, `${label}: upload of ${UPLOAD_BYTES} bytes arrives intact (sha256)`);
-    if (!downloaded || !uploaded) tt.comment(`${detail}\n--- proxy log tail\n${proxy.tail(30)}`);
+    if (!downloaded || !uploaded) tt.comment(`${detail}${proxy ? `\n--- proxy log tail\n${proxy.tail(30)}` : ''}`);
   }
 
   async function expectNothingTransferred(tt: Tap, label: string, server: VsftpdInstance, run: RunResult | null, what: string): Promise<void> {
@@ -772,10 +802,202 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     });
   });
 
+  // ---------------------------------------------------------------------------------------
+  // FTPS (issue #12). Proxies are added when their scenario starts them: the suite-wide checks
+  // below include them.
+  const tlsProxies: Array<[string, LabProxy]> = [];
+  const ca = pki.ca.cert.path;
+
+  /** New `transfer` records of one listener since `mark`, once `count` are there (they follow the 226). */
+  async function transfersSince(proxy: LabProxy, listener: string, mark: number, count: number): Promise<Array<Record<string, unknown>>> {
+    const pick = (): Array<Record<string, unknown>> => proxy.records().slice(mark).filter((r) => r.event === 'transfer' && r.listener === listener);
+    await waitFor(() => pick().length >= count, 3000);
+    return pick();
+  }
+
+  /** One transfer record in a line: direction, result, modes and how each data leg was secured. */
+  function tlsSummary(record: Record<string, unknown>): string {
+    const leg = (info: unknown): string => {
+      if (info === null || info === undefined) return 'plain';
+      const { tlsVersion, resumed } = info as { tlsVersion?: unknown; resumed?: unknown };
+      return `${String(tlsVersion)}${resumed === true ? ' resumed' : ' NOT resumed'}`;
+    };
+    return `${String(record.direction)} ${String(record.result)} ${String(record.clientMode)}/${String(record.upstreamMode)} client:${leg(record.clientTls)} server:${leg(record.serverTls)}`;
+  }
+
+  /** vsftpd debug_ssl lines: one per TLS handshake, control and data, with "reused" or "not reused". */
+  function vsftpdHandshakes(log: string, from: string): Array<{ version: string; reused: boolean }> {
+    const pattern = new RegExp(`Client "${escape(from)}", "SSL version: (TLSv[\\d.]+), SSL cipher: [^,]+, (reused|not reused)`, 'g');
+    return [...log.matchAll(pattern)].map((m) => ({ version: m[1]!, reused: m[2] === 'reused' }));
+  }
+
+  // ---------------------------------------------------------------------------------------
+  await t.test('7. FTPS edge: explicit-FTPS public client -> edge proxy terminating TLS -> private vsftpd without pasv_address', async (t) => {
+    const ns = topo.publicClient;
+    const direct = { host: ADDR.edgePublic, port: FTPS_SERVER_PORT };
+
+    await t.test('without the proxy (DNAT :2021 + the kernel FTP helper) plain FTP works, but inside TLS the 227 names 10.20.0.5 and FTPS clients fail', async (t) => {
+      {
+        // Positive control: the same path, the same server, in clear text. The helper reads the
+        // 227, rewrites it to the public address and opens the data port.
+        const label = 's7-direct-plain-tnftp';
+        const { local, remote } = paths(label);
+        const mark = privateFtps.protocolLog().length;
+        const out = await tnftp(lab, ns, { ...direct, passive: true, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(privateFtps.protocolLog().slice(mark), /FTP response: Client "198\.51\.100\.7", "227 Entering Passive Mode \(10,20,0,5,\d+,\d+\)/, 'vsftpd sent its private address in the clear');
+        t.match(out.stdout, /227 Entering Passive Mode \(203,0,113,10,\d+,\d+\)/, 'and tnftp received 203.0.113.10: the kernel FTP helper rewrote the 227');
+        await expectRoundTrip(t, label, privateFtps, out, null);
+      }
+      {
+        const label = 's7-direct-curl-pasv';
+        const { local, remote } = paths(label);
+        const flags = ['-v', ...curlTlsArgs(ca), '--disable-epsv', '--no-ftp-skip-pasv-ip'];
+        const get = await curl(lab, ns, [...flags, '-o', local, `ftp://${direct.host}:${direct.port}/${REMOTE_FILE}`]);
+        const put = await curl(lab, ns, [...flags, '-T', uploadSource, `ftp://${direct.host}:${direct.port}/${remote}`]);
+        for (const [what, out] of [['download', get], ['upload', put]] as const) {
+          // TLS itself works (the certificate names 203.0.113.10): only the address is wrong.
+          t.match(out.stderr, /SSL certificate verify ok/, `curl --ssl-reqd PASV ${what}: TLS to the server works and the certificate verifies`);
+          t.match(out.stderr, /< 227 Entering Passive Mode \(10,20,0,5,\d+,\d+\)/, `the 227 inside TLS still names 10.20.0.5: the helper cannot read it`);
+          t.not(out.code, 0, `and curl fails (${/connect to 10\.20\.0\.5 port \d+ failed: [^\n]*/.exec(out.stderr)?.[0] ?? lastLines(out.stderr, 1)})`);
+        }
+        await expectNothingTransferred(t, label, privateFtps, get, 'curl --ssl-reqd --disable-epsv --no-ftp-skip-pasv-ip');
+      }
+      {
+        const label = 's7-direct-curl-epsv';
+        const { local, remote } = paths(label);
+        const flags = ['-v', ...curlTlsArgs(ca)];
+        const get = await curl(lab, ns, [...flags, '-o', local, `ftp://${direct.host}:${direct.port}/${REMOTE_FILE}`]);
+        const put = await curl(lab, ns, [...flags, '-T', uploadSource, `ftp://${direct.host}:${direct.port}/${remote}`]);
+        for (const [what, out] of [['download', get], ['upload', put]] as const) {
+          t.match(out.stderr, /< 229 Entering Extended Passive Mode[^]*connect to 203\.0\.113\.10 port \d+ failed: Connection refused/, `curl --ssl-reqd EPSV ${what}: the helper never saw the 229, the port is not forwarded`);
+          t.not(out.code, 0, `and curl exits ${out.code}`);
+        }
+        await expectNothingTransferred(t, label, privateFtps, get, 'curl --ssl-reqd EPSV');
+      }
+      {
+        const label = 's7-direct-ftplib';
+        const { local, remote } = paths(label);
+        const out = await ftplib(lab, ns, { ...direct, tls: 'explicit', cafile: ca, ops: [['raw', 'PASV'], ['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+        t.match(String(out.records[0]?.tls), /^TLSv1\.[23]$/, `FTP_TLS logs in over ${String(out.records[0]?.tls)}`);
+        t.match(String(out.records[1]?.reply), /\(10,20,0,5,\d+,\d+\)/, 'vsftpd writes its private address into the encrypted 227');
+        for (const op of ['get', 'put']) {
+          const record = out.records.find((r) => r.op === op);
+          t.equal(record?.ok, false, `FTP_TLS (trusting the 227 address) ${op} fails: ${String(record?.error)}`);
+        }
+        await expectNothingTransferred(t, label, privateFtps, out.run, 'ftplib FTP_TLS PASV');
+      }
+      {
+        const label = 's7-direct-lftp';
+        const { local, remote } = paths(label);
+        const out = await lftp(lab, ns, { ...direct, settings: [...lftpTlsSettings(ca), 'ftp:fix-pasv-address no', 'ftp:prefer-epsv no'], get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.equal(out.stderr.match(/Network is unreachable/g)?.length, 2, `lftp ftp:ssl-force with ftp:fix-pasv-address no cannot reach 10.20.0.5 for get nor put (${lastLines(out.stderr, 2)})`);
+        t.not(out.code, 0, 'lftp exits non-zero');
+        await expectNothingTransferred(t, label, privateFtps, out, 'lftp ftp:ssl-force');
+      }
+    });
+
+    const tlsSection = `    tls: { mode: explicit, cert: ${pki.server.cert.path}, key: ${pki.server.key.path} }`;
+    const client = (ports: string): string[] => ['    client:', `      advertise: ${ADDR.edgePublic}`, `      passivePorts: "${ports}"`];
+    const proxy = await startProxyInNs(
+      lab,
+      topo.edge,
+      'edge-tls',
+      [
+        'log: { level: debug }',
+        'listeners:',
+        '  - name: edge-tls',
+        `    listen: "0.0.0.0:${EDGE_TLS_PORT}"`,
+        tlsSection,
+        `    upstream: { host: ${ADDR.privateServer}, port: 21, dataMode: passive }`,
+        ...client('40400-40449'),
+        '  - name: edge-tls-up',
+        `    listen: "0.0.0.0:${EDGE_TLS_UP_PORT}"`,
+        tlsSection,
+        `    upstream: { host: ${ADDR.privateServer}, port: ${FTPS_SERVER_PORT}, dataMode: passive, tls: { mode: explicit, ca: ${ca} } }`,
+        ...client('40450-40499'),
+      ].join('\n'),
+      { ns, host: ADDR.edgePublic, port: EDGE_TLS_PORT },
+    );
+    tlsProxies.push(['edge-tls', proxy]);
+    await waitForFtpGreeting(ns, ADDR.edgePublic, EDGE_TLS_UP_PORT, 10000);
+
+    const variants = [
+      { listener: 'edge-tls', port: EDGE_TLS_PORT, server: privateFtp, upstream: 'plain vsftpd :21', serverTls: false },
+      { listener: 'edge-tls-up', port: EDGE_TLS_UP_PORT, server: privateFtps, upstream: `FTPS vsftpd :${FTPS_SERVER_PORT} (upstream.tls explicit)`, serverTls: true },
+    ] as const;
+    for (const variant of variants) {
+      await t.test(`through the proxy (${variant.listener}, upstream ${variant.upstream}) FTPS clients work in PASV, EPSV and PORT`, async (t) => {
+        const proxied = { host: ADDR.edgePublic, port: variant.port };
+        const url = (name: string): string => `ftp://${proxied.host}:${proxied.port}/${name}`;
+        const tag = variant.serverTls ? 's7-ftps' : 's7-plain';
+        const mark = proxy.records().length;
+        const logMark = variant.server.protocolLog().length;
+        let transfers = 0;
+        const curlModes: Array<[string, string[], RegExp, string]> = [
+          [`${tag}-curl-epsv`, [], /< 229 Entering Extended Passive Mode \(\|\|\|\d+\|\)/, 'EPSV: 229 from the proxy'],
+          [`${tag}-curl-pasv`, ['--disable-epsv', '--no-ftp-skip-pasv-ip'], /< 227 Entering Passive Mode \(203,0,113,10,\d+,\d+\)/, 'PASV: the 227 carries the public address'],
+        ];
+        for (const [label, flags, reply, what] of curlModes) {
+          const { local, remote } = paths(label);
+          const get = await curl(lab, ns, ['-v', ...curlTlsArgs(ca), ...flags, '-o', local, url(REMOTE_FILE)]);
+          const put = await curl(lab, ns, ['-v', ...curlTlsArgs(ca), ...flags, '-T', uploadSource, url(remote)]);
+          t.equal(get.code, 0, `${label} download exits 0${failure(get)}`);
+          t.equal(put.code, 0, `${label} upload exits 0${failure(put)}`);
+          t.match(get.stderr, /SSL certificate verify ok/, `${label}: curl verified the proxy's certificate for ${ADDR.edgePublic}`);
+          t.match(get.stderr, reply, `${label}: ${what}`);
+          await expectRoundTrip(t, label, variant.server, get.code === 0 ? put : get, proxy);
+          transfers += 2;
+        }
+        {
+          const label = `${tag}-lftp-pasv`;
+          const { local, remote } = paths(label);
+          const out = await lftp(lab, ns, { ...proxied, settings: [...lftpTlsSettings(ca), 'ftp:fix-pasv-address no', 'ftp:prefer-epsv no'], get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+          t.equal(out.code, 0, `lftp ftp:ssl-force PASV with ftp:fix-pasv-address no exits 0${failure(out)}`);
+          await expectRoundTrip(t, label, variant.server, out, proxy);
+          transfers += 2;
+        }
+        for (const mode of ['pasv', 'active'] as const) {
+          const label = `${tag}-ftplib-${mode === 'pasv' ? 'pasv' : 'port'}`;
+          const { local, remote } = paths(label);
+          const first = mode === 'pasv' ? [['raw', 'PASV'] as const] : [];
+          const out = await ftplib(lab, ns, { ...proxied, mode, tls: 'explicit', cafile: ca, ops: [...first, ['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+          t.ok(out.ok, `${label}: FTP_TLS (PROT P, ${String(out.records[0]?.tls)}) succeeds ${JSON.stringify(out.records.at(-1))}${out.run.stderr ? ` ${lastLines(out.run.stderr, 2)}` : ''}`);
+          if (mode === 'pasv') t.match(String(out.records[1]?.reply), /^227 Entering Passive Mode \(203,0,113,10,\d+,\d+\)\.?$/, `${label}: raw 227 carries the public address`);
+          await expectRoundTrip(t, label, variant.server, out.run, proxy);
+          transfers += 2;
+        }
+
+        const records = await transfersSince(proxy, variant.listener, mark, transfers);
+        const serverLeg = variant.serverTls ? /server:TLSv1\.[23] resumed$/ : /server:plain$/;
+        const summaries = records.map(tlsSummary);
+        t.equal(records.length, transfers, `the proxy logged ${transfers} transfers`);
+        t.ok(
+          summaries.every((line) => / ok (passive|active)\/passive client:TLSv1\.[23] resumed server:/.test(line) && serverLeg.test(line)),
+          `every client data connection was TLS resuming its control session, every server leg ${variant.serverTls ? 'TLS resumed too' : 'plain'}:\n${summaries.join('\n')}`,
+        );
+        t.ok(summaries.some((line) => line.includes(' active/')), 'PORT (the proxy dials out, yet is the TLS server on the data connection) is among them');
+
+        const log = variant.server.protocolLog().slice(logMark);
+        const from = `Client "${escape(ADDR.edgePrivate)}"`;
+        if (variant.serverTls) {
+          for (const command of ['AUTH TLS', 'PBSZ 0', 'PROT P']) t.match(log, new RegExp(`${from}, "${command}"`), `upstream the proxy negotiated TLS itself: ${command}`);
+          const handshakes = vsftpdHandshakes(log, ADDR.edgePrivate);
+          const reused = handshakes.filter((h) => h.reused).length;
+          t.ok(reused >= transfers, `vsftpd (require_ssl_reuse=YES) saw ${reused} resumed data handshakes for ${transfers} transfers`);
+          t.notMatch(log, /522 /, 'vsftpd refused no data connection');
+        } else {
+          t.notMatch(log, new RegExp(`${from}, "(AUTH|PBSZ|PROT|CCC)`), 'AUTH/PBSZ/PROT stay on the client leg: the plain server never sees them');
+        }
+        t.match(log, new RegExp(`${from}, "EPSV"`), 'vsftpd saw the proxy (10.20.0.1) open its data connections with EPSV');
+      });
+    }
+  });
+
   t.same(newThirdPartyAccepts(), [], 'the third-party host saw no connection during the whole suite');
   t.same(newInnerHostAccepts(), [], 'the server-LAN host saw no connection during the whole suite');
   const proxies: Array<[string, LabProxy]> = [['edge', edgeProxy], ['lan', lanProxy], ['router', routerProxy]];
   if (kernelProxy) proxies.push(['edge-kernel', kernelProxy]);
+  proxies.push(...tlsProxies);
   for (const [name, proxy] of proxies) {
     const lines = proxy.daemon.output().split('\n').filter((line) => line.trim() !== '');
     t.same(lines.filter((line) => !line.startsWith('{')), [], `proxy ${name} wrote only JSON log lines (no crash trace)`);
@@ -788,13 +1010,15 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     lan: lanProxy.daemon.output(),
     router: routerProxy.daemon.output(),
     ...(kernelProxy ? { 'edge-kernel': (kernelProxy as LabProxy).daemon.output() } : {}),
+    ...Object.fromEntries(tlsProxies.map(([name, proxy]) => [name, proxy.daemon.output()])),
     'vsftpd-private': privateFtp.protocolLog(),
     'vsftpd-public': publicFtp.protocolLog(),
+    'vsftpd-private-ftps': privateFtps.protocolLog(),
   });
 
   // ---------------------------------------------------------------------------------------
   await t.test('nothing is left behind', async (t) => {
-    const pids = [privateFtp.pid, publicFtp.pid, ...proxies.map(([, proxy]) => proxy.daemon.pid), thirdParty.daemon.pid, innerHost.daemon.pid];
+    const pids = [...servers.map(([, server]) => server.pid), ...proxies.map(([, proxy]) => proxy.daemon.pid), thirdParty.daemon.pid, innerHost.daemon.pid];
     await lab.cleanup();
     const left = lab.leftovers();
     t.same(left.namespaces, [], `no namespace named ${lab.prefix}*`);
