@@ -9,7 +9,7 @@
  * Scenario 6 runs a second edge proxy with `client.dataPath: kernel` (per-transfer nftables
  * DNAT/SNAT mappings instead of the relay) and reads its table with nft(8) in the edge namespace.
  *
- * Scenario 7 is FTPS (issue #12, protocol.md §5): the proxy terminates TLS on each leg,
+ * Scenarios 7 and 8 are FTPS (issue #12, protocol.md §5): the proxy terminates TLS on each leg,
  * so it reads and rewrites the 227 that no router can see inside TLS. A throw-away PKI (openssl)
  * gives one certificate with the lab's addresses; every TLS client verifies it.
  *
@@ -70,6 +70,8 @@ const NOCAP_PROXY_PORT = 2123;
 /** Scenario 7: the FTPS edge proxy's two listeners (upstream plain vsftpd :21, FTPS vsftpd :2021). */
 const EDGE_TLS_PORT = 2131;
 const EDGE_TLS_UP_PORT = 2132;
+/** Scenario 8: the plain-to-FTPS proxy in the client LAN. */
+const LAN_TLS_PORT = 2131;
 
 const reason = netnsUnavailable() ?? vsftpdUnavailable();
 if (reason) t.plan(0, reason);
@@ -112,12 +114,12 @@ async function runSuite(lab: NetnsLab): Promise<void> {
   const uploadSource = join(lab.dir, 'upload.bin');
   const uploadSha = makeRandomFile(uploadSource, UPLOAD_BYTES);
 
-  // One server certificate for every TLS endpoint: the edge proxy's public address and the
-  // private vsftpd. Inside lab.dir, so the lab's cleanup removes the keys too.
+  // One server certificate for every TLS endpoint: the edge proxy's public address, the private
+  // and the public vsftpd. Inside lab.dir, so the lab's cleanup removes the keys too.
   const pki = makeTestPki({ parentDir: lab.dir, extraSans: [`IP:${ADDR.edgePublic}`, `IP:${ADDR.privateServer}`, `IP:${ADDR.publicServer}`] });
   const serverSsl = { cert: pki.server.cert.path, key: pki.server.key.path, debug: true };
 
-  const [privateFtp, publicFtp, privateFtps] = await Promise.all([
+  const [privateFtp, publicFtp, privateFtps, publicFtps] = await Promise.all([
     startVsftpd({ netns: topo.privateServer, listenAddress: ADDR.privateServer, port: 21, pasvAddress: null, pasvMinPort: 42000, pasvMaxPort: 42019 }),
     startVsftpd({ netns: topo.publicServer, listenAddress: ADDR.publicServer, port: 21, pasvAddress: null, pasvMinPort: 43000, pasvMaxPort: 43019 }),
     // FTPS that still admits plain FTP: the kernel-helper baseline in scenario 7 runs plain FTP
@@ -131,18 +133,21 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       pasvMaxPort: 42119,
       ssl: { ...serverSsl, forceLogins: false, forceData: false },
     }),
+    // FTPS only (force_local_logins_ssl, force_local_data_ssl: vsftpd's defaults).
+    startVsftpd({ netns: topo.publicServer, listenAddress: ADDR.publicServer, port: FTPS_SERVER_PORT, pasvAddress: null, pasvMinPort: 43100, pasvMaxPort: 43119, ssl: serverSsl }),
   ]);
-  const servers = [['vsftpd private', privateFtp], ['vsftpd public', publicFtp], ['vsftpd private ftps', privateFtps]] as const;
+  const servers = [['vsftpd private', privateFtp], ['vsftpd public', publicFtp], ['vsftpd private ftps', privateFtps], ['vsftpd public ftps', publicFtps]] as const;
   for (const [name, server] of servers) {
     // startVsftpd keeps its config and logs in the parent of the served root.
     lab.adopt({ name, pid: server.pid, stop: () => server.stop(), removeSync: () => rmSync(dirname(server.root), { recursive: true, force: true }) });
   }
   const downloadSha = makeRandomFile(join(privateFtp.root, REMOTE_FILE), DOWNLOAD_BYTES);
-  for (const server of [publicFtp, privateFtps]) copyFileSync(join(privateFtp.root, REMOTE_FILE), join(server.root, REMOTE_FILE));
+  for (const server of [publicFtp, privateFtps, publicFtps]) copyFileSync(join(privateFtp.root, REMOTE_FILE), join(server.root, REMOTE_FILE));
   await Promise.all([
     waitForFtpGreeting(topo.privateServer, ADDR.privateServer, 21, 10000),
     waitForFtpGreeting(topo.publicServer, ADDR.publicServer, 21, 10000),
     waitForFtpGreeting(topo.privateServer, ADDR.privateServer, FTPS_SERVER_PORT, 10000),
+    waitForFtpGreeting(topo.publicServer, ADDR.publicServer, FTPS_SERVER_PORT, 10000),
   ]);
   // Hosts that must never receive a connection: a third party on the internet, and a host in
   // the server LAN that the edge proxy could reach (a bounce there would be SSRF).
@@ -993,6 +998,106 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     }
   });
 
+  // ---------------------------------------------------------------------------------------
+  await t.test('8. client side: plain active-only clients behind MASQUERADE -> proxy in the client LAN -> FTPS-only public vsftpd', async (t) => {
+    const direct = { host: ADDR.publicServer, port: FTPS_SERVER_PORT };
+    const proxied = { host: ADDR.lanProxy, port: LAN_TLS_PORT };
+    const ns = topo.lanClient;
+    const url = (target: { host: string; port: number }, name: string): string => `ftp://${target.host}:${target.port}/${name}`;
+    const refused = /530 Non-anonymous sessions must use encryption\./;
+
+    await t.test('without the proxy the FTPS-only server refuses the plain login (530)', async (t) => {
+      {
+        const label = 's8-direct-tnftp';
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...direct, passive: false, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(out.stdout, refused, 'tnftp (passive off) is refused at USER');
+        await expectNothingTransferred(t, label, publicFtps, out, 'tnftp passive off');
+      }
+      {
+        const label = 's8-direct-curl';
+        const { local, remote } = paths(label);
+        const get = await curl(lab, ns, ['-v', '-P', '-', '-o', local, url(direct, REMOTE_FILE)]);
+        const put = await curl(lab, ns, ['-v', '-P', '-', '-T', uploadSource, url(direct, remote)]);
+        for (const [what, out] of [['download', get], ['upload', put]] as const) {
+          t.match(out.stderr, refused, `curl -P - ${what} is refused at USER`);
+          t.not(out.code, 0, `and curl exits ${out.code}`);
+        }
+        await expectNothingTransferred(t, label, publicFtps, get, 'curl -P -');
+      }
+      {
+        const label = 's8-direct-ftplib';
+        const { local, remote } = paths(label);
+        const out = await ftplib(lab, ns, { ...direct, mode: 'active', ops: [['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+        t.match(String(out.records[0]?.error), refused, `ftplib cannot log in: ${String(out.records[0]?.error)}`);
+        await expectNothingTransferred(t, label, publicFtps, out.run, 'ftplib active');
+      }
+    });
+
+    const proxy = await startProxyInNs(
+      lab,
+      topo.lanProxy,
+      'lan-tls',
+      [
+        'log: { level: debug }',
+        'listeners:',
+        '  - name: lan-tls',
+        `    listen: "${ADDR.lanProxy}:${LAN_TLS_PORT}"`,
+        `    upstream: { host: ${ADDR.publicServer}, port: ${FTPS_SERVER_PORT}, dataMode: passive, tls: { mode: explicit, ca: ${ca} } }`,
+        '    client: { advertise: auto, passivePorts: "40150-40199" }',
+      ].join('\n'),
+      { ns, ...proxied },
+    );
+    tlsProxies.push(['lan-tls', proxy]);
+
+    await t.test('through the proxy (upstream.tls explicit) the same plain clients work in active mode', async (t) => {
+      const mark = proxy.records().length;
+      const logMark = publicFtps.protocolLog().length;
+      let transfers = 0;
+      for (const epsv4 of [true, false]) {
+        const label = `s8-tnftp-${epsv4 ? 'eprt' : 'port'}`;
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...proxied, passive: false, epsv4, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(out.stdout, epsv4 ? /200 EPRT command successful/ : /200 PORT command successful/, `${label}: tnftp uses ${epsv4 ? 'EPRT' : 'PORT'}`);
+        await expectRoundTrip(t, label, publicFtps, out, proxy);
+        transfers += 2;
+      }
+      for (const [label, flags] of [['s8-curl-eprt', ['-P', '-']], ['s8-curl-port', ['-P', '-', '--disable-eprt']]] as const) {
+        const { local, remote } = paths(label);
+        const get = await curl(lab, ns, [...flags, '-o', local, url(proxied, REMOTE_FILE)]);
+        const put = await curl(lab, ns, [...flags, '-T', uploadSource, url(proxied, remote)]);
+        t.equal(get.code, 0, `${label} download exits 0${failure(get)}`);
+        t.equal(put.code, 0, `${label} upload exits 0${failure(put)}`);
+        await expectRoundTrip(t, label, publicFtps, get.code === 0 ? put : get, proxy);
+        transfers += 2;
+      }
+      {
+        const label = 's8-ftplib-port';
+        const { local, remote } = paths(label);
+        const out = await ftplib(lab, ns, { ...proxied, mode: 'active', ops: [['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+        t.ok(out.ok, `ftplib set_pasv(False) succeeds ${JSON.stringify(out.records.at(-1))}`);
+        await expectRoundTrip(t, label, publicFtps, out.run, proxy);
+        transfers += 2;
+      }
+
+      const records = await transfersSince(proxy, 'lan-tls', mark, transfers);
+      const summaries = records.map(tlsSummary);
+      t.equal(records.length, transfers, `the proxy logged ${transfers} transfers`);
+      t.ok(
+        summaries.every((line) => / ok active\/passive client:plain server:TLSv1\.[23] resumed$/.test(line)),
+        `client legs plain and active, server legs passive over TLS resuming the control session:\n${summaries.join('\n')}`,
+      );
+      const log = publicFtps.protocolLog().slice(logMark);
+      const from = `Client "${escape(ADDR.routerWan)}"`;
+      for (const command of ['AUTH TLS', 'PBSZ 0', 'PROT P']) t.match(log, new RegExp(`${from}, "${command}"`), `upstream (through the MASQUERADE, from ${ADDR.routerWan}) the proxy sent ${command}`);
+      t.notMatch(log, refused, 'no 530: every login was encrypted');
+      t.notMatch(log, /522 /, 'no data connection refused');
+      const reused = vsftpdHandshakes(log, ADDR.routerWan).filter((h) => h.reused).length;
+      t.ok(reused >= transfers, `vsftpd (require_ssl_reuse=YES) saw ${reused} resumed data handshakes for ${transfers} transfers`);
+      t.notMatch(log, /"(PORT|EPRT) [^"]*192[,.]168[,.]50/, 'no private address reached the server');
+    });
+  });
+
   t.same(newThirdPartyAccepts(), [], 'the third-party host saw no connection during the whole suite');
   t.same(newInnerHostAccepts(), [], 'the server-LAN host saw no connection during the whole suite');
   const proxies: Array<[string, LabProxy]> = [['edge', edgeProxy], ['lan', lanProxy], ['router', routerProxy]];
@@ -1014,6 +1119,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     'vsftpd-private': privateFtp.protocolLog(),
     'vsftpd-public': publicFtp.protocolLog(),
     'vsftpd-private-ftps': privateFtps.protocolLog(),
+    'vsftpd-public-ftps': publicFtps.protocolLog(),
   });
 
   // ---------------------------------------------------------------------------------------
