@@ -242,7 +242,7 @@ t.test('start() dials the outbound legs before the command goes upstream, then p
   t.equal(transfer?.direction, 'upload');
   t.equal(transfer?.command.verb, 'STOR');
   t.equal(transfer?.aborted, false);
-  t.same(channel.pairs, [{ clientSocket: null, upstreamSocket: null, idleTimeoutMs: DATA_IDLE_MS }], 'paired with the dialled sockets and the idle timeout');
+  t.same(channel.pairs, [{ clientSocket: null, upstreamSocket: null, idleTimeoutMs: DATA_IDLE_MS, secureClient: null, secureUpstream: null }], 'paired with the dialled sockets, the idle timeout, and no TLS on either leg');
   t.same(channel.closes, [], 'still open');
 });
 
