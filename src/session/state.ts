@@ -6,9 +6,11 @@
  *   connecting ──> open ──> closing ──> closed
  *        └───────────┴─────────┴──────────^   (teardown: from anywhere)
  *
- * The states the next features need slot in before `open`: `awaiting-server` (forward mode:
- * the proxy's own 220 went out, the client names its server in USER) and `handshaking` (a
- * TLS handshake on either leg); both would carry what they own in the same way.
+ * TLS handshakes did not need a state of their own: the client's implicit handshake runs in
+ * `connecting` before the server is dialled, the server's inside ServerLeg before `open`, and
+ * AUTH's in `open` while the command pipeline waits on it (session/client-tls.ts,
+ * session/upstream-tls.ts). Forward mode's `awaiting-server` (the proxy's own 220 went out,
+ * the client names its server in USER) would slot in before `open`.
  */
 import type { SocketAddresses } from '../data/socket-address.js';
 import type { Logger } from '../log.js';
