@@ -1,10 +1,12 @@
 /**
  * A lean FTP client for load generation: one control connection, replies read in order
- * (multi-line replies assembled, RFC 959 §4.2), PASV data connections. No retries, no
- * leniency: anything unexpected is an error with the reply text, so the load client counts
- * it as a failed session.
+ * (multi-line replies assembled, RFC 959 §4.2), PASV data connections, and explicit FTPS
+ * (RFC 4217: AUTH TLS, PBSZ 0, PROT P, data TLS resuming the control session). No retries,
+ * no leniency: anything unexpected is an error with the reply text, so the load client
+ * counts it as a failed session.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import { createHash } from 'node:crypto';
 
 export interface Reply {
@@ -18,6 +20,20 @@ export class FtpError extends Error {
     this.name = 'FtpError';
   }
 }
+
+/** How to check the server's certificate once AUTH TLS is accepted. */
+export interface TlsClientOptions {
+  /** Trusted CA certificates, PEM. */
+  readonly ca: string;
+  /**
+   * Name the certificate must carry: an IP address is checked against its IP SANs and, as
+   * RFC 6066 §3 wants, never sent as SNI; a DNS name is both checked and sent.
+   */
+  readonly host: string;
+}
+
+/** A data connection: plain TCP, or TLS on top of it after PROT P. */
+export type DataSocket = net.Socket | tls.TLSSocket;
 
 interface Waiter {
   resolve(reply: Reply): void;
@@ -45,26 +61,81 @@ export function connectSocket(host: string, port: number, timeoutMs: number): Pr
   });
 }
 
+/** Start TLS on a connected socket as the client; `session` resumes an earlier one. */
+function startClientTls(socket: net.Socket, options: TlsClientOptions, session: Buffer | null): tls.TLSSocket {
+  return tls.connect({
+    socket,
+    ca: options.ca,
+    host: options.host,
+    ...(net.isIP(options.host) ? {} : { servername: options.host }),
+    ...(session ? { session } : {}),
+  });
+}
+
 export class FtpControl {
-  readonly socket: net.Socket;
+  /** The control socket: the TCP socket, then the TLS socket on top of it after AUTH TLS. */
+  private current: net.Socket | tls.TLSSocket;
   private pending = '';
   private multi: { code: string; lines: string[] } | null = null;
   private readonly ready: Reply[] = [];
   private readonly waiters: Waiter[] = [];
   private failure: Error | null = null;
+  /** Set by `secure()`: data connections are TLS too (PROT P). */
+  private protection: { readonly options: TlsClientOptions; session: Buffer | null } | null = null;
+  private readonly onChunk = (chunk: Buffer): void => this.onData(chunk.toString('latin1'));
 
   constructor(socket: net.Socket) {
-    this.socket = socket;
-    socket.setEncoding('latin1');
-    socket.on('data', (text: string) => this.onData(text));
-    socket.on('error', (err) => this.fail(new FtpError(`control: ${err.message}`)));
-    socket.on('close', () => this.fail(new FtpError('control connection closed')));
+    this.current = socket;
+    // No setEncoding: after AUTH TLS the same socket carries TLS records.
+    socket.on('data', this.onChunk);
+    this.watch(socket);
+  }
+
+  get socket(): net.Socket | tls.TLSSocket {
+    return this.current;
   }
 
   static async open(host: string, port: number, timeoutMs: number): Promise<FtpControl> {
     const control = new FtpControl(await connectSocket(host, port, timeoutMs));
     await control.expect(await control.next(), [220]);
     return control;
+  }
+
+  /**
+   * Explicit FTPS (RFC 4217 §§4-9): AUTH TLS, the handshake on the same socket right after
+   * the 234, then PBSZ 0 and PROT P so that every data connection is TLS as well.
+   */
+  async secure(options: TlsClientOptions, timeoutMs: number): Promise<void> {
+    if (this.protection) throw new FtpError('AUTH TLS: already secured');
+    await this.command('AUTH TLS', [234]);
+    if (this.ready.length > 0 || this.pending.length > 0) throw new FtpError('AUTH TLS: plain text after the 234');
+    const plain = this.current;
+    plain.removeListener('data', this.onChunk);
+    const secure = startClientTls(plain as net.Socket, options, null);
+    const protection: { readonly options: TlsClientOptions; session: Buffer | null } = { options, session: null };
+    // TLS 1.3 hands out tickets after the handshake, possibly several: keep the newest
+    // for the data connections (protocol.md §5.6; vsftpd require_ssl_reuse, §5.5).
+    secure.on('session', (session: Buffer) => (protection.session = session));
+    secure.on('data', this.onChunk);
+    this.current = secure;
+    this.watch(secure);
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => done(new FtpError(`AUTH TLS: no handshake within ${timeoutMs} ms`)), timeoutMs);
+      const onError = (err: Error): void => done(new FtpError(`AUTH TLS: ${err.message}`));
+      function done(err: Error | null): void {
+        clearTimeout(timer);
+        secure.removeListener('secureConnect', onSecure);
+        secure.removeListener('error', onError);
+        if (err) reject(err);
+        else resolve();
+      }
+      const onSecure = (): void => done(null);
+      secure.once('secureConnect', onSecure);
+      secure.once('error', onError);
+    });
+    await this.command('PBSZ 0', [200]);
+    await this.command('PROT P', [200]);
+    this.protection = protection;
   }
 
   /** The next complete reply. */
@@ -76,7 +147,7 @@ export class FtpControl {
   }
 
   send(line: string): void {
-    this.socket.write(`${line}\r\n`);
+    this.current.write(`${line}\r\n`);
   }
 
   async command(line: string, codes: readonly number[]): Promise<Reply> {
@@ -94,26 +165,41 @@ export class FtpControl {
     await this.command(`PASS ${password}`, [230]);
   }
 
-  /** PASV, then connect to the address in the 227 (RFC 959 §4.1.2). */
-  async pasv(timeoutMs: number): Promise<net.Socket> {
+  /**
+   * PASV, then connect to the address in the 227 (RFC 959 §4.1.2). After PROT P the TLS
+   * handshake starts at once, resuming the control session, and nobody waits for it: vsftpd
+   * answers the ClientHello only after it has sent the 1yz to the transfer command, so
+   * that command must go out first (protocol.md §5.4).
+   */
+  async pasv(timeoutMs: number): Promise<DataSocket> {
     const reply = await this.command('PASV', [227]);
     const m = /(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})/.exec(reply.text);
     if (!m) throw new FtpError(`PASV: no address in "${reply.text}"`);
     const n = m.slice(1).map(Number);
     if (n.some((v) => v > 255)) throw new FtpError(`PASV: octet > 255 in "${reply.text}"`);
-    return connectSocket(`${n[0]}.${n[1]}.${n[2]}.${n[3]}`, n[4]! * 256 + n[5]!, timeoutMs);
+    const socket = await connectSocket(`${n[0]}.${n[1]}.${n[2]}.${n[3]}`, n[4]! * 256 + n[5]!, timeoutMs);
+    if (!this.protection) return socket;
+    return startClientTls(socket, this.protection.options, this.protection.session);
   }
 
-  /** RETR over an already connected data socket: data to its end and 1yz + 226 in either order. */
-  async retr(data: net.Socket, path: string): Promise<{ bytes: number; sha256: string }> {
-    const hash = createHash('sha256');
+  /**
+   * RETR over an already connected data socket: data to its end and 1yz + 226 in either
+   * order. `hash: false` only counts the bytes (throughput runs).
+   */
+  async retr(data: DataSocket, path: string, options: { readonly hash?: boolean } = {}): Promise<{ bytes: number; sha256: string }> {
+    const hash = options.hash === false ? null : createHash('sha256');
     let bytes = 0;
     const received = new Promise<void>((resolve, reject) => {
       data.on('data', (chunk: Buffer) => {
         bytes += chunk.length;
-        hash.update(chunk);
+        hash?.update(chunk);
       });
-      data.once('end', () => resolve());
+      data.once('end', () => {
+        // Close our side at once: after a TLS download vsftpd holds the 226 until the
+        // client's close_notify/FIN arrives.
+        data.end();
+        resolve();
+      });
       data.once('error', (err) => reject(new FtpError(`data: ${err.message}`)));
     });
     this.send(`RETR ${path}`);
@@ -121,11 +207,15 @@ export class FtpControl {
     const [final] = await Promise.all([this.next(), received]);
     this.expect(final, [226], 'RETR');
     data.destroy();
-    return { bytes, sha256: hash.digest('hex') };
+    return { bytes, sha256: hash?.digest('hex') ?? '' };
   }
 
-  /** STOR over an already connected data socket: 1yz, send, FIN, wait for the data close and 226. */
-  async stor(data: net.Socket, path: string, body: Buffer): Promise<void> {
+  /**
+   * STOR over an already connected data socket: 1yz, send, FIN (after a TLS close_notify,
+   * which vsftpd's strict_ssl_read_eof wants), wait for the data close and 226. `body` is
+   * a buffer, or a stream piped in (ended with the stream).
+   */
+  async stor(data: DataSocket, path: string, body: Buffer | NodeJS.ReadableStream): Promise<void> {
     const closed = new Promise<void>((resolve, reject) => {
       data.on('data', () => {});
       data.once('close', () => resolve());
@@ -133,18 +223,27 @@ export class FtpControl {
     });
     this.send(`STOR ${path}`);
     await this.expect(await this.next(), [125, 150], 'STOR');
-    data.end(body);
+    if (Buffer.isBuffer(body)) data.end(body);
+    else {
+      body.once('error', (err: Error) => data.destroy(new FtpError(`STOR source: ${err.message}`)));
+      body.pipe(data);
+    }
     const [final] = await Promise.all([this.next(), closed]);
     this.expect(final, [226], 'STOR');
   }
 
   async quit(): Promise<void> {
     await this.command('QUIT', [221]);
-    this.socket.end();
+    this.current.end();
   }
 
   close(): void {
-    this.socket.destroy();
+    this.current.destroy();
+  }
+
+  private watch(socket: net.Socket | tls.TLSSocket): void {
+    socket.on('error', (err) => this.fail(new FtpError(`control: ${err.message}`)));
+    socket.on('close', () => this.fail(new FtpError('control connection closed')));
   }
 
   private onData(text: string): void {

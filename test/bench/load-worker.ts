@@ -5,14 +5,24 @@
  * the process exits by itself when the deadline passes.
  */
 import { createHash, randomBytes } from 'node:crypto';
+import { createReadStream, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
-import { FtpControl, withDeadline } from './ftp-lite.js';
+import { FtpControl, withDeadline, type TlsClientOptions } from './ftp-lite.js';
 
 export interface Target {
   readonly host: string;
   readonly port: number;
   readonly user: string;
   readonly password: string;
+  /** Explicit FTPS: AUTH TLS, PBSZ 0, PROT P before USER, every data connection TLS. */
+  readonly tls?: TargetTls;
+}
+
+export interface TargetTls {
+  /** PEM file with the CA the server's certificate must chain to. */
+  readonly caFile: string;
+  /** Name checked in the certificate (an IP address is not sent as SNI). */
+  readonly host: string;
 }
 
 /** connect + login + PASV + RETR + QUIT, as many as `count`, `concurrency` at a time. */
@@ -66,7 +76,24 @@ export interface NoopJob {
   readonly maxMs: number;
 }
 
-export type Job = RateJob | ScaleJob | IdleJob | NoopJob;
+/**
+ * One session, one big transfer: the time from sending RETR/STOR until both its 226 and
+ * the end of the data connection (login and PASV excluded, like curl's time_total minus
+ * time_pretransfer). RETR counts and discards the bytes; STOR streams `local`.
+ */
+export interface TransferJob {
+  readonly kind: 'transfer';
+  readonly target: Target;
+  readonly direction: 'retr' | 'stor';
+  readonly remote: string;
+  /** STOR only: the file sent. */
+  readonly local?: string;
+  /** Bytes the transfer must move. */
+  readonly bytes: number;
+  readonly maxMs: number;
+}
+
+export type Job = RateJob | ScaleJob | IdleJob | NoopJob | TransferJob;
 
 const STEP_TIMEOUT_MS = 30_000;
 const MAX_ERRORS_KEPT = 10;
@@ -92,6 +119,30 @@ function percentile(sorted: readonly number[], p: number): number {
 
 function nowMs(): number {
   return Number(process.hrtime.bigint()) / 1e6;
+}
+
+/** CA files read once per worker. */
+const caCache = new Map<string, string>();
+
+function tlsOptions(t: TargetTls): TlsClientOptions {
+  let ca = caCache.get(t.caFile);
+  if (ca === undefined) {
+    ca = readFileSync(t.caFile, 'utf8');
+    caCache.set(t.caFile, ca);
+  }
+  return { ca, host: t.host };
+}
+
+/**
+ * Connect and log in; with `t.tls`: connect, AUTH TLS, PBSZ 0, PROT P, then USER/PASS.
+ * `onOpen` sees the control connection as soon as it exists (to close it on failure).
+ */
+async function openSession(t: Target, onOpen: (c: FtpControl) => void): Promise<FtpControl> {
+  const c = await FtpControl.open(t.host, t.port, STEP_TIMEOUT_MS);
+  onOpen(c);
+  if (t.tls) await c.secure(tlsOptions(t.tls), STEP_TIMEOUT_MS);
+  await c.login(t.user, t.password);
+  return c;
 }
 
 /** Run `fn(i)` for i in [0, count) with at most `limit` in flight, stopping new work at `deadline`. */
@@ -122,8 +173,7 @@ async function runRate(job: RateJob): Promise<Record<string, unknown>> {
     try {
       await withDeadline(
         (async () => {
-          control = await FtpControl.open(t.host, t.port, STEP_TIMEOUT_MS);
-          await control.login(t.user, t.password);
+          control = await openSession(t, (c) => (control = c));
           const data = await control.pasv(STEP_TIMEOUT_MS);
           const got = await control.retr(data, job.file);
           if (got.sha256 !== job.sha256) throw new Error(`RETR ${job.file}: sha256 mismatch (${got.bytes} bytes)`);
@@ -199,12 +249,7 @@ async function runScale(job: ScaleJob): Promise<Record<string, unknown>> {
     let control: FtpControl | null = null;
     try {
       control = await withDeadline(
-        (async () => {
-          const c = await FtpControl.open(t.host, t.port, STEP_TIMEOUT_MS);
-          control = c;
-          await c.login(t.user, t.password);
-          return c;
-        })(),
+        openSession(t, (c) => (control = c)),
         STEP_TIMEOUT_MS,
         'login',
       );
@@ -292,12 +337,7 @@ async function runIdle(job: IdleJob): Promise<Record<string, unknown>> {
     let control: FtpControl | null = null;
     try {
       control = await withDeadline(
-        (async () => {
-          const c = await FtpControl.open(t.host, t.port, STEP_TIMEOUT_MS);
-          control = c;
-          await c.login(t.user, t.password);
-          return c;
-        })(),
+        openSession(t, (c) => (control = c)),
         STEP_TIMEOUT_MS,
         'login',
       );
@@ -339,8 +379,7 @@ async function runIdle(job: IdleJob): Promise<Record<string, unknown>> {
 async function runNoop(job: NoopJob): Promise<Record<string, unknown>> {
   const t = job.target;
   const deadline = nowMs() + job.maxMs;
-  const control = await withDeadline(FtpControl.open(t.host, t.port, STEP_TIMEOUT_MS), STEP_TIMEOUT_MS, 'connect');
-  await control.login(t.user, t.password);
+  const control = await withDeadline(openSession(t, () => {}), STEP_TIMEOUT_MS, 'connect and login');
   const rtts: number[] = [];
   for (let i = 0; i < job.warmup + job.count && nowMs() < deadline; i++) {
     const begin = process.hrtime.bigint();
@@ -356,6 +395,43 @@ async function runNoop(job: NoopJob): Promise<Record<string, unknown>> {
     p99Ms: percentile(sorted, 99),
     meanMs: rtts.reduce((a, b) => a + b, 0) / Math.max(1, rtts.length),
   };
+}
+
+async function runTransfer(job: TransferJob): Promise<Record<string, unknown>> {
+  const t = job.target;
+  let control: FtpControl | null = null;
+  try {
+    return await withDeadline(
+      (async () => {
+        // A target that hangs before the transfer costs one step timeout, not maxMs.
+        const [c, data] = await withDeadline(
+          (async () => {
+            const opened = await openSession(t, (o) => (control = o));
+            await opened.command('TYPE I', [200]);
+            return [opened, await opened.pasv(STEP_TIMEOUT_MS)] as const;
+          })(),
+          STEP_TIMEOUT_MS,
+          'login and PASV',
+        );
+        const begin = nowMs();
+        let bytes = job.bytes;
+        if (job.direction === 'retr') bytes = (await c.retr(data, job.remote, { hash: false })).bytes;
+        else {
+          if (!job.local) throw new Error('STOR: no local file');
+          await c.stor(data, job.remote, createReadStream(job.local, { highWaterMark: 1024 * 1024 }));
+        }
+        const seconds = (nowMs() - begin) / 1000;
+        await c.quit();
+        if (bytes !== job.bytes) return { ok: false, seconds, bytes, error: `${job.direction.toUpperCase()} moved ${bytes} of ${job.bytes} bytes` };
+        return { ok: true, seconds, bytes };
+      })(),
+      job.maxMs,
+      job.direction.toUpperCase(),
+    );
+  } catch (err) {
+    (control as FtpControl | null)?.close();
+    return { ok: false, seconds: Number.NaN, bytes: 0, error: err instanceof Error ? err.message : String(err) };
+  }
 }
 
 async function main(): Promise<void> {
@@ -378,6 +454,9 @@ async function main(): Promise<void> {
       break;
     case 'noop':
       result = await runNoop(job);
+      break;
+    case 'transfer':
+      result = await runTransfer(job);
       break;
   }
   process.stdout.write(`RESULT ${JSON.stringify(result)}\n`);
