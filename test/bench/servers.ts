@@ -1,13 +1,16 @@
 /**
  * The servers under test, each a child process on 127.0.0.1: one vsftpd, ftp-nat-proxy
  * (`node dist/cli.js --config ...`, as deployed) and ProFTPD mod_proxy in reverse mode, both
- * in front of that same vsftpd.
+ * in front of that same vsftpd. For the FTPS figures, the same three with TLS: a second
+ * vsftpd with ssl_enable, the proxy with TLS on its client leg (and on its server leg), and
+ * ProFTPD with mod_tls in front of mod_proxy (ProxyTLSEngine on).
  */
 import { mkdirSync, writeFileSync, chmodSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { prepareSystem, TEST_USER, TEST_PASSWORD, waitForGreeting } from '../helpers/vsftpd.js';
+import { prepareSystem, sslSettings, TEST_USER, TEST_PASSWORD, waitForGreeting } from '../helpers/vsftpd.js';
 import { startChild, type Child } from './procs.js';
+import type { TargetTls } from './load-worker.js';
 
 export const HOST = '127.0.0.1';
 /**
@@ -27,6 +30,15 @@ export interface Server {
   readonly user: string;
   readonly password: string;
   readonly child: Child;
+  /** Set for an FTPS server: clients use AUTH TLS and check its certificate against this CA. */
+  readonly tls?: TargetTls;
+}
+
+/** A server certificate and its key (PEM files), and the CA file that signed it. */
+export interface BenchTlsFiles {
+  readonly cert: string;
+  readonly key: string;
+  readonly ca: string;
 }
 
 async function ready(child: Child, host: string, port: number): Promise<void> {
@@ -47,6 +59,13 @@ export interface VsftpdBenchOptions {
   readonly root: string;
   readonly pasvMin: number;
   readonly pasvMax: number;
+  /** Default `direct`. */
+  readonly name?: string;
+  /**
+   * Explicit FTPS with vsftpd's defaults for it: force_local_logins_ssl, force_local_data_ssl
+   * and require_ssl_reuse all YES (protocol.md §5.5).
+   */
+  readonly tls?: BenchTlsFiles;
 }
 
 export async function startBenchVsftpd(options: VsftpdBenchOptions): Promise<Server> {
@@ -81,12 +100,14 @@ export async function startBenchVsftpd(options: VsftpdBenchOptions): Promise<Ser
     max_per_ip: '0',
     use_localtime: 'NO',
     ftpd_banner: 'ftpnp bench vsftpd',
+    ...(options.tls ? sslSettings({ cert: options.tls.cert, key: options.tls.key, forceLogins: true, forceData: true, requireReuse: true }) : {}),
   };
   const conf = join(options.work, 'vsftpd.conf');
   writeFileSync(conf, Object.entries(settings).map(([k, v]) => `${k}=${v}\n`).join(''));
-  const child = startChild('vsftpd', '/usr/sbin/vsftpd', [conf], { group: true });
+  const name = options.name ?? 'direct';
+  const child = startChild(name === 'direct' ? 'vsftpd' : `vsftpd-${name}`, '/usr/sbin/vsftpd', [conf], { group: true });
   await ready(child, HOST, options.port);
-  return { name: 'direct', host: HOST, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child };
+  return { name, host: HOST, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child, ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}) };
 }
 
 export interface ProxyBenchOptions {
@@ -108,17 +129,28 @@ export interface ProxyBenchOptions {
   readonly nodeArgs?: readonly string[];
   readonly user?: string;
   readonly password?: string;
+  /** `listeners[].tls` (explicit FTPS toward clients): the proxy terminates TLS. */
+  readonly tls?: BenchTlsFiles;
+  /** `upstream.tls` (explicit FTPS toward the server), checked against this CA. */
+  readonly upstreamTls?: { readonly ca: string };
+}
+
+/** A YAML double-quoted scalar (JSON's string syntax is a subset of it). */
+function yamlString(text: string): string {
+  return JSON.stringify(text);
 }
 
 export function proxyBenchYaml(options: ProxyBenchOptions): string {
   return [
     `log: { level: ${options.logLevel ?? 'warn'} }`,
     'listeners:',
-    '  - name: bench',
+    `  - name: ${options.tls ? 'bench-ftps' : 'bench'}`,
     `    listen: "${HOST}:${options.port}"`,
+    ...(options.tls ? [`    tls: { mode: explicit, cert: ${yamlString(options.tls.cert)}, key: ${yamlString(options.tls.key)} }`] : []),
     '    upstream:',
     `      host: ${HOST}`,
     `      port: ${options.upstreamPort}`,
+    ...(options.upstreamTls ? [`      tls: { mode: explicit, ca: ${yamlString(options.upstreamTls.ca)}, servername: ${HOST} }`] : []),
     '      dataMode: passive',
     '    client:',
     '      advertise: auto',
@@ -139,7 +171,15 @@ export async function startBenchProxy(options: ProxyBenchOptions): Promise<Serve
   const [command, args] = withNofile(process.execPath, [...(options.nodeArgs ?? []), join(options.repoDir, 'dist/cli.js'), '--config', yaml]);
   const child = startChild(options.name, command, args, { env: { ...process.env, ...(options.env ?? {}) } });
   await ready(child, HOST, options.port);
-  return { name: options.name, host: HOST, port: options.port, user: options.user ?? TEST_USER, password: options.password ?? TEST_PASSWORD, child };
+  return {
+    name: options.name,
+    host: HOST,
+    port: options.port,
+    user: options.user ?? TEST_USER,
+    password: options.password ?? TEST_PASSWORD,
+    child,
+    ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}),
+  };
 }
 
 export interface ProftpdBenchOptions {
@@ -150,6 +190,31 @@ export interface ProftpdBenchOptions {
   readonly upstreamPort: number;
   readonly passiveMin: number;
   readonly passiveMax: number;
+  /** Default `mod_proxy`. */
+  readonly name?: string;
+  /**
+   * FTPS on both legs: mod_tls toward clients (TLSRequired, the session reuse mod_tls
+   * requires by default) and ProxyTLSEngine on toward an FTPS server, whose certificate is
+   * checked against `ca` (ProxyTLSVerifyServer on).
+   */
+  readonly tls?: BenchTlsFiles;
+}
+
+/** mod_tls in front and mod_proxy's own TLS toward the server (mod_proxy.html, "FTPS"). */
+function proftpdTlsLines(tls: BenchTlsFiles, work: string): string[] {
+  return [
+    'TLSEngine on',
+    'TLSRequired on',
+    'TLSProtocol TLSv1.2 TLSv1.3',
+    `TLSRSACertificateFile ${tls.cert}`,
+    `TLSRSACertificateKeyFile ${tls.key}`,
+    `TLSLog ${join(work, 'tls.log')}`,
+    'ProxyTLSEngine on',
+    'ProxyTLSProtocol TLSv1.2 TLSv1.3',
+    `ProxyTLSCACertificateFile ${tls.ca}`,
+    'ProxyTLSVerifyServer on',
+    'ProxyTLSTransferProtectionPolicy required',
+  ];
 }
 
 /**
@@ -190,10 +255,10 @@ export function proftpdConf(options: ProftpdBenchOptions): string {
     'LoadModule mod_proxy.c',
     'ProxyEngine on',
     'ProxyRole reverse',
-    // Plain FTP on both sides. Left at its default, mod_proxy sets up its TLS context (CA
-    // bundle, tables) for every session: ~190 ms per login here, which is not what this
-    // comparison is about.
-    'ProxyTLSEngine off',
+    // Plain FTP on both sides unless asked. Left at its default, mod_proxy sets up its TLS
+    // context (CA bundle, tables) for every session: ~190 ms per login here, which is not
+    // what the plain comparison is about.
+    ...(options.tls ? proftpdTlsLines(options.tls, options.work) : ['ProxyTLSEngine off']),
     `ProxyTables ${tables}`,
     `ProxyReverseServers ftp://${HOST}:${options.upstreamPort}`,
     '',
@@ -217,7 +282,8 @@ export async function startBenchProftpd(options: ProftpdBenchOptions): Promise<S
     throw new Error(`config check failed: ${said.slice(-2).join(' ') || `exit ${check.status}`}`);
   }
   const [command, args] = withNofile(binary, ['-n', '-c', conf]);
-  const child = startChild('proftpd', command, args, { group: true, env });
+  const name = options.name ?? 'mod_proxy';
+  const child = startChild(name === 'mod_proxy' ? 'proftpd' : `proftpd-${name}`, command, args, { group: true, env });
   await ready(child, HOST, options.port);
-  return { name: 'mod_proxy', host: HOST, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child };
+  return { name, host: HOST, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child, ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}) };
 }

@@ -96,7 +96,7 @@ export interface VsftpdSslOptions {
 }
 
 /** The vsftpd.conf lines for `ssl` (anonymous FTPS stays off: the tests log in as a local user). */
-function sslSettings(ssl: VsftpdSslOptions): Record<string, string> {
+export function sslSettings(ssl: VsftpdSslOptions): Record<string, string> {
   const yesNo = (value: boolean): string => (value ? 'YES' : 'NO');
   return {
     ssl_enable: 'YES',
