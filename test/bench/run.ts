@@ -11,11 +11,15 @@
  * Options: --quick (small sizes, few repetitions), --cpu-prof (V8 profiles of the proxies in
  * bench-results/profiles/), --size-mib=N, --reps=N (every section;
  * default 9 for throughput, whose single figures swing most, 5 elsewhere),
- * --only=throughput,rate,noop,scale,idle, --variants=auto,js,splice,kernel (proxy variants
+ * --only=throughput,rate,noop,scale,idle,ftps, --variants=auto,js,splice,kernel (proxy variants
  * to run; the first is the headline). `auto`, `js` and `splice` are `client.dataPath: relay`
  * with FTPNP_RELAY unset, `js` or `splice`; `kernel` is `client.dataPath: kernel` (nftables
  * DNAT/SNAT per transfer, root and libnftables needed, only ever inside the bench's own
  * namespace). Default: `auto,kernel` when that is possible, else `auto`.
+ *
+ * `ftps` (ftps.ts) measures throughput, session rate and idle memory again with explicit FTPS
+ * against direct FTPS to a second vsftpd; its proxies run with the default data path whatever
+ * --variants says (a TLS leg is relayed by the proxy itself).
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomFillSync } from 'node:crypto';
@@ -30,8 +34,10 @@ import { nftablesUnavailable } from '../helpers/netns.js';
 import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, waitForLine, waitQuiet, type Child } from './procs.js';
 import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
 import { HOST, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
-import { fmt, median, ratio, rotate, table } from './stats.js';
-import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target } from './load-worker.js';
+import { fmt, median, num, ratio, rotate, table, type Verdict } from './stats.js';
+import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target, TransferJob } from './load-worker.js';
+import { FTPS_LABELS, FTPS_NAMES, FTPS_PORTS, FTPS_PROXY_VARIANTS, ftpsDiagnosticLines, makeBenchPki, reportFtps, startFtpsTargets, type FtpsTargets } from './ftps.js';
+import type { BenchTlsFiles } from './servers.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const MiB = 1024 * 1024;
@@ -68,7 +74,9 @@ interface Options {
   readonly cpuProf: boolean;
 }
 
-const SECTIONS = ['throughput', 'rate', 'noop', 'scale', 'idle'];
+const SECTIONS = ['throughput', 'rate', 'noop', 'scale', 'idle', 'ftps'];
+/** The sections measured through the plain proxies and mod_proxy. */
+const PLAIN_VSFTPD_SECTIONS = ['throughput', 'rate', 'noop', 'scale'];
 /** Proxy variants: the relay picked by FTPNP_RELAY (auto = unset), or the kernel data path. */
 const VARIANTS = ['auto', 'js', 'splice', 'kernel'];
 
@@ -180,7 +188,7 @@ async function outer(options: Options, argv: readonly string[]): Promise<number>
     return 2;
   }
   const notes = ensurePackages();
-  const proftpd: ProftpdSetup = options.only.has('throughput') || options.only.has('rate') || options.only.has('noop') || options.only.has('scale')
+  const proftpd: ProftpdSetup = [...PLAIN_VSFTPD_SECTIONS, 'ftps'].some((s) => options.only.has(s))
     ? prepareProftpd(join(repo, 'bench-results/.proftpd'))
     : { ok: false, reason: 'not needed for the selected sections' };
   let netns: string | null = null;
@@ -283,6 +291,11 @@ function variantLabel(name: string, variant: string, kind: string, headline: boo
   return `${name} (${what}${headline && variant === 'auto' ? ', default' : ''})`;
 }
 
+/** V8 profile flags for a proxy process when --cpu-prof is on. */
+function cpuProfArgs(options: Options, repo: string, name: string): string[] {
+  return options.cpuProf ? ['--cpu-prof', `--cpu-prof-dir=${join(repo, 'bench-results', 'profiles')}`, `--cpu-prof-name=${name}.cpuprofile`] : [];
+}
+
 function writeRandomFile(path: string, bytes: number): string {
   const hash = createHash('sha256');
   const fd = openSync(path, 'w', 0o644);
@@ -310,7 +323,7 @@ function sha256File(path: string): Promise<string> {
 }
 
 function targetOf(server: Server): Target {
-  return { host: server.host, port: server.port, user: server.user, password: server.password };
+  return { host: server.host, port: server.port, user: server.user, password: server.password, ...(server.tls ? { tls: server.tls } : {}) };
 }
 
 /** Run one load-worker job in its own process; resolves with its RESULT object. */
@@ -328,7 +341,7 @@ async function runJob(job: Job, onReady?: (ready: Record<string, unknown>, worke
   }
 }
 
-interface CurlResult {
+interface TransferResult {
   readonly ok: boolean;
   readonly mibPerSec: number;
   readonly seconds: number;
@@ -336,7 +349,7 @@ interface CurlResult {
   readonly error?: string;
 }
 
-async function curlTransfer(server: Server, direction: 'get' | 'put', remote: string, local: string, expectBytes: number): Promise<CurlResult> {
+async function curlTransfer(server: Server, direction: 'get' | 'put', remote: string, local: string, expectBytes: number): Promise<TransferResult> {
   const url = `ftp://${server.host}:${server.port}/${remote}`;
   const io = direction === 'get' ? ['-o', '/dev/null'] : ['-T', local];
   const r = await run('curl', ['-sS', '--max-time', '300', '-u', `${server.user}:${server.password}`, ...io, '-w', '%{time_pretransfer} %{time_total} %{size_download} %{size_upload}', url], { timeoutMs: 320_000 });
@@ -347,6 +360,25 @@ async function curlTransfer(server: Server, direction: 'get' | 'put', remote: st
     return { ok: false, mibPerSec: Number.NaN, seconds, bytes, error: `curl exit ${r.code}: ${r.stderr.trim().slice(0, 200)} (${bytes}/${expectBytes} bytes)` };
   }
   return { ok: true, mibPerSec: bytes / MiB / seconds, seconds, bytes };
+}
+
+/**
+ * One big transfer through an FTPS server by the load worker (AUTH TLS, PBSZ 0, PROT P: the
+ * way the proxy's TLS listener is configured; curl would try AUTH SSL first), timed like
+ * curlTransfer: from the transfer command to its end, login and PASV excluded.
+ */
+async function ftpsTransfer(server: Server, direction: 'get' | 'put', remote: string, local: string, expectBytes: number): Promise<TransferResult> {
+  const job: TransferJob = { kind: 'transfer', target: targetOf(server), direction: direction === 'get' ? 'retr' : 'stor', remote, ...(direction === 'put' ? { local } : {}), bytes: expectBytes, maxMs: 300_000 };
+  const r = (await runJob(job)) as { ok?: boolean; seconds?: number; bytes?: number; error?: string };
+  const seconds = r.seconds ?? Number.NaN;
+  const bytes = r.bytes ?? 0;
+  if (!r.ok) return { ok: false, mibPerSec: Number.NaN, seconds, bytes, error: r.error ?? 'no result' };
+  return { ok: true, mibPerSec: bytes / MiB / seconds, seconds, bytes };
+}
+
+/** curl for plain FTP, the load worker for FTPS. */
+function transfer(server: Server, direction: 'get' | 'put', remote: string, local: string, expectBytes: number): Promise<TransferResult> {
+  return (server.tls ? ftpsTransfer : curlTransfer)(server, direction, remote, local, expectBytes);
 }
 
 interface Context {
@@ -453,9 +485,9 @@ async function benchThroughput(ctx: Context): Promise<Record<string, unknown>> {
       const isProxy = ctx.proxies.includes(t);
       await settle();
       const cpu0 = isProxy ? await readCpuSeconds(t.child.pid) : 0;
-      const get = await curlTransfer(t, 'get', 'big.bin', '', bytes);
+      const get = await transfer(t, 'get', 'big.bin', '', bytes);
       const remote = `up-${t.name}-${rep}.bin`;
-      const put = await curlTransfer(t, 'put', remote, ctx.files.upload, bytes);
+      const put = await transfer(t, 'put', remote, ctx.files.upload, bytes);
       if (isProxy) slot.cpuSecPerGiB.push(((await readCpuSeconds(t.child.pid)) - cpu0) / ((2 * bytes) / 1024 ** 3));
       const stored = join(ctx.root, remote);
       if (put.ok) {
@@ -647,21 +679,34 @@ async function benchScale(ctx: Context): Promise<Record<string, unknown>> {
 
 // ---- idle sessions: RSS per session
 
-async function benchIdle(options: Options, repo: string, work: string): Promise<Record<string, unknown>> {
+/** Which proxy holds the idle sessions: plain, or with TLS on its client leg (FTPS). */
+interface IdleSetup {
+  readonly name: string;
+  readonly port: number;
+  readonly passivePorts: string;
+  readonly fakeUpstreamPort: number;
+  /** `listeners[].tls`: every idle session is AUTH TLS + PBSZ 0 + PROT P, then logged in. */
+  readonly tls?: BenchTlsFiles;
+}
+
+const PLAIN_IDLE: IdleSetup = { name: 'proxy-idle', port: PORTS.idleProxy, passivePorts: PORTS.idlePassive, fakeUpstreamPort: PORTS.fakeUpstream };
+
+async function benchIdle(options: Options, repo: string, work: string, setup: IdleSetup = PLAIN_IDLE): Promise<Record<string, unknown>> {
   const sessions = options.quick ? 1000 : 5000;
-  const [fakeCommand, fakeArgs] = withNofile(process.execPath, [join(HERE, 'fake-upstream.js'), HOST, String(PORTS.fakeUpstream), '900000']);
+  const [fakeCommand, fakeArgs] = withNofile(process.execPath, [join(HERE, 'fake-upstream.js'), HOST, String(setup.fakeUpstreamPort), '900000']);
   const fake = startChild('fake-upstream', fakeCommand, fakeArgs);
   try {
     await waitForLine(fake, (line) => (line.startsWith('LISTENING') ? true : null), 10_000);
     const proxy = await startBenchProxy({
-      name: 'proxy-idle',
-      port: PORTS.idleProxy,
+      name: setup.name,
+      port: setup.port,
       work,
-      upstreamPort: PORTS.fakeUpstream,
-      passivePorts: PORTS.idlePassive,
+      upstreamPort: setup.fakeUpstreamPort,
+      passivePorts: setup.passivePorts,
       repoDir: repo,
       user: 'idle',
       password: 'idle',
+      ...(setup.tls ? { tls: setup.tls } : {}),
     });
     const target = targetOf(proxy);
     const pid = proxy.child.pid;
@@ -689,7 +734,7 @@ async function benchIdle(options: Options, repo: string, work: string): Promise<
     const open = Number(ready.open ?? 0);
     await proxy.child.stop();
     const perSessionKiB = open > 0 ? (rssAfter - rssBefore) / open : Number.NaN;
-    log(`idle: ${open} sessions, RSS ${rssBefore} -> ${rssAfter} KiB: ${fmt(perSessionKiB, 1)} KiB per session`);
+    log(`idle${setup.tls ? ' TLS' : ''}: ${open} sessions, RSS ${rssBefore} -> ${rssAfter} KiB: ${fmt(perSessionKiB, 1)} KiB per session`);
     return {
       sessions,
       open,
@@ -709,15 +754,47 @@ async function benchIdle(options: Options, repo: string, work: string): Promise<
   }
 }
 
-// ---- report
+// ---- FTPS (ftps.ts): the same throughput and rate code, through the FTPS targets
 
-interface Verdict {
-  readonly name: string;
-  /** The proxy variant (process name) it is about; null when it is about none in particular. */
-  readonly variant: string | null;
-  readonly pass: boolean | null;
-  readonly detail: string;
+async function benchFtps(ctx: Context, proftpd: ProftpdSetup): Promise<Record<string, unknown>> {
+  let targets: FtpsTargets;
+  try {
+    targets = await startFtpsTargets({ work: join(ctx.work, 'ftps'), root: ctx.root, repoDir: ctx.repo, plainUpstreamPort: ctx.direct.port, proftpd, nodeArgs: (name) => cpuProfArgs(ctx.options, ctx.repo, name) });
+  } catch (err) {
+    log(`ftps: direct FTPS did not start: ${oneLine(err)}`);
+    return { error: `direct FTPS did not start: ${oneLine(err)}` };
+  }
+  for (const [name, why] of Object.entries(targets.startErrors)) log(`ftps: ${name}: ${why}`);
+  try {
+    const ftpsCtx: Context = { ...ctx, direct: targets.direct, proxies: targets.proxies, modProxy: targets.modProxy };
+    return {
+      startErrors: targets.startErrors,
+      throughput: await benchThroughput(ftpsCtx),
+      rate_c1: await benchRate(ftpsCtx, 1),
+      rate_c50: await benchRate(ftpsCtx, 50),
+    };
+  } finally {
+    await targets.stop();
+  }
 }
+
+/** Idle sessions with TLS on the client leg (AUTH TLS, PBSZ 0, PROT P, login); never throws. */
+async function benchFtpsIdle(options: Options, repo: string, work: string): Promise<Record<string, unknown>> {
+  const sessions = options.quick ? 1000 : 5000;
+  mkdirSync(work, { recursive: true });
+  const made = makeBenchPki(work);
+  if ('error' in made) return { sessions, error: `no certificates: ${made.error}` };
+  try {
+    return await benchIdle(options, repo, work, { name: FTPS_NAMES.idle, port: FTPS_PORTS.idleProxy, passivePorts: FTPS_PORTS.idlePassive, fakeUpstreamPort: FTPS_PORTS.fakeUpstream, tls: made.files });
+  } catch (err) {
+    log(`ftps idle: ${oneLine(err)}`);
+    return { sessions, error: oneLine(err) };
+  } finally {
+    made.pki.cleanup();
+  }
+}
+
+// ---- report
 
 interface ReportNames {
   /** ftp-nat-proxy variants by process name, the headline first. */
@@ -725,12 +802,6 @@ interface ReportNames {
   readonly modProxy: string | null;
   /** What the table calls each of them (which variant, what moves its data). */
   readonly labels: Readonly<Record<string, string>>;
-}
-
-function num(obj: unknown, ...path: string[]): number {
-  let v: unknown = obj;
-  for (const p of path) v = (v as Record<string, unknown> | undefined)?.[p];
-  return typeof v === 'number' ? v : Number.NaN;
 }
 
 /**
@@ -837,7 +908,9 @@ function report(results: Record<string, unknown>, names: ReportNames): { text: s
       over,
     );
   }
-  return { text: table(rows), verdicts };
+  const tables = rows.length > 1 ? [table(rows)] : [];
+  if (results.ftps) tables.push(table(reportFtps(results.ftps as Record<string, unknown>, verdicts)));
+  return { text: tables.join('\n\n'), verdicts };
 }
 
 /** Verdict lines grouped by variant (headline first), then those about no variant. */
@@ -864,6 +937,7 @@ function diagnosticLines(results: Record<string, unknown>, variants: readonly st
     if (Object.keys(events).length) parts.push(`logged ${Object.entries(events).map(([e, n]) => `${e} x${n}`).join(', ')}`);
     if (parts.length) lines.push(`${v}: ${parts.join(', ')}`);
   }
+  if (results.ftps) lines.push(...ftpsDiagnosticLines(results.ftps as Record<string, unknown>));
   const idle = results.idle as Record<string, unknown> | undefined;
   if (idle) lines.push(`idle: ${idle.open} sessions open, ${idle.aliveAfterIdle} answered NOOP after idling, proxy descriptors ${idle.fdsBefore} -> ${idle.fdsAfter}, RSS ${idle.rssBeforeKiB} -> ${idle.rssAfterKiB} KiB`);
   return lines;
@@ -889,7 +963,9 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
   const variants = setup.variants ?? options.variants ?? ['auto'];
   try {
     const vsftpdMissing = vsftpdUnavailable();
-    const needsVsftpd = ['throughput', 'rate', 'noop', 'scale'].some((s) => options.only.has(s));
+    const plainSections = PLAIN_VSFTPD_SECTIONS.some((s) => options.only.has(s));
+    // FTPS needs the plain vsftpd too: it is the upstream of the client-leg-only TLS proxy.
+    const needsVsftpd = plainSections || options.only.has('ftps');
     if (needsVsftpd && vsftpdMissing) notes.push(`vsftpd sections skipped: ${vsftpdMissing}`);
     if (needsVsftpd && !vsftpdMissing) {
       const root = join(work, 'root');
@@ -906,7 +982,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
       spawnSync('chown', ['-R', `${TEST_USER}:`, root]);
       const direct = await startBenchVsftpd({ port: PORTS.vsftpd, work: join(work, 'vsftpd'), root, pasvMin: PORTS.vsftpdPasv[0], pasvMax: PORTS.vsftpdPasv[1] });
       const proxies: Server[] = [];
-      for (const [i, variant] of variants.entries()) {
+      for (const [i, variant] of (plainSections ? variants : []).entries()) {
         const name = i === 0 ? 'proxy' : `proxy-${variant}`;
         const kernel = variant === 'kernel';
         // The kernel variant: client.dataPath kernel and no FTPNP_RELAY override.
@@ -921,7 +997,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
         }
         try {
           proxies.push(
-            await startBenchProxy({ name, port: PORTS.proxyBase + i, work: join(work, 'proxy'), upstreamPort: PORTS.vsftpd, passivePorts: PORTS.proxyPassive(i), repoDir: repo, env, ...(kernel ? { dataPath: 'kernel' as const } : {}), ...(options.cpuProf ? { nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${join(repo, 'bench-results', 'profiles')}`, `--cpu-prof-name=${name}.cpuprofile`] } : {}) }),
+            await startBenchProxy({ name, port: PORTS.proxyBase + i, work: join(work, 'proxy'), upstreamPort: PORTS.vsftpd, passivePorts: PORTS.proxyPassive(i), repoDir: repo, env, ...(kernel ? { dataPath: 'kernel' as const } : {}), nodeArgs: cpuProfArgs(options, repo, name) }),
           );
         } catch (err) {
           // Without the kernel variant the rest of the run still means something.
@@ -933,7 +1009,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
         machine.proxyRelay[name] = text;
         names.labels[name] = variantLabel(name, variant, described.kind, i === 0);
       }
-      if (proxies.length === 0) throw new Error(`no proxy variant started (${notes[notes.length - 1] ?? ''})`);
+      if (plainSections && proxies.length === 0) throw new Error(`no proxy variant started (${notes[notes.length - 1] ?? ''})`);
       names.variants = proxies.map((p) => p.name);
       // What the proxies log at warn and above, by event: a kernel-path proxy that fell back to
       // its relay for some transfers says so here (kernel-path-failed).
@@ -952,7 +1028,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
         });
       }
       let modProxy: Server | null = null;
-      if (setup.proftpd.ok) {
+      if (setup.proftpd.ok && plainSections) {
         try {
           modProxy = await startBenchProftpd({
             root: setup.proftpd.root,
@@ -987,6 +1063,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
       }
       if (options.only.has('noop')) results.noop = await benchNoop(ctx);
       if (options.only.has('scale')) results.scale = await benchScale(ctx);
+      if (options.only.has('ftps')) results.ftps = await benchFtps(ctx, setup.proftpd);
       for (const p of proxies) await p.child.stop();
       if (modProxy) await modProxy.child.stop();
       await direct.child.stop();
@@ -1001,25 +1078,36 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
       }
     }
     if (options.only.has('idle')) results.idle = await benchIdle(options, repo, join(work, 'idle'));
+    if (options.only.has('ftps')) {
+      const ftps = (results.ftps ??= { error: `needs vsftpd: ${vsftpdMissing ?? 'not started'}` }) as Record<string, unknown>;
+      ftps.idle = await benchFtpsIdle(options, repo, join(work, 'idle-ftps'));
+    }
   } finally {
     await stop();
   }
   machine.loadavgEnd = loadavg().map((v) => Number(v.toFixed(2)));
   const { text, verdicts } = report(results, names);
+  const ftpsRan = results.ftps !== undefined;
   const header = [
     `ftp-nat-proxy benchmark, ${new Date().toISOString()}, ${((Date.now() - started) / 1000).toFixed(0)} s`,
     `machine: nproc ${machine.nproc} (${machine.cpuModel}), memory ${machine.memTotal}, node ${machine.node}, kernel ${machine.kernel}, load ${machine.loadavgStart.join(' ')}`,
     `network: ${setup.netns ? `private namespace ${setup.netns} (loopback, tcp_syncookies=0)` : 'host loopback'}; proxy variants: ${Object.entries(machine.proxyRelay).map(([k, v]) => `${k}=${v}`).join(', ') || 'n/a'}`,
     `mod_proxy: ${modProxyReason ? `unavailable (${modProxyReason})` : 'ProFTPD 1.3.8 + mod_proxy (reverse), unpacked privately'}`,
+    ...(ftpsRan
+      ? [
+          `ftps: explicit (AUTH TLS, PBSZ 0, PROT P, data TLS resuming the control session) from the load worker; vsftpd ssl_enable with force_local_logins_ssl, force_local_data_ssl, require_ssl_reuse; RSA 2048 certificate from a CA made for this run; proxies with their default data path; mod_proxy: ${(results.ftps as { startErrors?: Record<string, string> }).startErrors?.[FTPS_NAMES.modProxy] ? 'unavailable' : 'mod_tls in front, ProxyTLSEngine on toward the FTPS vsftpd'}`,
+        ]
+      : []),
     `quiet check: ${quietness.samples - quietness.notQuiet}/${quietness.samples} measurements started with the machine idle (other work up to ${quietness.maxBusyCores} cores)`,
     ...notes.map((n) => `note: ${n}`),
   ].join('\n');
-  const summary = verdictLines(verdicts, names.variants).join('\n');
+  const verdictOrder = ftpsRan ? [...names.variants, ...FTPS_PROXY_VARIANTS.map((v) => v.name)] : names.variants;
+  const summary = verdictLines(verdicts, verdictOrder).join('\n');
   const diagnostics = diagnosticLines(results, names.variants);
   process.stdout.write(`\n${header}\n\n${text}\n\n${summary}\n${diagnostics.length ? `\n${diagnostics.join('\n')}\n` : ''}`);
   const outDir = join(repo, 'bench-results');
   mkdirSync(outDir, { recursive: true });
-  const json = JSON.stringify({ machine, quietness, options: { ...options, only: [...options.only], variants }, variantLabels: names.labels, modProxy: modProxyReason ? { available: false, reason: modProxyReason } : { available: true }, notes, results, verdicts }, null, 2);
+  const json = JSON.stringify({ machine, quietness, options: { ...options, only: [...options.only], variants }, variantLabels: ftpsRan ? { ...names.labels, ...FTPS_LABELS } : names.labels, modProxy: modProxyReason ? { available: false, reason: modProxyReason } : { available: true }, notes, results, verdicts }, null, 2);
   writeFileSync(join(outDir, 'latest.json'), `${json}\n`);
   writeFileSync(join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, '-')}.json`), `${json}\n`);
   process.stdout.write(`\nwritten: ${join(outDir, 'latest.json')}\n`);

@@ -36,3 +36,19 @@ export function rotate<T>(items: readonly T[], by: number): T[] {
   const k = ((by % n) + n) % n;
   return [...items.slice(k), ...items.slice(0, k)];
 }
+
+/** The number at `path` inside a results object, or NaN. */
+export function num(obj: unknown, ...path: string[]): number {
+  let v: unknown = obj;
+  for (const p of path) v = (v as Record<string, unknown> | undefined)?.[p];
+  return typeof v === 'number' ? v : Number.NaN;
+}
+
+/** One target met or missed, for the summary after the table. */
+export interface Verdict {
+  readonly name: string;
+  /** The proxy variant (process name) it is about; null when it is about none in particular. */
+  readonly variant: string | null;
+  readonly pass: boolean | null;
+  readonly detail: string;
+}
