@@ -759,6 +759,24 @@ t.test('AUTH TLS behind a command the server is slow to answer: its reply comes 
   t.same(await settleLeaks(s.proxy), { sessions: 0, leased: 0 }, 'no session left');
 });
 
+t.test('AUTH TLS sent before the server\'s greeting arrived: 220 first in clear text, then 234, then TLS', async (t) => {
+  const greeted: FakeSession[] = [];
+  const s = await setup(t, { fake: { greeting: null, onConnection: (session) => greeted.push(session) } });
+  const raw = await plainConnect(s);
+  raw.write('AUTH TLS\r\n');
+  t.ok(await waitFor(() => greeted.length === 1), 'the proxy dialled the server, which has not greeted yet');
+  greeted[0]!.reply('220 late greeting');
+  let text = '';
+  while (!/(^|\n)234 /.test(text)) text += await readPlainReply(raw);
+  t.same(text.split('\r\n').filter(Boolean), ['220 late greeting', '234 Proceed with negotiation.'], `greeting, then 234 (${JSON.stringify(text)})`);
+  const socket = s.track(tls.connect({ socket: raw, ...clientTlsOptions({}) }));
+  await withTimeout(once(socket, 'secureConnect'), 5000, 'handshake');
+  const client = s.track(FtpClient.over(socket));
+  t.equal((await client.command('NOOP')).text, '200 NOOP ok.', 'the secured connection works');
+  await client.quit();
+  t.same(await settleLeaks(s.proxy), { sessions: 0, leased: 0 }, 'no session left');
+});
+
 t.test('security commands on the secured connection: answered by the proxy, never forwarded; CCC and a second AUTH refused, TLS stays', async (t) => {
   const s = await setup(t);
   const c = await secureControl(s);
@@ -939,6 +957,31 @@ t.test('both legs TLS against a real FTPS vsftpd: login and transfers work, data
   }
   t.match(vsftpd.protocolLog(), /SSL cipher: [^,]+, reused/, 'vsftpd saw resumed data sessions from the proxy');
   t.equal(await tlsMetric(s.proxy, 'server', 'data', 'failed'), 0, 'no failed server data handshake');
+  t.same(await settleLeaks(s.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
+});
+
+t.test('both legs TLS: a client data connection refused (fresh session, or no handshake) leaves the session usable', { skip: vsftpdMissing ?? false }, async (t) => {
+  const passive = ports.take(10);
+  const vsftpd = await startVsftpd({ pasvAddress: null, pasvMinPort: passive.first, pasvMaxPort: passive.last, ssl: { cert: pki.server.cert.path, key: pki.server.key.path, debug: true } });
+  t.teardown(() => vsftpd.stop());
+  writeFileSync(join(vsftpd.root, 'f.bin'), FILE);
+  const s = await setup(t, { upstreamPort: vsftpd.port, upstreamTls: { mode: 'explicit', ca: pki.ca.cert.path }, handshakeSeconds: HANDSHAKE_SECONDS });
+  for (const version of ['TLSv1.2', 'TLSv1.3'] as const) {
+    for (const [what, options, reply] of [
+      ['a fresh session', { version }, NOT_RESUMED],
+      ['no handshake at all', { silent: true }, "425 Can't open data connection: TLS negotiation failed."],
+    ] as const) {
+      const c = await secureControl(s, { version });
+      await loginProtected(c, vsftpd.user, vsftpd.password);
+      const refused = await transfer(s, c, 'RETR f.bin', options);
+      t.equal(refused.final.text, reply, `${version}, ${what}: ${JSON.stringify(reply)} (${JSON.stringify(refused.replies.map((r) => r.text))})`);
+      t.equal(refused.received.length, 0, `${version}, ${what}: no data`);
+      const noop = await c.client.command('NOOP').catch((err: Error) => ({ code: 0, text: err.message }));
+      t.equal(noop.code, 200, `${version}, ${what}: the session is still usable (${noop.text})`);
+      if (noop.code === 200) await checkResumedDownload(t, s, c, `${version}, ${what}: the next transfer`);
+      await c.client.quit();
+    }
+  }
   t.same(await settleLeaks(s.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
 });
 
