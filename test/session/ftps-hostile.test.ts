@@ -960,27 +960,88 @@ t.test('both legs TLS against a real FTPS vsftpd: login and transfers work, data
   t.same(await settleLeaks(s.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
 });
 
-t.test('both legs TLS: a client data connection refused (fresh session, or no handshake) leaves the session usable', { skip: vsftpdMissing ?? false }, async (t) => {
+t.test('both legs TLS: a client data connection that never handshakes leaves the vsftpd session usable', { skip: vsftpdMissing ?? false }, async (t) => {
   const passive = ports.take(10);
   const vsftpd = await startVsftpd({ pasvAddress: null, pasvMinPort: passive.first, pasvMaxPort: passive.last, ssl: { cert: pki.server.cert.path, key: pki.server.key.path, debug: true } });
   t.teardown(() => vsftpd.stop());
   writeFileSync(join(vsftpd.root, 'f.bin'), FILE);
   const s = await setup(t, { upstreamPort: vsftpd.port, upstreamTls: { mode: 'explicit', ca: pki.ca.cert.path }, handshakeSeconds: HANDSHAKE_SECONDS });
   for (const version of ['TLSv1.2', 'TLSv1.3'] as const) {
-    for (const [what, options, reply] of [
-      ['a fresh session', { version }, NOT_RESUMED],
-      ['no handshake at all', { silent: true }, "425 Can't open data connection: TLS negotiation failed."],
-    ] as const) {
-      const c = await secureControl(s, { version });
-      await loginProtected(c, vsftpd.user, vsftpd.password);
-      const refused = await transfer(s, c, 'RETR f.bin', options);
-      t.equal(refused.final.text, reply, `${version}, ${what}: ${JSON.stringify(reply)} (${JSON.stringify(refused.replies.map((r) => r.text))})`);
-      t.equal(refused.received.length, 0, `${version}, ${what}: no data`);
-      const noop = await c.client.command('NOOP').catch((err: Error) => ({ code: 0, text: err.message }));
-      t.equal(noop.code, 200, `${version}, ${what}: the session is still usable (${noop.text})`);
-      if (noop.code === 200) await checkResumedDownload(t, s, c, `${version}, ${what}: the next transfer`);
-      await c.client.quit();
-    }
+    const c = await secureControl(s, { version });
+    await loginProtected(c, vsftpd.user, vsftpd.password);
+    const refused = await transfer(s, c, 'RETR f.bin', { silent: true });
+    t.equal(refused.final.text, "425 Can't open data connection: TLS negotiation failed.", `${version}: 425 (${JSON.stringify(refused.replies.map((r) => r.text))})`);
+    const noop = await c.client.command('NOOP').catch((err: Error) => ({ code: 0, text: err.message }));
+    t.equal(noop.code, 200, `${version}: the session is still usable (${noop.text})`);
+    if (noop.code === 200) await checkResumedDownload(t, s, c, `${version}: the next transfer`);
+    await c.client.quit();
+  }
+  t.same(await settleLeaks(s.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
+});
+
+/**
+ * A server far away: TCP forwarders on 127.0.0.1 (the control port, and each of the server's
+ * passive ports) to vsftpd on 127.0.0.2, delaying everything the server sends by `delayMs`
+ * (order kept), as a WAN link would. A reset from the proxy is passed on as a reset.
+ */
+async function farAway(t: TapTest, target: string, controlPort: number, dataPorts: readonly number[], delayMs: number): Promise<number> {
+  const servers: net.Server[] = [];
+  const sockets = new Set<net.Socket>();
+  t.teardown(() => {
+    for (const socket of sockets) socket.destroy();
+    for (const server of servers) server.close();
+  });
+  const forward = (listenPort: number, targetPort: number): Promise<number> => new Promise((resolve, reject) => {
+    const server = net.createServer({ allowHalfOpen: true }, (near) => {
+      const far = net.connect({ host: target, port: targetPort, allowHalfOpen: true });
+      for (const socket of [near, far]) {
+        sockets.add(socket);
+        socket.once('close', () => sockets.delete(socket));
+      }
+      near.on('error', () => far.resetAndDestroy());
+      far.on('error', () => near.resetAndDestroy());
+      near.once('close', () => far.destroy());
+      near.pipe(far);
+      let due = 0;
+      const later = (fn: () => void): void => {
+        due = Math.max(Date.now() + delayMs, due);
+        setTimeout(fn, due - Date.now());
+      };
+      far.on('data', (chunk: Buffer) => later(() => near.write(chunk)));
+      far.once('end', () => later(() => near.end()));
+      far.once('close', () => later(() => near.destroy()));
+    });
+    servers.push(server);
+    server.once('error', reject);
+    server.listen(listenPort, '127.0.0.1', () => resolve((server.address() as net.AddressInfo).port));
+  });
+  await Promise.all(dataPorts.map((port) => forward(port, port)));
+  return forward(0, controlPort);
+}
+
+// With the server near, the proxy's data handshake with vsftpd usually ends before the client's
+// leg is refused; with a real WAN distance it does not, and the refusal must not cut vsftpd's
+// SSL_accept short: vsftpd ends the WHOLE session on a failed data SSL_accept (protocol.md §5.5).
+t.test('both legs TLS, server 300 ms away: a client data connection refused for a fresh session leaves the vsftpd session usable', { skip: vsftpdMissing ?? false }, async (t) => {
+  const passive = ports.take(10);
+  const vsftpd = await startVsftpd({ listenAddress: '127.0.0.2', pasvAddress: null, pasvMinPort: passive.first, pasvMaxPort: passive.last, ssl: { cert: pki.server.cert.path, key: pki.server.key.path, debug: true } });
+  t.teardown(() => vsftpd.stop());
+  writeFileSync(join(vsftpd.root, 'f.bin'), FILE);
+  const dataPorts = Array.from({ length: passive.last - passive.first + 1 }, (_, i) => passive.first + i);
+  const controlPort = await farAway(t, '127.0.0.2', vsftpd.port, dataPorts, 300);
+  const s = await setup(t, { upstreamPort: controlPort, upstreamTls: { mode: 'explicit', ca: pki.ca.cert.path } });
+  for (const version of ['TLSv1.2', 'TLSv1.3'] as const) {
+    const logStart = vsftpd.protocolLog().length;
+    const c = await secureControl(s, { version });
+    await loginProtected(c, vsftpd.user, vsftpd.password);
+    const refused = await transfer(s, c, 'RETR f.bin', { version });
+    t.equal(refused.final.text, NOT_RESUMED, `${version}: ${JSON.stringify(NOT_RESUMED)} (${JSON.stringify(refused.replies.map((r) => r.text))})`);
+    t.equal(refused.received.length, 0, `${version}: no data`);
+    const noop = await c.client.command('NOOP', 8000).catch((err: Error) => ({ code: 0, text: err.message }));
+    t.equal(noop.code, 200, `${version}: the session is still usable (${noop.text})`);
+    t.notMatch(vsftpd.protocolLog().slice(logStart), /SSL_accept failed/, `${version}: vsftpd saw no failed data handshake (it ends the whole session on one)`);
+    if (noop.code === 200) await checkResumedDownload(t, s, c, `${version}: the next transfer`);
+    await c.client.quit();
   }
   t.same(await settleLeaks(s.proxy), { sessions: 0, leased: 0 }, 'no session or relay port left behind');
 });
