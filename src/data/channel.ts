@@ -8,10 +8,12 @@
  * Single use; one idempotent teardown.
  */
 import type net from 'node:net';
+import type tls from 'node:tls';
 import type { HostPort } from '../control/address.js';
 import type { TransferDirection } from '../control/rewrite.js';
 import type { PassiveAccept } from './passive.js';
-import { resetSocket, type Relay, type RelayResult } from './relay.js';
+import { isTlsSocket, resetSocket, tlsParentOf, type Relay, type RelayResult } from './relay.js';
+import { clientHandshakeInFlight } from './tls.js';
 import { createRelay } from './splice-relay.js';
 import type { Dial } from './dial.js';
 import type { PortLease } from './port-pool.js';
@@ -244,7 +246,7 @@ export class DataChannel {
     if (this.upstreamLeg.kind === 'active') this.upstreamLeg.accept.cancel(reason);
     for (const dial of this.dials) dial.cancel();
     this.dials.clear();
-    for (const socket of this.looseSockets) resetSocket(socket);
+    resetAll(this.looseSockets);
     this.looseSockets.clear();
     for (const waiter of this.closedWaiters.splice(0)) waiter();
     this.relayWaiters.length = 0;
@@ -271,4 +273,41 @@ export class DataChannel {
     this.settled = true;
     this.onSettled?.(result, reason, this.closeCode);
   }
+}
+
+/**
+ * Reset every socket, except a TLS client handshake still running toward the server: that one
+ * is allowed to finish and then closed with close_notify and FIN (the TCP socket under it goes
+ * with it). A reset during vsftpd's data SSL_accept() makes vsftpd end the whole FTP session
+ * (ssl.c, ftpdataio.c), and so does one right after our side of the handshake completed (its
+ * accept may still be sending session tickets); a TLS close makes it answer an ordinary 426
+ * (test/session/ftps-hostile.test.ts, "server 300 ms away").
+ */
+function resetAll(sockets: Iterable<net.Socket>): void {
+  const waiting = new Map<net.Socket, Promise<void>>();
+  for (const socket of sockets) {
+    const inFlight = clientHandshakeInFlight(socket);
+    if (inFlight && isTlsSocket(socket)) waiting.set(socket, inFlight);
+  }
+  const under = new Set([...waiting.keys()].map((socket) => tlsParentOf(socket as tls.TLSSocket)));
+  for (const socket of sockets) {
+    if (waiting.has(socket) || under.has(socket)) continue;
+    resetSocket(socket);
+  }
+  for (const [socket, inFlight] of waiting) void inFlight.then(() => closeAfterHandshake(socket));
+}
+
+/** How long a TLS close may take before the connection is reset after all. */
+const TLS_CLOSE_GRACE_MS = 2000;
+
+function closeAfterHandshake(socket: net.Socket): void {
+  if (socket.destroyed) return;
+  // Nothing of this connection is wanted any more: read and drop, so the server's writes
+  // cannot stall it, and reset it if the close does not complete in time.
+  socket.on('data', () => {});
+  socket.on('error', () => {});
+  const timer = setTimeout(() => resetSocket(socket), TLS_CLOSE_GRACE_MS);
+  timer.unref();
+  socket.once('close', () => clearTimeout(timer));
+  socket.end();
 }

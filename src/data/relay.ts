@@ -223,7 +223,7 @@ interface TlsInternals {
 }
 
 /** The net.Socket a TLS socket was built on, or null. */
-function tlsParentOf(socket: tls.TLSSocket): net.Socket | null {
+export function tlsParentOf(socket: tls.TLSSocket): net.Socket | null {
   const parent = (socket as unknown as TlsInternals)._parent;
   return parent instanceof net.Socket ? parent : null;
 }

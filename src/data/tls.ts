@@ -4,6 +4,7 @@
  * clients without tickets resume by session ID. No FTP here.
  */
 import { EventEmitter } from 'node:events';
+import type net from 'node:net';
 import type tls from 'node:tls';
 import { ProxyError, type ErrorCode } from '../errors.js';
 
@@ -13,6 +14,32 @@ import { ProxyError, type ErrorCode } from '../errors.js';
  * `timeoutMs`. The socket is not destroyed here: its owner does that, once.
  */
 export function handshakeDone(socket: tls.TLSSocket, role: 'server' | 'client', timeoutMs: number, code: ErrorCode): Promise<void> {
+  const done = handshakeOutcome(socket, role, timeoutMs, code);
+  if (role === 'client') {
+    const settled = done.then(noop, noop);
+    clientHandshakes.set(socket, settled);
+    void settled.then(() => clientHandshakes.delete(socket));
+  }
+  return done;
+}
+
+/** TLS client handshakes in progress (the proxy dialled an FTPS server's data port). */
+const clientHandshakes = new WeakMap<tls.TLSSocket, Promise<void>>();
+
+/**
+ * Settles when `socket`'s client handshake has ended (either way, bounded by its deadline);
+ * undefined when none is in progress. Resetting a data connection while the server is still
+ * in its SSL_accept() makes vsftpd end the whole FTP session (ssl.c, ftpdataio.c: a failed
+ * data handshake is fatal), whereas a reset after it is an ordinary 426; so the proxy lets a
+ * running handshake finish before it resets the connection.
+ */
+export function clientHandshakeInFlight(socket: net.Socket): Promise<void> | undefined {
+  return clientHandshakes.get(socket as tls.TLSSocket);
+}
+
+function noop(): void {}
+
+function handshakeOutcome(socket: tls.TLSSocket, role: 'server' | 'client', timeoutMs: number, code: ErrorCode): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     const event = role === 'server' ? 'secure' : 'secureConnect';
     const done = (err: Error | null): void => {

@@ -103,12 +103,14 @@ export class ClientTls {
         await handshakeDone(socket, 'server', this.handshakeMs, 'FTPP_ERR_TLS_DATA_HANDSHAKE');
       } catch (err) {
         this.hooks.handshake('data', 'failed');
+        this.log.warn({ event: 'tls-data-refused', leg: 'client', code: 'FTPP_ERR_TLS_DATA_HANDSHAKE', err: (err as Error).message }, 'client data connection TLS handshake failed');
         resetSocket(socket);
         throw err;
       }
       const resumed = socket.isSessionReused();
       if (!resumed && required) {
         this.hooks.handshake('data', 'not-resumed');
+        this.log.warn({ event: 'tls-data-refused', leg: 'client', code: 'FTPP_ERR_TLS_DATA_NOT_RESUMED', tlsVersion: socket.getProtocol() }, 'client data connection did not resume its control connection\'s TLS session; refused');
         resetSocket(socket);
         throw new ProxyError('FTPP_ERR_TLS_DATA_NOT_RESUMED', 'the data connection did not resume the control connection\'s TLS session');
       }

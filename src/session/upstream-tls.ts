@@ -105,6 +105,7 @@ export class UpstreamTls {
         await handshakeDone(socket, 'client', this.limits.handshakeMs, 'FTPP_ERR_TLS_DATA_HANDSHAKE');
       } catch (err) {
         this.hooks.handshake('data', 'failed');
+        this.log.warn({ event: 'tls-data-refused', leg: 'server', code: 'FTPP_ERR_TLS_DATA_HANDSHAKE', err: (err as Error).message }, 'server data connection TLS handshake failed');
         resetSocket(socket);
         throw err;
       }
