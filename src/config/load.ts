@@ -10,7 +10,8 @@ import ipaddr from 'ipaddr.js';
 import { ProxyError } from '../errors.js';
 import { parseCidr } from '../control/ip.js';
 import { readClientTls, readUpstreamTls, type TlsFileContext } from './tls.js';
-import { Validator, bool, checkKeys, cidrList, int, isHostname, isObject, parseListenAddress, parsePortRange, relayPortsPerIp, section, str } from './validator.js';
+import { DEFAULT_UPSTREAM_PORTS, type UpstreamPolicy } from '../control/upstream-policy.js';
+import { Validator, bool, checkKeys, cidrList, int, isHostname, isObject, parseListenAddress, parsePortRange, portList, relayPortsPerIp, section, str, upstreamRuleList } from './validator.js';
 import type {
   Advertise,
   AdvertiseRule,
@@ -26,6 +27,8 @@ import type {
   ConfigIssue,
   ProxyProtocolAccept,
   ProxyProtocolConfig,
+  HostAndPort,
+  UpstreamSelection,
 } from './schema.js';
 
 export type { ConfigIssue } from './schema.js';
@@ -46,6 +49,8 @@ export function formatIssue(issue: ConfigIssue): string {
 
 const LOG_LEVELS = new Set(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']);
 const DATA_MODES: ReadonlySet<string> = new Set(['passive', 'active', 'mirror']);
+/** The ways to choose the server, one per upstream (issue #13). */
+const SELECTION_KEYS = ['host', 'forward', 'transparent'] as const;
 
 /** Defaults, in seconds where the YAML key says Seconds. Documented in README and conf/. */
 export const TIMEOUT_DEFAULTS = {
@@ -93,13 +98,34 @@ function validateListener(v: Validator, index: number, raw: unknown, files: TlsF
   const listen = listenText === undefined ? null : parseListenAddress(listenText);
   if (listenText !== undefined && !listen) v.fail([...base, 'listen'], `"${listenText}" is not host:port with an IP host (IPv6 as "[::1]:21")`);
 
-  const up = section(v, [...base, 'upstream'], obj.upstream, ['host', 'port', 'dataMode', 'activePorts', 'bind', 'tls']);
-  if (obj.upstream === undefined) v.fail([...base, 'upstream'], 'is required');
-  const upHost = str(v, [...base, 'upstream', 'host'], up.host, obj.upstream === undefined ? '' : undefined) ?? '';
-  if (upHost !== '' && !isIP(upHost) && !isHostname(upHost)) v.fail([...base, 'upstream', 'host'], `"${upHost}" is neither an IP address nor a hostname`);
-  const upPort = int(v, [...base, 'upstream', 'port'], up.port, 21, 1, 65535);
-  // int() allows fractions (seconds); a TCP port must be whole or connect() throws at run time.
-  if (!Number.isInteger(upPort)) v.fail([...base, 'upstream', 'port'], 'must be a whole number');
+  const upPath = [...base, 'upstream'];
+  const up = section(v, upPath, obj.upstream, ['host', 'port', 'forward', 'transparent', 'dataMode', 'activePorts', 'bind', 'tls']);
+  if (obj.upstream === undefined) v.fail(upPath, 'is required');
+  // Exactly one way to choose the server (issue #13). A key written without a value
+  // (`forward:`) still says which: it reads as an empty mapping.
+  const chosen = SELECTION_KEYS.filter((key) => up[key] !== undefined);
+  if (chosen.length > 1) v.fail([...upPath, chosen[1]!], `cannot be combined with ${chosen[0]}: give exactly one of host, forward, transparent`);
+  const selectionKey = chosen[0] ?? 'host';
+  let upHost = '';
+  let upPort = 0;
+  let selection: UpstreamSelection | null = null;
+  if (selectionKey === 'host') {
+    if (up.host === undefined && obj.upstream !== undefined) v.fail([...upPath, 'host'], 'is required (or upstream.forward, or upstream.transparent)');
+    upHost = str(v, [...upPath, 'host'], up.host, '') ?? '';
+    if (up.host === null) v.fail([...upPath, 'host'], 'is required');
+    if (upHost !== '' && !isIP(upHost) && !isHostname(upHost)) v.fail([...upPath, 'host'], `"${upHost}" is neither an IP address nor a hostname`);
+    upPort = int(v, [...upPath, 'port'], up.port, 21, 1, 65535);
+    // int() allows fractions (seconds); a TCP port must be whole or connect() throws at run time.
+    if (!Number.isInteger(upPort)) v.fail([...upPath, 'port'], 'must be a whole number');
+    selection = { kind: 'fixed', host: upHost, port: upPort };
+  } else {
+    if (up.port !== undefined && up.port !== null) {
+      const from = selectionKey === 'forward' ? 'the client names it (USER name@host:port, else 21)' : 'it is the port the client dialled';
+      v.warn([...upPath, 'port'], `ignored with ${selectionKey}: ${from}, and ${selectionKey}.ports limits it`);
+    }
+    const policy = readUpstreamPolicy(v, [...upPath, selectionKey], up[selectionKey], selectionKey);
+    if (policy) selection = { kind: selectionKey, policy };
+  }
   const dataModeText = str(v, [...base, 'upstream', 'dataMode'], up.dataMode, 'passive') ?? 'passive';
   if (!DATA_MODES.has(dataModeText)) v.fail([...base, 'upstream', 'dataMode'], 'must be passive, active or mirror');
   const dataMode = (DATA_MODES.has(dataModeText) ? dataModeText : 'passive') as DataMode;
@@ -117,8 +143,12 @@ function validateListener(v: Validator, index: number, raw: unknown, files: TlsF
     else bind = ipaddr.parse(bind).toString();
   }
   const upstreamTls = readUpstreamTls(v, [...base, 'upstream', 'tls'], up.tls, upHost, files);
+  if (upstreamTls && selectionKey !== 'host' && isObject(up.tls) && up.tls.servername !== undefined && up.tls.servername !== null) {
+    // Without it the session's own destination is meant (UpstreamTlsConfig.servername).
+    v.warn([...upPath, 'tls', 'servername'], `one name for every ${selectionKey} destination: servers without a certificate for "${upstreamTls.servername}" will fail verification`);
+  }
 
-  const cl = section(v, [...base, 'client'], obj.client, ['advertise', 'advertiseFor', 'passivePorts', 'portNatFixup', 'bindAllPassivePorts', 'dataPath']);
+  const cl = section(v, [...base, 'client'], obj.client, ['advertise', 'advertiseFor', 'passivePorts', 'portNatFixup', 'bindAllPassivePorts', 'dataPath', 'dataSourcePort']);
   const advertiseText = str(v, [...base, 'client', 'advertise'], cl.advertise, 'auto') ?? 'auto';
   let advertise: Advertise = { kind: 'auto' };
   if (advertiseText === 'auto') advertise = { kind: 'auto' };
@@ -171,6 +201,7 @@ function validateListener(v: Validator, index: number, raw: unknown, files: TlsF
   const dataPathText = str(v, [...base, 'client', 'dataPath'], cl.dataPath, 'relay') ?? 'relay';
   if (dataPathText !== 'relay' && dataPathText !== 'kernel') v.fail([...base, 'client', 'dataPath'], 'must be relay or kernel');
   const dataPath: DataPath = dataPathText === 'kernel' ? 'kernel' : 'relay';
+  const dataSourcePort = readDataSourcePort(v, [...base, 'client', 'dataSourcePort'], cl.dataSourcePort, listen, passivePorts, activePorts);
 
   const tp = [...base, 'timeouts'];
   const t = section(v, tp, obj.timeouts, [...Object.keys(TIMEOUT_DEFAULTS)]);
@@ -235,18 +266,80 @@ function validateListener(v: Validator, index: number, raw: unknown, files: TlsF
 
   const tls = readClientTls(v, [...base, 'tls'], obj.tls, files);
 
-  if (v.issues.length > before || !listen || !passivePorts) return null;
+  if (selection?.kind === 'forward' && acl.allow.length === 0) {
+    const everywhere = selection.policy.allow.find((rule) => rule.kind === 'cidr' && rule.cidr[1] === 0);
+    if (everywhere) {
+      // upstream-selection.md A5.1: who may use a forward proxy matters as much as where to.
+      v.warn([...upPath, 'forward', 'allow'], `${everywhere.text} with an empty acl.allow: anyone who can reach this listener can use it to reach any server (an open relay); list the clients in acl.allow`);
+    }
+  }
+
+  if (v.issues.length > before || !listen || !passivePorts || !selection) return null;
   return {
     name,
     listen,
-    upstream: { host: upHost, port: upPort, dataMode, activePorts, bind, tls: upstreamTls },
-    client: { advertise, advertiseFor, passivePorts, portNatFixup, bindAllPassivePorts, dataPath },
+    upstream: { host: upHost, port: upPort, selection, dataMode, activePorts, bind, tls: upstreamTls },
+    client: { advertise, advertiseFor, passivePorts, portNatFixup, bindAllPassivePorts, dataPath, dataSourcePort },
     timeouts,
     limits,
     acl,
     proxyProtocol,
     tls,
   };
+}
+
+/**
+ * `upstream.forward` or `upstream.transparent`: `allow`, `deny` (control/upstream-policy.ts
+ * rules) and `ports` (default "21"). An empty `allow` is legal but refuses every session: a
+ * warning says so.
+ */
+function readUpstreamPolicy(v: Validator, path: (string | number)[], raw: unknown, kind: 'forward' | 'transparent'): UpstreamPolicy | null {
+  if (raw !== null && !isObject(raw)) {
+    v.fail(path, 'must be a mapping with allow, deny and ports');
+    return null;
+  }
+  const before = v.issues.length;
+  const o = section(v, path, raw, ['allow', 'deny', 'ports']);
+  const allow = upstreamRuleList(v, [...path, 'allow'], o.allow);
+  const deny = upstreamRuleList(v, [...path, 'deny'], o.deny);
+  const ports = portList(v, [...path, 'ports'], o.ports, DEFAULT_UPSTREAM_PORTS);
+  if (v.issues.length > before || !ports) return null;
+  if (allow.length === 0) {
+    v.warn(
+      [...path, 'allow'],
+      kind === 'forward'
+        ? 'empty: forwards nowhere, every USER name@host is refused (list CIDRs, host names or *.suffix)'
+        : 'empty: every redirected connection is refused (list the CIDRs clients may reach)',
+    );
+  }
+  return { allow, deny, ports };
+}
+
+/**
+ * `client.dataSourcePort`: one whole port, not one the listener itself binds (the listen
+ * port, the relay ranges): an outgoing connection cannot bind a port a listening socket holds.
+ */
+function readDataSourcePort(
+  v: Validator,
+  path: (string | number)[],
+  raw: unknown,
+  listen: HostAndPort | null,
+  passivePorts: PortRange | null,
+  activePorts: PortRange | null,
+): number | null {
+  if (raw === undefined || raw === null) return null;
+  const port = int(v, path, raw, 0, 1, 65535);
+  if (port === 0) return null;
+  if (!Number.isInteger(port)) {
+    v.fail(path, 'must be a whole number');
+    return null;
+  }
+  const inside = (range: PortRange | null): boolean => range !== null && port >= range.first && port <= range.last;
+  if (inside(passivePorts)) v.fail(path, `${port} lies in client.passivePorts: the relay listeners hold those ports`);
+  else if (inside(activePorts)) v.fail(path, `${port} lies in upstream.activePorts: the proxy listens on those ports`);
+  else if (listen?.port === port) v.fail(path, `${port} is the listen port`);
+  else v.warn(path, 'not used yet (issue #13): active data connections to clients still leave from any port');
+  return port;
 }
 
 export interface ValidateOptions {

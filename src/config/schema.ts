@@ -3,6 +3,7 @@
  * addresses parsed, ranges ordered, defaults filled in. See README "Configuration".
  */
 import type { Cidr } from '../control/ip.js';
+import type { UpstreamPolicy } from '../control/upstream-policy.js';
 
 export type DataMode = 'passive' | 'active' | 'mirror';
 
@@ -66,15 +67,38 @@ export interface UpstreamTlsConfig {
   readonly caFile: string | null;
   /** Trusted CA certificates, PEM; null = Node's bundled roots plus the system bundle. */
   readonly caPem: string | null;
-  /** Name verified in the certificate and sent as SNI (not sent when it is an IP address); default upstream.host. */
+  /**
+   * Name verified in the certificate and sent as SNI (not sent when it is an IP address);
+   * default upstream.host. With `forward`/`transparent` and no `servername` it is '': the
+   * session's own destination is meant (forward: the name the client gave; transparent: the
+   * original destination address). Sessions do not use those modes yet (issue #13).
+   */
   readonly servername: string;
   /** false only for labs (a config warning). */
   readonly verify: boolean;
 }
 
+/**
+ * How a session's server is chosen (issue #13): exactly one of `upstream.host` (`fixed`),
+ * `upstream.forward` (the client names it: `USER name@host[:port]`) or `upstream.transparent`
+ * (the address the client dialled before the router redirected it). Forward and transparent
+ * are parsed and validated; sessions do not use them yet, and a listener with either refuses
+ * to start (server/listener-runtime.ts).
+ */
+export type UpstreamSelection =
+  | { readonly kind: 'fixed'; readonly host: string; readonly port: number }
+  | { readonly kind: 'forward'; readonly policy: UpstreamPolicy }
+  | { readonly kind: 'transparent'; readonly policy: UpstreamPolicy };
+
 export interface UpstreamConfig {
+  /**
+   * The server: meaningful only when `selection.kind` is `fixed` (then equal to
+   * `selection.host`); '' otherwise. Kept so the code written for a fixed server reads it as before.
+   */
   readonly host: string;
+  /** Control port: meaningful only for `fixed` (= `selection.port`); 0 otherwise, so it cannot be dialled by mistake. */
   readonly port: number;
+  readonly selection: UpstreamSelection;
   readonly dataMode: DataMode;
   readonly activePorts: PortRange | null;
   readonly bind: string | null;
@@ -95,6 +119,12 @@ export interface ClientSideConfig {
    */
   readonly bindAllPassivePorts: boolean;
   readonly dataPath: DataPath;
+  /**
+   * Source port of the proxy's data connections to PORT/EPRT clients (firewalls that admit
+   * active data only from port 20, vsftpd's connect_from_port_20); null: any port. Issue #13:
+   * parsed and validated, sessions do not use it yet.
+   */
+  readonly dataSourcePort: number | null;
 }
 
 export interface CidrRule {

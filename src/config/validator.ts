@@ -7,6 +7,7 @@ import { isIP } from 'node:net';
 import ipaddr from 'ipaddr.js';
 import type { Document, LineCounter, Node } from 'yaml';
 import { parseCidr } from '../control/ip.js';
+import { parsePortList, parseUpstreamRule, type UpstreamRule } from '../control/upstream-policy.js';
 import type { CidrRule, ConfigIssue, HostAndPort, PortRange } from './schema.js';
 
 export class Validator {
@@ -148,3 +149,37 @@ export function cidrList(v: Validator, path: (string | number)[], value: unknown
   return out;
 }
 
+
+/**
+ * `upstream.forward.allow`/`deny` and the transparent ones: a list of CIDRs, addresses, names
+ * and `*.suffix` entries (control/upstream-policy.ts parseUpstreamRule); each bad entry is
+ * reported at its index.
+ */
+export function upstreamRuleList(v: Validator, path: (string | number)[], value: unknown): UpstreamRule[] {
+  if (value === undefined || value === null) return [];
+  if (!Array.isArray(value)) {
+    v.fail(path, 'must be a list of CIDRs, host names and *.suffix entries');
+    return [];
+  }
+  const out: UpstreamRule[] = [];
+  value.forEach((item: unknown, i: number) => {
+    if (typeof item !== 'string' && typeof item !== 'number') {
+      v.fail([...path, i], 'must be a string: a CIDR, a host name or *.suffix');
+      return;
+    }
+    const text = String(item);
+    const parsed = parseUpstreamRule(text);
+    if (parsed.ok) out.push(Object.freeze(parsed.rule));
+    else v.fail([...path, i], `"${text}": ${parsed.reason}`);
+  });
+  return out;
+}
+
+/** A port list such as `"21"` or `"21,990,2100-2199"` (a bare number too); null after an error. */
+export function portList(v: Validator, path: (string | number)[], value: unknown, fallback: string): PortRange[] | null {
+  const text = str(v, path, value, fallback);
+  if (text === undefined) return null;
+  const ports = parsePortList(text);
+  if (!ports) v.fail(path, `"${text}" is not a port list such as "21" or "21,990,2100-2199" (ports 1-65535, ranges first-last)`);
+  return ports;
+}

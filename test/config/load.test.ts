@@ -20,7 +20,9 @@ import {
   type ConfigIssue,
 } from '../../src/config/load.js';
 import { ProxyError, isProxyError } from '../../src/errors.js';
+import type { UpstreamRule } from '../../src/control/upstream-policy.js';
 import { makeTestPki, opensslUnavailable, type TestPki } from '../helpers/tls.js';
+import type { TapTest } from '../helpers/tap.js';
 
 const SHIPPED = fileURLToPath(new URL('../../conf/ftp-nat-proxy.yaml', import.meta.url));
 
@@ -80,6 +82,8 @@ t.test('defaults filled in for a minimal listener', async (t) => {
   t.same(l.client.passivePorts, parsePortRange(DEFAULT_PASSIVE_PORTS));
   t.equal(l.client.portNatFixup, true);
   t.equal(l.client.dataPath, 'relay', 'the kernel path needs CAP_NET_ADMIN: only on request');
+  t.same(l.upstream.selection, { kind: 'fixed', host: 'ftp.internal.example', port: 21 }, 'upstream.host: a fixed server');
+  t.equal(l.client.dataSourcePort, null, 'active data to clients from any port');
   t.equal(l.timeouts.upstreamConnectMs, TIMEOUT_DEFAULTS.upstreamConnectSeconds * 1000);
   t.equal(l.timeouts.upstreamReplyMs, TIMEOUT_DEFAULTS.upstreamReplySeconds * 1000);
   t.equal(l.timeouts.dataConnectMs, TIMEOUT_DEFAULTS.dataConnectSeconds * 1000);
@@ -129,7 +133,15 @@ listeners:
   t.equal(config.log.level, 'debug');
   const [a, b] = config.listeners;
   t.same(a?.listen, { host: '::', port: 21 }, 'IPv6 listen in brackets');
-  t.same(a?.upstream, { host: '10.0.0.5', port: 2021, dataMode: 'active', activePorts: { first: 50000, last: 50099 }, bind: '10.20.0.1', tls: null });
+  t.same(a?.upstream, {
+    host: '10.0.0.5',
+    port: 2021,
+    selection: { kind: 'fixed', host: '10.0.0.5', port: 2021 },
+    dataMode: 'active',
+    activePorts: { first: 50000, last: 50099 },
+    bind: '10.20.0.1',
+    tls: null,
+  });
   t.same(a?.client.advertise, { kind: 'ip', address: '203.0.113.10' });
   t.same(a?.client.advertiseFor.map((r) => [r.fromText, r.address, r.from[1]]), [
     ['10.0.0.0/8', '10.20.0.1', 8],
@@ -204,6 +216,209 @@ listeners:
       dataMode: active
 extra: true
 `;
+
+/** One listener whose upstream (and anything after it) is `lines`, indented under the listener. */
+function selectionYaml(...lines: string[]): string {
+  return ['listeners:', '  - listen: "0.0.0.0:2121"', ...lines.map((l) => `    ${l}`), ''].join('\n');
+}
+
+function validated(t: TapTest, text: string): ReturnType<typeof validateConfigText> | null {
+  try {
+    return validateConfigText(text);
+  } catch (err) {
+    t.fail((err as Error).message);
+    return null;
+  }
+}
+
+/** A policy rule as short text: `cidr 10.0.0.0/8`, `name x`, `suffix x`. */
+function ruleText(rule: UpstreamRule): string {
+  return rule.kind === 'cidr' ? `cidr ${rule.cidr[0].toString()}/${rule.cidr[1]}` : rule.kind === 'name' ? `name ${rule.name}` : `suffix ${rule.suffix}`;
+}
+
+t.test('upstream.forward: the issue example parses into a forward selection (issue #13)', async (t) => {
+  const config = validated(t, selectionYaml(
+    'upstream:',
+    '  forward: { allow: [203.0.113.0/24, ftp.partner.example, "*.partner.example"], deny: [], ports: "21" }',
+  ));
+  const up = config?.listeners[0]?.upstream;
+  if (!up) return;
+  t.equal(up.selection.kind, 'forward');
+  if (up.selection.kind !== 'forward') return;
+  t.same(up.selection.policy.allow.map(ruleText), ['cidr 203.0.113.0/24', 'name ftp.partner.example', 'suffix partner.example']);
+  t.same(up.selection.policy.allow.map((r) => r.text), ['203.0.113.0/24', 'ftp.partner.example', '*.partner.example'], 'the text as written, for messages');
+  t.same(up.selection.policy.deny, []);
+  t.same(up.selection.policy.ports, [{ first: 21, last: 21 }]);
+  t.equal(up.host, '', 'no fixed host');
+  t.equal(up.port, 0, 'no fixed port: nothing to dial by mistake');
+  t.equal(up.dataMode, 'passive', 'dataMode keeps its meaning and default');
+  t.same(config?.warnings, [], 'no warnings');
+});
+
+t.test('upstream.transparent: the issue example parses into a transparent selection', async (t) => {
+  const config = validated(t, selectionYaml(
+    'upstream:',
+    '  transparent: { allow: [0.0.0.0/0], deny: [10.0.0.0/8], ports: "21" }',
+    '  dataMode: active',
+    '  activePorts: "50000-50009"',
+    'client:',
+    '  dataSourcePort: 20',
+  ));
+  const l = config?.listeners[0];
+  if (!l) return;
+  const { selection } = l.upstream;
+  t.equal(selection.kind, 'transparent');
+  if (selection.kind !== 'transparent') return;
+  t.same(selection.policy.allow.map(ruleText), ['cidr 0.0.0.0/0']);
+  t.same(selection.policy.deny.map(ruleText), ['cidr 10.0.0.0/8']);
+  t.same(selection.policy.ports, [{ first: 21, last: 21 }]);
+  t.same(l.upstream.activePorts, { first: 50000, last: 50009 }, 'activePorts keep their meaning');
+  t.equal(l.client.dataSourcePort, 20);
+  t.same(config?.warnings.map((w) => [w.path, w.line]), [['listeners[0].client.dataSourcePort', 8]], 'only: dataSourcePort not used yet (no open-relay warning for transparent)');
+  t.match(config?.warnings[0]?.message, /not used yet/);
+});
+
+t.test('upstream selection: ports lists, defaults, IPv6 and mapped rules', async (t) => {
+  const config = validated(t, selectionYaml(
+    'upstream:',
+    '  forward:',
+    '    allow: ["2001:db8::/32", "::ffff:198.51.100.0/120", 192.0.2.7, FTP.Example.NET.]',
+    '    deny: ["*.evil.example", 198.51.100.66]',
+    '    ports: "21, 990, 2100-2199"',
+    'acl: { allow: [10.0.0.0/8] }',
+  ));
+  const selection = config?.listeners[0]?.upstream.selection;
+  if (selection?.kind !== 'forward') return void t.fail('forward expected');
+  t.same(selection.policy.allow.map(ruleText), ['cidr 2001:db8::/32', 'cidr 198.51.100.0/24', 'cidr 192.0.2.7/32', 'name ftp.example.net']);
+  t.same(selection.policy.deny.map(ruleText), ['suffix evil.example', 'cidr 198.51.100.66/32']);
+  t.same(selection.policy.ports, [{ first: 21, last: 21 }, { first: 990, last: 990 }, { first: 2100, last: 2199 }]);
+  const byNumber = validated(t, selectionYaml('upstream:', '  transparent: { allow: [0.0.0.0/0], ports: 2121 }'));
+  const s2 = byNumber?.listeners[0]?.upstream.selection;
+  t.same(s2?.kind === 'transparent' ? s2.policy.ports : null, [{ first: 2121, last: 2121 }], 'a bare number is a one-port list');
+  const defaults = validated(t, selectionYaml('upstream:', '  forward: { allow: [ftp.partner.example] }'));
+  const s3 = defaults?.listeners[0]?.upstream.selection;
+  t.same(s3?.kind === 'forward' ? [s3.policy.deny, s3.policy.ports] : null, [[], [{ first: 21, last: 21 }]], 'deny [] and ports "21" by default');
+});
+
+t.test('upstream selection: exactly one of host, forward, transparent', async (t) => {
+  const cases: [name: string, lines: string[], expected: [string, number, RegExp][]][] = [
+    ['host and forward', ['upstream:', '  host: 10.0.0.5', '  forward: { allow: [10.0.0.0/8] }'], [['listeners[0].upstream.forward', 5, /cannot be combined with host: give exactly one of host, forward, transparent/]]],
+    ['forward and transparent', ['upstream:', '  forward: { allow: [10.0.0.0/8] }', '  transparent: { allow: [10.0.0.0/8] }'], [['listeners[0].upstream.transparent', 5, /cannot be combined with forward/]]],
+    // A missing key has no line of its own: the enclosing mapping's (its first key's line).
+    ['none of them', ['upstream:', '  dataMode: passive'], [['listeners[0].upstream.host', 4, /^is required \(or upstream\.forward, or upstream\.transparent\)$/]]],
+    ['host null', ['upstream:', '  host:'], [['listeners[0].upstream.host', 4, /^is required$/]]],
+    ['forward not a mapping', ['upstream:', '  forward: [10.0.0.0/8]'], [['listeners[0].upstream.forward', 4, /must be a mapping with allow, deny and ports/]]],
+    ['unknown key in forward', ['upstream:', '  forward: { allow: [10.0.0.0/8], allowed: [] }'], [['listeners[0].upstream.forward.allowed', 4, /unknown key \(allowed: allow, deny, ports\)/]]],
+  ];
+  for (const [name, lines, expected] of cases) {
+    const issues = issuesOf(selectionYaml(...lines));
+    t.same(issues.map((i) => [i.path, i.line]), expected.map(([p, l]) => [p, l]), name);
+    expected.forEach(([, , message], i) => t.match(issues[i]?.message ?? '', message, `${name}: message`));
+  }
+});
+
+t.test('upstream selection: each bad allow/deny entry and ports value reported at its key', async (t) => {
+  const issues = issuesOf(selectionYaml(
+    'upstream:',
+    '  forward:',
+    '    allow:',
+    '      - 203.0.113.0/33',
+    '      - "*"',
+    '      - "ftp*.partner.example"',
+    '      - "*partner.example"',
+    '      - 10.1/16',
+    '      - { cidr: 10.0.0.0/8 }',
+    '      - ftp.partner.example',
+    '    deny: 10.0.0.0/8',
+    '    ports: "0,21"',
+  ));
+  const expected: [string, number, RegExp][] = [
+    ['listeners[0].upstream.forward.allow[0]', 6, /^"203\.0\.113\.0\/33": the prefix length after \/ must be 0 to 32$/],
+    ['listeners[0].upstream.forward.allow[1]', 7, /^"\*": a wildcard is allowed only as a whole first label/],
+    ['listeners[0].upstream.forward.allow[2]', 8, /wildcard is allowed only as a whole first label/],
+    ['listeners[0].upstream.forward.allow[3]', 9, /wildcard is allowed only as a whole first label/],
+    ['listeners[0].upstream.forward.allow[4]', 10, /^"10\.1\/16": is not a CIDR/],
+    ['listeners[0].upstream.forward.allow[5]', 11, /must be a string/],
+    ['listeners[0].upstream.forward.deny', 13, /must be a list/],
+    ['listeners[0].upstream.forward.ports', 14, /"0,21" is not a port list such as "21" or "21,990,2100-2199"/],
+  ];
+  t.same(issues.map((i) => [i.path, i.line]), expected.map(([p, l]) => [p, l]));
+  expected.forEach(([path, , message], i) => t.match(issues[i]?.message ?? '', message, path));
+  for (const ports of ['"21-"', '"2199-2100"', '"65536"', '""', '[21, 990]']) {
+    const bad = issuesOf(selectionYaml('upstream:', `  transparent: { allow: [0.0.0.0/0], ports: ${ports} }`));
+    t.same(bad.map((i) => i.path), ['listeners[0].upstream.transparent.ports'], `ports ${ports} refused`);
+  }
+});
+
+t.test('upstream selection warnings: forwards nowhere, ignored port, one servername, open relay', async (t) => {
+  const cases: [name: string, lines: string[], expected: [string, number, RegExp][]][] = [
+    ['forward with an empty allow', ['upstream:', '  forward: { allow: [], deny: [10.0.0.0/8] }'], [['listeners[0].upstream.forward.allow', 4, /^empty: forwards nowhere/]]],
+    ['forward written without a value', ['upstream:', '  forward:'], [['listeners[0].upstream.forward.allow', 4, /^empty: forwards nowhere/]]],
+    ['transparent with no allow', ['upstream:', '  transparent: {}'], [['listeners[0].upstream.transparent.allow', 4, /^empty: every redirected connection is refused/]]],
+    ['port with forward', ['upstream:', '  forward: { allow: [ftp.partner.example] }', '  port: 2121'], [['listeners[0].upstream.port', 5, /^ignored with forward: the client names it/]]],
+    ['port with transparent', ['upstream:', '  transparent: { allow: [0.0.0.0/0] }', '  port: 21'], [['listeners[0].upstream.port', 5, /^ignored with transparent: it is the port the client dialled/]]],
+    ['servername with forward', ['upstream:', '  forward: { allow: [ftp.partner.example] }', '  tls: { mode: explicit, servername: ftp.partner.example }'], [['listeners[0].upstream.tls.servername', 5, /one name for every forward destination/]]],
+    ['0.0.0.0/0 with forward and no acl.allow', ['upstream:', '  forward: { allow: [0.0.0.0/0] }'], [['listeners[0].upstream.forward.allow', 4, /^0\.0\.0\.0\/0 with an empty acl\.allow: anyone who can reach this listener .*open relay/]]],
+    ['::/0 with forward and no acl.allow', ['upstream:', '  forward: { allow: [ftp.x.example, "::/0"] }'], [['listeners[0].upstream.forward.allow', 4, /^::\/0 with an empty acl\.allow/]]],
+    ['0.0.0.0/0 with forward and an acl.allow', ['upstream:', '  forward: { allow: [0.0.0.0/0] }', 'acl: { allow: [192.168.0.0/16] }'], []],
+    ['0.0.0.0/0 with transparent', ['upstream:', '  transparent: { allow: [0.0.0.0/0] }'], []],
+  ];
+  for (const [name, lines, expected] of cases) {
+    const config = validated(t, selectionYaml(...lines));
+    if (!config) continue;
+    t.same(config.warnings.map((w) => [w.path, w.line]), expected.map(([p, l]) => [p, l]), name);
+    expected.forEach(([, , message], i) => t.match(config.warnings[i]?.message ?? '', message, `${name}: message`));
+  }
+});
+
+t.test('upstream.tls.servername: upstream.host by default, empty (the destination) with forward and transparent', async (t) => {
+  const fixed = validated(t, selectionYaml('upstream:', '  host: ftp.example.net', '  tls: { mode: explicit }'));
+  t.equal(fixed?.listeners[0]?.upstream.tls?.servername, 'ftp.example.net');
+  const forward = validated(t, selectionYaml('upstream:', '  forward: { allow: [ftp.partner.example] }', '  tls: { mode: explicit }'));
+  t.equal(forward?.listeners[0]?.upstream.tls?.servername, '', 'forward: the name the client gives');
+  const transparent = validated(t, selectionYaml('upstream:', '  transparent: { allow: [0.0.0.0/0] }', '  tls: { mode: implicit }'));
+  t.equal(transparent?.listeners[0]?.upstream.tls?.servername, '', 'transparent: the original destination');
+});
+
+t.test('client.dataSourcePort: a whole port outside the ports the listener binds', async (t) => {
+  const yaml = (value: string): string =>
+    selectionYaml('upstream: { host: 10.0.0.5, dataMode: active, activePorts: "50000-50009" }', `client: { passivePorts: "60000-60009", dataSourcePort: ${value} }`);
+  const ok = validated(t, yaml('20'));
+  t.equal(ok?.listeners[0]?.client.dataSourcePort, 20);
+  t.same(ok?.warnings.map((w) => w.path), ['listeners[0].client.dataSourcePort'], 'a warning: not used yet');
+  t.equal(validated(t, yaml('null'))?.listeners[0]?.client.dataSourcePort, null, 'null: any port');
+  const cases: [value: string, message: RegExp][] = [
+    ['0', /from 1 to 65535/],
+    ['65536', /from 1 to 65535/],
+    ['20.5', /whole number/],
+    ['port20', /from 1 to 65535/],
+    ['60005', /lies in client\.passivePorts/],
+    ['50000', /lies in upstream\.activePorts/],
+    ['2121', /is the listen port/],
+  ];
+  for (const [value, message] of cases) {
+    const issues = issuesOf(yaml(value));
+    t.same(issues.map((i) => [i.path, i.line]), [['listeners[0].client.dataSourcePort', 4]], value);
+    t.match(issues[0]?.message ?? '', message, `${value}: message`);
+  }
+});
+
+t.test('a forward selection is deeply frozen', async (t) => {
+  const config = validated(t, selectionYaml('upstream:', '  forward: { allow: [203.0.113.0/24, "*.partner.example"], deny: [10.0.0.0/8] }'));
+  const selection = config?.listeners[0]?.upstream.selection;
+  if (selection?.kind !== 'forward') return void t.fail('forward expected');
+  for (const [name, value] of [
+    ['selection', selection],
+    ['policy', selection.policy],
+    ['allow', selection.policy.allow],
+    ['allow[0]', selection.policy.allow[0]!],
+    ['deny', selection.policy.deny],
+    ['ports', selection.policy.ports],
+    ['ports[0]', selection.policy.ports[0]!],
+  ] as const) {
+    t.ok(Object.isFrozen(value), `${name} frozen`);
+  }
+});
 
 t.test('client.dataPath', async (t) => {
   const listener = (client: string, extra = ''): string => `listeners:\n  - listen: "0.0.0.0:21"\n    upstream: { host: 10.0.0.5 }\n    client: ${client}\n${extra}`;
