@@ -21,6 +21,7 @@ import { Advertiser, type HostnameResolver } from '../advertise.js';
 import type { Logger } from '../log.js';
 import type { ProxyMetrics } from '../metrics.js';
 import { SessionSlots } from './session-slots.js';
+import { ProxyError } from '../errors.js';
 
 /**
  * What a session of this listener is built from; replaced whole on reload, never changed.
@@ -62,6 +63,7 @@ export interface PreparedListener {
  * address or (bindAllPassivePorts) every relay port cannot be bound.
  */
 export async function prepareListener(config: ListenerConfig, deps: ListenerRuntimeDeps, current: ListenerRuntime | null): Promise<PreparedListener> {
+  refuseUnwiredSelection(config);
   const log = current?.log ?? deps.log.child({ listener: config.name });
   const previous = current?.settings ?? null;
   const server = current && previous && sameListen(previous.config, config) ? current.boundServer : await listen(config);
@@ -72,6 +74,18 @@ export async function prepareListener(config: ListenerConfig, deps: ListenerRunt
     if (server !== current?.boundServer) server.close();
     throw err;
   }
+}
+
+/**
+ * Issue #13: `upstream.forward` and `upstream.transparent` are validated, but sessions still
+ * dial `upstream.host`, which is '' for them (Node would take that for localhost). Until the
+ * sessions choose their server, such a listener refuses to start (and a reload to it is
+ * rejected) instead of relaying every client to the wrong place.
+ */
+function refuseUnwiredSelection(config: ListenerConfig): void {
+  const { kind } = config.upstream.selection;
+  if (kind === 'fixed') return;
+  throw new ProxyError('FTPP_ERR_CONFIG', `listener ${config.name}: upstream.${kind} is not implemented yet (the configuration is valid, but sessions cannot choose their server yet); use upstream.host`);
 }
 
 /** Release what `prepared` bound beyond what `current` already had (a reload that failed). */

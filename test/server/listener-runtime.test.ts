@@ -16,6 +16,7 @@ import type { ListenerConfig } from '../../src/config/schema.js';
 import { takeFreeRange, rangePorts } from '../helpers/ops.js';
 import { ListenerRuntime, discardPrepared, prepareListener, type ListenerRuntimeDeps } from '../../src/server/listener-runtime.js';
 import { ProxyServer } from '../../src/server.js';
+import { validateConfigText } from '../../src/config/load.js';
 import {
   closeServer,
   configFor,
@@ -326,4 +327,37 @@ t.test('ProxyServer.reload: a listener that cannot be bound leaves every running
   t.same(await server.reload(ok), { added: ['c'], removed: ['a'], updated: ['b'] });
   t.same(server.poolStats().map((p) => [p.listener, p.size]), [['b', 6], ['c', 4]], 'b has its new pool, c every port of its range bound');
   t.equal(records().filter((r) => r.event === 'listener-removed' && r.listener === 'a').length, 1, 'a removed and logged');
+});
+
+t.test('issue #13: a forward or transparent listener (valid configuration, sessions not wired yet) refuses to start and to be reloaded into', async (t) => {
+  const unwired = (kind: 'forward' | 'transparent', listenPort: number): ListenerConfig =>
+    validateConfigText(
+      [
+        'listeners:',
+        '  - name: chooser',
+        `    listen: "127.0.0.1:${listenPort}"`,
+        '    upstream:',
+        `      ${kind}: { allow: [198.51.100.0/24] }`,
+        '    client:',
+        `      passivePorts: "${blocks.take(4).text}"`,
+        '    acl: { allow: [127.0.0.0/8] }',
+        '',
+      ].join('\n'),
+    ).listeners[0]!;
+  for (const kind of ['forward', 'transparent'] as const) {
+    const rt = rig();
+    const port = blocks.take(1).first;
+    await t.rejects(ListenerRuntime.open(unwired(kind, port), rt.deps), { code: 'FTPP_ERR_CONFIG', message: new RegExp(`^listener chooser: upstream\\.${kind} is not implemented yet`) }, `${kind}: start refused`);
+    t.equal(await connectResult(port), 'ECONNREFUSED', `${kind}: nothing bound (never a listener relaying to upstream.host '')`);
+  }
+
+  const { log } = memoryLogger();
+  const server = new ProxyServer(configFor({ name: 'chooser', passivePorts: blocks.take(4).text }), { log, metrics: new RecordingMetrics() });
+  t.teardown(() => server.close(0));
+  const bound = await server.start();
+  const next = { ...server.config, listeners: [unwired('forward', blocks.take(1).first)] };
+  await t.rejects(server.reload(next), { code: 'FTPP_ERR_CONFIG' }, 'reload refused');
+  t.same(server.addresses(), bound, 'the running listener is kept');
+  t.equal(server.config.listeners[0]?.upstream.selection.kind, 'fixed');
+  t.equal(await connectResult(bound[0]!.port), 'connected', 'and still accepts');
 });
