@@ -13,6 +13,14 @@
  * vsftpd alike; it does not depend on the client leg being TLS (the empty upload below has a
  * plain client and a TLS server leg).
  *
+ * A second failure, seen only with TLS on both data legs: curl's empty upload over TLS to an
+ * FTPS server ends in 426 even with the lost EOF passed on. The relay passes curl's
+ * close_notify on by ending the server's TLS data socket, that socket then fails with
+ * ERR_SSL_TLSV1_ALERT_DECODE_ERROR (vsftpd's alert 50), and vsftpd logs "DATA connection
+ * terminated without SSL shutdown" and answers 426. Node talking to vsftpd directly (resumed
+ * TLS 1.3 data connection, end() right after secureConnect, with or without allowHalfOpen and
+ * a reader attached) gets its 226, and so do curl, lftp and ftplib without the proxy.
+ *
  * Each case runs a few times (the race is lost most, not all, of the time) and stops at the
  * first failure; every run must exit 0 quickly, leave a 0-byte file, and be logged as a 226
  * `transfer` of 0 bytes.
