@@ -125,7 +125,7 @@ export class DataRelay implements Relay {
     sink.on('drain', () => {
       if (!source.destroyed) source.resume();
     });
-    source.on('end', () => {
+    const onEnd = (): void => {
       // Half-close: pass the FIN on and keep the other direction open. But check it was a
       // FIN: libuv reports an RST that lands while reading is stopped (this relay paused the
       // source for backpressure) as a plain EOF after the buffered bytes (POLLHUP after a
@@ -144,7 +144,12 @@ export class DataRelay implements Relay {
         if (err) this.onError();
         else if (!sink.destroyed) sink.end();
       });
-    });
+    };
+    // A TLS leg joins the relay only after its handshake, and by then the other side may have
+    // ended already (an empty file: vsftpd closes right after its 150, a client uploading
+    // nothing right after connecting); its 'end' will not come again.
+    if (source.readableEnded) queueMicrotask(onEnd);
+    else source.on('end', onEnd);
     sink.on('finish', () => this.finishResolvers[direction](true));
     source.resume();
   }
