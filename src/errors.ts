@@ -43,6 +43,8 @@ export const ERROR_CODES = {
   FTPP_ERR_UPSTREAM_DATA_SETUP: 'FTPP_ERR_UPSTREAM_DATA_SETUP',
   /** A data connection (to the client or to the server) could not be opened in time. */
   FTPP_ERR_DATA_CONNECT: 'FTPP_ERR_DATA_CONNECT',
+  /** client.dataSourcePort could not be bound: no CAP_NET_BIND_SERVICE for a port < 1024, or the same client address and port is still connected (or in TIME_WAIT) from it. */
+  FTPP_ERR_DATA_SOURCE_PORT: 'FTPP_ERR_DATA_SOURCE_PORT',
   /** The server reported success for a transfer whose data the client did not fully receive (its data leg failed, or the proxy cut it after transferReplyHoldSeconds). */
   FTPP_ERR_TRANSFER_INCOMPLETE: 'FTPP_ERR_TRANSFER_INCOMPLETE',
   /** No acceptable data connection arrived on a leased port before the accept timeout. */
@@ -110,6 +112,7 @@ export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze
   FTPP_ERR_EPSV_ALL: '501 Only EPSV is allowed after EPSV ALL.',
   FTPP_ERR_UPSTREAM_DATA_SETUP: "425 Can't open data connection.",
   FTPP_ERR_DATA_CONNECT: "425 Can't open data connection.",
+  FTPP_ERR_DATA_SOURCE_PORT: "425 Can't open data connection: source port unavailable.",
   FTPP_ERR_TRANSFER_INCOMPLETE: '426 Connection closed; transfer aborted.',
   FTPP_ERR_DATA_ACCEPT_TIMEOUT: "425 Can't open data connection: accept timed out.",
   FTPP_ERR_ADVERTISE_UNRESOLVED: "425 Can't open passive connection: address unknown.",

@@ -338,7 +338,6 @@ function readDataSourcePort(
   if (inside(passivePorts)) v.fail(path, `${port} lies in client.passivePorts: the relay listeners hold those ports`);
   else if (inside(activePorts)) v.fail(path, `${port} lies in upstream.activePorts: the proxy listens on those ports`);
   else if (listen?.port === port) v.fail(path, `${port} is the listen port`);
-  else v.warn(path, 'not used yet (issue #13): active data connections to clients still leave from any port');
   return port;
 }
 

@@ -121,8 +121,8 @@ export interface ClientSideConfig {
   readonly dataPath: DataPath;
   /**
    * Source port of the proxy's data connections to PORT/EPRT clients (firewalls that admit
-   * active data only from port 20, vsftpd's connect_from_port_20); null: any port. Issue #13:
-   * parsed and validated, sessions do not use it yet.
+   * active data only from port 20, vsftpd's connect_from_port_20); null: any port. Bound with
+   * the control connection's local address; below 1024 it needs CAP_NET_BIND_SERVICE.
    */
   readonly dataSourcePort: number | null;
 }

@@ -22,6 +22,7 @@ import type { Logger } from '../log.js';
 import type { ProxyMetrics } from '../metrics.js';
 import { SessionSlots } from './session-slots.js';
 import { ProxyError } from '../errors.js';
+import { sourcePortBindProblem } from '../data/source-port.js';
 
 /**
  * What a session of this listener is built from; replaced whole on reload, never changed.
@@ -69,6 +70,7 @@ export async function prepareListener(config: ListenerConfig, deps: ListenerRunt
   const server = current && previous && sameListen(previous.config, config) ? current.boundServer : await listen(config);
   try {
     const { pools, portsKept } = await preparePools(config, log, previous);
+    warnSourcePortPrivilege(config, log);
     return { log, server, settings: { config, ...pools, advertiser: new Advertiser(config.client, deps.resolver) }, portsKept };
   } catch (err) {
     if (server !== current?.boundServer) server.close();
@@ -86,6 +88,13 @@ function refuseUnwiredSelection(config: ListenerConfig): void {
   const { kind } = config.upstream.selection;
   if (kind === 'fixed') return;
   throw new ProxyError('FTPP_ERR_CONFIG', `listener ${config.name}: upstream.${kind} is not implemented yet (the configuration is valid, but sessions cannot choose their server yet); use upstream.host`);
+}
+
+/** client.dataSourcePort < 1024 without CAP_NET_BIND_SERVICE: say so at start, not at the first PORT client's 425. */
+function warnSourcePortPrivilege(config: ListenerConfig, log: Logger): void {
+  const port = config.client.dataSourcePort;
+  const problem = port === null ? null : sourcePortBindProblem(port);
+  if (problem) log.warn({ event: 'data-source-port-unprivileged', dataSourcePort: port, missing: 'CAP_NET_BIND_SERVICE' }, problem);
 }
 
 /** Release what `prepared` bound beyond what `current` already had (a reload that failed). */

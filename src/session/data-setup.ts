@@ -161,7 +161,14 @@ export class DataSetup {
       ? channel.track(dial({ host: upstreamLeg.target.host, port: upstreamLeg.target.port, localAddress: upstream.addresses.local.ip, timeoutMs: dataConnectMs }))
       : null;
     const clientDial = clientLeg.kind === 'active'
-      ? channel.track(dial({ host: clientLeg.target.host, port: clientLeg.target.port, localAddress: this.localIp, timeoutMs: dataConnectMs }))
+      ? channel.track(dial({
+          host: clientLeg.target.host,
+          port: clientLeg.target.port,
+          localAddress: this.localIp,
+          // Firewalls in front of active-mode clients may admit only source port 20 (vsftpd connect_from_port_20).
+          localPort: this.deps.config.client.dataSourcePort,
+          timeoutMs: dataConnectMs,
+        }))
       : null;
     const [upstreamSocket, clientSocket] = await Promise.all([upstreamDial?.connected ?? null, clientDial?.connected ?? null]);
     return { clientSocket, upstreamSocket };

@@ -22,6 +22,7 @@ t.test('operator-facing directives', async (t) => {
   t.ok(directive('User') && directive('User') !== 'root', 'dedicated user');
   t.equal(directive('AmbientCapabilities'), 'CAP_NET_BIND_SERVICE', 'only CAP_NET_BIND_SERVICE');
   t.equal(directive('CapabilityBoundingSet'), 'CAP_NET_BIND_SERVICE', 'bounding set limited too');
+  t.match(unit, /client\.dataSourcePort below 1024/, 'the comment says the capability also serves client.dataSourcePort (port 20)');
   t.match(directive('ExecReload') ?? '', /kill -HUP \$MAINPID/, 'ExecReload sends HUP');
   const stop = Number(/^(\d+)s$/.exec(directive('TimeoutStopSec') ?? '')?.[1]);
   t.ok(stop > DRAIN_SECONDS, `TimeoutStopSec (${stop}s) above the default drain time (${DRAIN_SECONDS}s)`);
