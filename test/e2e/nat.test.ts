@@ -9,6 +9,9 @@
  * Scenario 6 runs a second edge proxy with `client.dataPath: kernel` (per-transfer nftables
  * DNAT/SNAT mappings instead of the relay) and reads its table with nft(8) in the edge namespace.
  *
+ * Scenario 9 (issue #13): the LAN client's own firewall admits new inbound TCP only from source
+ * port 20; a second client-LAN proxy with `client.dataSourcePort: 20` gets active data through.
+ *
  * Scenarios 7 and 8 are FTPS (issue #12, protocol.md §5): the proxy terminates TLS on each leg,
  * so it reads and rewrites the 227 that no router can see inside TLS. A throw-away PKI (openssl)
  * gives one certificate with the lab's addresses; every TLS client verifies it.
@@ -72,6 +75,8 @@ const EDGE_TLS_PORT = 2131;
 const EDGE_TLS_UP_PORT = 2132;
 /** Scenario 8: the plain-to-FTPS proxy in the client LAN. */
 const LAN_TLS_PORT = 2131;
+/** Scenario 9: the client-LAN proxy with client.dataSourcePort: 20. */
+const PORT20_PROXY_PORT = 2124;
 
 const reason = netnsUnavailable() ?? vsftpdUnavailable();
 if (reason) t.plan(0, reason);
@@ -1098,11 +1103,77 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     });
   });
 
+  // ---------------------------------------------------------------------------------------
+  let port20Proxy: LabProxy | null = null;
+  await t.test('9. client side: the client\'s firewall admits active data only from source port 20 -> client.dataSourcePort: 20', async (t) => {
+    const ns = topo.lanClient;
+    // Replies on the client's own connections pass; a new connection in only from port 20
+    // (reset, not dropped, so a refused data connection fails at once instead of timing out).
+    lab.iptables(ns, '-A', 'INPUT', '-m', 'conntrack', '--ctstate', 'ESTABLISHED,RELATED', '-j', 'ACCEPT');
+    lab.iptables(ns, '-A', 'INPUT', '-p', 'tcp', '--sport', '20', '-j', 'ACCEPT');
+    lab.iptables(ns, '-A', 'INPUT', '-p', 'tcp', '-m', 'conntrack', '--ctstate', 'NEW', '-j', 'REJECT', '--reject-with', 'tcp-reset');
+    t.teardown(() => lab.iptables(ns, '-F', 'INPUT'));
+    /** Packets the "source port 20" rule admitted so far. */
+    const admittedFrom20 = (): number => Number(/^\s*(\d+)\s+\d+\s+ACCEPT\s+(?:6|tcp)\b.*spt:20\b/m.exec(lab.exec(ns, 'iptables', '-w', '5', '-L', 'INPUT', '-v', '-n', '-x'))?.[1] ?? Number.NaN);
+
+    await t.test('without dataSourcePort the proxy\'s data connections are reset by the client\'s firewall', async (t) => {
+      const mark = lanProxy.records().length;
+      const before = admittedFrom20();
+      const label = 's9-plain-tnftp-port';
+      const { local, remote } = paths(label);
+      const out = await tnftp(lab, ns, { host: ADDR.lanProxy, port: PROXY_PORT, passive: false, epsv4: false, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+      t.match(out.stdout, /425 Can't open data connection\./, 'tnftp gets 425 from the proxy');
+      await expectNothingTransferred(t, label, publicFtp, out, 'tnftp passive off, proxy without dataSourcePort');
+      const failed = lanProxy.records().slice(mark).filter((r) => r.event === 'data-setup-failed');
+      t.ok(failed.length >= 1 && failed.every((r) => r.code === 'FTPP_ERR_DATA_CONNECT' && /ECONNREFUSED/.test(String(r.err))), `the proxy's connects were refused: ${failed.map((r) => String(r.err)).join('; ')}`);
+      t.equal(admittedFrom20(), before, 'nothing came from port 20');
+    });
+
+    const proxy = await startProxyInNs(
+      lab,
+      topo.lanProxy,
+      'lan-port20',
+      [
+        'log: { level: debug }',
+        'listeners:',
+        '  - name: lan-port20',
+        `    listen: "${ADDR.lanProxy}:${PORT20_PROXY_PORT}"`,
+        `    upstream: { host: ${ADDR.publicServer}, port: 21, dataMode: passive }`,
+        '    client: { advertise: auto, passivePorts: "40250-40299", dataSourcePort: 20 }',
+      ].join('\n'),
+      { ns, host: ADDR.lanProxy, port: PORT20_PROXY_PORT },
+    );
+    port20Proxy = proxy;
+
+    await t.test('with dataSourcePort: 20 PORT and EPRT clients transfer both ways', async (t) => {
+      const proxied = { host: ADDR.lanProxy, port: PORT20_PROXY_PORT };
+      const before = admittedFrom20();
+      for (const epsv4 of [false, true]) {
+        const label = `s9-tnftp-${epsv4 ? 'eprt' : 'port'}`;
+        const { local, remote } = paths(label);
+        const out = await tnftp(lab, ns, { ...proxied, passive: false, epsv4, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
+        t.match(out.stdout, epsv4 ? /200 EPRT command successful/ : /200 PORT command successful/, `${label}: tnftp uses ${epsv4 ? 'EPRT' : 'PORT'}`);
+        await expectRoundTrip(t, label, publicFtp, out, proxy);
+      }
+      {
+        const label = 's9-ftplib-port';
+        const { local, remote } = paths(label);
+        const out = await ftplib(lab, ns, { ...proxied, mode: 'active', ops: [['get', REMOTE_FILE, local], ['put', uploadSource, remote]] });
+        t.ok(out.ok, `ftplib set_pasv(False) succeeds ${JSON.stringify(out.records.at(-1))}`);
+        await expectRoundTrip(t, label, publicFtp, out.run, proxy);
+      }
+      t.ok(admittedFrom20() - before >= 6, `the client's firewall admitted the data connections from port 20 (${admittedFrom20() - before} packets)`);
+      t.same(proxy.records().filter((r) => r.event === 'data-setup-failed'), [], 'no data setup failed');
+      t.same([...transferModes(proxy)], ['active/passive'], 'client legs active, server legs passive');
+    });
+  });
+
   t.same(newThirdPartyAccepts(), [], 'the third-party host saw no connection during the whole suite');
   t.same(newInnerHostAccepts(), [], 'the server-LAN host saw no connection during the whole suite');
   const proxies: Array<[string, LabProxy]> = [['edge', edgeProxy], ['lan', lanProxy], ['router', routerProxy]];
   if (kernelProxy) proxies.push(['edge-kernel', kernelProxy]);
   proxies.push(...tlsProxies);
+  if (port20Proxy) proxies.push(['lan-port20', port20Proxy]);
   for (const [name, proxy] of proxies) {
     const lines = proxy.daemon.output().split('\n').filter((line) => line.trim() !== '');
     t.same(lines.filter((line) => !line.startsWith('{')), [], `proxy ${name} wrote only JSON log lines (no crash trace)`);
@@ -1116,6 +1187,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     router: routerProxy.daemon.output(),
     ...(kernelProxy ? { 'edge-kernel': (kernelProxy as LabProxy).daemon.output() } : {}),
     ...Object.fromEntries(tlsProxies.map(([name, proxy]) => [name, proxy.daemon.output()])),
+    ...(port20Proxy ? { 'lan-port20': (port20Proxy as LabProxy).daemon.output() } : {}),
     'vsftpd-private': privateFtp.protocolLog(),
     'vsftpd-public': publicFtp.protocolLog(),
     'vsftpd-private-ftps': privateFtps.protocolLog(),
