@@ -211,6 +211,10 @@ if (reason) {
       ...(upstreamTls ? [`      tls: { mode: ${upstreamTls}, ca: ${pki.ca.cert.path}, servername: 127.0.0.1, verify: true }`] : []),
       '    client:',
       `      passivePorts: "${passive}"`,
+      // Every client here is 127.0.0.1: the default per-address share of a 10-port range (2)
+      // would refuse the third of four concurrent clients whenever transfers overlap (a 425,
+      // seen under CI load as curl's exit 30 after PORT).
+      '    limits: { maxRelayPortsPerIp: 10 }',
       '',
     ].join('\n');
     return startTestProxy(yaml, { teardown: t });
