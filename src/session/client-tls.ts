@@ -5,21 +5,19 @@
  *
  * - The proxy is the TLS server on every client data connection, PASV or PORT alike
  *   (protocol.md §5.4: vsftpd ssl_accept()s in both modes).
- * - Binding data sessions to their control session (protocol.md §5.5, §5.6 [Verified]): one
- *   SecureContext per FTP session with its own ticket keys, so a ticket issued on this control
- *   connection resumes and one from another control connection does not; and one session-ID
- *   store per FTP session for TLS <= 1.2 clients without tickets. With
- *   `dataSessionReuse: required` a data connection that did not resume is refused, as vsftpd
+ * - Binding data sessions to their control session (protocol.md §5.5, §5.6): one SecureContext
+ *   per listener configuration (certificate, key, ticket keys: parsing them costs 1.7 ms and
+ *   25 KiB, too much per session), and per FTP session a TlsSessionBinding (data/tls.ts) that
+ *   knows every session issued to it and stores its session IDs. A data connection must resume
+ *   one of those: a fresh handshake, or a ticket or session ID from another control
+ *   connection, is not bound. With `dataSessionReuse: required` it is refused, as vsftpd
  *   (require_ssl_reuse) and FileZilla Server do.
- * - The context is built when TLS starts, so plain sessions on a TLS listener pay nothing.
  */
-import { randomBytes } from 'node:crypto';
-import type { EventEmitter } from 'node:events';
 import type net from 'node:net';
 import tls from 'node:tls';
 import type { ClientTlsConfig } from '../config/schema.js';
 import { initialProtection, type ClientProtection, type ProtectionLevel } from '../control/security.js';
-import { handshakeDone, sessionIdStore } from '../data/tls.js';
+import { handshakeDone, TlsSessionBinding } from '../data/tls.js';
 import { resetSocket } from '../data/relay.js';
 import { ProxyError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -39,8 +37,7 @@ export class ClientTls {
   private readonly log: Logger;
   private readonly hooks: ClientTlsHooks;
   private state: ClientProtection;
-  private context: tls.SecureContext | null = null;
-  private store: EventEmitter | null = null;
+  private binding: TlsSessionBinding | null = null;
   private controlVersion: string | null = null;
 
   constructor(config: ClientTlsConfig | null, handshakeMs: number, log: Logger, hooks: ClientTlsHooks) {
@@ -74,8 +71,9 @@ export class ClientTls {
    * the caller closes the connection.
    */
   async secureControl(connection: ControlConnection, alreadyRead: Buffer | null = null): Promise<void> {
-    const { context, store } = this.ensureContext();
-    const socket = connection.upgrade((plain) => new tls.TLSSocket(plain, { isServer: true, secureContext: context, server: store as unknown as net.Server }), alreadyRead);
+    const { context, binding } = this.ensureContext();
+    const scope = binding.socketScope();
+    const socket = connection.upgrade((plain) => new tls.TLSSocket(plain, { isServer: true, secureContext: context, server: scope.emitter as unknown as net.Server }), alreadyRead);
     // Reading starts only now: resumed before the upgrade, the plain socket would hand
     // bytes put back for the TLS layer (alreadyRead) to a reader that is gone.
     connection.start();
@@ -85,6 +83,7 @@ export class ClientTls {
       this.hooks.handshake('control', 'failed');
       throw err;
     }
+    scope.admit(socket);
     this.controlVersion = socket.getProtocol();
     this.state = { ...this.state, secured: true };
     this.hooks.handshake('control', 'ok');
@@ -93,44 +92,53 @@ export class ClientTls {
 
   /** How to secure the client's data connections now: null while data is in the clear (PROT C, plain control). */
   dataLeg(): SecureDataLeg | null {
-    if (!this.state.secured || this.state.prot !== 'P' || !this.context) return null;
-    const { context, store } = this.ensureContext();
+    if (!this.state.secured || this.state.prot !== 'P' || !this.binding) return null;
+    const { context, binding } = this.ensureContext();
     const required = this.config?.dataSessionReuse === 'required';
     return async (plain, adopt) => {
-      const socket = new tls.TLSSocket(plain, { isServer: true, secureContext: context, server: store as unknown as net.Server });
+      const scope = binding.socketScope();
+      const socket = new tls.TLSSocket(plain, { isServer: true, secureContext: context, server: scope.emitter as unknown as net.Server });
       adopt(socket);
       try {
         await handshakeDone(socket, 'server', this.handshakeMs, 'FTPP_ERR_TLS_DATA_HANDSHAKE');
       } catch (err) {
+        scope.refuse();
         this.hooks.handshake('data', 'failed');
         this.log.warn({ event: 'tls-data-refused', leg: 'client', code: 'FTPP_ERR_TLS_DATA_HANDSHAKE', err: (err as Error).message }, 'client data connection TLS handshake failed');
         resetSocket(socket);
         throw err;
       }
-      const resumed = socket.isSessionReused();
+      const resumed = binding.resumesOwnSession(socket);
       if (!resumed && required) {
+        scope.refuse();
         this.hooks.handshake('data', 'not-resumed');
         this.log.warn({ event: 'tls-data-refused', leg: 'client', code: 'FTPP_ERR_TLS_DATA_NOT_RESUMED', tlsVersion: socket.getProtocol() }, 'client data connection did not resume its control connection\'s TLS session; refused');
         resetSocket(socket);
         throw new ProxyError('FTPP_ERR_TLS_DATA_NOT_RESUMED', 'the data connection did not resume the control connection\'s TLS session');
       }
+      scope.admit(socket);
       this.hooks.handshake('data', 'ok');
       this.log.debug({ event: 'tls-data', leg: 'client', tlsVersion: socket.getProtocol(), resumed }, 'client data connection secured');
       return socket;
     };
   }
 
-  private ensureContext(): { context: tls.SecureContext; store: EventEmitter } {
+  private ensureContext(): { context: tls.SecureContext; binding: TlsSessionBinding } {
     const config = this.config;
     if (!config) throw new ProxyError('FTPP_ERR_INTERNAL', 'TLS used on a listener without tls');
-    this.context ??= tls.createSecureContext({
-      cert: config.certPem,
-      key: config.keyPem,
-      minVersion: config.minVersion,
-      // Ticket keys of this FTP session only: its tickets resume nowhere else (protocol.md §5.6).
-      ticketKeys: randomBytes(48),
-    });
-    this.store ??= sessionIdStore();
-    return { context: this.context, store: this.store };
+    this.binding ??= new TlsSessionBinding();
+    return { context: listenerContext(config), binding: this.binding };
   }
+}
+
+/** One server SecureContext per `tls` section (a reload makes a new section, so a new context and new ticket keys). */
+const listenerContexts = new WeakMap<ClientTlsConfig, tls.SecureContext>();
+
+function listenerContext(config: ClientTlsConfig): tls.SecureContext {
+  let context = listenerContexts.get(config);
+  if (!context) {
+    context = tls.createSecureContext({ cert: config.certPem, key: config.keyPem, minVersion: config.minVersion });
+    listenerContexts.set(config, context);
+  }
+  return context;
 }

@@ -24,7 +24,7 @@
  * first failure; every run must exit 0 quickly, leave a 0-byte file, and be logged as a 226
  * `transfer` of 0 bytes.
  *
- * Relay ports 20000-20999 belong to this file.
+ * Relay ports 8000-8999 belong to this file (20000-20999 is test/data/port-pool.test.ts's).
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -40,7 +40,7 @@ import { takeFreeRange } from '../helpers/ops.js';
 import { run, type RunResult } from '../helpers/run.js';
 import type { TapTest } from '../helpers/tap.js';
 
-const ports = new PortBlocks(20000);
+const ports = new PortBlocks(8000);
 /** Runs per case; the race is lost in most runs, so a broken proxy fails within a few. */
 const RUNS = 5;
 const CLIENT_TIMEOUT_MS = 10000;

@@ -14,7 +14,7 @@
  *
  * As root (CI) the port is the real 20; elsewhere a free high port and the fake server, so the
  * wiring is exercised everywhere. Network safety: loopback only.
- * Relay ports 43000-43999 belong to this file.
+ * Relay ports 9000-9999 belong to this file (below the ephemeral range and the test vsftpd's default passive ports, 41000+).
  */
 import t from 'tap';
 import net from 'node:net';
@@ -33,7 +33,7 @@ import { proxyYaml, startTestProxy, type LogRecord, type TestProxy } from '../he
 import { startVsftpd, vsftpdUnavailable, freePort, type VsftpdInstance } from '../helpers/vsftpd.js';
 import { sourcePortBindProblem } from '../../src/data/source-port.js';
 
-const ports = new PortBlocks(43000);
+const ports = new PortBlocks(9000);
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const CLI = join(ROOT, 'dist', 'cli.js');
 /** Bigger than loopback socket buffers: a data connection stays open until the client reads. */
