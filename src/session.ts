@@ -122,7 +122,7 @@ export class Session {
       runningTransfers: () => this.transfers.count,
       isFinished: () => this.lifecycle.isFinished,
       limitHit: this.limitHit,
-      dataProtected: () => this.clientTls.dataLeg() !== null || this.server.tls !== null,
+      dataProtected: () => this.clientTls.protectsData || this.server.tls !== null,
     });
     this.transfers = new Transfers({
       ...deps,

@@ -175,8 +175,3 @@ export function masterKeyFingerprint(der: Buffer | undefined): string | null {
   if (!masterKey || masterKey.tag !== 0x04 || masterKey.length === 0 || offset + masterKey.length > der.length) return null;
   return createHash('sha256').update(der.subarray(offset, offset + masterKey.length)).digest('hex');
 }
-
-/** The protocol version of a TLS socket, or null for a plain one (for logs). */
-export function tlsVersionOf(socket: { getProtocol?: () => string | null }): string | null {
-  return typeof socket.getProtocol === 'function' ? socket.getProtocol() : null;
-}

@@ -90,9 +90,14 @@ export class ClientTls {
     this.log.info({ event: 'tls-client', tlsVersion: this.controlVersion, cipher: socket.getCipher().name, mode: this.config?.mode }, 'client control connection secured');
   }
 
+  /** The client's data connections are TLS now (PROT P on a secured control connection). */
+  get protectsData(): boolean {
+    return this.state.secured && this.state.prot === 'P' && this.binding !== null;
+  }
+
   /** How to secure the client's data connections now: null while data is in the clear (PROT C, plain control). */
   dataLeg(): SecureDataLeg | null {
-    if (!this.state.secured || this.state.prot !== 'P' || !this.binding) return null;
+    if (!this.protectsData) return null;
     const { context, binding } = this.ensureContext();
     const required = this.config?.dataSessionReuse === 'required';
     return async (plain, adopt) => {

@@ -117,14 +117,8 @@ function tnftp(mode: ClientMode, e: Endpoint, direction: 'get' | 'put', remote: 
   return exec(e, 'tnftp', ['-n', '-v'], `${lines.join('\n')}\n`);
 }
 
-const FTPLIB_SCRIPT = `
-import ftplib, sys
-host, port, user, pw, mode, direction, remote, local = sys.argv[1:9]
-f = ftplib.FTP()
-f.trust_server_pasv_ipv4_address = True
-f.connect(host, int(port), timeout=30)
-f.login(user, pw)
-f.set_pasv(mode == 'pasv')
+/** The transfer part of the ftplib scripts (plain and TLS): mode, one RETR or STOR, QUIT. */
+const FTPLIB_TRANSFER = `f.set_pasv(mode == 'pasv')
 if direction == 'get':
     with open(local, 'wb') as out:
         f.retrbinary('RETR ' + remote, out.write)
@@ -133,6 +127,15 @@ else:
         f.storbinary('STOR ' + remote, src)
 f.quit()
 `;
+
+const FTPLIB_SCRIPT = `
+import ftplib, sys
+host, port, user, pw, mode, direction, remote, local = sys.argv[1:9]
+f = ftplib.FTP()
+f.trust_server_pasv_ipv4_address = True
+f.connect(host, int(port), timeout=30)
+f.login(user, pw)
+${FTPLIB_TRANSFER}`;
 
 function ftplib(mode: ClientMode, e: Endpoint, direction: 'get' | 'put', remote: string, local: string): Promise<RunResult> {
   return exec(e, 'python3', ['-c', FTPLIB_SCRIPT, e.host, String(e.port), e.user, e.password, mode, direction, remote, local]);
@@ -269,15 +272,7 @@ f.trust_server_pasv_ipv4_address = True
 f.connect(host, int(port))
 f.login(user, pw)
 f.prot_p()
-f.set_pasv(mode == 'pasv')
-if direction == 'get':
-    with open(local, 'wb') as out:
-        f.retrbinary('RETR ' + remote, out.write)
-else:
-    with open(local, 'rb') as src:
-        f.storbinary('STOR ' + remote, src)
-f.quit()
-`;
+${FTPLIB_TRANSFER}`;
 
 function ftplibTls(style: FtpsStyle, mode: ClientMode, e: FtpsEndpoint, direction: 'get' | 'put', remote: string, local: string): Promise<RunResult> {
   const args = [e.host, String(e.port), e.user, e.password, mode, direction, remote, local, style, e.caFile, e.tlsMax ?? 'default'];
