@@ -87,6 +87,14 @@ export const ERROR_CODES = {
   FTPP_ERR_TLS_DATA_NOT_RESUMED: 'FTPP_ERR_TLS_DATA_NOT_RESUMED',
   /** TLS toward the server failed: AUTH TLS refused, handshake failed, or the certificate did not verify. Never a plain fallback. */
   FTPP_ERR_UPSTREAM_TLS: 'FTPP_ERR_UPSTREAM_TLS',
+  /** Forward mode: `USER name@host` named a destination that does not parse, is refused by the policy, does not resolve or cannot be reached; the 530 says which. */
+  FTPP_ERR_FORWARD_REFUSED: 'FTPP_ERR_FORWARD_REFUSED',
+  /** Forward mode: `limits.maxLoginAttempts` destinations were refused in one session. */
+  FTPP_ERR_LOGIN_ATTEMPTS: 'FTPP_ERR_LOGIN_ATTEMPTS',
+  /** Transparent mode: the connection was not redirected (addressed to the proxy itself), or its original destination is one of the proxy's addresses. */
+  FTPP_ERR_NOT_INTERCEPTED: 'FTPP_ERR_NOT_INTERCEPTED',
+  /** Transparent mode: the original destination is refused by `upstream.transparent`'s policy, or could not be read. */
+  FTPP_ERR_INTERCEPT_REFUSED: 'FTPP_ERR_INTERCEPT_REFUSED',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
@@ -134,6 +142,10 @@ export const REPLY_FOR_CODE: Readonly<Record<ErrorCode, string>> = Object.freeze
   FTPP_ERR_TLS_DATA_HANDSHAKE: "425 Can't open data connection: TLS negotiation failed.",
   FTPP_ERR_TLS_DATA_NOT_RESUMED: '522 TLS session of data connection not resumed.',
   FTPP_ERR_UPSTREAM_TLS: '421 Service not available: secure connection to the server failed.',
+  FTPP_ERR_FORWARD_REFUSED: '530 Login incorrect: destination refused.',
+  FTPP_ERR_LOGIN_ATTEMPTS: '421 Too many refused logins, closing.',
+  FTPP_ERR_NOT_INTERCEPTED: '421 Service not available: this port serves redirected connections only.',
+  FTPP_ERR_INTERCEPT_REFUSED: '421 Service not available: destination refused.',
 });
 
 /** Base class of every error the proxy raises on purpose. */

@@ -30,7 +30,9 @@ export type RejectionReason =
   | 'acl-deny'
   | 'proxy-protocol'
   /** The peer reset its connection before admission: no address to check, closed unread. */
-  | 'peer-gone';
+  | 'peer-gone'
+  /** Forward mode: limits.maxLoginAttempts destinations refused in one session. */
+  | 'login-attempts';
 
 /**
  * Direction of a data transfer, seen from the client (RETR/LIST = download, STOR/APPE = upload);
@@ -54,6 +56,27 @@ const TLS_LEGS: readonly TlsLeg[] = ['client', 'server'];
 const TLS_CHANNELS: readonly TlsChannel[] = ['control', 'data'];
 const TLS_RESULTS: readonly TlsHandshakeResult[] = ['ok', 'failed', 'not-resumed'];
 const KERNEL_MAPPING_OUTCOMES: readonly KernelMappingOutcome[] = ['added', 'skipped', 'failed'];
+
+/** How a forward or transparent session's server was chosen (issue #13). */
+export type UpstreamChoiceMode = 'forward' | 'transparent';
+/**
+ * ok, or why not: the USER argument did not parse (`bad-login`), the policy refused
+ * (control/upstream-policy.ts's codes), the name did not resolve, the server could not be
+ * reached, the connection was not redirected (transparent), the interception lookup failed.
+ */
+export type UpstreamChoiceResult =
+  | 'ok'
+  | 'bad-login'
+  | 'denied'
+  | 'not-allowed'
+  | 'port-not-allowed'
+  | 'special-address'
+  | 'own-address'
+  | 'unresolved'
+  | 'bad-address'
+  | 'unreachable'
+  | 'not-redirected'
+  | 'lookup-failed';
 
 /** A port pool's occupancy, read at scrape time. */
 export interface PoolStats {
@@ -82,6 +105,8 @@ export interface ProxyMetrics {
   kernelMapping(listener: string, outcome: KernelMappingOutcome): void;
   /** A TLS handshake finished (issue #12): on which leg, for which connection, and how. */
   tlsHandshake(listener: string, leg: TlsLeg, channel: TlsChannel, result: TlsHandshakeResult): void;
+  /** A forward or transparent session's server was chosen, or refused and why (issue #13). */
+  upstreamChoice(listener: string, mode: UpstreamChoiceMode, result: UpstreamChoiceResult): void;
   /**
    * Report a port pool's occupancy. `stats` is called on every scrape, so it must be cheap
    * and must not block; registering the same (listener, pool) again replaces the callback.
@@ -104,6 +129,7 @@ export const REJECTION_REASONS: readonly RejectionReason[] = Object.freeze([
   'acl-deny',
   'proxy-protocol',
   'peer-gone',
+  'login-attempts',
 ]);
 
 const TRANSFER_RESULTS: readonly TransferResult[] = ['ok', 'failed', 'aborted'];
@@ -132,6 +158,7 @@ export const NOOP_METRICS: ProxyMetrics = Object.freeze({
   dataStranger(): void {},
   kernelMapping(): void {},
   tlsHandshake(): void {},
+  upstreamChoice(): void {},
   registerPool(): void {},
 });
 
@@ -231,6 +258,14 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     registers,
   });
 
+  // Only listeners that choose their server per session have these series (no zeros elsewhere).
+  const upstreamChoices = new Counter({
+    name: 'ftpnp_upstream_choices_total',
+    help: 'Forward and transparent sessions choosing their server, by mode and result: ok, or why not (bad-login, denied, not-allowed, port-not-allowed, special-address, own-address, unresolved, bad-address, unreachable, not-redirected, lookup-failed).',
+    labelNames: ['listener', 'mode', 'result'] as const,
+    registers,
+  });
+
   // Pools are read at scrape time: the proxy never has to push occupancy, and a scrape always
   // sees the current value. The gauges are rebuilt on each collect so a replaced callback
   // leaves no stale series behind.
@@ -324,6 +359,10 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     tlsHandshake(listener: string, leg: TlsLeg, channel: TlsChannel, result: TlsHandshakeResult): void {
       ensureListener(listener);
       tlsHandshakes.inc({ listener, leg, channel, result });
+    },
+    upstreamChoice(listener: string, mode: UpstreamChoiceMode, result: UpstreamChoiceResult): void {
+      ensureListener(listener);
+      upstreamChoices.inc({ listener, mode, result });
     },
     registerPool(listener: string, pool: PoolKind, stats: () => PoolStats): void {
       ensureListener(listener);

@@ -222,7 +222,14 @@ export class ProxyServer {
         const name = runtime.name;
         const bound = runtime.listening;
         checks[`${name}.listening`] = bound;
-        const reachable = await tcpReachable(runtime.config.upstream.host, runtime.config.upstream.port, runtime.config.upstream.bind);
+        const { selection, bind } = runtime.config.upstream;
+        if (selection.kind !== 'fixed') {
+          // No one server to check: each session chooses its own (forward, transparent).
+          checks[`${name}.upstream`] = `${selection.kind}: chosen per session`;
+          if (!bound) ready = false;
+          return;
+        }
+        const reachable = await tcpReachable(selection.host, selection.port, bind);
         checks[`${name}.upstream`] = reachable === true ? true : reachable;
         if (!bound || reachable !== true) ready = false;
       }),

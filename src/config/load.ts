@@ -80,6 +80,8 @@ export const LIMIT_DEFAULTS = {
   maxSessions: 1000,
   maxSessionsPerIp: 20,
   maxDataChannelsPerSession: 4,
+  // Forward mode: refused `USER name@host` in one session before it is closed (vsftpd's max_login_fails).
+  maxLoginAttempts: 3,
 } as const;
 
 export const PROXY_PROTOCOL_TIMEOUT_SECONDS = 5;
@@ -231,6 +233,7 @@ function validateListener(v: Validator, index: number, raw: unknown, files: TlsF
     maxSessionsPerIp: Math.floor(int(v, [...lp, 'maxSessionsPerIp'], l.maxSessionsPerIp, LIMIT_DEFAULTS.maxSessionsPerIp, 1, 1_000_000)),
     maxDataChannelsPerSession: Math.floor(int(v, [...lp, 'maxDataChannelsPerSession'], l.maxDataChannelsPerSession, LIMIT_DEFAULTS.maxDataChannelsPerSession, 1, 64)),
     maxRelayPortsPerIp: relayPortsPerIp(v, [...lp, 'maxRelayPortsPerIp'], l.maxRelayPortsPerIp),
+    maxLoginAttempts: Math.floor(int(v, [...lp, 'maxLoginAttempts'], l.maxLoginAttempts, LIMIT_DEFAULTS.maxLoginAttempts, 1, 100)),
   };
 
   const ap = [...base, 'acl'];

@@ -179,6 +179,8 @@ export interface LimitsConfig {
    * pool by repeating PASV across many sessions.
    */
   readonly maxRelayPortsPerIp: number | 'auto';
+  /** Forward mode: refused destinations (`USER name@host`) one session may try before it is closed with 421. */
+  readonly maxLoginAttempts: number;
 }
 
 export interface ListenerConfig {

@@ -64,7 +64,7 @@ export interface PreparedListener {
  * address or (bindAllPassivePorts) every relay port cannot be bound.
  */
 export async function prepareListener(config: ListenerConfig, deps: ListenerRuntimeDeps, current: ListenerRuntime | null): Promise<PreparedListener> {
-  refuseUnwiredSelection(config);
+  refuseWithoutInterception(config);
   const log = current?.log ?? deps.log.child({ listener: config.name });
   const previous = current?.settings ?? null;
   const server = current && previous && sameListen(previous.config, config) ? current.boundServer : await listen(config);
@@ -79,15 +79,13 @@ export async function prepareListener(config: ListenerConfig, deps: ListenerRunt
 }
 
 /**
- * Issue #13: `upstream.forward` and `upstream.transparent` are validated, but sessions still
- * dial `upstream.host`, which is '' for them (Node would take that for localhost). Until the
- * sessions choose their server, such a listener refuses to start (and a reload to it is
- * rejected) instead of relaying every client to the wrong place.
+ * `upstream.transparent` needs the kernel's original destination of every accepted
+ * connection (SO_ORIGINAL_DST through the native addon): without it every session would be
+ * refused, so the listener does not start (and a reload to it is rejected) and says why.
  */
-function refuseUnwiredSelection(config: ListenerConfig): void {
-  const { kind } = config.upstream.selection;
-  if (kind === 'fixed') return;
-  throw new ProxyError('FTPP_ERR_CONFIG', `listener ${config.name}: upstream.${kind} is not implemented yet (the configuration is valid, but sessions cannot choose their server yet); use upstream.host`);
+function refuseWithoutInterception(config: ListenerConfig): void {
+  if (config.upstream.selection.kind !== 'transparent') return;
+  throw new ProxyError('FTPP_ERR_CONFIG', `listener ${config.name}: upstream.transparent is not wired yet`);
 }
 
 /** client.dataSourcePort < 1024 without CAP_NET_BIND_SERVICE: say so at start, not at the first PORT client's 425. */
@@ -95,6 +93,12 @@ function warnSourcePortPrivilege(config: ListenerConfig, log: Logger): void {
   const port = config.client.dataSourcePort;
   const problem = port === null ? null : sourcePortBindProblem(port);
   if (problem) log.warn({ event: 'data-source-port-unprivileged', dataSourcePort: port, missing: 'CAP_NET_BIND_SERVICE' }, problem);
+}
+
+/** What the `listening` line says about the server: the fixed one, or how each session chooses it. */
+function upstreamDescription(config: ListenerConfig): string {
+  const { selection } = config.upstream;
+  return selection.kind === 'fixed' ? `${selection.host}:${selection.port}` : `${selection.kind} (chosen per session)`;
 }
 
 /** Release what `prepared` bound beyond what `current` already had (a reload that failed). */
@@ -133,7 +137,7 @@ export class ListenerRuntime {
       {
         event: 'listening',
         listen: `${host}:${port}`,
-        upstream: `${config.upstream.host}:${config.upstream.port}`,
+        upstream: upstreamDescription(config),
         dataMode: config.upstream.dataMode,
         passivePorts: `${config.client.passivePorts.first}-${config.client.passivePorts.last}`,
         proxyProtocol: config.proxyProtocol.accept,

@@ -17,6 +17,7 @@ import { ProxyError, type ErrorCode } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { ProxyMetrics, RejectionReason } from '../metrics.js';
 import { UpstreamTls } from './upstream-tls.js';
+import { ReplyReader, type ReplyReaderLimits } from './reply-reader.js';
 import type { SecureDataLeg } from './client-tls.js';
 import type { ReplyQueue } from '../reply-queue.js';
 import { ControlConnection } from './control-connection.js';
@@ -26,6 +27,20 @@ import type { UpstreamControl } from './state.js';
 
 /** Server replies are relayed whole; a line may be longer than the client's limit. */
 const MIN_REPLY_LINE_BYTES = 8192;
+
+/** Where a session's control connection goes. */
+export interface UpstreamTarget {
+  /** The address to dial (an IP address, or the configured host name for a fixed server). */
+  readonly address: string;
+  readonly port: number;
+  /** The server as named (configured host, the client's name, or the address): the TLS name to verify when none is configured. */
+  readonly host: string;
+}
+
+/** The configured server (upstream.host; selection fixed). */
+export function fixedTarget(config: ListenerConfig): UpstreamTarget {
+  return { address: config.upstream.host, port: config.upstream.port, host: config.upstream.host };
+}
 
 export interface ServerLegHooks<T> extends Omit<UpstreamExchangeHooks<T>, 'send'> {
   /** The control connection is up; replies start arriving after this. */
@@ -123,15 +138,54 @@ export class ServerLeg<T> {
     return this.tls?.dataLeg() ?? null;
   }
 
-  /** Dial the configured server. */
-  connect(): void {
+  /**
+   * Dial `target` (the configured server, or the original destination under interception);
+   * its greeting goes to whatever the exchange expects first. Failure: hooks.unreachable.
+   */
+  connect(target: UpstreamTarget): void {
+    this.open(target, false).then(
+      (opened) => {
+        if (opened) this.ready(opened.socket, opened.addresses, opened.greeting?.raw ?? null);
+      },
+      (err: ProxyError) => {
+        if (this.failed) return;
+        this.failed = true;
+        this.hooks.unreachable(err);
+      },
+    );
+  }
+
+  /**
+   * Forward mode: dial the server the client named and read its greeting here, so the client,
+   * already greeted by the proxy, never sees a second bare 220. Resolves with the greeting
+   * once the session has the connection (hooks.connected), null when the session gave up
+   * meanwhile; rejects (nothing reported, the leg can be tried again) when the server cannot
+   * be reached, will not do TLS, or greets with anything but 2yz.
+   */
+  async login(target: UpstreamTarget): Promise<Reply | null> {
+    const opened = await this.open(target, true);
+    if (!opened) return null;
+    const greeting = opened.greeting!;
+    if (greeting.code < 200 || greeting.code >= 300) {
+      opened.socket.destroy();
+      throw new ProxyError('FTPP_ERR_UPSTREAM_UNREACHABLE', `the server answered "${(greeting.lines.at(-1) ?? '').slice(0, 200)}"`);
+    }
+    this.ready(opened.socket, opened.addresses, null);
+    return greeting;
+  }
+
+  /**
+   * Dial, secure (upstream.tls) and, if asked or done by TLS anyway, read the greeting.
+   * null: the dial was given up (cancel()) meanwhile. Logged and counted here.
+   */
+  private async open(target: UpstreamTarget, readGreeting: boolean): Promise<{ socket: net.Socket; addresses: SocketAddresses; greeting: Reply | null } | null> {
     const { upstream, timeouts } = this.config;
-    const target = `${upstream.host}:${upstream.port}`;
+    const where = `${target.address.includes(':') ? `[${target.address}]` : target.address}:${target.port}`;
     const started = process.hrtime.bigint();
     const seconds = (): number => Number(process.hrtime.bigint() - started) / 1e9;
     const attempt = dial({
-      host: upstream.host,
-      port: upstream.port,
+      host: target.address,
+      port: target.port,
       localAddress: upstream.bind,
       timeoutMs: timeouts.upstreamConnectMs,
       errorCode: 'FTPP_ERR_UPSTREAM_UNREACHABLE',
@@ -139,51 +193,69 @@ export class ServerLeg<T> {
       allowHalfOpen: false,
     });
     this.pendingDial = attempt;
-    const fail = (err: ProxyError): void => {
-      const cancelled = this.pendingDial === null;
-      this.pendingDial = null;
+    let socket: net.Socket;
+    try {
+      socket = await attempt.connected;
+    } catch (err) {
+      const cancelled = this.pendingDial !== attempt;
+      if (!cancelled) this.pendingDial = null;
       // A dial the session gave up (it is closing) is no unreachable server: nothing to report.
-      if (this.failed || cancelled) return;
-      this.failed = true;
+      if (cancelled) return null;
+      const error = err as ProxyError;
       this.metrics.upstreamConnect(this.config.name, false, seconds());
-      if (err.code === 'FTPP_ERR_UPSTREAM_CONNECT_TIMEOUT') this.hooks.limitHit('upstream-connect-timeout', { upstream: target });
-      this.log.warn({ event: 'upstream-unreachable', code: err.code, err: err.message }, 'upstream unreachable');
-      this.hooks.unreachable(err);
-    };
-    attempt.connected.then((socket) => {
-      if (this.pendingDial === null) {
-        socket.destroy(); // given up meanwhile
-        return;
+      if (error.code === 'FTPP_ERR_UPSTREAM_CONNECT_TIMEOUT') this.hooks.limitHit('upstream-connect-timeout', { upstream: where });
+      this.log.warn({ event: 'upstream-unreachable', code: error.code, upstream: where, err: error.message }, 'upstream unreachable');
+      throw error;
+    }
+    if (this.pendingDial !== attempt) {
+      socket.destroy(); // given up meanwhile
+      return null;
+    }
+    this.pendingDial = null;
+    // The server's address is what data connections are checked against and dialled: a
+    // connection reset before we could read it is a failed connect, not a placeholder.
+    const addresses = addressesOf(socket);
+    if (!addresses) {
+      socket.destroy();
+      this.metrics.upstreamConnect(this.config.name, false, seconds());
+      throw new ProxyError('FTPP_ERR_UPSTREAM_UNREACHABLE', `connection to ${where} reset right after connect`);
+    }
+    this.metrics.upstreamConnect(this.config.name, true, seconds());
+    this.log.debug({ event: 'upstream-connected', upstream: `${addresses.remote.ip}:${addresses.remote.port}`, via: addresses.local.ip }, 'upstream connected');
+    if (!this.tls && !readGreeting) return { socket, addresses, greeting: null };
+    this.securing = socket;
+    try {
+      let secured: { socket: net.Socket; greeting: Reply };
+      if (this.tls) {
+        this.tls.target(target.host);
+        secured = await this.tls.secure(socket);
+      } else {
+        const reader = new ReplyReader(socket, this.readerLimits(), 'FTPP_ERR_UPSTREAM_UNREACHABLE');
+        try {
+          secured = { socket, greeting: await reader.greeting() };
+        } finally {
+          reader.release();
+        }
       }
-      this.pendingDial = null;
-      // The server's address is what data connections are checked against and dialled: a
-      // connection reset before we could read it is a failed connect, not a placeholder.
-      const addresses = addressesOf(socket);
-      if (!addresses) {
-        socket.destroy();
-        fail(new ProxyError('FTPP_ERR_UPSTREAM_UNREACHABLE', `connection to ${target} reset right after connect`));
-        return;
+      if (this.securing !== socket) {
+        resetSocket(secured.socket); // given up meanwhile
+        return null;
       }
-      this.metrics.upstreamConnect(this.config.name, true, seconds());
-      this.log.debug({ event: 'upstream-connected', upstream: `${addresses.remote.ip}:${addresses.remote.port}`, via: addresses.local.ip }, 'upstream connected');
-      if (!this.tls) return this.ready(socket, addresses, null);
-      this.securing = socket;
-      this.tls.secure(socket).then(
-        (secured) => {
-          if (this.securing !== socket) return void resetSocket(secured.socket); // given up meanwhile
-          this.securing = null;
-          this.ready(secured.socket, addresses, secured.greeting);
-        },
-        (err: ProxyError) => {
-          if (this.securing !== socket) return;
-          this.securing = null;
-          socket.destroy();
-          this.failed = true;
-          this.log.warn({ event: 'upstream-tls-failed', code: err.code, err: err.message, servername: this.config.upstream.tls?.servername }, 'TLS toward the server failed');
-          this.hooks.unreachable(err);
-        },
-      );
-    }, fail);
+      this.securing = null;
+      return { socket: secured.socket, addresses, greeting: secured.greeting };
+    } catch (err) {
+      if (this.securing !== socket) return null;
+      this.securing = null;
+      socket.destroy();
+      const error = err as ProxyError;
+      if (this.tls) this.log.warn({ event: 'upstream-tls-failed', code: error.code, err: error.message, servername: target.host }, 'TLS toward the server failed');
+      else this.log.warn({ event: 'upstream-greeting-failed', code: error.code, err: error.message }, 'no greeting from the server');
+      throw error;
+    }
+  }
+
+  private readerLimits(): ReplyReaderLimits {
+    return { replyMs: this.config.timeouts.upstreamReplyMs, maxLineBytes: Math.max(this.config.limits.maxLineBytes, MIN_REPLY_LINE_BYTES), maxReplyBytes: this.config.limits.maxReplyBytes };
   }
 
   /** The control connection is the session's now; `greeting` was read while securing it. */

@@ -8,6 +8,7 @@ import type { Advertiser } from '../advertise.js';
 import type { Logger } from '../log.js';
 import type { ProxyMetrics, RejectionReason } from '../metrics.js';
 import type { Session } from '../session.js';
+import type { OriginalDestination } from './transparent.js';
 
 /** Where the session really comes from and what it dialled (a PROXY header may say). */
 export interface SessionEndpoints {
@@ -19,6 +20,8 @@ export interface SessionEndpoints {
   readonly local: { readonly ip: string; readonly port: number };
   /** Bytes that arrived behind a PROXY header (already FTP). */
   readonly initialData: Buffer | null;
+  /** `upstream.transparent`: where the client was going before the router redirected it (absent otherwise). */
+  readonly original?: OriginalDestination;
 }
 
 export interface SessionDeps {

@@ -19,21 +19,17 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
 import type { UpstreamTlsConfig } from '../config/schema.js';
-import { LineFramer } from '../control/line-framer.js';
-import { ReplyAssembler, type Reply } from '../control/reply.js';
+import type { Reply } from '../control/reply.js';
 import { handshakeDone } from '../data/tls.js';
 import { resetSocket } from '../data/relay.js';
 import { ProxyError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { TlsChannel, TlsHandshakeResult } from '../metrics.js';
 import type { SecureDataLeg } from './client-tls.js';
+import { ReplyReader, type ReplyReaderLimits } from './reply-reader.js';
 
-export interface UpstreamTlsLimits {
+export interface UpstreamTlsLimits extends ReplyReaderLimits {
   readonly handshakeMs: number;
-  /** How long each reply of the negotiation may take. */
-  readonly replyMs: number;
-  readonly maxLineBytes: number;
-  readonly maxReplyBytes: number;
 }
 
 export interface UpstreamTlsHooks {
@@ -43,8 +39,8 @@ export interface UpstreamTlsHooks {
 /** A secured control connection, and the server's greeting to relay to the client as is. */
 export interface SecuredUpstream {
   readonly socket: net.Socket;
-  /** The server's greeting (every reply up to its final one: `120` then `220`), raw. */
-  readonly greeting: Buffer;
+  /** The server's greeting (every reply up to its final one: `120` then `220`; `raw` holds them all). */
+  readonly greeting: Reply;
 }
 
 export class UpstreamTls {
@@ -54,12 +50,24 @@ export class UpstreamTls {
   private readonly hooks: UpstreamTlsHooks;
   private session: Buffer | null = null;
   private controlVersion: string | null = null;
+  /** The name verified in the server's certificate (config, else the session's destination). */
+  private servername: string;
 
   constructor(config: UpstreamTlsConfig, limits: UpstreamTlsLimits, log: Logger, hooks: UpstreamTlsHooks) {
     this.config = config;
     this.limits = limits;
     this.log = log;
     this.hooks = hooks;
+    this.servername = config.servername;
+  }
+
+  /**
+   * The destination this session dials: with forward/transparent selection and no
+   * configured `servername`, the certificate must name it (the host the client gave, or the
+   * original destination address).
+   */
+  target(host: string): void {
+    this.servername = this.config.servername || host;
   }
 
   get version(): string | null {
@@ -76,19 +84,19 @@ export class UpstreamTls {
     let reader: ReplyReader | null = null;
     try {
       if (this.config.mode === 'implicit') socket = await this.handshake(plain);
-      reader = new ReplyReader(socket, this.limits);
+      reader = new ReplyReader(socket, this.limits, 'FTPP_ERR_UPSTREAM_TLS');
       const greeting = await reader.greeting();
-      if (greeting.code < 200 || greeting.code >= 300) return { socket: reader.release(), greeting: greeting.raw };
+      if (greeting.code < 200 || greeting.code >= 300) return { socket: reader.release(), greeting };
       if (this.config.mode === 'explicit') {
         await reader.expect('AUTH TLS', 234);
         reader.release();
         socket = await this.handshake(plain);
-        reader = new ReplyReader(socket, this.limits);
+        reader = new ReplyReader(socket, this.limits, 'FTPP_ERR_UPSTREAM_TLS');
       }
       // RFC 4217 §9: PBSZ 0 before PROT; PROT P for every data connection (vsftpd forces data TLS for local users).
       await reader.expect('PBSZ 0', 200);
       await reader.expect('PROT P', 200);
-      return { socket: reader.release(), greeting: greeting.raw };
+      return { socket: reader.release(), greeting };
     } catch (err) {
       reader?.release();
       if (socket !== plain) resetSocket(socket);
@@ -135,7 +143,8 @@ export class UpstreamTls {
 
   /** What the certificate is checked against; SNI only for a name (RFC 6066 §3: never an address). */
   private identity(): tls.ConnectionOptions {
-    const { servername, verify } = this.config;
+    const { verify } = this.config;
+    const servername = this.servername;
     return {
       ...(net.isIP(servername) ? { host: servername } : { servername }),
       secureContext: trustContextFor(this.config),
@@ -177,94 +186,4 @@ function systemTrust(): string[] {
   }
   systemTrustCache = roots;
   return roots;
-}
-
-/**
- * Reads the server's replies during the negotiation, before the session's own reader takes
- * the connection. Bounded like it (line and reply size), one reply at a time with a deadline.
- */
-class ReplyReader {
-  private readonly socket: net.Socket;
-  private readonly limits: UpstreamTlsLimits;
-  private readonly framer: LineFramer;
-  private readonly assembler: ReplyAssembler;
-  private readonly replies: Reply[] = [];
-  private failure: Error | null = null;
-  private wake: (() => void) | null = null;
-
-  constructor(socket: net.Socket, limits: UpstreamTlsLimits) {
-    this.socket = socket;
-    this.limits = limits;
-    this.framer = new LineFramer(limits.maxLineBytes);
-    this.assembler = new ReplyAssembler(limits.maxReplyBytes);
-    socket.on('data', this.onData);
-    socket.on('close', this.onClose);
-    socket.on('error', this.onError);
-    socket.resume();
-  }
-
-  /** Every reply up to the first that is not 1yz (RFC 959 §5.4: `120` then `220`); the raw bytes of all. */
-  async greeting(): Promise<Reply> {
-    const parts: Buffer[] = [];
-    for (;;) {
-      const reply = await this.next('the greeting');
-      parts.push(reply.raw);
-      if (reply.code >= 200) return { ...reply, raw: Buffer.concat(parts) };
-    }
-  }
-
-  /** Send `command`; anything but `code` is a refusal, told with the server's words. */
-  async expect(command: string, code: number): Promise<void> {
-    this.socket.write(`${command}\r\n`);
-    const reply = await this.next(command);
-    if (reply.code !== code) throw new ProxyError('FTPP_ERR_UPSTREAM_TLS', `server answered ${command} with "${(reply.lines[0] ?? '').slice(0, 200)}"`);
-    if (this.replies.length > 0 || this.framer.pending.length > 0) {
-      // Nothing may follow: after 234 the next bytes must be the server's TLS handshake.
-      throw new ProxyError('FTPP_ERR_UPSTREAM_TLS', `server sent more than one reply to ${command}`);
-    }
-  }
-
-  /** Stop reading; the socket is paused for its next owner. */
-  release(): net.Socket {
-    this.socket.pause();
-    this.socket.removeListener('data', this.onData);
-    this.socket.removeListener('close', this.onClose);
-    this.socket.removeListener('error', this.onError);
-    return this.socket;
-  }
-
-  private async next(what: string): Promise<Reply> {
-    const deadline = setTimeout(() => this.fail(new ProxyError('FTPP_ERR_UPSTREAM_TLS', `server did not answer ${what} within ${this.limits.replyMs} ms`)), this.limits.replyMs);
-    try {
-      while (this.replies.length === 0) {
-        if (this.failure) throw this.failure;
-        await new Promise<void>((resolve) => {
-          this.wake = resolve;
-        });
-      }
-      return this.replies.shift()!;
-    } finally {
-      clearTimeout(deadline);
-    }
-  }
-
-  private fail(err: Error): void {
-    this.failure ??= err;
-    this.wake?.();
-  }
-
-  private readonly onData = (chunk: Buffer): void => {
-    const framed = this.framer.push(chunk);
-    if (framed.overflow) return this.fail(new ProxyError('FTPP_ERR_UPSTREAM_TLS', 'server reply line too long'));
-    for (const line of framed.lines) {
-      const pushed = this.assembler.push(line);
-      if (pushed.kind === 'error') return this.fail(new ProxyError('FTPP_ERR_UPSTREAM_TLS', 'server sent something that is not an FTP reply'));
-      if (pushed.kind === 'reply') this.replies.push(pushed.reply);
-    }
-    this.wake?.();
-  };
-
-  private readonly onClose = (): void => this.fail(new ProxyError('FTPP_ERR_UPSTREAM_TLS', 'server closed the connection during the TLS negotiation'));
-
-  private readonly onError = (err: Error): void => this.fail(new ProxyError('FTPP_ERR_UPSTREAM_TLS', err.message, { cause: err }));
 }

@@ -71,6 +71,7 @@ const FTPNP_METRICS: ReadonlyArray<[string, string]> = [
   ['ftpnp_data_strangers_total', 'counter'],
   ['ftpnp_kernel_mappings_total', 'counter'],
   ['ftpnp_tls_handshakes_total', 'counter'],
+  ['ftpnp_upstream_choices_total', 'counter'],
   ['ftpnp_data_ports_leased', 'gauge'],
   ['ftpnp_data_ports_free', 'gauge'],
 ];
@@ -165,7 +166,7 @@ t.test('rejections: one series per reason, each starting at zero once the listen
   const rejected = (reason: string): number | undefined => samples.get(key('ftpnp_rejections_total', { listener: 'edge', reason }));
   t.equal(rejected('sessions-per-ip'), 2);
   t.equal(rejected('acl-deny'), 1);
-  t.equal(REJECTION_REASONS.length, 13, 'every reason of the type');
+  t.equal(REJECTION_REASONS.length, 14, 'every reason of the type');
   for (const reason of REJECTION_REASONS) {
     if (reason !== 'sessions-per-ip' && reason !== 'acl-deny') t.equal(rejected(reason), 0, `${reason} present at 0`);
   }
@@ -175,6 +176,21 @@ t.test('rejections: one series per reason, each starting at zero once the listen
     REJECTION_REASONS.every((reason) => (after.get(key('ftpnp_rejections_total', { listener: 'edge', reason })) ?? 0) >= 1),
     'each reason counted',
   );
+});
+
+t.test('upstream choices (forward, transparent): counted by mode and result, no series for other listeners', async (t) => {
+  const metrics = createPromMetrics();
+  metrics.sessionOpened('fixed');
+  metrics.upstreamChoice('fwd', 'forward', 'ok');
+  metrics.upstreamChoice('fwd', 'forward', 'ok');
+  metrics.upstreamChoice('fwd', 'forward', 'denied');
+  metrics.upstreamChoice('tp', 'transparent', 'not-redirected');
+  const { samples } = await scrape(metrics);
+  const choice = (listener: string, mode: string, result: string): number | undefined => samples.get(key('ftpnp_upstream_choices_total', { listener, mode, result }));
+  t.equal(choice('fwd', 'forward', 'ok'), 2);
+  t.equal(choice('fwd', 'forward', 'denied'), 1);
+  t.equal(choice('tp', 'transparent', 'not-redirected'), 1);
+  t.notOk([...samples.keys()].some((k) => k.startsWith('ftpnp_upstream_choices_total') && k.includes('"fixed"')), 'a fixed listener has none');
 });
 
 t.test('upstream connect: failures counted, latency observed on success only', async (t) => {
@@ -335,5 +351,5 @@ t.test('NOOP_METRICS accepts every call and records nothing', async (t) => {
   });
   t.equal(read, 0, 'pool callback never read');
   t.ok(Object.isFrozen(NOOP_METRICS), 'shared instance cannot be modified');
-  t.equal(Object.keys(NOOP_METRICS).length, 9, 'implements all nine methods');
+  t.equal(Object.keys(NOOP_METRICS).length, 10, 'implements all ten methods');
 });

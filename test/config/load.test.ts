@@ -431,6 +431,15 @@ t.test('client.dataPath', async (t) => {
   t.match(withProxyProtocol[0]?.message, /cannot be used with proxyProtocol/, 'behind a PROXY load balancer the data comes from the balancer');
 });
 
+t.test('limits.maxLoginAttempts: 3 by default, 1 to 100', async (t) => {
+  const listener = (limits: string): string => `listeners:\n  - listen: "0.0.0.0:21"\n    upstream: { host: 10.0.0.5 }\n    limits: ${limits}\n`;
+  t.equal(validateConfigText(MINIMAL).listeners[0]?.limits.maxLoginAttempts, 3, 'default 3');
+  t.equal(validateConfigText(listener('{ maxLoginAttempts: 10 }')).listeners[0]?.limits.maxLoginAttempts, 10);
+  for (const bad of ['0', '101', 'many']) {
+    t.same(issuesOf(listener(`{ maxLoginAttempts: ${bad} }`)).map((i) => i.path), ['listeners[0].limits.maxLoginAttempts'], `${bad} refused`);
+  }
+});
+
 t.test('limits.maxRelayPortsPerIp: auto by default, a whole number, anything else an error', async (t) => {
   const listener = (limits: string): string => `listeners:\n  - listen: "0.0.0.0:21"\n    upstream: { host: 10.0.0.5 }\n    limits: ${limits}\n`;
   t.equal(validateConfigText(MINIMAL).listeners[0]?.limits.maxRelayPortsPerIp, 'auto', 'default auto');

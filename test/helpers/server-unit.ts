@@ -73,6 +73,7 @@ export class RecordingMetrics implements ProxyMetrics {
   dataStranger(): void {}
   kernelMapping(_listener: string, _outcome: KernelMappingOutcome): void {}
   tlsHandshake(): void {}
+  upstreamChoice(): void {}
   registerPool(listener: string, pool: PoolKind, stats: () => PoolStats): void {
     this.poolRegistrations.push({ listener, pool });
     this.pools.set(`${listener}/${pool}`, stats);

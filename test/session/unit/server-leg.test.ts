@@ -16,6 +16,7 @@ import { waitFor } from '../../helpers/async.js';
 import type { TapTest } from '../../helpers/tap.js';
 
 interface Rig {
+  port: number;
   leg: ServerLeg<string>;
   replies: ReplyQueue;
   written: () => string;
@@ -37,7 +38,7 @@ function rig(port: number): Rig {
   const config = validateConfigText(proxyYaml({ upstreamHost: '127.0.0.1', upstreamPort: port }), 'test').listeners[0]!;
   let out = '';
   const replies = new ReplyQueue((bytes) => { out += bytes.toString('latin1'); }, () => {});
-  const r: Rig = { leg: null as unknown as ServerLeg<string>, replies, written: () => out, events: [], connects: [], records, connected: null };
+  const r: Rig = { port, leg: null as unknown as ServerLeg<string>, replies, written: () => out, events: [], connects: [], records, connected: null };
   const metrics: ProxyMetrics = { ...NOOP_METRICS, upstreamConnect: (_l, ok) => { r.connects.push(ok); } };
   const hooks: ServerLegHooks<string> = {
     connected: (upstream) => { r.connected = upstream; r.events.push('connected'); upstream.connection.start(); },
@@ -57,7 +58,7 @@ t.test('connect: addresses read once, replies dispatched in order into their slo
   const port = await server(t, (socket) => socket.write('220-hello\r\n220 ready\r\n'));
   const r = rig(port);
   r.leg.exchange.expect(r.replies.open());
-  r.leg.connect();
+  r.leg.connect({ address: '127.0.0.1', port: r.port, host: '127.0.0.1' });
   t.ok(await waitFor(() => r.events.includes('replied:220')), r.events.join(' '));
   t.equal(r.written(), '220-hello\r\n220 ready\r\n', 'the multi-line greeting, whole, into the greeting slot');
   t.equal(r.connected?.addresses.remote.port, port, 'the server address');
@@ -69,7 +70,7 @@ t.test('connect: addresses read once, replies dispatched in order into their slo
 t.test('a reply that is not FTP: logged, the connection dropped, the session told with the code', async (t) => {
   const port = await server(t, (socket) => socket.write('HTTP/1.1 400 Bad Request\r\n'));
   const r = rig(port);
-  r.leg.connect();
+  r.leg.connect({ address: '127.0.0.1', port: r.port, host: '127.0.0.1' });
   t.ok(await waitFor(() => r.events.some((e) => e.startsWith('lost:'))), r.events.join(' '));
   t.ok(r.events.includes('lost:FTPP_ERR_UPSTREAM_PROTOCOL'));
   t.ok(r.records().some((rec) => rec.event === 'upstream-protocol-error'));
@@ -81,7 +82,7 @@ t.test('an unreachable server is reported and counted', async (t) => {
   const port = (srv.address() as net.AddressInfo).port;
   await new Promise<void>((resolve) => srv.close(() => resolve()));
   const r = rig(port);
-  r.leg.connect();
+  r.leg.connect({ address: '127.0.0.1', port: r.port, host: '127.0.0.1' });
   t.ok(await waitFor(() => r.events.some((e) => e.startsWith('unreachable'))), r.events.join(' '));
   t.same(r.connects, [false]);
   t.ok(r.records().some((rec) => rec.event === 'upstream-unreachable'));
@@ -90,7 +91,7 @@ t.test('an unreachable server is reported and counted', async (t) => {
 t.test('regression: a dial the session gives up is not an unreachable server', async (t) => {
   const port = await server(t, () => {});
   const r = rig(port);
-  r.leg.connect();
+  r.leg.connect({ address: '127.0.0.1', port: r.port, host: '127.0.0.1' });
   r.leg.cancel();
   await new Promise((resolve) => setTimeout(resolve, 100));
   t.same(r.events, [], 'neither connected nor unreachable');
