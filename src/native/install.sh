@@ -1,5 +1,6 @@
 #!/bin/sh
-# npm "install" hook (package.json): build the optional splice(2) data relay in this folder.
+# npm "install" hook (package.json): build the optional native addon in this folder (splice(2)
+# data relay, libnftables for the kernel data path, SO_ORIGINAL_DST for interception).
 # It never fails the install: without the addon (not Linux, no compiler, no Node headers)
 # the proxy uses its JS relay, and src/data/splice-relay.ts says which one it picked.
 cd "$(dirname "$0")" || exit 0

@@ -470,7 +470,8 @@ static napi_value idle_ms(napi_env env, napi_callback_info info) {
   return out;
 }
 
-void nftables_init(napi_env env, napi_value exports); /* nftables.c */
+void nftables_init(napi_env env, napi_value exports);     /* nftables.c */
+void original_dst_init(napi_env env, napi_value exports); /* original_dst.c */
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
@@ -481,6 +482,7 @@ static napi_value init(napi_env env, napi_value exports) {
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   nftables_init(env, exports);
+  original_dst_init(env, exports);
   return exports;
 }
 
