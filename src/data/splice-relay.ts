@@ -79,6 +79,16 @@ function handleOf(socket: net.Socket): HandleInternals | undefined {
 }
 
 /**
+ * The kernel descriptor behind a socket (libuv's TCPWrap/TLSWrap `fd`), or null when it has
+ * none: not yet connected, destroyed (the handle is gone), or not backed by a descriptor.
+ * Node has no public API for it; the addon needs it for splice(2) and getsockopt(2).
+ */
+export function socketDescriptor(socket: net.Socket): number | null {
+  const fd = handleOf(socket)?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : null;
+}
+
+/**
  * The descriptor of a socket the kernel can take over: open, connected, nothing read into
  * JS buffers or queued for writing, no FIN seen. Otherwise null (the JS relay handles it,
  * e.g. bytes that arrived behind a PROXY header and were unshifted). Says nothing about
@@ -89,8 +99,7 @@ function spliceableFd(socket: net.Socket): number | null {
   if (socket.destroyed || socket.connecting || !socket.readable || !socket.writable) return null;
   if (socket.readableLength > 0 || socket.writableLength > 0 || socket.writableEnded) return null;
   if ((socket as unknown as { _readableState?: { ended?: boolean } })._readableState?.ended) return null;
-  const fd = handleOf(socket)?.fd;
-  return typeof fd === 'number' && fd >= 0 ? fd : null;
+  return socketDescriptor(socket);
 }
 
 /** The relay a pair of sockets can take, and why (tests and logs). */
