@@ -110,10 +110,7 @@ export function originalDestinationOf(socket: net.Socket, loaded: LoadedLookup =
   return classifyOriginalDestination(answer, addressesOf(socket)?.local ?? null);
 }
 
+/** `ENOTCONN (errno 107)`; getSystemErrorName takes negative (libuv-style) numbers only. */
 function errnoName(errno: number): string {
-  try {
-    return `${getSystemErrorName(-errno)} (errno ${errno})`;
-  } catch {
-    return `errno ${errno}`;
-  }
+  return Number.isInteger(errno) && errno > 0 ? `${getSystemErrorName(-errno)} (errno ${errno})` : `errno ${errno}`;
 }

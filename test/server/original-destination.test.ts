@@ -64,6 +64,7 @@ t.test('classifyOriginalDestination: the kernel answer against the socket\'s own
   const enotconn = classifyOriginalDestination({ errno: ENOTCONN }, LOCAL);
   t.equal(enotconn.kind, 'error', 'another errno is an error');
   t.match(enotconn, { reason: /SO_ORIGINAL_DST.*ENOTCONN/ }, 'named in the reason');
+  t.match(classifyOriginalDestination({ errno: 0 }, LOCAL), { kind: 'error', reason: /failed: errno 0$/ }, 'a nonsense errno is still an error');
   t.match(classifyOriginalDestination({ ip: 'not an address', port: 21 }, LOCAL), { kind: 'error', reason: /unreadable address/ });
   t.match(classifyOriginalDestination({ ip: '203.0.113.77', port: 0 }, LOCAL), { kind: 'error', reason: /port 0/ });
   t.match(classifyOriginalDestination({ ip: '203.0.113.77', port: 21 }, null), { kind: 'error', reason: /no local address/ }, 'without our own address the answer cannot be judged');
