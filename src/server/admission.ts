@@ -18,6 +18,7 @@ import type { ProxyProtocolVersion } from '../control/proxy-protocol.js';
 import { REPLY_FOR_CODE, type ErrorCode } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { ProxyMetrics, RejectionReason } from '../metrics.js';
+import { originalDestinationOf } from './original-destination.js';
 import type { SessionEndpoints } from '../session.js';
 import { aclAllows, inAnyCidr } from './acl.js';
 import type { ListenerSettings } from './listener-runtime.js';
@@ -82,6 +83,9 @@ export async function admitConnection(socket: net.Socket, listener: AdmissionLis
   }
   if (!deps.accepting()) return refuseShutdown(socket);
   let endpoints: SessionEndpoints = { client: addresses.remote, dialled: addresses.local, local: addresses.local, initialData: null };
+  // Interception: read where the client was going at once; the conntrack entry behind it can
+  // go (client reset) or be reused by a new flow (upstream-selection.md B4) if we wait.
+  if (settings.config.upstream.selection.kind === 'transparent') endpoints = { ...endpoints, original: originalDestinationOf(socket) };
   const { accept } = settings.config.proxyProtocol;
   if (accept !== 'off') {
     const fromHeader = await readClientFromHeader(socket, listener, settings, accept, addresses, deps);

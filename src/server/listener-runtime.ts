@@ -21,6 +21,7 @@ import { Advertiser, type HostnameResolver } from '../advertise.js';
 import type { Logger } from '../log.js';
 import type { ProxyMetrics } from '../metrics.js';
 import { SessionSlots } from './session-slots.js';
+import { originalDestinationUnavailable } from './original-destination.js';
 import { ProxyError } from '../errors.js';
 import { sourcePortBindProblem } from '../data/source-port.js';
 
@@ -85,7 +86,8 @@ export async function prepareListener(config: ListenerConfig, deps: ListenerRunt
  */
 function refuseWithoutInterception(config: ListenerConfig): void {
   if (config.upstream.selection.kind !== 'transparent') return;
-  throw new ProxyError('FTPP_ERR_CONFIG', `listener ${config.name}: upstream.transparent is not wired yet`);
+  const unavailable = originalDestinationUnavailable();
+  if (unavailable) throw new ProxyError('FTPP_ERR_CONFIG', `listener ${config.name}: upstream.transparent cannot read where redirected clients were going: ${unavailable}`);
 }
 
 /** client.dataSourcePort < 1024 without CAP_NET_BIND_SERVICE: say so at start, not at the first PORT client's 425. */

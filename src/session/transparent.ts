@@ -10,17 +10,7 @@ import { decideUpstream, type UpstreamPolicy } from '../control/upstream-policy.
 import type { ErrorCode } from '../errors.js';
 import type { UpstreamChoiceResult } from '../metrics.js';
 import type { UpstreamTarget } from './server-leg.js';
-
-/** What the kernel said about where an accepted connection was going. */
-export type OriginalDestination =
-  /** NATed by a REDIRECT rule: the client dialled ip:port. */
-  | { readonly kind: 'redirected'; readonly ip: string; readonly port: number }
-  /** Addressed to the proxy itself (no conntrack NAT entry, or it names our own address). */
-  | { readonly kind: 'not-redirected' }
-  /** The lookup is not possible here (no native addon); the listener does not start then. */
-  | { readonly kind: 'unavailable'; readonly reason: string }
-  /** The lookup failed (another errno). */
-  | { readonly kind: 'error'; readonly reason: string };
+import type { OriginalDestination } from '../server/original-destination.js';
 
 export type TransparentChoice =
   | { readonly ok: true; readonly target: UpstreamTarget }

@@ -8,7 +8,7 @@ import type { Advertiser } from '../advertise.js';
 import type { Logger } from '../log.js';
 import type { ProxyMetrics, RejectionReason } from '../metrics.js';
 import type { Session } from '../session.js';
-import type { OriginalDestination } from './transparent.js';
+import type { OriginalDestination } from '../server/original-destination.js';
 
 /** Where the session really comes from and what it dialled (a PROXY header may say). */
 export interface SessionEndpoints {
