@@ -71,7 +71,7 @@ export interface UpstreamTlsConfig {
    * Name verified in the certificate and sent as SNI (not sent when it is an IP address);
    * default upstream.host. With `forward`/`transparent` and no `servername` it is '': the
    * session's own destination is meant (forward: the name the client gave; transparent: the
-   * original destination address). Sessions do not use those modes yet (issue #13).
+   * original destination address).
    */
   readonly servername: string;
   /** false only for labs (a config warning). */
@@ -81,9 +81,8 @@ export interface UpstreamTlsConfig {
 /**
  * How a session's server is chosen (issue #13): exactly one of `upstream.host` (`fixed`),
  * `upstream.forward` (the client names it: `USER name@host[:port]`) or `upstream.transparent`
- * (the address the client dialled before the router redirected it). Forward and transparent
- * are parsed and validated; sessions do not use them yet, and a listener with either refuses
- * to start (server/listener-runtime.ts).
+ * (the address the client dialled before the router redirected it): session/forward-gate.ts
+ * and session/transparent.ts choose per session.
  */
 export type UpstreamSelection =
   | { readonly kind: 'fixed'; readonly host: string; readonly port: number }

@@ -9,8 +9,9 @@
  * TLS handshakes did not need a state of their own: the client's implicit handshake runs in
  * `connecting` before the server is dialled, the server's inside ServerLeg before `open`, and
  * AUTH's in `open` while the command pipeline waits on it (session/client-tls.ts,
- * session/upstream-tls.ts). Forward mode's `awaiting-server` (the proxy's own 220 went out,
- * the client names its server in USER) would slot in before `open`.
+ * session/upstream-tls.ts). Forward mode did not need one either: until the client names its
+ * server the session stays in `connecting` with its command pipeline running (the proxy's own
+ * 220 went out, control/pre-login.ts answers), and the chosen server's connection makes it `open`.
  */
 import type { SocketAddresses } from '../data/socket-address.js';
 import type { Logger } from '../log.js';
