@@ -19,19 +19,18 @@ import { decideCommand, editFeatReply, type CommandDecision, type SessionView } 
 import { familyOf, type Family } from './control/ip.js';
 import { REPLY_FOR_CODE, type ErrorCode } from './errors.js';
 import type { ListenerConfig } from './config/schema.js';
-import { ReplyQueue, type ReplySlot } from './reply-queue.js';
+import { ReplyQueue } from './reply-queue.js';
 import type { Logger } from './log.js';
 import { ClientLeg } from './session/client-leg.js';
 import { DataSetup } from './session/data-setup.js';
 import { Transfers, type TransferContext } from './session/transfers.js';
 import { SessionLifecycle, type ExpectedServerClose, type SessionState, type UpstreamControl } from './session/state.js';
 import { ServerLeg, fixedTarget, type UpstreamTarget } from './session/server-leg.js';
-import { ForwardGate, interfaceAddresses, type ChosenServer } from './session/forward-gate.js';
+import { ForwardGate, interfaceAddresses } from './session/forward-gate.js';
+import { ForwardLogin } from './session/forward-login.js';
 import { chooseTransparentTarget } from './session/transparent.js';
-import { FORWARD_GREETING, decidePreLogin, withServerBanner } from './control/pre-login.js';
-import { parseForwardLogin, type ForwardLoginParse } from './control/forward-login.js';
-import { DEFAULT_FTP_PORT } from './control/upstream-policy.js';
-import type { RejectionReason, UpstreamChoiceResult } from './metrics.js';
+import { FORWARD_GREETING } from './control/pre-login.js';
+import type { RejectionReason } from './metrics.js';
 import { SessionTimeouts } from './session/timeouts.js';
 import { ClientTls } from './session/client-tls.js';
 import { isProxyError, type ProxyError } from './errors.js';
@@ -71,10 +70,8 @@ export class Session {
   private readonly clientTls: ClientTls;
   /** Waiting for every reply owed to be written (AUTH: the 234 must be the last plain-text bytes). */
   private readonly flushWaiters: Array<() => void> = [];
-  /** Forward mode: how the client's `USER name@host` chooses the server (null: fixed or transparent). */
-  private readonly gate: ForwardGate | null;
-  /** Forward mode: the server the client chose, once connected. */
-  private chosen: ChosenServer | null = null;
+  /** Forward mode: the login that chooses the server (null: fixed or transparent). */
+  private readonly forward: ForwardLogin | null;
   /** The server this session dials or dialled (logs); null until known. */
   private upstreamLabel: string | null = null;
   private closeReason = '';
@@ -104,10 +101,6 @@ export class Session {
     this.closed = new Promise((resolve) => {
       this.resolveClosed = resolve;
     });
-    const { selection } = config.upstream;
-    this.gate = selection.kind === 'forward'
-      ? new ForwardGate({ policy: selection.policy, sessionAddresses: this.own.addresses, maxAttempts: config.limits.maxLoginAttempts, resolveMs: config.timeouts.upstreamConnectMs })
-      : null;
     this.client = new ClientLeg(socket, config, this.log, {
       execute: this.executeLine,
       activity: () => this.timeouts.activity(),
@@ -129,6 +122,28 @@ export class Session {
       timeout: this.onUpstreamTimeout,
       limitHit: this.limitHit,
     });
+    const { selection } = config.upstream;
+    this.forward = selection.kind === 'forward'
+      ? new ForwardLogin({
+        config,
+        metrics: deps.metrics,
+        log: this.log,
+        replies: this.replies,
+        server: this.server,
+        gate: new ForwardGate({ policy: selection.policy, sessionAddresses: this.own.addresses, maxAttempts: config.limits.maxLoginAttempts, resolveMs: config.timeouts.upstreamConnectMs }),
+      }, {
+        view: () => this.view,
+        carryOut: (command, decision) => this.carryOut(command, decision),
+        finished: () => this.lifecycle.isFinished,
+        open: () => this.lifecycle.state.kind === 'open',
+        close: (why, replyText) => this.beginClose(why, replyText),
+        limitHit: this.limitHit,
+        chosen: (server, user) => {
+          this.user = user.slice(0, 128);
+          if (server) this.upstreamLabel = `${server.host}:${server.port}`;
+        },
+      })
+      : null;
     this.dataSetup = new DataSetup({
       ...deps,
       log: this.log,
@@ -177,7 +192,7 @@ export class Session {
     this.deps.metrics.sessionOpened(this.config.name);
     // The greeting is the reply to "connecting" (RFC 959 §5.4: 120 then 220, or 220, or 421);
     // in forward mode it is the proxy's own, the server's comes with the reply to USER.
-    if (this.gate) this.replies.append(replyLine(FORWARD_GREETING));
+    if (this.forward) this.replies.append(replyLine(FORWARD_GREETING));
     else this.server.exchange.expect(this.replies.open());
     this.timeouts.start();
     if (this.clientTls.isImplicit) {
@@ -191,7 +206,7 @@ export class Session {
 
   /** Dial the server (fixed, or the original destination), or wait for the client to name it (forward). */
   private begin(): void {
-    if (this.gate) {
+    if (this.forward) {
       this.client.pipeline.start();
       return;
     }
@@ -270,7 +285,7 @@ export class Session {
     // that hung up without a transfer running has little left to wait for: a short deadline.
     this.timeouts.closing(this.transfers.count > 0 ? undefined : CLIENT_GONE_DEADLINE_MS);
     const state = this.lifecycle.state;
-    if (state.kind === 'connecting' && this.gate) {
+    if (state.kind === 'connecting' && this.forward) {
       // Forward mode, no server yet: answer what was asked (a login in flight is given up).
       this.beginClose('client ended');
     } else if (state.kind === 'connecting') {
@@ -292,95 +307,12 @@ export class Session {
     }
     const command = parsed.command;
     this.log.debug({ event: 'command', command: describeCommandForLog(command) }, 'command');
-    if (this.gate && !this.chosen) return this.beforeLogin(command);
-    if (command.verb === 'USER') {
-      if (this.gate) return this.forwardRelogin(command);
-      this.user = command.argument.slice(0, 128);
-    }
+    // Forward mode: everything until the server is chosen, and every USER (user@host).
+    if (this.forward && (!this.forward.chosen || command.verb === 'USER')) return this.forward.execute(command);
+    if (command.verb === 'USER') this.user = command.argument.slice(0, 128);
     if (command.verb === 'QUIT') this.expectServerClose('quit');
     await this.carryOut(command, decideCommand(command, this.view));
   };
-
-  // ---------------------------------------------------------------- forward mode
-
-  /** Forward mode before the server is chosen (control/pre-login.ts). */
-  private async beforeLogin(command: ClientCommand): Promise<void> {
-    const decision = decidePreLogin(command, this.view, this.config.tls !== null);
-    switch (decision.kind) {
-      case 'login':
-        return this.forwardLogin(decision.login);
-      case 'own':
-        return this.carryOut(command, decision.decision);
-      case 'reply':
-        this.replies.append(replyLine(decision.line));
-        return;
-      case 'quit':
-        this.replies.append(replyLine(decision.line));
-        this.beginClose('client quit');
-        return;
-    }
-  }
-
-  /**
-   * `USER name@host[:port]`: choose (parse, resolve, policy), dial exactly the checked
-   * address, read the server's greeting, then send `USER name`; the client's answer is the
-   * server's, with its banner in front (withServerBanner). A refusal is a 530 and the client
-   * may try again, up to limits.maxLoginAttempts.
-   */
-  private async forwardLogin(login: ForwardLoginParse): Promise<void> {
-    const gate = this.gate!;
-    const slot = this.replies.open();
-    const outcome = await gate.choose(login);
-    if (this.lifecycle.isFinished) return this.replies.end(slot);
-    if (!outcome.ok) return this.refuseLogin(slot, outcome.result, outcome.line);
-    const server = outcome.server;
-    const target: UpstreamTarget = { address: server.address, port: server.port, host: server.host };
-    const where = `${server.address.includes(':') ? `[${server.address}]` : server.address}:${server.port}`;
-    let greeting: Reply | null;
-    try {
-      greeting = await this.server.login(target);
-    } catch (err) {
-      gate.refused();
-      return this.refuseLogin(slot, 'unreachable', `530 Cannot connect to ${server.host === server.address ? where : `${server.host} (${where})`}: ${(err as Error).message}.`);
-    }
-    // The session gave up meanwhile (client gone, shutdown): the connection was dropped.
-    if (!greeting || this.lifecycle.state.kind !== 'open') return this.replies.end(slot);
-    this.chosen = server;
-    this.user = server.user.slice(0, 128);
-    this.upstreamLabel = `${server.host}:${server.port}`;
-    this.deps.metrics.upstreamChoice(this.config.name, 'forward', 'ok');
-    this.log.info({ event: 'upstream-chosen', mode: 'forward', host: server.host, upstream: where }, 'forward login: server chosen');
-    this.server.exchange.forward(Buffer.from(`USER ${server.user}`, 'latin1'), slot, { transform: (reply) => withServerBanner(greeting, reply) });
-  }
-
-  private refuseLogin(slot: ReplySlot, result: Exclude<UpstreamChoiceResult, 'ok'>, line: string): void {
-    const gate = this.gate!;
-    this.deps.metrics.upstreamChoice(this.config.name, 'forward', result);
-    this.log.info({ event: 'upstream-refused', mode: 'forward', code: 'FTPP_ERR_FORWARD_REFUSED', result, reply: line, attempt: gate.attempts }, 'forward login refused');
-    this.replies.push(slot, replyLine(line));
-    this.replies.end(slot);
-    if (!gate.exhausted) return;
-    this.limitHit('login-attempts', { code: 'FTPP_ERR_LOGIN_ATTEMPTS', max: this.config.limits.maxLoginAttempts });
-    this.beginClose('too many refused logins', REPLY_FOR_CODE.FTPP_ERR_LOGIN_ATTEMPTS);
-  }
-
-  /**
-   * Another USER once the server is chosen (a retry after a wrong password): the same
-   * destination is stripped and the name goes on; a different one would need another
-   * connection, which this session cannot switch to.
-   */
-  private async forwardRelogin(command: ClientCommand): Promise<void> {
-    const login = parseForwardLogin(command.argument);
-    const chosen = this.chosen!;
-    const host = login.ok ? (login.host.kind === 'ip' ? login.host.address : login.host.name) : null;
-    if (login.ok && host === chosen.host && (login.port ?? DEFAULT_FTP_PORT) === chosen.port) {
-      this.user = login.user.slice(0, 128);
-      this.server.exchange.forward(Buffer.from(`USER ${login.user}`, 'latin1'), this.replies.open());
-      return;
-    }
-    const line = `530 This session is connected to ${chosen.host}${chosen.port === DEFAULT_FTP_PORT ? '' : `:${chosen.port}`}: log in as user@ that server, or reconnect for another one.`;
-    this.replies.append(replyLine(line));
-  }
 
   /** The one switch that carries out what control/rewrite.ts decided. */
   private async carryOut(command: ClientCommand, decision: CommandDecision): Promise<void> {
