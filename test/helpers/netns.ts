@@ -15,7 +15,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
+import { createReadStream, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { createRequire } from 'node:module';
 import { delimiter, dirname, join } from 'node:path';
@@ -25,6 +25,8 @@ import { run, type RunResult } from './run.js';
 /** Linux limits interface names to 15 bytes; the prefix leaves room for a short suffix. */
 const IFNAMSIZ = 15;
 const STOP_GRACE_MS = 3000;
+/** `ip netns exec NS` bind-mounts every file in /etc/netns/NS over the one of that name in /etc. */
+const NETNS_ETC = '/etc/netns';
 const MAX_DAEMON_OUTPUT_BYTES = 8 * 1024 * 1024;
 
 /** Unique per test process: `fnp<pid % 10000>-`. */
@@ -193,6 +195,8 @@ export interface Leftovers {
   readonly namespaces: string[];
   readonly links: string[];
   readonly processes: string[];
+  /** /etc/netns/<ns> folders of lab namespaces. */
+  readonly etcFolders: string[];
 }
 
 export class NetnsLab {
@@ -204,6 +208,8 @@ export class NetnsLab {
   private cleanup_: Promise<void> | null = null;
   /** PIDs found inside lab namespaces at cleanup, to check they are gone. */
   private readonly killed: number[] = [];
+  /** Whether this lab created /etc/netns itself (then it removes it again once empty). */
+  private createdEtcRoot = false;
 
   constructor(prefix: string = labPrefix()) {
     if (prefix.length > 9) throw new Error(`lab prefix "${prefix}" is too long for interface names`);
@@ -260,6 +266,25 @@ export class NetnsLab {
     this.ip(spec.toNs, 'addr', 'add', spec.cidr, 'dev', spec.toName);
     this.ip(spec.toNs, 'link', 'set', spec.toName, 'up');
     if (spec.gateway) this.ip(spec.toNs, 'route', 'add', 'default', 'via', spec.gateway);
+  }
+
+  /**
+   * Files `ip netns exec` shows in place of /etc/<name> inside `ns` (e.g. `hosts`,
+   * `resolv.conf`): /etc/netns/<ns>/<name>. Every command the lab runs in a namespace goes
+   * through `ip netns exec`, so they all see them (nsenter(1) would not). Removed by cleanup.
+   */
+  setEtcFiles(ns: string, files: Readonly<Record<string, string>>): void {
+    this.assertOwned(ns);
+    if (!existsSync(NETNS_ETC)) {
+      mkdirSync(NETNS_ETC, { mode: 0o755 });
+      this.createdEtcRoot = true;
+    }
+    const dir = join(NETNS_ETC, ns);
+    mkdirSync(dir, { recursive: true, mode: 0o755 });
+    for (const [name, text] of Object.entries(files)) {
+      if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new Error(`not a file name for /etc: ${name}`);
+      writeFileSync(join(dir, name), text, { mode: 0o644 });
+    }
   }
 
   /** Make a lab namespace a router. Only ever inside the lab: never the host's sysctl. */
@@ -357,6 +382,7 @@ export class NetnsLab {
       while (pids.some(isAlive) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
       for (const pid of pids.filter(isAlive)) signalPid(pid, 'SIGKILL');
       this.deleteNamespaces();
+      this.removeEtcFolders();
       rmSync(this.dir, { recursive: true, force: true });
     })();
     return this.cleanup_;
@@ -372,6 +398,7 @@ export class NetnsLab {
     this.processes.clear();
     for (const pid of this.namespacePids()) signalPid(pid, 'SIGKILL');
     this.deleteNamespaces();
+    this.removeEtcFolders();
     rmSync(this.dir, { recursive: true, force: true });
   }
 
@@ -388,7 +415,27 @@ export class NetnsLab {
       ...this.killed.filter(isAlive).map((pid) => `pid ${pid} (was inside a lab namespace)`),
       ...this.namespacePids().map((pid) => `pid ${pid} (inside a lab namespace)`),
     ];
-    return { namespaces: this.listNamespaces(), links, processes };
+    return { namespaces: this.listNamespaces(), links, processes, etcFolders: this.listEtcFolders() };
+  }
+
+  /** /etc/netns/<ns> folders named with the lab prefix. */
+  private listEtcFolders(): string[] {
+    if (!existsSync(NETNS_ETC)) return [];
+    return readdirSync(NETNS_ETC)
+      .filter((name) => name.startsWith(this.prefix))
+      .map((name) => join(NETNS_ETC, name));
+  }
+
+  /** Our /etc/netns/<ns> folders; /etc/netns too when this lab made it and it is empty now. */
+  private removeEtcFolders(): void {
+    for (const dir of this.listEtcFolders()) rmSync(dir, { recursive: true, force: true });
+    if (this.createdEtcRoot) {
+      try {
+        rmdirSync(NETNS_ETC); // fails (and stays) when someone else put a folder there meanwhile
+      } catch {
+        /* not empty or gone */
+      }
+    }
   }
 
   /** PIDs of every process inside any lab namespace (`ip netns pids`). */
