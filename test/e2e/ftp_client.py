@@ -9,6 +9,9 @@ are JSON objects, one per line on stdout, so the test never parses free text. Mo
             connection and RETR (the port-stealing scenario, protocol.md section 4.2)
   probe     connect to host:port, read until EOF/reset/timeout, report the bytes received
   listen    accept on every port in `ports`, print one line per accepted connection
+  dialogue  read the greeting, send each of `commands` and read its complete reply; stop at
+            the first 421 or when the connection ends; with `wait_close`, then report
+            whether the other side closes the connection
 """
 import errno
 import ftplib
@@ -136,6 +139,7 @@ def probe(job):
         emit(connected=False, errno=errno.errorcode.get(err.errno or 0, str(err)), bytes=0,
              seconds=round(time.monotonic() - started, 3))
         return 0
+    local = "%s:%d" % sock.getsockname()[:2]
     end = "eof"
     try:
         while True:
@@ -148,7 +152,7 @@ def probe(job):
     except ConnectionResetError:
         end = "reset"
     sock.close()
-    emit(connected=True, bytes=received, end=end, seconds=round(time.monotonic() - started, 3))
+    emit(connected=True, local=local, bytes=received, end=end, seconds=round(time.monotonic() - started, 3))
     return 0
 
 
@@ -168,10 +172,81 @@ def listen(job):
             conn.close()
 
 
+def read_reply(stream):
+    """One complete reply (RFC 959 section 4.2, multi-line aware): (lines, complete)."""
+    lines = []
+    code = None
+    while True:
+        raw = stream.readline()
+        if not raw:
+            return lines, False
+        line = raw.decode("latin-1").rstrip("\r\n")
+        lines.append(line)
+        if code is None:
+            if len(line) >= 4 and line[:3].isdigit() and line[3] == "-":
+                code = line[:3]
+                continue
+            return lines, True
+        if line[:3] == code and line[3:4] == " ":
+            return lines, True
+
+
+def wait_for_eof(stream):
+    """True when the other side closes (EOF or reset), False on timeout; extra bytes are kept."""
+    try:
+        extra = stream.read()
+        return True, extra.decode("latin-1")
+    except socket.timeout:
+        return False, ""
+    except ConnectionResetError:
+        return True, ""
+
+
+def dialogue(job):
+    try:
+        sock = socket.create_connection((job["host"], job["port"]), timeout=job.get("timeout", 10))
+    except OSError as err:
+        emit(op="connect", error="%s: %s" % (type(err).__name__, err))
+        return 0
+    stream = sock.makefile("rb")
+
+    def exchange(command):
+        """(lines, state): state is "reply", "closed" or "timeout"."""
+        try:
+            if command is not None:
+                sock.sendall(command.encode("latin-1") + b"\r\n")
+            lines, complete = read_reply(stream)
+            return lines, "reply" if complete else "closed"
+        except (BrokenPipeError, ConnectionResetError):
+            return [], "closed"
+        except socket.timeout:
+            return [], "timeout"
+
+    lines, state = exchange(None)
+    emit(op="greeting", lines=lines, complete=state == "reply", state=state)
+    last = lines
+    if state == "reply" and not lines[0].startswith("421"):
+        for command in job.get("commands", []):
+            lines, state = exchange(command)
+            emit(op="cmd", cmd=command, lines=lines, complete=state == "reply", closed=state == "closed", state=state)
+            last = lines
+            if state != "reply" or lines[0].startswith("421"):
+                break
+    eof, extra = None, ""
+    if state == "closed":
+        eof = True
+    elif state == "reply" and (job.get("wait_close") or last[:1] and last[0].startswith("421")):
+        eof, extra = wait_for_eof(stream)
+    emit(op="end", eof=eof, extra=extra, error="timed out waiting for a reply" if state == "timeout" else None)
+    sock.close()
+    return 0
+
+
 def main():
     job = json.loads(sys.argv[1])
     tool = job.get("tool", "session")
-    return {"session": session, "victim": victim, "probe": probe, "listen": listen}[tool](job)
+    tools = {"session": session, "victim": victim, "probe": probe, "listen": listen, "dialogue": dialogue}
+    return tools[tool](job)
 
 
 if __name__ == "__main__":

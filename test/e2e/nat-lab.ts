@@ -156,22 +156,42 @@ export interface ProbeFrom {
 
 /** Run dist/cli.js inside `ns` with this YAML; resolves once `probe` sees its 220. */
 export async function startProxyInNs(lab: NetnsLab, ns: string, name: string, yaml: string, probe: ProbeFrom): Promise<LabProxy> {
+  const proxy = spawnProxyInNs(lab, ns, name, yaml);
+  await waitForFtpGreeting(probe.ns, probe.host, probe.port, 15000, proxyExited(proxy, name));
+  return proxy;
+}
+
+/**
+ * Like startProxyInNs, for listeners that greet nobody with a 220 on a direct connection (a
+ * transparent listener answers those 421): resolves once the proxy logs `started` (every
+ * listener bound), rejects when it exits first or within 15 s.
+ */
+export async function startProxyInNsLogged(lab: NetnsLab, ns: string, name: string, yaml: string): Promise<LabProxy> {
+  const proxy = spawnProxyInNs(lab, ns, name, yaml);
+  const exited = proxyExited(proxy, name);
+  const deadline = Date.now() + 15000;
+  while (!proxy.records().some((record) => record.event === 'started')) {
+    const reason = exited();
+    if (reason) throw new Error(reason);
+    if (Date.now() > deadline) throw new Error(`proxy ${name} did not log "started" within 15 s: ${proxy.tail()}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return proxy;
+}
+
+function spawnProxyInNs(lab: NetnsLab, ns: string, name: string, yaml: string): LabProxy {
   const config = join(lab.dir, `${name}.yaml`);
   writeFileSync(config, yaml);
   const daemon = lab.spawnDaemon(ns, `proxy ${name}`, process.execPath, [PROXY_CLI, '--config', config]);
-  const proxy: LabProxy = {
+  return {
     daemon,
-    records: () =>
-      daemon
-        .output()
-        .split('\n')
-        .filter((line) => line.startsWith('{'))
-        .map((line) => JSON.parse(line) as Record<string, unknown>),
+    records: () => parseJsonLines(daemon.output()),
     tail: (lines = 40) => daemon.output().trimEnd().split('\n').slice(-lines).join('\n'),
   };
-  const exited = (): string | null => (daemon.exitCode() !== null ? `proxy ${name} exited (${daemon.exitCode()}): ${proxy.tail()}` : null);
-  await waitForFtpGreeting(probe.ns, probe.host, probe.port, 15000, exited);
-  return proxy;
+}
+
+function proxyExited(proxy: LabProxy, name: string): () => string | null {
+  return () => (proxy.daemon.exitCode() !== null ? `proxy ${name} exited (${proxy.daemon.exitCode()}): ${proxy.tail()}` : null);
 }
 
 // ------------------------------------------------------------------------------ nftables (client.dataPath: kernel)
@@ -241,12 +261,14 @@ export interface TnftpJob extends Transfer {
   readonly passive: boolean;
   /** EPSV/EPRT first (tnftp's default); off gives plain PASV/PORT. */
   readonly epsv4: boolean;
+  /** Login name; default the test account (forward mode: `account@server`). */
+  readonly user?: string;
 }
 
 /** tnftp (Debian's /usr/bin/ftp): refuses a 227 address that differs from the control peer. */
 export function tnftp(lab: NetnsLab, ns: string, job: TnftpJob): Promise<RunResult> {
   const script = [
-    `user ${TEST_USER} ${TEST_PASSWORD}`,
+    `user ${job.user ?? TEST_USER} ${TEST_PASSWORD}`,
     'binary',
     `passive ${job.passive ? 'on' : 'off'}`,
     `epsv4 ${job.epsv4 ? 'on' : 'off'}`,
@@ -258,9 +280,12 @@ export function tnftp(lab: NetnsLab, ns: string, job: TnftpJob): Promise<RunResu
   return nsRun(ns, 'ftp', ['-n', '-v', job.host, String(job.port)], { input: script, timeoutMs: CLIENT_TIMEOUT_MS, env: clientEnv(lab), cwd: lab.dir });
 }
 
-/** curl with the test account; `args` carry the mode flags, the URL and -o/-T. */
-export function curl(lab: NetnsLab, ns: string, args: readonly string[]): Promise<RunResult> {
-  return nsRun(ns, 'curl', ['-q', '-sS', '--max-time', '20', '--connect-timeout', '5', '-u', `${TEST_USER}:${TEST_PASSWORD}`, ...args], {
+/**
+ * curl with the test account (login name `user`, default the test account); `args` carry the
+ * mode flags, the URL and -o/-T.
+ */
+export function curl(lab: NetnsLab, ns: string, args: readonly string[], user: string = TEST_USER): Promise<RunResult> {
+  return nsRun(ns, 'curl', ['-q', '-sS', '--max-time', '20', '--connect-timeout', '5', '-u', `${user}:${TEST_PASSWORD}`, ...args], {
     timeoutMs: CLIENT_TIMEOUT_MS,
     env: clientEnv(lab),
   });
@@ -271,6 +296,8 @@ export interface LftpJob extends Transfer {
   readonly port: number;
   /** `set` commands, e.g. "ftp:fix-pasv-address no". */
   readonly settings: readonly string[];
+  /** Login name; default the test account (forward mode: `account@server`). */
+  readonly user?: string;
 }
 
 /**
@@ -306,7 +333,7 @@ export function lftp(lab: NetnsLab, ns: string, job: LftpJob): Promise<RunResult
     'set ftp:ssl-allow no',
     'set xfer:clobber yes',
     ...job.settings.map((setting) => `set ${setting}`),
-    `open -u ${TEST_USER},${TEST_PASSWORD} ftp://${job.host}:${job.port}`,
+    `open -u ${job.user ?? TEST_USER},${TEST_PASSWORD} ftp://${job.host}:${job.port}`,
     ...(job.get ? [`get ${job.get[0]} -o ${job.get[1]}`] : []),
     ...(job.put ? [`put ${job.put[0]} -o ${job.put[1]}`] : []),
   ];
@@ -349,6 +376,61 @@ export async function startListener(lab: NetnsLab, ns: string, ports: readonly n
     await new Promise((r) => setTimeout(r, 50));
   }
   return { daemon, accepts: () => parseJsonLines(daemon.output()).filter((record) => 'accept' in record) };
+}
+
+/** One command of a scripted control dialogue and the complete reply to it (every line). */
+export interface DialogueStep {
+  readonly cmd: string;
+  /** Reply lines without CRLF; empty when the connection ended first. */
+  readonly lines: readonly string[];
+  /** The reply code, or null when the connection ended (or timed out) before a reply. */
+  readonly code: string | null;
+  /** The connection ended (EOF or reset) before a complete reply. */
+  readonly closed: boolean;
+}
+
+export interface Dialogue {
+  readonly run: RunResult;
+  /** The first reply (the greeting), or null. */
+  readonly greeting: readonly string[] | null;
+  readonly steps: readonly DialogueStep[];
+  /** Whether the other side closed the connection after the last reply (when asked to watch). */
+  readonly eof: boolean | null;
+  /** Why the dialogue could not start or stopped early, if it did. */
+  readonly error: string | null;
+}
+
+/**
+ * ftp_client.py `tool: dialogue`: connect, read the greeting, then send each command and read
+ * its complete reply (multi-line aware). It stops at the first 421 or when the connection ends;
+ * with `watchClose` it then (or after the last command) waits for the other side to close.
+ */
+export async function ftpDialogue(
+  lab: NetnsLab,
+  ns: string,
+  target: { readonly host: string; readonly port: number },
+  commands: readonly string[],
+  options: { readonly watchClose?: boolean; readonly timeoutSeconds?: number } = {},
+): Promise<Dialogue> {
+  const job = { tool: 'dialogue', host: target.host, port: target.port, commands, wait_close: options.watchClose ?? false, timeout: options.timeoutSeconds ?? 10 };
+  const run = await nsRun(ns, pythonPath(), [CLIENT_SCRIPT, JSON.stringify(job)], { timeoutMs: 30000, env: clientEnv(lab) });
+  const records = parseJsonLines(run.stdout);
+  const greeting = records.find((r) => r.op === 'greeting');
+  const end = records.find((r) => r.op === 'end');
+  const steps = records
+    .filter((r) => r.op === 'cmd')
+    .map((r) => {
+      const lines = (r.lines as string[] | undefined) ?? [];
+      return { cmd: String(r.cmd), lines, code: lines.length > 0 && r.complete !== false ? lines[0]!.slice(0, 3) : null, closed: r.closed === true };
+    });
+  const error = records.find((r) => typeof r.error === 'string')?.error;
+  return {
+    run,
+    greeting: (greeting?.lines as string[] | undefined) ?? null,
+    steps,
+    eof: typeof end?.eof === 'boolean' ? end.eof : null,
+    error: typeof error === 'string' ? error : records.length === 0 ? `dialogue printed nothing: ${run.stderr.trim()}` : null,
+  };
 }
 
 export interface Victim {
