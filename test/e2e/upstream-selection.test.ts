@@ -652,6 +652,13 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         t.equal(talk.steps.length, 0, 'nothing after the 421');
         t.equal(talk.eof, true, 'the proxy closes the connection');
       }
+      {
+        // The listener is on 0.0.0.0, so the WAN side reaches it too: never redirected, never relayed.
+        const target = { host: UP_ADDR.routerWan, port: INTERCEPT_PORT };
+        const talk = await ftpDialogue(lab, topo.other, target, ['USER x'], { watchClose: true, timeoutSeconds: 5 });
+        t.match(talk.greeting?.[0] ?? '', /^421 /, `${UP_ADDR.other} on the internet dialling ${target.host}:${target.port}: ${talk.greeting?.join(' | ') ?? talk.error}`);
+        t.equal(talk.eof, true, 'the proxy closes the connection');
+      }
       t.same(await acceptsSince('inside', mark), [], `${UP_ADDR.inside} saw no connection`);
     });
   });
