@@ -1,6 +1,6 @@
 /**
  * The end-to-end NAT topology, the proxy run as a real process inside it, and drivers for the
- * real FTP clients (tnftp, curl, lftp, CPython ftplib). Used by nat.test.ts.
+ * real FTP clients (tnftp, curl, lftp, CPython ftplib). Used by nat.test.ts and upstream-selection.test.ts.
  *
  *                           "internet" namespace: bridge br0, routes between
  *                           203.0.113.0/24 (.254) and 198.51.100.0/24 (.254)
@@ -396,6 +396,8 @@ export interface Dialogue {
   readonly steps: readonly DialogueStep[];
   /** Whether the other side closed the connection after the last reply (when asked to watch). */
   readonly eof: boolean | null;
+  /** What arrived unasked after the last reply, before the close (e.g. a 421). */
+  readonly trailing: string;
   /** Why the dialogue could not start or stopped early, if it did. */
   readonly error: string | null;
 }
@@ -429,6 +431,7 @@ export async function ftpDialogue(
     greeting: (greeting?.lines as string[] | undefined) ?? null,
     steps,
     eof: typeof end?.eof === 'boolean' ? end.eof : null,
+    trailing: typeof end?.extra === 'string' ? end.extra : '',
     error: typeof error === 'string' ? error : records.length === 0 ? `dialogue printed nothing: ${run.stderr.trim()}` : null,
   };
 }

@@ -328,6 +328,11 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         t.notOk(user?.lines.some((line) => /^220[ -]/.test(line)), 'no second bare 220');
         t.match(servers[key].ftp.protocolLog().slice(mark), new RegExp(`Client "${escape(UP_ADDR.routerWan)}", "USER ${TEST_USER}"`), `server ${key} received USER ${TEST_USER} (through the MASQUERADE)`);
       }
+      // The proxy's log names the server each session chose (the record precedes the 331).
+      const chosen = (): string[] => proxy.records().filter((r) => r.event === 'upstream-chosen').map((r) => `${String(r.host)} ${String(r.upstream)}`);
+      const expected = [`${UP_NAMES.serverA} ${UP_ADDR.serverA}:21`, `${UP_ADDR.serverB} ${UP_ADDR.serverB}:21`, `${UP_ADDR.serverA} ${UP_ADDR.serverA}:21`, `${UP_NAMES.serverB} ${UP_ADDR.serverB}:21`];
+      await waitFor(() => chosen().length >= expected.length, 3000);
+      t.same(chosen().slice(-expected.length), expected, 'the proxy logged each chosen server (upstream-chosen: name and the address it dialled)');
     });
 
     await t.test('real clients in the client LAN transfer both ways through the forward listener to the server they name', async (t) => {
@@ -432,12 +437,11 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         t.same(codes(talk.steps), ['530', '530', '331', '230', '257', '221'], `two refusals, then a login on server A (${summary(talk)})`);
       }
       {
-        const commands = Array.from({ length: MAX_LOGIN_ATTEMPTS + 1 }, (_, i) => `USER ${TEST_USER}@${i % 2 === 0 ? UP_NAMES.inside : UP_ADDR.other}`);
-        const talk = await ftpDialogue(lab, ns, forward, commands, { watchClose: true });
-        const got = codes(talk.steps);
-        const at = got.indexOf('421');
-        t.ok(at === MAX_LOGIN_ATTEMPTS - 1 || at === MAX_LOGIN_ATTEMPTS, `421 comes with or right after refusal number ${MAX_LOGIN_ATTEMPTS} (${summary(talk)})`);
-        t.same(got.slice(0, Math.max(at, 0)), Array(Math.max(at, 0)).fill('530'), 'every refusal before it is 530');
+        // Exactly the limit, then nothing: the proxy must end the session by itself.
+        const commands = Array.from({ length: MAX_LOGIN_ATTEMPTS }, (_, i) => `USER ${TEST_USER}@${i % 2 === 0 ? UP_NAMES.inside : UP_ADDR.other}`);
+        const talk = await ftpDialogue(lab, ns, forward, commands, { watchClose: true, timeoutSeconds: 5 });
+        t.same(codes(talk.steps), Array(MAX_LOGIN_ATTEMPTS).fill('530'), `every refusal is a 530 (${summary(talk)})`);
+        t.match(talk.trailing, /^421 /, `after refusal number ${MAX_LOGIN_ATTEMPTS} a 421 follows unasked (${JSON.stringify(talk.trailing)})`);
         t.equal(talk.eof, true, 'and the proxy closes the connection');
       }
     });
@@ -582,6 +586,8 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         await expectRoundTrip(t, label, 'B', out.run, proxy);
       }
       t.ok((await counter('control')) > controlBefore, 'the control connections went through the redirect rule');
+      const chosen = new Set(proxy.records().slice(mark).filter((r) => r.event === 'upstream-chosen' && r.mode === 'transparent').map((r) => String(r.upstream)));
+      t.same([...chosen].sort(), [`${UP_ADDR.serverA}:21`, `${UP_ADDR.serverB}:21`], 'the proxy logged the server each client dialled (upstream-chosen)');
       t.same([...transferModes(proxy, mark)], ['active/passive'], 'client legs active, server legs passive');
     });
 
@@ -640,6 +646,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
 
     await t.test('421 and close: not redirected, addressed to the proxy\'s own address, a denied destination', async (t) => {
       const mark = insideHost.accepts().length;
+      const logMark = proxy.records().length;
       const cases: Array<[{ host: string; port: number }, string]> = [
         [{ host: UP_ADDR.routerLan, port: INTERCEPT_PORT }, 'dialled the proxy directly (not redirected)'],
         [{ host: UP_ADDR.routerWan, port: 21 }, 'the router\'s own WAN address (a loop)'],
@@ -660,6 +667,10 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         t.equal(talk.eof, true, 'the proxy closes the connection');
       }
       t.same(await acceptsSince('inside', mark), [], `${UP_ADDR.inside} saw no connection`);
+      const refused = (): string[] => proxy.records().slice(logMark).filter((r) => r.event === 'upstream-refused').map((r) => `${String(r.code)} ${String(r.result)}`);
+      const expected = ['FTPP_ERR_NOT_INTERCEPTED not-redirected', 'FTPP_ERR_NOT_INTERCEPTED own-address', 'FTPP_ERR_NOT_INTERCEPTED own-address', 'FTPP_ERR_INTERCEPT_REFUSED denied', 'FTPP_ERR_NOT_INTERCEPTED not-redirected'];
+      await waitFor(() => refused().length >= expected.length, 3000);
+      t.same(refused(), expected, 'the proxy logged why it refused each one (upstream-refused)');
     });
   });
 
