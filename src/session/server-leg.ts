@@ -248,7 +248,7 @@ export class ServerLeg<T> {
       this.securing = null;
       socket.destroy();
       const error = err as ProxyError;
-      if (this.tls) this.log.warn({ event: 'upstream-tls-failed', code: error.code, err: error.message, servername: target.host }, 'TLS toward the server failed');
+      if (this.tls) this.log.warn({ event: 'upstream-tls-failed', code: error.code, err: error.message, servername: this.tls.verifiedName }, 'TLS toward the server failed');
       else this.log.warn({ event: 'upstream-greeting-failed', code: error.code, err: error.message }, 'no greeting from the server');
       throw error;
     }

@@ -70,6 +70,11 @@ export class UpstreamTls {
     this.servername = this.config.servername || host;
   }
 
+  /** The name verified in the server's certificate. */
+  get verifiedName(): string {
+    return this.servername;
+  }
+
   get version(): string | null {
     return this.controlVersion;
   }
