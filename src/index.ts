@@ -20,6 +20,8 @@ export interface StartOptions {
   readonly resolver?: HostnameResolver;
   /** Replaces the nftables table for `client.dataPath: kernel` (tests). */
   readonly openKernelForwarder?: () => KernelForwarder;
+  /** Replaces the host check of `client.dataPath: auto` (tests). */
+  readonly kernelHostBlocker?: () => string | null;
 }
 
 export interface RunningProxy {
@@ -40,6 +42,7 @@ export async function startProxy(config: ProxyConfig, options: StartOptions = {}
     metrics,
     ...(options.resolver ? { resolver: options.resolver } : {}),
     ...(options.openKernelForwarder ? { openKernelForwarder: options.openKernelForwarder } : {}),
+    ...(options.kernelHostBlocker ? { kernelHostBlocker: options.kernelHostBlocker } : {}),
   });
   const listeners = await server.start();
   let admin: AdminServer | null = null;

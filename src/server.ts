@@ -16,6 +16,7 @@ import type { Logger } from './log.js';
 import { ProxyError, REPLY_FOR_CODE } from './errors.js';
 import { NOOP_METRICS, type ProxyMetrics } from './metrics.js';
 import { KernelForwarder, loadNftRunner } from './data/kernel-forward.js';
+import { kernelPathHostBlocker } from './server/data-path.js';
 import { admitConnection, refuseConnection, type AdmissionDeps } from './server/admission.js';
 import { ListenerRuntime, discardPrepared, prepareListener, type ListenerRuntimeDeps, type PreparedListener } from './server/listener-runtime.js';
 
@@ -33,6 +34,8 @@ export interface ServerDeps {
   readonly metrics?: ProxyMetrics;
   /** Opens the nftables table for `client.dataPath: kernel` (tests inject a fake). */
   readonly openKernelForwarder?: () => KernelForwarder;
+  /** `dataPath: auto`: why this host cannot have the kernel path (tests replace the ip_forward check). */
+  readonly kernelHostBlocker?: () => string | null;
 }
 
 export type ServerStatus = 'idle' | 'running' | 'draining' | 'closed';
@@ -54,6 +57,8 @@ export class ProxyServer {
   private statusValue: ServerStatus = 'idle';
   private closing: Promise<void> | null = null;
   private kernelForwarder: KernelForwarder | null = null;
+  /** Why `dataPath: auto` relays (the last attempt to open the kernel path failed). */
+  private kernelPathUnavailable: string | null = null;
   private readonly runtimeDeps: ListenerRuntimeDeps;
   private readonly admissionDeps: AdmissionDeps;
 
@@ -109,14 +114,36 @@ export class ProxyServer {
   }
 
   /**
-   * Open the nftables table once some listener asks for `client.dataPath: kernel`. An
-   * operator who asked for it gets a startup (or reload) error, not a silent relay.
+   * Open the nftables table once some listener asks for `client.dataPath: kernel` or `auto`.
+   * An operator who asked for `kernel` gets a startup (or reload) error, not a silent relay;
+   * `auto` falls back to the relay, and each such listener says which path it got and why.
    */
   private ensureKernelPath(config: ProxyConfig): void {
-    if (this.kernelForwarder || !config.listeners.some((l) => l.client.dataPath === 'kernel')) return;
-    const open = this.deps.openKernelForwarder ?? (() => defaultKernelForwarder(this.deps.log));
-    this.kernelForwarder = open();
-    this.deps.log.info({ event: 'kernel-path', table: this.kernelForwarder.table }, 'kernel data path ready (nftables)');
+    const auto = config.listeners.filter((l) => l.client.dataPath === 'auto');
+    if (!this.kernelForwarder && config.listeners.some((l) => l.client.dataPath !== 'relay')) {
+      const open = this.deps.openKernelForwarder ?? (() => defaultKernelForwarder(this.deps.log));
+      if (config.listeners.some((l) => l.client.dataPath === 'kernel')) {
+        this.kernelForwarder = open();
+      } else {
+        const blocker = (this.deps.kernelHostBlocker ?? kernelPathHostBlocker)();
+        this.kernelPathUnavailable = blocker;
+        if (!blocker) {
+          try {
+            this.kernelForwarder = open();
+          } catch (err) {
+            this.kernelPathUnavailable = (err as Error).message;
+          }
+        }
+      }
+      if (this.kernelForwarder) this.deps.log.info({ event: 'kernel-path', table: this.kernelForwarder.table }, 'kernel data path ready (nftables)');
+    }
+    for (const listener of auto) {
+      const kernel = this.kernelForwarder !== null;
+      this.deps.log.info(
+        { event: 'data-path', listener: listener.name, configured: 'auto', dataPath: kernel ? 'kernel' : 'relay', reason: kernel ? `nftables table ${this.kernelForwarder!.table}` : this.kernelPathUnavailable },
+        kernel ? 'dataPath auto: passive data on the kernel path where a transfer allows it' : 'dataPath auto: relaying data, the kernel path is not available here',
+      );
+    }
   }
 
   addresses(): BoundListener[] {
@@ -282,7 +309,7 @@ export class ProxyServer {
 
 function defaultKernelForwarder(log: Logger): KernelForwarder {
   const { run, reason } = loadNftRunner();
-  if (!run) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `client.dataPath: kernel needs the native addon and libnftables: ${reason}`);
+  if (!run) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `the kernel data path needs the native addon and libnftables: ${reason}`);
   const forwarder = new KernelForwarder(run, { onWarning: (message, detail) => log.warn({ event: 'kernel-path', ...detail }, message) });
   // However the process ends short of close() (an uncaught exception), the table goes with
   // it; only SIGKILL leaves it, for the next start to remove (staleTables).

@@ -201,8 +201,8 @@ function validateListener(v: Validator, index: number, raw: unknown, files: TlsF
   const portNatFixup = bool(v, [...base, 'client', 'portNatFixup'], cl.portNatFixup, true);
   const bindAllPassivePorts = bool(v, [...base, 'client', 'bindAllPassivePorts'], cl.bindAllPassivePorts, false);
   const dataPathText = str(v, [...base, 'client', 'dataPath'], cl.dataPath, 'relay') ?? 'relay';
-  if (dataPathText !== 'relay' && dataPathText !== 'kernel') v.fail([...base, 'client', 'dataPath'], 'must be relay or kernel');
-  const dataPath: DataPath = dataPathText === 'kernel' ? 'kernel' : 'relay';
+  if (dataPathText !== 'relay' && dataPathText !== 'kernel' && dataPathText !== 'auto') v.fail([...base, 'client', 'dataPath'], 'must be relay, kernel or auto');
+  const dataPath: DataPath = dataPathText === 'kernel' || dataPathText === 'auto' ? dataPathText : 'relay';
   const dataSourcePort = readDataSourcePort(v, [...base, 'client', 'dataSourcePort'], cl.dataSourcePort, listen, passivePorts, activePorts);
 
   const tp = [...base, 'timeouts'];

@@ -9,10 +9,12 @@ export type DataMode = 'passive' | 'active' | 'mirror';
 
 /**
  * How passive data connections are carried: `relay` (the proxy accepts and relays them,
- * splice(2) when it can) or `kernel` (a per-transfer nftables DNAT/SNAT mapping; the proxy
- * never touches the payload; src/data/kernel-forward.ts).
+ * splice(2) when it can), `kernel` (a per-transfer nftables DNAT/SNAT mapping; the proxy
+ * never touches the payload; src/data/kernel-forward.ts; the proxy does not start without
+ * it), or `auto` (the kernel path where the host allows it, the relay otherwise; decided at
+ * start and logged, server/data-path.ts).
  */
-export type DataPath = 'relay' | 'kernel';
+export type DataPath = 'relay' | 'kernel' | 'auto';
 
 export interface PortRange {
   readonly first: number;

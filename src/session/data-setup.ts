@@ -237,14 +237,15 @@ export class DataSetup {
   }
 
   /**
-   * `client.dataPath: kernel`: map the leased port to the server's passive port in nftables
+   * `client.dataPath: kernel` (or `auto` where the host allows it): map the leased port to the server's passive port in nftables
    * (kernel-forward.ts). Null when the relay carries this channel: the path is off, this
    * channel is not one the kernel can carry, or the mapping failed (logged; the relay works).
    */
   private tryKernelPath(port: number, upstreamLeg: UpstreamLeg): KernelForward | null {
     const { kernelForwarder: forwarder, config, metrics, log } = this.deps;
     const upstream = this.deps.upstream();
-    if (config.client.dataPath !== 'kernel' || !forwarder || upstreamLeg.kind !== 'passive' || !upstream) return null;
+    // `auto` without a forwarder: the host could not have the kernel path (logged at start).
+    if (config.client.dataPath === 'relay' || !forwarder || upstreamLeg.kind !== 'passive' || !upstream) return null;
     const mapping: ForwardMapping = {
       clientIp: this.clientIp,
       proxyIp: this.localIp,

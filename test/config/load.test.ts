@@ -423,9 +423,12 @@ t.test('client.dataPath', async (t) => {
   const listener = (client: string, extra = ''): string => `listeners:\n  - listen: "0.0.0.0:21"\n    upstream: { host: 10.0.0.5 }\n    client: ${client}\n${extra}`;
   t.equal(validateConfigText(listener('{ dataPath: kernel }')).listeners[0]?.client.dataPath, 'kernel');
   t.equal(validateConfigText(listener('{ dataPath: relay }')).listeners[0]?.client.dataPath, 'relay');
+  t.equal(validateConfigText(listener('{ dataPath: auto }')).listeners[0]?.client.dataPath, 'auto');
+  t.equal(validateConfigText(listener('{}')).listeners[0]?.client.dataPath, 'relay', 'relay by default (README says why)');
   const bad = issuesOf(listener('{ dataPath: nat }'));
   t.same(bad.map((i) => [i.path, i.line]), [['listeners[0].client.dataPath', 4]]);
-  t.match(bad[0]?.message, /relay or kernel/);
+  t.match(bad[0]?.message, /relay, kernel or auto/);
+  t.same(issuesOf(listener('{ dataPath: auto }', '    proxyProtocol: { accept: v2, from: [10.0.0.0/8] }\n')), [], 'auto with proxyProtocol: accepted, it relays there');
   const withProxyProtocol = issuesOf(listener('{ dataPath: kernel }', '    proxyProtocol: { accept: v2, from: [10.0.0.0/8] }\n'));
   t.same(withProxyProtocol.map((i) => i.path), ['listeners[0].client.dataPath']);
   t.match(withProxyProtocol[0]?.message, /cannot be used with proxyProtocol/, 'behind a PROXY load balancer the data comes from the balancer');

@@ -38,6 +38,8 @@ export interface StartTestProxyOptions {
   readonly teardown?: TeardownHost;
   /** Stands in for the nftables table (client.dataPath: kernel). */
   readonly openKernelForwarder?: () => KernelForwarder;
+  /** Stands in for `dataPath: auto`'s host check (ip_forward). */
+  readonly kernelHostBlocker?: () => string | null;
 }
 
 /**
@@ -54,7 +56,11 @@ export async function startTestProxy(yaml: string, options: StartTestProxyOption
     },
   });
   const logger = createLogger(config.log.level, sink);
-  const running = await startProxy(config, { logger, ...(options.openKernelForwarder ? { openKernelForwarder: options.openKernelForwarder } : {}) });
+  const running = await startProxy(config, {
+    logger,
+    ...(options.openKernelForwarder ? { openKernelForwarder: options.openKernelForwarder } : {}),
+    ...(options.kernelHostBlocker ? { kernelHostBlocker: options.kernelHostBlocker } : {}),
+  });
   options.teardown?.teardown(() => running.close());
   const first = running.listeners[0]!;
   const logs = (): LogRecord[] => text.split('\n').filter(Boolean).map((line) => JSON.parse(line) as LogRecord);
@@ -100,7 +106,7 @@ export interface TestProxyOptions {
   /** Extra YAML lines appended under the listener (already indented by 4 spaces). */
   readonly extraYaml?: string;
   readonly level?: string;
-  readonly dataPath?: 'relay' | 'kernel';
+  readonly dataPath?: 'relay' | 'kernel' | 'auto';
 }
 
 let nextPassiveBase = 30000 + Math.floor(Math.random() * 200) * 20;

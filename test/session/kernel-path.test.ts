@@ -30,7 +30,7 @@ interface Lab {
   readonly client: FtpClient;
 }
 
-async function startLab(t: TapTest, answer: (script: string) => Partial<NftResult> = () => ({})): Promise<Lab> {
+async function startLab(t: TapTest, answer: (script: string) => Partial<NftResult> = () => ({}), dataPath: 'kernel' | 'auto' = 'kernel'): Promise<Lab> {
   const scripts: string[] = [];
   const fake = await FakeFtpServer.start({ files: { 'f.bin': FILE } });
   const proxy = await startTestProxy(
@@ -38,10 +38,11 @@ async function startLab(t: TapTest, answer: (script: string) => Partial<NftResul
       upstreamHost: '127.0.0.1',
       upstreamPort: fake.port,
       passivePorts: ports.take(10).text,
-      dataPath: 'kernel',
+      dataPath,
       extraYaml: FAST_TIMEOUTS_YAML,
     }),
     {
+      kernelHostBlocker: () => null,
       openKernelForwarder: () =>
         new KernelForwarder(
           (script) => {
@@ -206,4 +207,58 @@ t.test('a kernel path that cannot start fails the start, binds nothing', async (
   t.ok(isProxyError(err, 'FTPP_ERR_KERNEL_PATH'), `FTPP_ERR_KERNEL_PATH: ${(err as Error)?.message}`);
   t.match((err as Error).message, /Operation not permitted \(needs CAP_NET_ADMIN\)/);
   t.equal(await connectionOutcome(range.first), 'ECONNREFUSED', 'no passive port bound');
+});
+
+// ------------------------------------------------------------------ client.dataPath: auto (issue #14)
+
+t.test('dataPath auto on a host that allows it: the kernel path, said once at start', async (t) => {
+  const lab = await startLab(t, () => ({}), 'auto');
+  const line = lab.proxy.logs().find((r) => r.event === 'data-path');
+  t.match(line, { listener: 'test', configured: 'auto', dataPath: 'kernel', reason: 'nftables table ftpnp_4242' }, JSON.stringify(line));
+  const pasv = await lab.client.command('PASV');
+  t.equal(pasv.code, 227);
+  t.same(lastMapping(lab.scripts)?.proxyPort, parse227(pasv).port, 'the passive channel was mapped in nftables');
+});
+
+async function autoRelayed(t: TapTest, options: { hostBlocker: string | null; openFails: boolean }): Promise<{ proxy: TestProxy; opened: number }> {
+  const fake = await FakeFtpServer.start({ files: { 'f.bin': FILE } });
+  let opened = 0;
+  const proxy = await startTestProxy(
+    proxyYaml({ upstreamHost: '127.0.0.1', upstreamPort: fake.port, passivePorts: ports.take(10).text, dataPath: 'auto', extraYaml: FAST_TIMEOUTS_YAML }),
+    {
+      kernelHostBlocker: () => options.hostBlocker,
+      openKernelForwarder: () => {
+        opened += 1;
+        return new KernelForwarder(() => (options.openFails ? { ok: false, output: '', error: 'Operation not permitted' } : { ok: true, output: '', error: '' }), { pid: 4242 });
+      },
+    },
+  );
+  t.teardown(async () => {
+    await proxy.close();
+    await fake.close();
+  });
+  const client = await FtpClient.connect(proxy.host, proxy.port);
+  t.teardown(() => client.destroy());
+  t.equal((await client.login()).code, 230);
+  const epsv = await client.command('EPSV');
+  const socket = await openData('127.0.0.1', parse229(epsv));
+  const data = readAll(socket);
+  t.equal((await client.command('RETR f.bin')).code, 226, 'the transfer completes');
+  t.ok((await data).data.equals(FILE), 'relayed by the proxy, intact');
+  t.match(transferRecords(proxy)[0], { dataPath: 'relay', bytes: FILE.length }, 'logged as relayed, with its byte count');
+  await client.quit();
+  t.same(await settleLeaks(proxy), { sessions: 0, leased: 0 });
+  return { proxy, opened };
+}
+
+t.test('dataPath auto without IPv4 forwarding: the relay, and why; nftables is never touched', async (t) => {
+  const { proxy, opened } = await autoRelayed(t, { hostBlocker: 'net.ipv4.ip_forward is 0: the kernel would drop the data connections it NATs to the server', openFails: false });
+  t.equal(opened, 0, 'no table opened');
+  t.match(proxy.logs().find((r) => r.event === 'data-path'), { dataPath: 'relay', reason: /ip_forward is 0/ });
+});
+
+t.test('dataPath auto without CAP_NET_ADMIN: the proxy starts and relays, and says why (kernel would refuse to start)', async (t) => {
+  const { proxy, opened } = await autoRelayed(t, { hostBlocker: null, openFails: true });
+  t.equal(opened, 1, 'the table was tried');
+  t.match(proxy.logs().find((r) => r.event === 'data-path'), { dataPath: 'relay', reason: /Operation not permitted \(needs CAP_NET_ADMIN\)/ });
 });

@@ -20,8 +20,9 @@ function directive(name: string): string | undefined {
 t.test('operator-facing directives', async (t) => {
   t.match(directive('Type') ?? '', /^(exec|notify)$/, 'Type=exec or notify');
   t.ok(directive('User') && directive('User') !== 'root', 'dedicated user');
-  t.equal(directive('AmbientCapabilities'), 'CAP_NET_BIND_SERVICE', 'only CAP_NET_BIND_SERVICE');
-  t.equal(directive('CapabilityBoundingSet'), 'CAP_NET_BIND_SERVICE', 'bounding set limited too');
+  t.equal(directive('AmbientCapabilities'), 'CAP_NET_BIND_SERVICE CAP_NET_ADMIN', 'port 21 and port 20; nftables for dataPath auto/kernel; nothing else');
+  t.equal(directive('CapabilityBoundingSet'), 'CAP_NET_BIND_SERVICE CAP_NET_ADMIN', 'bounding set limited too');
+  t.match(unit, /CAP_NET_ADMIN \(with AF_NETLINK below\): client\.dataPath auto\/kernel/, 'the comment says what CAP_NET_ADMIN is for and how to drop it');
   t.match(unit, /client\.dataSourcePort below 1024/, 'the comment says the capability also serves client.dataSourcePort (port 20)');
   t.match(directive('ExecReload') ?? '', /kill -HUP \$MAINPID/, 'ExecReload sends HUP');
   const stop = Number(/^(\d+)s$/.exec(directive('TimeoutStopSec') ?? '')?.[1]);
@@ -31,6 +32,7 @@ t.test('operator-facing directives', async (t) => {
   t.equal(directive('PrivateTmp'), 'yes');
   t.equal(directive('NoNewPrivileges'), 'yes');
   t.match(directive('RestrictAddressFamilies') ?? '', /AF_INET AF_INET6/);
+  t.match(directive('RestrictAddressFamilies') ?? '', /AF_NETLINK/, 'netlink for libnftables');
   t.match(directive('ExecStart') ?? '', /dist\/cli\.js --config \S+\.yaml$/, 'ExecStart runs the CLI with a config');
 });
 
