@@ -191,9 +191,8 @@ export class Session {
     this.log.info({ event: 'session-start', listener: this.config.name, local: `${endpoints.local.ip}:${endpoints.local.port}`, dialled: `${endpoints.dialled.ip}:${endpoints.dialled.port}` }, 'session start');
     this.deps.metrics.sessionOpened(this.config.name);
     // The greeting is the reply to "connecting" (RFC 959 §5.4: 120 then 220, or 220, or 421);
-    // in forward mode it is the proxy's own, the server's comes with the reply to USER.
-    if (this.forward) this.replies.append(replyLine(FORWARD_GREETING));
-    else this.server.exchange.expect(this.replies.open());
+    // in forward mode it is the proxy's own (begin()), the server's comes with the reply to USER.
+    if (!this.forward) this.server.exchange.expect(this.replies.open());
     this.timeouts.start();
     if (this.clientTls.isImplicit) {
       void this.startImplicitTls();
@@ -207,6 +206,8 @@ export class Session {
   /** Dial the server (fixed, or the original destination), or wait for the client to name it (forward). */
   private begin(): void {
     if (this.forward) {
+      // After the implicit handshake, if any: nothing goes out in clear text on port 990.
+      this.replies.append(replyLine(FORWARD_GREETING));
       this.client.pipeline.start();
       return;
     }

@@ -43,8 +43,12 @@ const LEG_OWN = new Set(['AUTH', 'PBSZ', 'PROT', 'CCC', 'HOST']);
 
 export function decidePreLogin(command: ClientCommand, view: SessionView, tlsOffered: boolean): PreLoginDecision {
   switch (command.verb) {
-    case 'USER':
+    case 'USER': {
+      // tls.require: no login before AUTH TLS, whichever server it would name.
+      const decision = decideCommand(command, view);
+      if (decision.kind === 'reply') return { kind: 'own', decision };
       return { kind: 'login', login: parseForwardLogin(command.argument) };
+    }
     case 'PASS':
       return { kind: 'reply', line: '503 Log in with USER user@host first.' };
     case 'QUIT':

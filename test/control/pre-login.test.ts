@@ -59,6 +59,9 @@ t.test('USER is parsed as a forward login; AUTH/PBSZ/PROT/CCC and HOST naming th
   t.same(decide('AUTH TLS', TLS_VIEW), { kind: 'own', decision: { kind: 'start-tls', line: '234 Proceed with negotiation.', prot: 'C' } }, 'AUTH with a TLS offer: the handshake');
   t.equal(decide('PBSZ 0', TLS_VIEW).kind, 'own');
   t.equal(decide('CCC', TLS_VIEW).kind, 'own');
+  const requireView: SessionView = { ...VIEW, protection: initialProtection({ mode: 'explicit', require: true }) };
+  t.same(decide('USER alice@ftp.example.net', requireView), { kind: 'own', decision: { kind: 'reply', line: '530 Non-anonymous sessions must use encryption.', errorCode: 'FTPP_ERR_TLS_REQUIRED' } }, 'tls.require: no forward login before AUTH TLS');
+  t.equal(decide('USER alice@ftp.example.net', { ...requireView, protection: { ...requireView.protection, secured: true } }).kind, 'login', 'and after it, the login');
 });
 
 t.test('FEAT before login lists what the proxy provides itself', async (t) => {

@@ -61,13 +61,13 @@ if (reason) {
     otherPki?.cleanup();
   });
 
-  async function forwardProxy(t: TapTest, clientTls: boolean, ca: string): Promise<TestProxy> {
+  async function forwardProxy(t: TapTest, clientTls: boolean | 'implicit', ca: string): Promise<TestProxy> {
     return startTestProxy([
       'log: { level: debug }',
       'listeners:',
       '  - name: fwdtls',
       '    listen: "127.0.0.1:0"',
-      ...(clientTls ? [`    tls: { mode: explicit, cert: ${pki.server.cert.path}, key: ${pki.server.key.path} }`] : []),
+      ...(clientTls ? [`    tls: { mode: ${clientTls === 'implicit' ? 'implicit' : 'explicit'}, cert: ${pki.server.cert.path}, key: ${pki.server.key.path} }`] : []),
       '    upstream:',
       '      forward: { allow: [127.0.0.1/32], ports: "1024-65535" }',
       `      tls: { mode: explicit, ca: ${ca} }`,
@@ -107,6 +107,19 @@ if (reason) {
     t.ok(tlsServer.length >= 8, `the server leg was TLS every time (${tlsServer.length})`);
     const ends = proxy.logs().filter((r) => r.event === 'session-end');
     t.ok(ends.length > 0 && ends.every((r) => r.clientTls !== null && r.serverTls !== null && r.upstream === `127.0.0.1:${ftps.port}`), 'every session: TLS on both legs, the chosen server named');
+    t.same(await settleLeaks(proxy), { sessions: 0, leased: 0 });
+  });
+
+  t.test('implicit FTPS front: the proxy\'s own 220 goes out only after the handshake, then the forward login', async (t) => {
+    const proxy = await forwardProxy(t, 'implicit', pki.ca.cert.path);
+    const e = endpointFor(proxy);
+    for (const [client, mode] of [['lftp', 'pasv'], ['ftplib', 'port']] as const) {
+      const label = `implicit-${client}-${mode}`;
+      const local = join(localDir, `${label}.down`);
+      const get = await transferTls(client, 'implicit', mode, e, 'get', 'remote.bin', local);
+      t.equal(get.code, 0, `${label}: download exits 0${failure(get)}`);
+      t.equal(sha256File(local), sourceSha, `${label}: download intact`);
+    }
     t.same(await settleLeaks(proxy), { sessions: 0, leased: 0 });
   });
 
