@@ -10,6 +10,20 @@ import tls from 'node:tls';
 /** Zero-length probe write that tells a FIN from an RST reported as EOF (see pump()). */
 const EMPTY = Buffer.alloc(0);
 
+/**
+ * How far one direction may run ahead of its receiver: the relay stops reading the sender
+ * once this many bytes wait in the receiving socket, and reads again at its 'drain'.
+ * `write() === false` alone is no signal here: Node's writable highWaterMark is 16 KiB, one
+ * TLS record, so every chunk a TLSSocket delivers (16 KiB) or a TCP read brings (up to
+ * 64 KiB) makes write() return false, and a TLS write completes only on the next event-loop
+ * turn (Node 20's TLSWrap defers it even when the kernel took it all). Pausing there
+ * stopped and restarted reading (two epoll_ctl) and waited a loop turn for every record
+ * (issue #12: PROT P on both legs). Queued chunks also go out as one writev, one TLS write
+ * for several records. Memory stays bounded: at most this plus one chunk per direction in
+ * the sink, plus the source's own highWaterMark.
+ */
+export const RELAY_QUEUE_BYTES = 512 * 1024;
+
 /** complete: both sides ended cleanly; reset: a side failed; aborted: abort() was called; idle: no byte moved for idleTimeoutMs. */
 export type RelayOutcome = 'complete' | 'reset' | 'aborted' | 'idle';
 
@@ -120,10 +134,12 @@ export class DataRelay implements Relay {
   private pump(source: net.Socket, sink: net.Socket, direction: Direction): void {
     source.on('data', (chunk: Buffer) => {
       this.bytes[direction] += chunk.length;
-      if (!sink.write(chunk)) source.pause();
+      if (!sink.write(chunk) && sink.writableLength >= RELAY_QUEUE_BYTES) source.pause();
     });
+    // 'drain' also follows writes that returned false below the bound, with the source
+    // still flowing: only a source this relay paused is resumed.
     sink.on('drain', () => {
-      if (!source.destroyed) source.resume();
+      if (!source.destroyed && source.isPaused()) source.resume();
     });
     const onEnd = (): void => {
       // Half-close: pass the FIN on and keep the other direction open. But check it was a

@@ -392,3 +392,29 @@ t.test('the TLS server resets while the relay holds the TLS upstream leg back (s
   t.equal(c.outcome, 'error', `the client sees a reset, not a clean end (${c.outcome} after ${c.data.length} bytes)`);
   t.equal((await withTimeout(relay.done, 5000, 'relay done')).outcome, 'reset', 'outcome reset');
 });
+
+t.test('TLS on both legs with a reader that keeps up: the relay does not stop reading for every TLS record', async (t) => {
+  // Issue #12 (both-legs RETR at 0.52x of direct FTPS): a TLSSocket delivers one 16 KiB
+  // record per chunk, which is the sink's whole highWaterMark, so write() returned false for
+  // every record and the relay paused and resumed the server's leg once per record.
+  const c = await tlsPair('server');
+  const s = await tlsPair('client');
+  const relay = createRelay(c.inner, s.inner);
+  let pauses = 0;
+  const pause = s.inner.pause.bind(s.inner);
+  s.inner.pause = () => {
+    pauses += 1;
+    return pause();
+  };
+  const total = 8 * 1024 * 1024;
+  const records = total / (16 * 1024);
+  const clientRead = readAll(c.app, 15000);
+  s.app.on('data', () => {});
+  s.app.end(randomBytes(total));
+  c.app.end();
+  const r = await clientRead;
+  t.equal(r.outcome, 'end', 'clean end');
+  t.equal(r.data.length, total, 'every byte arrived');
+  t.ok(pauses < records / 8, `the server leg was paused ${pauses} times for ${records} records`);
+  t.equal((await withTimeout(relay.done, 5000, 'relay done')).outcome, 'complete');
+});
