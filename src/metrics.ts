@@ -92,6 +92,11 @@ export interface ProxyMetrics {
   sessionClosed(listener: string): void;
   /** A data transfer ended; `bytes` relayed (partial for failed/aborted), `seconds` from start to end. */
   transferFinished(listener: string, direction: Direction, result: TransferResult, bytes: number, seconds: number): void;
+  /**
+   * A kernel-carried transfer ended (client.dataPath: kernel): IP bytes each way as nftables
+   * counted them, headers included; not payload, so not in transferFinished's bytes.
+   */
+  transferWireBytes(listener: string, wire: { readonly toClient: number; readonly toServer: number }): void;
   /** A limit or policy refused or ended something. */
   limitHit(listener: string, reason: RejectionReason): void;
   /** An upstream control connection attempt finished; `seconds` is only recorded on success. */
@@ -153,6 +158,7 @@ export const NOOP_METRICS: ProxyMetrics = Object.freeze({
   sessionOpened(): void {},
   sessionClosed(): void {},
   transferFinished(): void {},
+  transferWireBytes(): void {},
   limitHit(): void {},
   upstreamConnect(): void {},
   dataStranger(): void {},
@@ -209,6 +215,12 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     name: 'ftpnp_transfer_bytes_total',
     help: 'Bytes relayed on data connections, by direction (seen from the client); includes partial transfers.',
     labelNames: ['listener', 'direction'] as const,
+    registers,
+  });
+  const transferWireBytes = new Counter({
+    name: 'ftpnp_transfer_wire_bytes_total',
+    help: 'IP bytes of kernel-carried data connections (client.dataPath: kernel) as nftables counted them, headers included, by toward (client, server).',
+    labelNames: ['listener', 'toward'] as const,
     registers,
   });
   const transferDuration = new Histogram({
@@ -315,6 +327,7 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     }
     upstreamSeconds.zero({ listener });
     for (const reason of REJECTION_REASONS) rejections.inc({ listener, reason }, 0);
+    for (const toward of ['client', 'server']) transferWireBytes.inc({ listener, toward }, 0);
     for (const direction of TRANSFER_DIRECTIONS) {
       transferBytes.inc({ listener, direction }, 0);
       transferDuration.zero({ listener, direction });
@@ -338,6 +351,11 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
       transfersTotal.inc({ listener, direction, result });
       if (isSample(bytes)) transferBytes.inc({ listener, direction }, bytes);
       if (isSample(seconds)) transferDuration.observe({ listener, direction }, seconds);
+    },
+    transferWireBytes(listener: string, wire: { readonly toClient: number; readonly toServer: number }): void {
+      ensureListener(listener);
+      if (isSample(wire.toClient)) transferWireBytes.inc({ listener, toward: 'client' }, wire.toClient);
+      if (isSample(wire.toServer)) transferWireBytes.inc({ listener, toward: 'server' }, wire.toServer);
     },
     limitHit(listener: string, reason: RejectionReason): void {
       ensureListener(listener);

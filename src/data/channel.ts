@@ -17,7 +17,7 @@ import { clientHandshakeInFlight } from './tls.js';
 import { createRelay } from './splice-relay.js';
 import type { Dial } from './dial.js';
 import type { PortLease } from './port-pool.js';
-import type { KernelForward } from './kernel-forward.js';
+import type { KernelForward, WireBytes } from './kernel-forward.js';
 import { isProxyError, type ErrorCode } from '../errors.js';
 
 export type ClientLeg =
@@ -75,6 +75,11 @@ export class DataChannel {
    */
   onSettled: ((result: RelayResult | null, reason: string, code: ErrorCode | null) => void) | null = null;
   private closeCode: ErrorCode | null = null;
+  /** Kernel path: the idle cut reset the connection (the transfer cannot have completed). */
+  private cutIdle = false;
+  /** Kernel path: how long a finished transfer's counters may wait for the connection's last packets. */
+  private endWaitMs = 0;
+  private pairedAt = 0;
 
   constructor(clientLeg: ClientLeg, upstreamLeg: UpstreamLeg) {
     this.clientLeg = clientLeg;
@@ -147,6 +152,8 @@ export class DataChannel {
     if (this.stateValue.status !== 'pending') return;
     if (this.clientLeg.kind === 'forwarded') {
       this.stateValue = { status: 'forwarded' };
+      this.pairedAt = Date.now();
+      if (options.idleTimeoutMs > 0) this.clientLeg.forward.watchIdle(options.idleTimeoutMs, this.onKernelIdle);
       return;
     }
     this.stateValue = { status: 'connecting' };
@@ -175,6 +182,27 @@ export class DataChannel {
     );
   }
 
+  /**
+   * Kernel path: no payload moved for idleTimeoutMs; the forwarder has cut the connection.
+   * Ends like a relay's idle timeout: closed, settled with outcome `idle`.
+   */
+  private readonly onKernelIdle = (): void => {
+    if (this.stateValue.status !== 'forwarded' || this.clientLeg.kind !== 'forwarded') return;
+    this.cutIdle = true;
+    this.stateValue = { status: 'closed', reason: 'idle timeout' };
+    this.clientLeg.lease.release();
+    for (const waiter of this.closedWaiters.splice(0)) waiter();
+    this.settle({ upstreamToClientBytes: 0, clientToUpstreamBytes: 0, outcome: 'idle', durationMs: Date.now() - this.pairedAt }, 'idle timeout');
+  };
+
+  /**
+   * Kernel path: IP bytes each way, headers included, once the transfer is over (null: the
+   * relay carried this channel, or nothing could be read). Settles after close().
+   */
+  get wireBytes(): Promise<WireBytes | null> {
+    return this.clientLeg.kind === 'forwarded' ? this.clientLeg.forward.wireBytes : Promise.resolve(null);
+  }
+
   /** Why the channel failed, when it failed with a code (e.g. a data TLS handshake); null otherwise. */
   get failureCode(): ErrorCode | null {
     return this.closeCode;
@@ -200,7 +228,7 @@ export class DataChannel {
    */
   directionDone(direction: TransferDirection): Promise<boolean> {
     const relayDirection = direction === 'download' ? 'toClient' : 'toUpstream';
-    if (this.clientLeg.kind === 'forwarded') return Promise.resolve(true);
+    if (this.clientLeg.kind === 'forwarded') return Promise.resolve(!this.cutIdle);
     if (this.relay) return this.relay.directionFinished(relayDirection);
     if (this.isClosed) return Promise.resolve(false);
     return new Promise<boolean>((resolve) => {
@@ -217,12 +245,15 @@ export class DataChannel {
 
   /** Close the channel gracefully after `ms` unless it closes by itself first. */
   lingerThenClose(ms: number): void {
-    if (this.isClosed || this.lingerTimer) return;
     if (this.clientLeg.kind === 'forwarded') {
-      // The connection already lives in conntrack; the mapping and port are not needed.
+      // The connection already lives in conntrack; the mapping and port are not needed. Its
+      // counters are read once its last packets have passed (the server's 226 can come
+      // before the tail of its send buffer), within `ms`.
+      this.endWaitMs = ms;
       this.close('transfer finished');
       return;
     }
+    if (this.isClosed || this.lingerTimer) return;
     this.lingerTimer = setTimeout(() => this.close('linger expired'), ms);
     this.lingerTimer.unref();
   }
@@ -232,7 +263,11 @@ export class DataChannel {
    * so nothing half-sent looks complete). Idempotent; the first reason wins.
    */
   close(reason: string, code: ErrorCode | null = null): void {
-    if (this.stateValue.status === 'closed') return;
+    if (this.stateValue.status === 'closed') {
+      // After a kernel idle cut: the final reply came, the `cut` element can go.
+      if (this.clientLeg.kind === 'forwarded') this.clientLeg.forward.remove();
+      return;
+    }
     this.closeCode = code;
     const relay = this.stateValue.status === 'relaying' ? this.stateValue.relay : null;
     this.stateValue = { status: 'closed', reason };
@@ -240,7 +275,7 @@ export class DataChannel {
     this.lingerTimer = null;
     if (this.clientLeg.kind === 'passive') this.clientLeg.accept.cancel(reason);
     if (this.clientLeg.kind === 'forwarded') {
-      this.clientLeg.forward.remove();
+      this.clientLeg.forward.remove(this.endWaitMs);
       this.clientLeg.lease.release();
     }
     if (this.upstreamLeg.kind === 'active') this.upstreamLeg.accept.cancel(reason);

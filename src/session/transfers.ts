@@ -8,6 +8,7 @@ import type { ClientCommand } from '../control/command.js';
 import { replyLine, type Reply } from '../control/reply.js';
 import type { TransferDirection } from '../control/rewrite.js';
 import type { DataChannel, SecureLeg } from '../data/channel.js';
+import type { WireBytes } from '../data/kernel-forward.js';
 import type tls from 'node:tls';
 import type { RelayResult } from '../data/relay.js';
 import { REPLY_FOR_CODE, type ErrorCode } from '../errors.js';
@@ -178,16 +179,31 @@ export class Transfers {
     for (const channel of [...this.running.keys()]) channel.close(reason);
   }
 
-  /** One `transfer` record and metric, once the reply the client gets is known. */
+  /**
+   * One `transfer` record and metric, once the reply the client gets is known; for a
+   * kernel-carried transfer once its counters have been read too (channel.wireBytes).
+   */
   private record(transfer: TransferContext, code: number, serverCode: number | null): void {
     const { channel } = transfer;
+    const durationMs = Date.now() - transfer.startedAt;
+    if (!channel.isForwarded) {
+      this.writeRecord(transfer, code, serverCode, durationMs, null);
+      return;
+    }
+    void channel.wireBytes.then((wire) => this.writeRecord(transfer, code, serverCode, durationMs, wire));
+  }
+
+  private writeRecord(transfer: TransferContext, code: number, serverCode: number | null, durationMs: number, wire: WireBytes | null): void {
+    const { channel } = transfer;
+    const { config, metrics, log } = this.deps;
     const bytes = channel.bytes;
-    // The kernel path never sees the payload: no byte count rather than a wrong one.
+    // The kernel path never sees the payload: no payload count rather than a wrong one; its
+    // IP bytes (headers included) are `wireBytes`, a different measure under its own name.
     const moved = channel.isForwarded ? null : transfer.direction === 'download' ? bytes.toClient : bytes.toUpstream;
     const result = code >= 200 && code < 300 ? 'ok' : transfer.aborted ? 'aborted' : 'failed';
-    const durationMs = Date.now() - transfer.startedAt;
-    this.deps.metrics.transferFinished(this.deps.config.name, transfer.direction, result, moved ?? Number.NaN, durationMs / 1000);
-    this.deps.log.info(
+    metrics.transferFinished(config.name, transfer.direction, result, moved ?? Number.NaN, durationMs / 1000);
+    if (wire) metrics.transferWireBytes(config.name, wire);
+    log.info(
       {
         event: 'transfer',
         command: transfer.command.verb,
@@ -195,6 +211,7 @@ export class Transfers {
         user: this.deps.user(),
         direction: transfer.direction,
         bytes: moved,
+        wireBytes: wire,
         result,
         durationMs,
         reply: code,

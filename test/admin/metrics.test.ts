@@ -64,6 +64,7 @@ const FTPNP_METRICS: ReadonlyArray<[string, string]> = [
   ['ftpnp_sessions_total', 'counter'],
   ['ftpnp_transfers_total', 'counter'],
   ['ftpnp_transfer_bytes_total', 'counter'],
+  ['ftpnp_transfer_wire_bytes_total', 'counter'],
   ['ftpnp_transfer_duration_seconds', 'histogram'],
   ['ftpnp_rejections_total', 'counter'],
   ['ftpnp_upstream_connect_failures_total', 'counter'],
@@ -93,6 +94,19 @@ t.test('every ftpnp_ metric exists with its type and HELP text, and no others', 
   }
   const ours = [...types.keys()].filter((name) => name.startsWith('ftpnp_')).sort();
   t.same(ours, FTPNP_METRICS.map(([name]) => name).sort(), 'exactly the documented ftpnp_ metrics');
+});
+
+t.test('wire bytes of kernel-carried transfers: their own counter, by toward, never in transfer_bytes', async (t) => {
+  const metrics = createPromMetrics();
+  metrics.sessionOpened('edge');
+  let { samples } = await scrape(metrics);
+  t.equal(samples.get(key('ftpnp_transfer_wire_bytes_total', { listener: 'edge', toward: 'client' })), 0, 'present at 0 from the start');
+  metrics.transferWireBytes('edge', { toClient: 4300000, toServer: 90000 });
+  metrics.transferWireBytes('edge', { toClient: 100, toServer: Number.NaN });
+  ({ samples } = await scrape(metrics));
+  t.equal(samples.get(key('ftpnp_transfer_wire_bytes_total', { listener: 'edge', toward: 'client' })), 4300100);
+  t.equal(samples.get(key('ftpnp_transfer_wire_bytes_total', { listener: 'edge', toward: 'server' })), 90000, 'a NaN is dropped');
+  t.equal(samples.get(key('ftpnp_transfer_bytes_total', { listener: 'edge', direction: 'download' })), 0, 'payload bytes untouched');
 });
 
 t.test('sessions: open gauge goes up and down, total only up, per listener', async (t) => {
@@ -351,5 +365,5 @@ t.test('NOOP_METRICS accepts every call and records nothing', async (t) => {
   });
   t.equal(read, 0, 'pool callback never read');
   t.ok(Object.isFrozen(NOOP_METRICS), 'shared instance cannot be modified');
-  t.equal(Object.keys(NOOP_METRICS).length, 10, 'implements all ten methods');
+  t.equal(Object.keys(NOOP_METRICS).length, 11, 'implements all eleven methods');
 });

@@ -9,8 +9,16 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
+  COUNTER_SETS,
+  CUT_HOLD_MS,
   KernelForwarder,
   addMappingScript,
+  counterKey,
+  cutScript,
+  getCountersScript,
+  listCountersScript,
+  parseCounters,
+  removeCountersScript,
   kernelPathBlocker,
   removeMappingScripts,
   staleTables,
@@ -62,19 +70,52 @@ t.test('scripts', async (t) => {
   t.match(table, /hook output priority -100;.*dnat ip to ip saddr \. ip daddr \. tcp dport map @dnat_to/, 'clients on this host');
   t.match(table, /hook postrouting priority srcnat;.*ct status dnat snat ip to ip saddr \. ip daddr \. tcp dport map @snat_to/, 'SNAT only what we DNATed');
 
+  for (const set of COUNTER_SETS) t.match(table, new RegExp(`set ${set} \\{ type ipv4_addr \\. ipv4_addr \\. inet_service; counter; \\}`), `counter set ${set}`);
+  t.match(table, /set cut \{ type ipv4_addr \. ipv4_addr \. inet_service; flags timeout; \}/, 'cut keys expire by themselves');
+  const key = 'ct original ip saddr \\. ct original ip daddr \\. ct original proto-dst';
+  t.match(table, new RegExp(`tcp flags & rst == 0 ${key} @cut reject with tcp reset`), 'a cut connection is reset, but not our own reset');
+  t.match(table, new RegExp(`ct direction original ${key} @to_server`), 'client to server: the original direction');
+  t.match(table, new RegExp(`ct direction reply ${key} @to_client`), 'server to client: the reply direction');
+  t.match(table, new RegExp(`@ih,0,8 & 0x0 == 0x0 ${key} @moving`), 'moving: only packets with payload');
+  t.match(table, new RegExp(`tcp flags & \\(fin \\| rst\\) != 0 ${key} @ends`), 'ends: FIN and RST');
+  t.match(table, /hook forward priority filter; policy accept; ct status dnat jump count;/, 'remote client and server');
+  t.match(table, /hook output priority filter; policy accept; ct status dnat jump count;/, 'a client or server on this host');
+  t.match(table, /hook input priority filter; policy accept; ct status dnat iif != "lo" jump count;/, 'input only from outside: lo traffic was counted in output');
+
+  const counters = COUNTER_SETS.map((set) => `add element ip ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`);
   t.equal(
     addMappingScript('ftpnp_1', MAPPING, 30000),
     [
       'add element ip ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 : 10.20.0.1 }',
       'create element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 timeout 30000ms : 10.20.0.5 . 31337 }',
+      ...counters,
     ].join('\n'),
-    'SNAT first: the DNAT element must never exist without its SNAT partner (one transaction anyway)',
+    'SNAT first: the DNAT element must never exist without its SNAT partner (one transaction anyway); the counters with them',
   );
   t.equal(
     addMappingScript('ftpnp_1', MAPPING, 30000, false),
-    'create element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 timeout 30000ms : 10.20.0.5 . 31337 }',
+    ['create element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 timeout 30000ms : 10.20.0.5 . 31337 }', ...counters].join('\n'),
     'an SNAT element another mapping holds is not added again',
   );
+  t.equal(
+    removeCountersScript('ftpnp_1', MAPPING),
+    COUNTER_SETS.map((set) => `delete element ip ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`).join('\n'),
+  );
+  t.equal(
+    getCountersScript('ftpnp_1', MAPPING),
+    COUNTER_SETS.map((set) => `get element ip ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`).join('\n'),
+  );
+  t.equal(listCountersScript('ftpnp_1'), 'list table ip ftpnp_1', 'one listing for every mapping (nft 1.0.6 fails several list set in one script)');
+  t.equal(
+    cutScript('ftpnp_1', MAPPING),
+    [
+      `add element ip ftpnp_1 cut { 198.51.100.7 . 203.0.113.10 . 60001 timeout ${CUT_HOLD_MS}ms }`,
+      'delete element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }',
+      'delete element ip ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 }',
+    ].join('\n'),
+    'cut: reset from now on, no new connection',
+  );
+  t.notMatch(cutScript('ftpnp_1', MAPPING, false), /snat_to/, 'a shared SNAT element stays');
   t.same(removeMappingScripts('ftpnp_1', MAPPING, false), ['delete element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }'], 'nor removed while held');
   t.match(addMappingScript('ftpnp_1', MAPPING, 250), /timeout 1000ms/, 'at least a second: a shorter timeout would race the 227');
   t.match(addMappingScript('ftpnp_1', MAPPING, 1500.2), /timeout 1501ms/, 'whole milliseconds');
@@ -82,6 +123,237 @@ t.test('scripts', async (t) => {
     'delete element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }',
     'delete element ip ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 }',
   ]);
+});
+
+/** nft 1.0.6 output as seen on the test machine: `list table` (maps, sets, a multi-line set). */
+const LIST_TABLE = `table ip ftpnp_7 {
+	map dnat_to {
+		type ipv4_addr . ipv4_addr . inet_service : ipv4_addr . inet_service
+		flags timeout
+		elements = { 10.1.0.4 . 10.1.0.1 . 40001 timeout 30s expires 29s992ms : 10.2.0.5 . 5000 }
+	}
+
+	map snat_to {
+		type ipv4_addr . ipv4_addr . inet_service : ipv4_addr
+		elements = { 10.1.0.2 . 10.2.0.5 . 5000 : 10.2.0.1 }
+	}
+
+	set to_server {
+		type ipv4_addr . ipv4_addr . inet_service
+		counter
+		elements = { 10.1.0.3 . 10.1.0.1 . 21 counter packets 0 bytes 0,
+			     10.1.0.2 . 10.1.0.1 . 6000 counter packets 50 bytes 1002608,
+			     192.168.100.200 . 10.1.0.1 . 65535 counter packets 3 bytes 156 }
+	}
+
+	set to_client {
+		type ipv4_addr . ipv4_addr . inet_service
+		counter
+		elements = { 10.1.0.2 . 10.1.0.1 . 6000 counter packets 56 bytes 2002920 }
+	}
+
+	set moving {
+		type ipv4_addr . ipv4_addr . inet_service
+		counter
+	}
+
+	set ends {
+		type ipv4_addr . ipv4_addr . inet_service
+		counter
+		elements = { 10.1.0.2 . 10.1.0.1 . 6000 counter packets 2 bytes 104 }
+	}
+
+	set cut {
+		type ipv4_addr . ipv4_addr . inet_service
+		flags timeout
+		elements = { 10.1.0.4 . 10.1.0.1 . 40001 timeout 2m10s expires 2m6s708ms }
+	}
+
+	chain count {
+		meta l4proto tcp ct direction original ct original ip saddr . ct original ip daddr . ct original proto-dst @to_server
+	}
+}
+`;
+
+/** `get element` output: no `counter` line in the set header. */
+const GET_ELEMENT = `table ip ftpnp_7 {
+	set to_server {
+		type ipv4_addr . ipv4_addr . inet_service
+		elements = { 10.1.0.4 . 10.1.0.1 . 40001 counter packets 7 bytes 1234 }
+	}
+}
+table ip ftpnp_7 {
+	set to_client {
+		type ipv4_addr . ipv4_addr . inet_service
+		elements = { 10.1.0.4 . 10.1.0.1 . 40001 counter packets 9 bytes 56789 }
+	}
+}
+`;
+
+t.test('parseCounters: every form nft prints', async (t) => {
+  const table = parseCounters(LIST_TABLE);
+  t.same([...table.keys()], ['to_server', 'to_client', 'moving', 'ends'], 'only the counter sets; maps and the cut set are not counters');
+  t.same(Object.fromEntries(table.get('to_server')!), {
+    '10.1.0.3 . 10.1.0.1 . 21': { packets: 0, bytes: 0 },
+    '10.1.0.2 . 10.1.0.1 . 6000': { packets: 50, bytes: 1002608 },
+    '192.168.100.200 . 10.1.0.1 . 65535': { packets: 3, bytes: 156 },
+  }, 'several elements, comma-separated over several lines');
+  t.same(Object.fromEntries(table.get('to_client')!), { '10.1.0.2 . 10.1.0.1 . 6000': { packets: 56, bytes: 2002920 } }, 'one element on the elements line');
+  t.same(table.get('moving')?.size, 0, 'a set without elements');
+  t.same(Object.fromEntries(table.get('ends')!), { '10.1.0.2 . 10.1.0.1 . 6000': { packets: 2, bytes: 104 } });
+  const got = parseCounters(GET_ELEMENT);
+  t.same(got.get('to_server')?.get('10.1.0.4 . 10.1.0.1 . 40001'), { packets: 7, bytes: 1234 }, 'get element: one table block per command');
+  t.same(got.get('to_client')?.get('10.1.0.4 . 10.1.0.1 . 40001'), { packets: 9, bytes: 56789 });
+  t.same(parseCounters('').size, 0, 'nothing');
+  t.equal(counterKey({ clientIp: '10.1.0.2', proxyIp: '10.1.0.1', proxyPort: 6000 }), '10.1.0.2 . 10.1.0.1 . 6000', 'the key as nft prints it');
+  // Split anywhere inside an element's line, the element is lost, never misread.
+  const line = '\t\telements = { 10.1.0.2 . 10.1.0.1 . 6000 counter packets 50 bytes 1002608 }';
+  for (let cut = 1; cut < line.length; cut++) {
+    const parsed = parseCounters(`\tset to_server {\n${line.slice(0, cut)}\n${line.slice(cut)}\n\t}`).get('to_server');
+    const seen = parsed?.get('10.1.0.2 . 10.1.0.1 . 6000');
+    if (seen && (seen.packets !== 50 || seen.bytes !== 1002608)) t.fail(`split at ${cut} misread: ${JSON.stringify(seen)}`);
+  }
+  t.pass('no split misreads a counter');
+});
+
+/** A `list table` / `get element` answer with these counters for MAPPING's key. */
+function countersOutput(c: Partial<Record<(typeof COUNTER_SETS)[number], [number, number]>>): string {
+  const key = counterKey(MAPPING);
+  return COUNTER_SETS.map((set) => {
+    const value = c[set];
+    return `\tset ${set} {\n\t\tcounter\n${value ? `\t\telements = { ${key} counter packets ${value[0]} bytes ${value[1]} }\n` : ''}\t}`;
+  }).join('\n');
+}
+
+t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async (t) => {
+  await t.test('no payload for idleMs once connected: cut once, counters read, then only the cut key left to remove', async (t) => {
+    let now = 1000;
+    let listing = countersOutput({});
+    const { run, scripts } = recordingRunner((script) => (script === 'list table ip ftpnp_8' ? { output: listing } : {}));
+    const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
+    const forward = forwarder.forward(MAPPING, 5000);
+    let idle = 0;
+    forwarder.poll();
+    t.notOk(scripts.includes(listCountersScript('ftpnp_8')), 'nothing watched: no listing at all');
+    forward.watchIdle(3000, () => (idle += 1));
+    now += 10000;
+    forwarder.poll();
+    t.equal(idle, 0, 'nobody connected yet: not idle (the accept timeout is another matter)');
+    listing = countersOutput({ to_server: [3, 180], to_client: [2, 120], moving: [4, 400] });
+    forwarder.poll();
+    now += 2999;
+    forwarder.poll();
+    t.equal(idle, 0, 'payload moved 2999 ms ago');
+    listing = countersOutput({ to_server: [6, 300], to_client: [9, 8000], moving: [7, 8100] });
+    now += 2000;
+    forwarder.poll();
+    now += 2999;
+    forwarder.poll();
+    t.equal(idle, 0, 'moving changed: the clock started again');
+    listing = countersOutput({ to_server: [8, 404], to_client: [12, 8156], moving: [7, 8100] });
+    const before = scripts.length;
+    now += 1;
+    forwarder.poll();
+    t.equal(idle, 1, 'idle for 3000 ms: cut (ACKs and zero-window probes are not payload)');
+    t.same(scripts.slice(before + 1), [cutScript('ftpnp_8', MAPPING), removeCountersScript('ftpnp_8', MAPPING)], 'one listing, the cut, the counters deleted');
+    t.same(await forward.wireBytes, { toClient: 8156, toServer: 404 }, 'the counts as last listed');
+    t.equal(forwarder.active, 0);
+    now += 10000;
+    forwarder.poll();
+    t.equal(idle, 1, 'cut once');
+    forward.remove();
+    forward.remove();
+    t.same(scripts.at(-1), 'delete element ip ftpnp_8 cut { 198.51.100.7 . 203.0.113.10 . 60001 }', 'the final reply came: the cut key goes early');
+    forwarder.close();
+  });
+
+  await t.test('a cut whose DNAT element already expired still cuts (one by one)', async (t) => {
+    const listing = countersOutput({ to_server: [3, 180] });
+    const { run, scripts } = recordingRunner((script) =>
+      script === 'list table ip ftpnp_8' ? { output: listing } : script.includes('delete element ip ftpnp_8 dnat_to') ? { ok: false, error: 'No such file or directory' } : {},
+    );
+    let now = 0;
+    const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
+    const forward = forwarder.forward(MAPPING, 5000);
+    forward.watchIdle(1000, () => {});
+    forwarder.poll();
+    now = 1000;
+    forwarder.poll();
+    const [cut, dnat, snat] = cutScript('ftpnp_8', MAPPING).split('\n');
+    t.ok(scripts.includes(cut!) && scripts.includes(dnat!) && scripts.includes(snat!), 'each line alone after the transaction failed');
+    forwarder.close();
+  });
+
+  await t.test('remove(awaitEndMs): counts at once when both FINs passed, else at the next poll that sees them, else at the deadline', async (t) => {
+    let now = 0;
+    let answer = countersOutput({ to_server: [10, 1000], to_client: [20, 50000], ends: [2, 104] });
+    const { run, scripts } = recordingRunner((script) => (script === 'list table ip ftpnp_8' || script.startsWith('get element') ? { output: answer } : {}));
+    const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
+    const done = forwarder.forward(MAPPING, 5000);
+    done.watchIdle(60000, () => {});
+    done.remove(5000);
+    t.same(await done.wireBytes, { toClient: 50000, toServer: 1000 }, 'ended: read with get element, at once');
+    t.equal(scripts.at(-2), getCountersScript('ftpnp_8', MAPPING));
+    t.equal(scripts.at(-1), removeCountersScript('ftpnp_8', MAPPING));
+
+    answer = countersOutput({ to_server: [10, 1000], to_client: [20, 50000], ends: [1, 52] });
+    const tail = forwarder.forward(MAPPING, 5000);
+    tail.watchIdle(60000, () => {});
+    tail.remove(5000);
+    let settled: unknown = 'pending';
+    void tail.wireBytes.then((wire) => (settled = wire));
+    await Promise.resolve();
+    t.equal(settled, 'pending', 'the server\'s FIN has not passed yet: wait');
+    answer = countersOutput({ to_server: [11, 1052], to_client: [25, 70000], ends: [2, 104] });
+    forwarder.poll();
+    t.same(await tail.wireBytes, { toClient: 70000, toServer: 1052 }, 'the tail counted');
+
+    answer = countersOutput({ to_server: [10, 1000], to_client: [20, 50000] });
+    const hung = forwarder.forward(MAPPING, 5000);
+    hung.watchIdle(60000, () => {});
+    hung.remove(5000);
+    now += 4999;
+    forwarder.poll();
+    settled = 'pending';
+    void hung.wireBytes.then((wire) => (settled = wire));
+    await Promise.resolve();
+    t.equal(settled, 'pending');
+    now += 1;
+    forwarder.poll();
+    t.same(await hung.wireBytes, { toClient: 50000, toServer: 1000 }, 'at the deadline, whatever was counted');
+
+    const failed = forwarder.forward(MAPPING, 5000);
+    failed.watchIdle(60000, () => {});
+    failed.remove();
+    t.same(await failed.wireBytes, { toClient: 50000, toServer: 1000 }, 'a failed transfer (no wait): at once');
+    forwarder.close();
+  });
+
+  await t.test('close settles what still waits, with null', async (t) => {
+    const { run } = recordingRunner((script) => (script.startsWith('get element') ? { output: countersOutput({ to_server: [1, 60] }) } : {}));
+    const forwarder = new KernelForwarder(run, { pid: 8, autoPoll: false });
+    const forward = forwarder.forward(MAPPING, 5000);
+    forward.watchIdle(60000, () => {});
+    forward.remove(5000);
+    forwarder.close();
+    t.equal(await forward.wireBytes, null);
+  });
+
+  await t.test('a failed listing is reported once per streak; watching goes on', async (t) => {
+    let ok = false;
+    const { run } = recordingRunner((script) => (script === 'list table ip ftpnp_8' ? (ok ? { output: countersOutput({}) } : { ok: false, error: 'busy' }) : {}));
+    const warnings: string[] = [];
+    const forwarder = new KernelForwarder(run, { pid: 8, autoPoll: false, onWarning: (m) => warnings.push(m) });
+    forwarder.forward(MAPPING, 5000).watchIdle(1000, () => {});
+    forwarder.poll();
+    forwarder.poll();
+    ok = true;
+    forwarder.poll();
+    ok = false;
+    forwarder.poll();
+    t.same(warnings, ['could not read the kernel data path counters', 'could not read the kernel data path counters']);
+    forwarder.close();
+  });
 });
 
 t.test('staleTables: ours, of dead processes, never our own', async (t) => {
@@ -123,11 +395,12 @@ t.test('KernelForwarder with a recording runner', async (t) => {
     t.equal(forwarder.active, 1);
     forward.remove();
     forward.remove();
-    t.same(scripts.slice(4), [removeMappingScripts('ftpnp_77', MAPPING).join('\n')], 'removed once, in one transaction');
+    t.same(scripts.slice(4), [removeMappingScripts('ftpnp_77', MAPPING).join('\n'), removeCountersScript('ftpnp_77', MAPPING)], 'removed once, in one transaction; no transfer, so the counters go unread');
+    t.equal(await forward.wireBytes, null, 'no transfer used it: no wire bytes');
     t.equal(forwarder.active, 0);
     forwarder.close();
     forwarder.close();
-    t.same(scripts.slice(5), ['delete table ip ftpnp_77'], 'table deleted once');
+    t.same(scripts.slice(6), ['delete table ip ftpnp_77'], 'table deleted once');
     t.throws(() => forwarder.forward(MAPPING, 5000), /closed/, 'no mapping after close');
   });
 
@@ -139,9 +412,9 @@ t.test('KernelForwarder with a recording runner', async (t) => {
     const b = forwarder.forward(second, 5000);
     t.equal(scripts.at(-1), addMappingScript('ftpnp_6', second, 5000, false), 'the second adds only its DNAT element');
     a.remove();
-    t.equal(scripts.at(-1), removeMappingScripts('ftpnp_6', MAPPING, false).join('\n'), 'the first goes without the shared SNAT element');
+    t.equal(scripts.at(-2), removeMappingScripts('ftpnp_6', MAPPING, false).join('\n'), 'the first goes without the shared SNAT element');
     b.remove();
-    t.equal(scripts.at(-1), removeMappingScripts('ftpnp_6', second, true).join('\n'), 'the last holder takes it');
+    t.equal(scripts.at(-2), removeMappingScripts('ftpnp_6', second, true).join('\n'), 'the last holder takes it');
     const other = forwarder.forward(MAPPING, 5000);
     t.equal(scripts.at(-1), addMappingScript('ftpnp_6', MAPPING, 5000, true), 'and the next one adds it again');
     const err = thrownBy(() => forwarder.forward({ ...MAPPING, proxyPort: 60003, snatIp: '10.20.0.2' }, 5000));
@@ -164,7 +437,7 @@ t.test('KernelForwarder with a recording runner', async (t) => {
     const forwarder = new KernelForwarder(run, { pid: 5 });
     forwarder.forward(MAPPING, 5000).remove();
     const [dnat, snat] = removeMappingScripts('ftpnp_5', MAPPING);
-    t.same(scripts.slice(-3), [`${dnat}\n${snat}`, dnat, snat], 'the transaction failed as a whole, then one by one');
+    t.same(scripts.slice(-4, -1), [`${dnat}\n${snat}`, dnat, snat], 'the transaction failed as a whole, then one by one');
   });
 
   await t.test('failures carry FTPP_ERR_KERNEL_PATH and nft\'s words', async (t) => {
@@ -254,4 +527,113 @@ t.test('the real libnftables in a namespace of our own', async (t) => {
   t.match(out.duplicate, /^FTPP_ERR_KERNEL_PATH: cannot add the data mapping: .*File exists/, 'the same mapping twice is refused, not silently merged');
   t.notMatch(out.unmapped, /192\.0\.2\.7/, 'both elements removed');
   t.notMatch(out.tablesAfterClose, /ftpnp_/, 'no table left');
+});
+
+/**
+ * Counting and the idle cut against the real kernel: a client and a server on the loopback of
+ * a namespace of the test's own, the client dialling the mapped port (DNAT in the output hook,
+ * the way the bench runs the kernel path).
+ */
+const TRAFFIC_CHILD = `
+import { KernelForwarder, loadNftRunner } from ${JSON.stringify(DIST_MODULE)};
+import { execFileSync } from 'node:child_process';
+import net from 'node:net';
+const UP = 1000003, DOWN = 2000017;
+const out = {};
+const nft = (...args) => execFileSync('nft', args, { encoding: 'utf8' });
+const { run } = loadNftRunner();
+const forwarder = new KernelForwarder(run, { onWarning: (m) => { out.warnings = [...(out.warnings ?? []), m]; } });
+const server = net.createServer({ allowHalfOpen: true });
+await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+const serverPort = server.address().port;
+const map = (proxyPort) => ({ clientIp: '127.0.0.1', proxyIp: '127.0.0.1', proxyPort, serverIp: '127.0.0.1', serverPort, snatIp: '127.0.0.1' });
+
+// 1. A transfer each way, then remove(awaitEndMs): the counts.
+server.once('connection', (socket) => {
+  let got = 0;
+  socket.on('data', (chunk) => { got += chunk.length; });
+  socket.on('end', () => socket.end(Buffer.alloc(DOWN, 1)));
+});
+const first = forwarder.forward(map(60001), 30000);
+first.watchIdle(60000, () => { out.wrongIdle = true; });
+const received = await new Promise((resolve, reject) => {
+  const client = net.connect({ host: '127.0.0.1', port: 60001, allowHalfOpen: true });
+  let got = 0;
+  client.on('data', (chunk) => { got += chunk.length; });
+  client.on('end', () => { client.end(); resolve(got); });
+  client.on('error', reject);
+  client.end(Buffer.alloc(UP, 2));
+});
+out.received = received;
+first.remove(3000);
+out.wire = await first.wireBytes;
+out.afterRemove = nft('list', 'table', 'ip', forwarder.table);
+
+// 2. A client that reads nothing: the server's sends stall, the cut resets it.
+const idleMs = 500;
+const serverEnd = new Promise((resolve) => {
+  server.once('connection', (socket) => {
+    const started = Date.now();
+    socket.on('error', (err) => resolve({ code: err.code, ms: Date.now() - started }));
+    socket.on('close', () => resolve({ code: 'closed', ms: Date.now() - started }));
+    const chunk = Buffer.alloc(1 << 20, 3);
+    const pump = () => { while (socket.write(chunk)) {} };
+    socket.on('drain', pump);
+    pump();
+  });
+});
+const second = forwarder.forward(map(60002), 30000);
+const cutAt = new Promise((resolve) => second.watchIdle(idleMs, () => resolve(Date.now())));
+const idleClient = net.connect({ host: '127.0.0.1', port: 60002 });
+idleClient.on('error', (err) => { out.clientError = err.code; });
+idleClient.pause();
+const connectedAt = Date.now();
+out.cutAfterMs = (await cutAt) - connectedAt;
+out.duringCut = nft('list', 'table', 'ip', forwarder.table);
+let giveUp;
+out.server = await Promise.race([serverEnd, new Promise((resolve) => { giveUp = setTimeout(() => resolve({ code: 'still open' }), 15000); })]);
+clearTimeout(giveUp);
+out.cutWire = await second.wireBytes;
+second.remove();
+out.afterCut = nft('list', 'table', 'ip', forwarder.table);
+idleClient.destroy();
+server.close();
+forwarder.close();
+console.log(JSON.stringify(out));
+`;
+
+t.test('the real kernel counts a connection both ways and cuts an idle one', async (t) => {
+  const skip = realSkipReason();
+  if (skip) {
+    t.comment(`skipped: ${skip}`);
+    t.pass(`skipped: ${skip}`);
+    return;
+  }
+  const ns = `${labPrefix()}kt`;
+  const ip = (...args: string[]): ReturnType<typeof spawnSync> => spawnSync('ip', args, { encoding: 'utf8' });
+  t.equal(ip('netns', 'add', ns).status, 0, `namespace ${ns}`);
+  t.teardown(() => void ip('netns', 'delete', ns));
+  t.equal(ip('-n', ns, 'link', 'set', 'lo', 'up').status, 0, 'loopback up');
+  const child = spawnSync('ip', ['netns', 'exec', ns, process.execPath, '--input-type=module', '-e', TRAFFIC_CHILD], { encoding: 'utf8', timeout: 60000 });
+  t.equal(child.status, 0, `child ran: ${child.stderr}`);
+  const out = JSON.parse(child.stdout.trim().split('\n').at(-1) ?? '{}') as Record<string, unknown>;
+  const UP = 1000003;
+  const DOWN = 2000017;
+  t.equal(out.received, DOWN, 'the client got everything through the mapping');
+  const wire = out.wire as { toClient: number; toServer: number } | null;
+  t.ok(wire, `wire bytes read ${JSON.stringify(wire)}`);
+  // IP bytes: the payload plus at least one 40-byte header per segment the kernel handed on
+  // (one per GSO/GRO aggregate: up to 64 KiB each), and the handshake and ACKs.
+  t.ok(wire && wire.toServer >= UP + 40 && wire.toServer < UP * 1.1, `toServer ${wire?.toServer}: the upload plus headers (${UP} payload)`);
+  t.ok(wire && wire.toClient >= DOWN + 40 && wire.toClient < DOWN * 1.1, `toClient ${wire?.toClient}: the download plus headers (${DOWN} payload)`);
+  t.notOk(out.wrongIdle, 'a moving connection is not cut');
+  t.notMatch(String(out.afterRemove), /127\.0\.0\.1 \. 127\.0\.0\.1 \. 60001/, 'every element of the first mapping is gone');
+  t.ok(Number(out.cutAfterMs) >= 500 && Number(out.cutAfterMs) < 3000, `cut after ${String(out.cutAfterMs)} ms of a 500 ms idle timeout (polls every 250 ms)`);
+  t.match(String(out.duringCut), /set cut \{[^}]*elements = \{ 127\.0\.0\.1 \. 127\.0\.0\.1 \. 60002 timeout/, 'the cut key is in the cut set');
+  t.notMatch(String(out.duringCut), /dnat_to \{[^}]*60002/, 'no DNAT element for it any more');
+  t.same((out.server as { code?: string }).code, 'ECONNRESET', `the stalled sender was reset ${JSON.stringify(out.server)}`);
+  const cutWire = out.cutWire as { toClient: number; toServer: number } | null;
+  t.ok(cutWire && cutWire.toClient > 0 && cutWire.toServer > 0, `the cut transfer's counts were read at the cut ${JSON.stringify(cutWire)}`);
+  t.notMatch(String(out.afterCut), /60002/, 'after the final remove nothing of it is left');
+  t.same(out.warnings, undefined, 'no warnings');
 });

@@ -66,6 +66,7 @@ export class RecordingMetrics implements ProxyMetrics {
   }
   sessionClosed(): void {}
   transferFinished(): void {}
+  transferWireBytes(): void {}
   limitHit(listener: string, reason: RejectionReason): void {
     this.limitHits.push({ listener, reason });
   }

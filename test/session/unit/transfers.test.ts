@@ -13,6 +13,7 @@ import { validateConfigText } from '../../../src/config/load.js';
 import type { ListenerConfig } from '../../../src/config/schema.js';
 import type { DataChannel, PairOptions } from '../../../src/data/channel.js';
 import type { RelayResult } from '../../../src/data/relay.js';
+import type { WireBytes } from '../../../src/data/kernel-forward.js';
 import { ProxyError, type ErrorCode } from '../../../src/errors.js';
 import { NOOP_METRICS, type ProxyMetrics, type RejectionReason, type TransferResult } from '../../../src/metrics.js';
 import { ReplyQueue, type ReplySlot } from '../../../src/reply-queue.js';
@@ -57,6 +58,8 @@ class FakeChannel {
   onSettled: DataChannel['onSettled'] = null;
   bytes = { toClient: 0, toUpstream: 0 };
   isForwarded = false;
+  /** Kernel path: what the forwarder's counters said (settled when the test says so). */
+  wireBytes: Promise<WireBytes | null> = Promise.resolve(null);
   clientPort: number | null = 40001;
   upstreamPort: number | null = 50001;
   clientLeg: { kind: 'passive' | 'active' | 'forwarded' } = { kind: 'passive' };
@@ -130,6 +133,8 @@ interface Setup {
   failures: Array<{ err: unknown; what: string }>;
   finished: Array<{ listener: string; direction: string; result: TransferResult; bytes: number; seconds: number }>;
   limits: Array<{ reason: RejectionReason; fields: Record<string, unknown> }>;
+  /** transferWireBytes calls. */
+  wired: WireBytes[];
   records: () => Array<Record<string, unknown>>;
   /** The channel take() hands out next (null: no PASV/PORT came first). */
   pending: FakeChannel | null;
@@ -151,6 +156,7 @@ function setup(): Setup {
     failures: [],
     finished: [],
     limits: [],
+    wired: [],
     records,
     pending: null,
     dial: async () => ({ clientSocket: null, upstreamSocket: null }),
@@ -159,6 +165,7 @@ function setup(): Setup {
   const metrics: ProxyMetrics = {
     ...NOOP_METRICS,
     transferFinished: (listener, direction, result, bytes, seconds) => s.finished.push({ listener, direction, result, bytes, seconds }),
+    transferWireBytes: (_listener, wire) => s.wired.push(wire),
   };
   const deps: TransfersDeps = {
     dataSecurity: () => ({ client: null, server: null }),
@@ -447,18 +454,35 @@ t.test('completed counts final replies, whatever they say', async (t) => {
   t.equal(s.transfers.completed, 2, 'delivery does not count again');
 });
 
-t.test('the kernel path records no byte count (the proxy never sees the payload)', async (t) => {
+t.test('the kernel path records no payload count but its wire bytes, once the counters are read', async (t) => {
   const s = setup();
   const channel = new FakeChannel();
   channel.isForwarded = true;
   channel.clientLeg = { kind: 'forwarded' };
   channel.bytes = { toClient: 0, toUpstream: 0 };
+  let read!: (wire: WireBytes | null) => void;
+  channel.wireBytes = new Promise((resolve) => (read = resolve));
   s.pending = channel;
   await s.transfers.start(command('RETR k'), 'download');
   const sent = s.forwarded[0]!;
   s.transfers.finalReply(sent.slot, sent.transfer!, reply('226 Transfer complete.'));
   channel.deliver(true);
   await tick();
-  t.match(transferRecords(s), [{ bytes: null, dataPath: 'kernel', clientMode: 'passive', result: 'ok' }]);
+  t.same(transferRecords(s), [], 'the record waits for the counters');
+  t.equal(s.written(), '226 Transfer complete.\r\n', 'the reply does not');
+  read({ toClient: 4200000, toServer: 70000 });
+  await tick();
+  t.match(transferRecords(s), [{ bytes: null, wireBytes: { toClient: 4200000, toServer: 70000 }, dataPath: 'kernel', clientMode: 'passive', result: 'ok' }]);
   t.ok(Number.isNaN(s.finished[0]!.bytes), 'metric bytes NaN (dropped by the metrics), not 0');
+  t.same(s.wired, [{ toClient: 4200000, toServer: 70000 }], 'the wire bytes metric');
+});
+
+t.test('a relayed transfer has wireBytes null', async (t) => {
+  const s = setup();
+  const { channel, sent } = await started(s);
+  channel.bytes = { toClient: 10, toUpstream: 0 };
+  s.transfers.finalReply(sent.slot, sent.transfer!, reply('226 Transfer complete.'));
+  channel.deliver(true);
+  await tick();
+  t.match(transferRecords(s), [{ bytes: 10, wireBytes: null, dataPath: 'relay' }]);
 });
