@@ -34,7 +34,10 @@
  * What the relay gives and this path does not, by construction (README "Kernel data path"):
  *  - the proxy does not see the payload: IP bytes, not payload bytes, are counted;
  *  - the idle cut can only answer a packet: an upload whose client sends nothing is silent
- *    both ways, and the server learns of the cut from its own data timeout;
+ *    both ways, and the server learns of the cut from its own data timeout; and where a side
+ *    arrives over a bridge with br_netfilter, nf_send_reset sends the RST out of the bridge
+ *    port without NAT and it is lost: conntrack closes the entry 10 s later and the next packet
+ *    meets the host's own reset (README "Kernel data path", measured in the NAT lab);
  *  - only client-passive to server-passive, IPv4 to IPv4, without PROXY headers.
  * What stays as it is: half-close and resets pass end to end (it is one TCP connection);
  * only the control client's address may connect (the map key holds it, like the relay's

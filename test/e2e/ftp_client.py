@@ -7,6 +7,9 @@ are JSON objects, one per line on stdout, so the test never parses free text. Mo
             "tls": "explicit" and "cafile", over FTPS (AUTH TLS, PBSZ 0, PROT P)
   victim    log in, PASV, print the port, wait for a line on stdin, then take that data
             connection and RETR (the port-stealing scenario, protocol.md section 4.2)
+  stall     log in, PASV, connect the data connection with a small receive buffer, RETR, and
+            read nothing: report the final reply, how long it took, and what the data
+            connection then does (an idle data connection the proxy must notice)
   probe     connect to host:port, read until EOF/reset/timeout, report the bytes received
   listen    accept on every port in `ports`, print one line per accepted connection
   dialogue  read the greeting, send each of `commands` and read its complete reply; stop at
@@ -128,6 +131,43 @@ def victim(job):
     return 0
 
 
+def stall(job):
+    ftp = login(job)
+    host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+    data = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A small window: the server's send buffer fills and the transfer stalls for good.
+    data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data.settimeout(10)
+    data.connect((host, port))
+    first = ftp.sendcmd("RETR " + job["remote"])
+    started = time.monotonic()
+    ftp.sock.settimeout(job.get("wait", 30))
+    try:
+        final = ftp.getresp()
+    except ftplib.Error as err:
+        final = str(err)
+    except socket.timeout:
+        final = None
+    seconds = round(time.monotonic() - started, 2)
+    # The cut resets the client's side at its next packet: reading opens the window and sends one.
+    data.settimeout(5)
+    end = "eof"
+    try:
+        while data.recv(65536):
+            pass
+    except ConnectionResetError:
+        end = "reset"
+    except socket.timeout:
+        end = "timeout"
+    data.close()
+    emit(op="stall", first=first, final=final, seconds=seconds, data_end=end)
+    try:
+        ftp.quit()
+    except Exception:  # noqa: BLE001
+        ftp.close()
+    return 0
+
+
 def probe(job):
     started = time.monotonic()
     received = 0
@@ -245,7 +285,7 @@ def dialogue(job):
 def main():
     job = json.loads(sys.argv[1])
     tool = job.get("tool", "session")
-    tools = {"session": session, "victim": victim, "probe": probe, "listen": listen, "dialogue": dialogue}
+    tools = {"session": session, "victim": victim, "probe": probe, "listen": listen, "dialogue": dialogue, "stall": stall}
     return tools[tool](job)
 
 

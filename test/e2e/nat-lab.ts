@@ -212,7 +212,16 @@ export async function ftpnpTables(ns: string): Promise<string[]> {
 
 /** The elements of one map (without their timeouts), or null when the table or map is missing. */
 export async function nftMapElements(ns: string, table: string, map: string): Promise<string[] | null> {
-  const out = await nft(ns, ['list', 'map', 'ip', table, map]);
+  return nftElements(ns, table, 'map', map);
+}
+
+/** The elements of one set in the proxy's table (counters and timeouts included as printed). */
+export async function nftSetElements(ns: string, table: string, set: string): Promise<string[] | null> {
+  return nftElements(ns, table, 'set', set);
+}
+
+async function nftElements(ns: string, table: string, kind: 'map' | 'set', name: string): Promise<string[] | null> {
+  const out = await nft(ns, ['list', kind, 'ip', table, name]);
   if (out.code !== 0) return null;
   const body = /elements = \{([^}]*)\}/.exec(out.stdout)?.[1];
   if (!body) return [];
@@ -354,9 +363,9 @@ export interface PyResult {
  * `{ tls: 'explicit', cafile }` makes it FTP_TLS with PROT P and data sessions that resume the
  * control session (what vsftpd's require_ssl_reuse demands).
  */
-export async function ftplib(lab: NetnsLab, ns: string, job: Record<string, unknown>): Promise<PyResult> {
+export async function ftplib(lab: NetnsLab, ns: string, job: Record<string, unknown>, timeoutMs: number = CLIENT_TIMEOUT_MS): Promise<PyResult> {
   const full = { tool: 'session', user: TEST_USER, password: TEST_PASSWORD, trust: true, mode: 'pasv', port: 21, ...job };
-  const result = await nsRun(ns, pythonPath(), [CLIENT_SCRIPT, JSON.stringify(full)], { timeoutMs: CLIENT_TIMEOUT_MS, env: clientEnv(lab) });
+  const result = await nsRun(ns, pythonPath(), [CLIENT_SCRIPT, JSON.stringify(full)], { timeoutMs, env: clientEnv(lab) });
   const records = parseJsonLines(result.stdout);
   return { run: result, records, ok: result.code === 0 && records.length > 0 && records.every((r) => r.ok !== false) };
 }

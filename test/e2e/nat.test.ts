@@ -43,6 +43,7 @@ import {
   nft,
   nftablesUnavailable,
   nftMapElements,
+  nftSetElements,
   nftMapText,
   runProxyOnce,
   startListener,
@@ -68,6 +69,17 @@ const INNER_HOST_PORT = 2000;
 const KERNEL_PROXY_PORT = 2122;
 const KERNEL_PASSIVE_PORTS = { first: 40300, last: 40349 };
 const KERNEL_ACCEPT_SECONDS = 4;
+/** Scenario 6: the kernel proxy's dataIdleSeconds, and the file a stalled client asks for (beyond any socket buffer). */
+const KERNEL_IDLE_SECONDS = 3;
+const STALL_FILE = 'stall.bin';
+const STALL_BYTES = 48 * 1024 * 1024;
+/**
+ * Wire bytes (IP, headers included) over payload: at most one 40-byte header per 536-byte
+ * segment would be 7.5 %; with 1448-byte segments, timestamps and GRO it is 1-4 %.
+ */
+const WIRE_OVERHEAD_MAX = 1.08;
+/** How long the stalled client may wait for its 426 (see the test: up to ~28 s behind a br_netfilter bridge). */
+const STALL_REPLY_MAX_SECONDS = 45;
 /** Scenario 6: a kernel-path config run without CAP_NET_ADMIN (must not start). */
 const NOCAP_PROXY_PORT = 2123;
 /** Scenario 7: the FTPS edge proxy's two listeners (upstream plain vsftpd :21, FTPS vsftpd :2021). */
@@ -590,7 +602,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         `      advertise: ${ADDR.edgePublic}`,
         `      passivePorts: "${KERNEL_PASSIVE_PORTS.first}-${KERNEL_PASSIVE_PORTS.last}"`,
         '      dataPath: kernel',
-        `    timeouts: { dataAcceptSeconds: ${KERNEL_ACCEPT_SECONDS} }`,
+        `    timeouts: { dataAcceptSeconds: ${KERNEL_ACCEPT_SECONDS}, dataIdleSeconds: ${KERNEL_IDLE_SECONDS} }`,
       ].join('\n');
 
     // The table a proxy killed with SIGKILL would leave: the next start must remove it.
@@ -624,6 +636,24 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       { direction: 'download', result: 'ok', clientMode: 'passive', dataPath: 'kernel', bytes: null },
       { direction: 'upload', result: 'ok', clientMode: 'passive', dataPath: 'kernel', bytes: null },
     ];
+    /**
+     * A download and an upload of the suite's files, counted by nftables: the transfer's own
+     * direction carries the file plus headers, the other direction at least the ACKs.
+     */
+    const checkWireBytes = (t: Test, label: string, records: Array<Record<string, unknown>>): void => {
+      for (const record of records) {
+        const wire = record.wireBytes as { toClient?: number; toServer?: number } | null;
+        const download = record.direction === 'download';
+        const payload = download ? DOWNLOAD_BYTES : UPLOAD_BYTES;
+        const along = Number(download ? wire?.toClient : wire?.toServer);
+        const back = Number(download ? wire?.toServer : wire?.toClient);
+        t.ok(
+          along >= payload && along <= payload * WIRE_OVERHEAD_MAX,
+          `${label} ${String(record.direction)}: ${along} wire bytes along the transfer for ${payload} bytes of file (x${(along / payload).toFixed(4)})`,
+        );
+        t.ok(back > 0 && back < payload / 10, `${label} ${String(record.direction)}: ${back} wire bytes back (handshake and ACKs)`);
+      }
+    };
     const relayPair = [
       { direction: 'download', result: 'ok', clientMode: 'active', dataPath: 'relay', bytes: DOWNLOAD_BYTES },
       { direction: 'upload', result: 'ok', clientMode: 'active', dataPath: 'relay', bytes: UPLOAD_BYTES },
@@ -645,7 +675,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       t.same([await nftMapElements(topo.edge, table, 'dnat_to'), await nftMapElements(topo.edge, table, 'snat_to')], [[], []], 'no mapping before any PASV/EPSV');
     });
 
-    await t.test('passive clients: the kernel carries the data both ways (sha256), logged dataPath kernel, bytes null', async (t) => {
+    await t.test('passive clients: the kernel carries the data both ways (sha256), logged dataPath kernel, bytes null, wireBytes from nftables', async (t) => {
       const strangersBefore = proxy.records().filter((r) => r.event === 'data-stranger').length;
       const curlModes: Array<[string, string[], RegExp]> = [
         ['s6-curl-epsv', ['-v'], /< 229 Entering Extended Passive Mode \(\|\|\|(\d+)\|\)/],
@@ -661,7 +691,10 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         const ports = [get, put].map((out) => advertisedPort(passiveReply.exec(out.stderr)));
         t.ok(ports.every(inKernelRange), `${label}: the advertised ports are the kernel proxy's (${ports.join(', ')})`);
         await expectRoundTrip(t, label, privateFtp, get.code === 0 ? put : get, proxy);
-        t.same((await newTransfers(mark, 2)).map(summary), kernelPair, `${label}: logged as kernel transfers without byte counts`);
+        // A kernel transfer's record follows its connection's last packets: the download's may come after the upload's.
+        const records = (await newTransfers(mark, 2)).sort((a, b) => String(a.direction).localeCompare(String(b.direction)));
+        t.same(records.map(summary), kernelPair, `${label}: logged as kernel transfers without payload counts`);
+        checkWireBytes(t, label, records);
         t.same(await mapsEmpty(), [[], []], `${label}: dnat_to and snat_to are empty once the transfers are done`);
       }
       for (const epsv4 of [false, true]) {
@@ -673,7 +706,10 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         const ports = [...out.stdout.matchAll(replies)].map(advertisedPort);
         t.ok(ports.length === 2 && ports.every(inKernelRange), `${label}: tnftp got ${epsv4 ? '229' : '227 with the public address'} on kernel proxy ports (${ports.join(', ')})`);
         await expectRoundTrip(t, label, privateFtp, out, proxy);
-        t.same((await newTransfers(mark, 2)).map(summary), kernelPair, `${label}: logged as kernel transfers without byte counts`);
+        // A kernel transfer's record follows its connection's last packets: the download's may come after the upload's.
+        const records = (await newTransfers(mark, 2)).sort((a, b) => String(a.direction).localeCompare(String(b.direction)));
+        t.same(records.map(summary), kernelPair, `${label}: logged as kernel transfers without payload counts`);
+        checkWireBytes(t, label, records);
         t.same(await mapsEmpty(), [[], []], `${label}: dnat_to and snat_to are empty once the transfers are done`);
       }
       {
@@ -684,7 +720,10 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         t.match(String(out.records[1]?.reply), /^227 Entering Passive Mode \(203,0,113,10,\d+,\d+\)\.?$/, 'raw 227 carries the public address');
         t.ok(out.ok, `ftplib PASV succeeds ${JSON.stringify(out.records.at(-1))}`);
         await expectRoundTrip(t, label, privateFtp, out.run, proxy);
-        t.same((await newTransfers(mark, 2)).map(summary), kernelPair, `${label}: logged as kernel transfers without byte counts`);
+        // A kernel transfer's record follows its connection's last packets: the download's may come after the upload's.
+        const records = (await newTransfers(mark, 2)).sort((a, b) => String(a.direction).localeCompare(String(b.direction)));
+        t.same(records.map(summary), kernelPair, `${label}: logged as kernel transfers without payload counts`);
+        checkWireBytes(t, label, records);
         t.same(await mapsEmpty(), [[], []], `${label}: dnat_to and snat_to are empty once the transfers are done`);
       }
       const strangers = proxy.records().filter((r) => r.event === 'data-stranger').slice(strangersBefore);
@@ -783,6 +822,43 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       await victim.done;
       await waitFor(() => proxy.records().slice(mark).some((r) => r.event === 'session-end'), 3000);
       t.same(await nftMapElements(topo.edge, table, 'snat_to'), [], 'and is removed when the session ends');
+    });
+
+    await t.test(`a client that stops reading is cut after dataIdleSeconds (${KERNEL_IDLE_SECONDS}s) like a relayed one`, async (t) => {
+      makeRandomFile(join(privateFtp.root, STALL_FILE), STALL_BYTES);
+      t.teardown(() => rmSync(join(privateFtp.root, STALL_FILE), { force: true }));
+      const mark = proxy.records().length;
+      const out = await ftplib(lab, ns, { ...proxied, tool: 'stall', remote: STALL_FILE, wait: STALL_REPLY_MAX_SECONDS + 5 }, (STALL_REPLY_MAX_SECONDS + 20) * 1000);
+      const stall = out.records.find((r) => r.op === 'stall');
+      t.ok(stall, `the stalled client reported ${JSON.stringify(out.records)} ${out.run.stderr.trim()}`);
+      t.match(String(stall?.first), /^150 /, 'RETR started');
+      t.match(String(stall?.final), /^426 /, `the client gets 426 (${String(stall?.final)})`);
+      // The cut itself comes after dataIdleSeconds plus at most one poll (a quarter of it). The
+      // server hears of it at its next packet: its zero-window probes back off (0.2 s doubling).
+      // Where a bridge with br_netfilter carries the server's side (this lab's edge, when the
+      // host has the module loaded) the reject's own RST is sent un-NATed and lost; conntrack
+      // then closes the entry 10 s later and the probe after that meets the edge's own RST: ~28 s.
+      const seconds = Number(stall?.seconds);
+      t.ok(seconds >= KERNEL_IDLE_SECONDS - 0.5 && seconds < STALL_REPLY_MAX_SECONDS, `the 426 after ${seconds} s`);
+      const retrAt = proxy.records().slice(mark).find((r) => r.event === 'command' && r.command === `RETR ${STALL_FILE}`)?.time;
+      const cutAt = proxy.records().slice(mark).find((r) => r.event === 'limit')?.time;
+      const cutSeconds = (Date.parse(String(cutAt)) - Date.parse(String(retrAt))) / 1000;
+      t.ok(cutSeconds >= KERNEL_IDLE_SECONDS && cutSeconds <= KERNEL_IDLE_SECONDS * 1.25 + 0.5, `the cut ${cutSeconds} s after RETR (dataIdleSeconds ${KERNEL_IDLE_SECONDS}, polled every ${KERNEL_IDLE_SECONDS / 4} s)`);
+      t.equal(stall?.data_end, 'reset', 'its data connection is reset, not closed as if complete');
+      const records = await newTransfers(mark, 1);
+      t.match(records.map(summary), [{ direction: 'download', result: 'failed', dataPath: 'kernel', bytes: null }], 'logged as a failed kernel transfer');
+      t.equal(records[0]?.reply, 426, 'with the 426 the client got');
+      const wire = records[0]?.wireBytes as { toClient?: number; toServer?: number } | null;
+      t.ok(wire && Number(wire.toClient) > 0 && Number(wire.toClient) < STALL_BYTES / 2, `counted up to the cut ${JSON.stringify(wire)}`);
+      const limits = proxy.records().slice(mark).filter((r) => r.event === 'limit');
+      t.match(limits, [{ limit: 'data-idle-timeout', dataIdleMs: KERNEL_IDLE_SECONDS * 1000 }], `the limit event a relayed idle transfer logs ${JSON.stringify(limits)}`);
+      await waitForAsync(dnatEmpty, 3000);
+      const elements = async (name: string): Promise<string[] | null> => (name.endsWith('_to') ? nftMapElements(topo.edge, table, name) : nftSetElements(topo.edge, table, name));
+      t.same(
+        await Promise.all(['dnat_to', 'snat_to', 'to_server', 'to_client', 'moving', 'ends', 'cut'].map(elements)),
+        [[], [], [], [], [], [], []],
+        'nothing of it is left in the table (the cut key went with the final reply)',
+      );
     });
 
     const setpriv = findCommand('setpriv');
