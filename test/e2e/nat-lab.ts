@@ -25,6 +25,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { findCommand, NetnsLab, nsRun, pythonPath, waitForFtpGreeting, type Daemon } from '../helpers/netns.js';
 import type { RunResult } from '../helpers/run.js';
+import type { Test } from 'tap';
 import { TEST_PASSWORD, TEST_USER } from '../helpers/vsftpd.js';
 
 export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -496,4 +497,39 @@ function parseJsonLines(text: string): Array<Record<string, unknown>> {
     }
   }
   return records;
+}
+
+/**
+ * Run one NAT-lab suite: the client tools and dist/ must be there (else one failure that says
+ * what to install or why the build failed), then `suite` gets a fresh NetnsLab that is torn
+ * down however the file ends: normally, on a failure, or when the runner kills it (exit,
+ * SIGTERM, SIGINT). An exception from `suite` (setup went wrong) is one failure; scenario
+ * failures are reported by their own subtests.
+ */
+export async function runLabSuite(t: Test, options: { readonly timeoutMs: number; readonly tools: readonly string[]; readonly install: string }, suite: (lab: NetnsLab) => Promise<void>): Promise<void> {
+  t.setTimeout(options.timeoutMs);
+  const missing = options.tools.filter((tool) => !findCommand(tool));
+  if (missing.length > 0) {
+    t.fail(`client tools missing: ${missing.join(', ')} (apt-get install ${options.install})`);
+    return;
+  }
+  const buildError = ensureProxyBuilt();
+  if (buildError) {
+    t.fail(buildError);
+    return;
+  }
+  const lab = new NetnsLab();
+  t.teardown(() => lab.cleanup());
+  process.once('exit', () => lab.cleanupSync());
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+    process.once(signal, () => {
+      lab.cleanupSync();
+      process.exit(128 + (signal === 'SIGTERM' ? 15 : 2));
+    });
+  }
+  try {
+    await suite(lab);
+  } catch (err) {
+    t.fail(`suite setup failed: ${(err as Error).stack ?? String(err)}`);
+  }
 }

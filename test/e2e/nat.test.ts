@@ -34,7 +34,6 @@ import {
   buildNatTopology,
   curl,
   curlTlsArgs,
-  ensureProxyBuilt,
   FTPS_SERVER_PORT,
   ftplib,
   ftpnpTables,
@@ -52,6 +51,7 @@ import {
   tcpProbe,
   tnftp,
   type LabProxy,
+  runLabSuite,
 } from './nat-lab.js';
 
 const SUITE_TIMEOUT_MS = 240000;
@@ -95,34 +95,7 @@ if (reason) t.plan(0, reason);
 else await main();
 
 async function main(): Promise<void> {
-  t.setTimeout(SUITE_TIMEOUT_MS);
-  const missing = CLIENT_TOOLS.filter((tool) => !findCommand(tool));
-  if (missing.length > 0) {
-    t.fail(`client tools missing: ${missing.join(', ')} (apt-get install tnftp curl lftp python3)`);
-    return;
-  }
-  const buildError = ensureProxyBuilt();
-  if (buildError) {
-    t.fail(buildError);
-    return;
-  }
-
-  const lab = new NetnsLab();
-  t.teardown(() => lab.cleanup());
-  // If the runner kills us, still leave nothing behind.
-  process.once('exit', () => lab.cleanupSync());
-  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
-    process.once(signal, () => {
-      lab.cleanupSync();
-      process.exit(128 + (signal === 'SIGTERM' ? 15 : 2));
-    });
-  }
-  try {
-    await runSuite(lab);
-  } catch (err) {
-    // Setup went wrong (scenario failures are reported by their own subtests); teardown still runs.
-    t.fail(`suite setup failed: ${(err as Error).stack ?? String(err)}`);
-  }
+  await runLabSuite(t, { timeoutMs: SUITE_TIMEOUT_MS, tools: CLIENT_TOOLS, install: 'tnftp curl lftp python3' }, runSuite);
 }
 
 async function runSuite(lab: NetnsLab): Promise<void> {

@@ -25,12 +25,11 @@
 import t, { type Test } from 'tap';
 import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { findCommand, makeRandomFile, NetnsLab, netnsUnavailable, nsRun, sha256File, waitForFtpGreeting } from '../helpers/netns.js';
+import { makeRandomFile, NetnsLab, netnsUnavailable, nsRun, sha256File, waitForFtpGreeting } from '../helpers/netns.js';
 import { startVsftpd, TEST_PASSWORD, TEST_USER, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
 import type { RunResult } from '../helpers/run.js';
 import {
   curl,
-  ensureProxyBuilt,
   ftpDialogue,
   ftplib,
   lftp,
@@ -43,6 +42,7 @@ import {
   type Dialogue,
   type DialogueStep,
   type LabProxy,
+  runLabSuite,
 } from './nat-lab.js';
 import { buildUpstreamTopology, UP_ADDR, UP_NAMES } from './upstream-lab.js';
 
@@ -70,32 +70,7 @@ if (reason) t.plan(0, reason);
 else await main();
 
 async function main(): Promise<void> {
-  t.setTimeout(SUITE_TIMEOUT_MS);
-  const missing = CLIENT_TOOLS.filter((tool) => !findCommand(tool));
-  if (missing.length > 0) {
-    t.fail(`client tools missing: ${missing.join(', ')} (apt-get install tnftp curl lftp python3 nftables)`);
-    return;
-  }
-  const buildError = ensureProxyBuilt();
-  if (buildError) {
-    t.fail(buildError);
-    return;
-  }
-  const lab = new NetnsLab();
-  t.teardown(() => lab.cleanup());
-  // If the runner kills us, still leave nothing behind (namespaces, processes, /etc/netns/<ns>).
-  process.once('exit', () => lab.cleanupSync());
-  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
-    process.once(signal, () => {
-      lab.cleanupSync();
-      process.exit(128 + (signal === 'SIGTERM' ? 15 : 2));
-    });
-  }
-  try {
-    await runSuite(lab);
-  } catch (err) {
-    t.fail(`suite setup failed: ${(err as Error).stack ?? String(err)}`);
-  }
+  await runLabSuite(t, { timeoutMs: SUITE_TIMEOUT_MS, tools: CLIENT_TOOLS, install: 'tnftp curl lftp python3 nftables' }, runSuite);
 }
 
 async function runSuite(lab: NetnsLab): Promise<void> {
