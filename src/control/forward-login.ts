@@ -14,7 +14,7 @@
  *   the destination is an error, never a port.
  */
 import ipaddr from 'ipaddr.js';
-import { normalizeIp } from './ip.js';
+import { formatEndpoint, normalizeIp } from './ip.js';
 
 /** A destination host as the client wrote it: an IP literal (normalized) or a DNS name (lower case, no trailing dot). */
 export type ForwardHost =
@@ -202,8 +202,13 @@ export function parseHostName(text: string): string | null {
   return name;
 }
 
+/** The host as one string: the name, or the address (no brackets). */
+export function forwardHostText(host: ForwardHost): string {
+  return host.kind === 'name' ? host.name : host.address;
+}
+
 /** `host`, `host:port`, `[v6]` or `[v6]:port` for logs and messages. */
 export function formatForwardDestination(host: ForwardHost, port: number | null): string {
-  const text = host.kind === 'name' ? host.name : host.address.includes(':') ? `[${host.address}]` : host.address;
-  return port === null ? text : `${text}:${port}`;
+  if (port !== null) return formatEndpoint(forwardHostText(host), port);
+  return host.kind === 'ip' && host.address.includes(':') ? `[${host.address}]` : forwardHostText(host);
 }

@@ -81,3 +81,8 @@ export function parseCidr(text: string): Cidr {
   const ip = ipaddr.parse(text);
   return [ip, ip.kind() === 'ipv4' ? 32 : 128];
 }
+
+/** `host:port` for logs and messages, an IPv6 address in brackets (RFC 3986 §3.2.2). */
+export function formatEndpoint(host: string, port: number): string {
+  return `${host.includes(':') ? `[${host}]` : host}:${port}`;
+}

@@ -8,7 +8,7 @@
  */
 import { lookup } from 'node:dns/promises';
 import { networkInterfaces } from 'node:os';
-import type { ForwardLoginParse } from '../control/forward-login.js';
+import { forwardHostText, type ForwardLoginParse } from '../control/forward-login.js';
 import { decideUpstream, type UpstreamDestination, type UpstreamPolicy } from '../control/upstream-policy.js';
 import type { UpstreamChoiceResult } from '../metrics.js';
 
@@ -76,7 +76,7 @@ export class ForwardGate {
   private async decide(login: ForwardLoginParse): Promise<GateOutcome> {
     if (!login.ok) return { ok: false, result: 'bad-login', line: `530 ${login.reason}` };
     let destination: UpstreamDestination;
-    const host = login.host.kind === 'ip' ? login.host.address : login.host.name;
+    const host = forwardHostText(login.host);
     if (login.host.kind === 'ip') {
       destination = { kind: 'ip', address: login.host.address };
     } else {

@@ -6,7 +6,8 @@
  * the login relays as in any session.
  */
 import type { ClientCommand } from '../control/command.js';
-import { parseForwardLogin, type ForwardLoginParse } from '../control/forward-login.js';
+import { forwardHostText, parseForwardLogin, type ForwardLoginParse } from '../control/forward-login.js';
+import { formatEndpoint } from '../control/ip.js';
 import { decidePreLogin, withServerBanner } from '../control/pre-login.js';
 import { replyLine, type Reply } from '../control/reply.js';
 import type { CommandDecision, SessionView } from '../control/rewrite.js';
@@ -90,7 +91,7 @@ export class ForwardLogin {
     if (!outcome.ok) return this.refuse(slot, outcome.result, outcome.line);
     const server = outcome.server;
     const target: UpstreamTarget = { address: server.address, port: server.port, host: server.host };
-    const where = `${server.address.includes(':') ? `[${server.address}]` : server.address}:${server.port}`;
+    const where = formatEndpoint(server.address, server.port);
     let greeting: Reply | null;
     try {
       greeting = await leg.login(target);
@@ -125,7 +126,7 @@ export class ForwardLogin {
    */
   private relogin(command: ClientCommand, chosen: ChosenServer): void {
     const login = parseForwardLogin(command.argument);
-    const host = login.ok ? (login.host.kind === 'ip' ? login.host.address : login.host.name) : null;
+    const host = login.ok ? forwardHostText(login.host) : null;
     if (login.ok && host === chosen.host && (login.port ?? DEFAULT_FTP_PORT) === chosen.port) {
       this.hooks.chosen(null, login.user);
       this.parts.server.exchange.forward(Buffer.from(`USER ${login.user}`, 'latin1'), this.parts.replies.open());

@@ -8,6 +8,7 @@
  */
 import type net from 'node:net';
 import type { FramedLine } from '../control/line-framer.js';
+import { formatEndpoint } from '../control/ip.js';
 import { ReplyAssembler, type Reply } from '../control/reply.js';
 import type { ListenerConfig } from '../config/schema.js';
 import { dial, type Dial } from '../data/dial.js';
@@ -180,7 +181,7 @@ export class ServerLeg<T> {
    */
   private async open(target: UpstreamTarget, readGreeting: boolean): Promise<{ socket: net.Socket; addresses: SocketAddresses; greeting: Reply | null } | null> {
     const { upstream, timeouts } = this.config;
-    const where = `${target.address.includes(':') ? `[${target.address}]` : target.address}:${target.port}`;
+    const where = formatEndpoint(target.address, target.port);
     const started = process.hrtime.bigint();
     const seconds = (): number => Number(process.hrtime.bigint() - started) / 1e9;
     const attempt = dial({
