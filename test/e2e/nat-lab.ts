@@ -20,10 +20,10 @@
  * nf_nat_ftp) attached, so the lab shows it rewriting a plain 227 and blind to an encrypted one.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { findCommand, NetnsLab, nsRun, pythonPath, waitForFtpGreeting, type Daemon } from '../helpers/netns.js';
+import { findCommand, NetnsLab, nsRun, pythonPath, sha256File, waitForFtpGreeting, type Daemon } from '../helpers/netns.js';
 import type { RunResult } from '../helpers/run.js';
 import type { Test } from 'tap';
 import { TEST_PASSWORD, TEST_USER } from '../helpers/vsftpd.js';
@@ -532,4 +532,41 @@ export async function runLabSuite(t: Test, options: { readonly timeoutMs: number
   } catch (err) {
     t.fail(`suite setup failed: ${(err as Error).stack ?? String(err)}`);
   }
+}
+
+// ------------------------------------------------------------------ small helpers the NAT suites share
+
+/** "clientMode/upstreamMode" of every transfer the proxy logged (from record `mark` on). */
+export function transferModes(proxy: LabProxy, mark = 0): Set<string> {
+  return new Set(proxy.records().slice(mark).filter((r) => r.event === 'transfer').map((r) => `${String(r.clientMode)}/${String(r.upstreamMode)}`));
+}
+
+/** With FNP_E2E_LOG_DIR set, keep each log as `<dir>/<prefix><name>.log`. */
+export function saveLogs(logs: Record<string, string>, prefix = ''): void {
+  const dir = process.env.FNP_E2E_LOG_DIR;
+  if (!dir) return;
+  mkdirSync(dir, { recursive: true });
+  for (const [name, text] of Object.entries(logs)) writeFileSync(join(dir, `${prefix}${name}.log`), text);
+}
+
+/** sha256 of a file, or 'missing'. */
+export async function shaOf(path: string): Promise<string> {
+  return existsSync(path) ? sha256File(path) : 'missing';
+}
+
+export function escapeRegExp(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
+/** The end of a failed client's stderr, for an assertion message; nothing when it exited 0. */
+export function failure(run: RunResult): string {
+  return run.code === 0 ? '' : ` (exit ${run.code}: ${lastLines(run.stderr, 3)})`;
+}
+
+export function clip(text: string, max = 2000): string {
+  return text.length > max ? `${text.slice(0, max)}...` : text;
+}
+
+export function lastLines(text: string, count: number): string {
+  return text.trim().split('\n').slice(-count).join(' | ');
 }

@@ -23,9 +23,9 @@
  * FNP_E2E_LOG_DIR=<dir> keeps the proxy and vsftpd logs of the run.
  */
 import t, { type Test } from 'tap';
-import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { findCommand, NetnsLab, netnsUnavailable, sha256File, makeRandomFile, waitForFtpGreeting } from '../helpers/netns.js';
+import { findCommand, NetnsLab, netnsUnavailable, makeRandomFile, waitForFtpGreeting } from '../helpers/netns.js';
 import { startVsftpd, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
 import { makeTestPki } from '../helpers/tls.js';
 import type { RunResult } from '../helpers/run.js';
@@ -52,7 +52,15 @@ import {
   tnftp,
   type LabProxy,
   runLabSuite,
+  transferModes,
+  saveLogs,
+  shaOf,
+  escapeRegExp,
+  failure,
+  clip,
+  lastLines,
 } from './nat-lab.js';
+import { waitFor } from '../helpers/async.js';
 
 const SUITE_TIMEOUT_MS = 240000;
 const CLIENT_TOOLS = ['ftp', 'curl', 'lftp', 'python3', 'timeout', 'sysctl', 'openssl'];
@@ -345,7 +353,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       const modes = transferModes(edgeProxy);
       t.ok(modes.has('passive/passive') && modes.has('active/passive'), `the edge proxy relayed client passive and active transfers (${[...modes].join(', ')})`);
       const upstreamLog = privateFtp.protocolLog();
-      t.match(upstreamLog, new RegExp(`Client "${escape(ADDR.edgePrivate)}", "EPSV"`), 'vsftpd saw the proxy (10.20.0.1) open its data connections with EPSV');
+      t.match(upstreamLog, new RegExp(`Client "${escapeRegExp(ADDR.edgePrivate)}", "EPSV"`), 'vsftpd saw the proxy (10.20.0.1) open its data connections with EPSV');
     });
   });
 
@@ -387,7 +395,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         await expectNothingTransferred(t, label, publicFtp, out.run, 'ftplib active');
       }
       const log = publicFtp.protocolLog().slice(mark);
-      t.match(log, new RegExp(`Client "${escape(ADDR.routerWan)}", "PORT 192,168,50,10,`), 'vsftpd saw the masqueraded client name its private address');
+      t.match(log, new RegExp(`Client "${escapeRegExp(ADDR.routerWan)}", "PORT 192,168,50,10,`), 'vsftpd saw the masqueraded client name its private address');
     });
 
     await t.test('through the proxy in the client LAN the same clients work', async (t) => {
@@ -420,7 +428,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         await expectRoundTrip(t, label, publicFtp, out.run, lanProxy);
       }
       const log = publicFtp.protocolLog().slice(mark);
-      t.match(log, new RegExp(`Client "${escape(ADDR.routerWan)}", "EPSV"`), 'upstream, the proxy used EPSV through the NAT (seen from 198.51.100.1)');
+      t.match(log, new RegExp(`Client "${escapeRegExp(ADDR.routerWan)}", "EPSV"`), 'upstream, the proxy used EPSV through the NAT (seen from 198.51.100.1)');
       t.notMatch(log, /"(PORT|EPRT) [^"]*192[,.]168[,.]50/, 'no private address reached the server');
       const modes = transferModes(lanProxy);
       t.same([...modes], ['active/passive'], 'client legs active, server legs passive');
@@ -742,7 +750,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       const port = Number(pasv.port);
       const dnat = (await nftMapElements(topo.edge, table, 'dnat_to')) ?? [];
       const snat = (await nftMapElements(topo.edge, table, 'snat_to')) ?? [];
-      const mapped = new RegExp(`^${escape(`${ADDR.publicClient} . ${ADDR.edgePublic} . ${port}`)} : ${escape(ADDR.privateServer)} \\. (\\d+)$`).exec(dnat[0] ?? '');
+      const mapped = new RegExp(`^${escapeRegExp(`${ADDR.publicClient} . ${ADDR.edgePublic} . ${port}`)} : ${escapeRegExp(ADDR.privateServer)} \\. (\\d+)$`).exec(dnat[0] ?? '');
       t.ok(dnat.length === 1 && mapped, `dnat_to holds one mapping, keyed on the victim's address: ${JSON.stringify(dnat)}`);
       t.same(snat, [`${ADDR.publicClient} . ${ADDR.privateServer} . ${mapped?.[1] ?? '?'} : ${ADDR.edgePrivate}`], 'snat_to makes the server see the proxy (10.20.0.1) on the same server port');
       t.match(await nftMapText(topo.edge, table, 'dnat_to'), new RegExp(`timeout ${KERNEL_ACCEPT_SECONDS}s`), `the mapping carries the dataAcceptSeconds timeout (${KERNEL_ACCEPT_SECONDS}s)`);
@@ -886,7 +894,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
 
   /** vsftpd debug_ssl lines: one per TLS handshake, control and data, with "reused" or "not reused". */
   function vsftpdHandshakes(log: string, from: string): Array<{ version: string; reused: boolean }> {
-    const pattern = new RegExp(`Client "${escape(from)}", "SSL version: (TLSv[\\d.]+), SSL cipher: [^,]+, (reused|not reused)`, 'g');
+    const pattern = new RegExp(`Client "${escapeRegExp(from)}", "SSL version: (TLSv[\\d.]+), SSL cipher: [^,]+, (reused|not reused)`, 'g');
     return [...log.matchAll(pattern)].map((m) => ({ version: m[1]!, reused: m[2] === 'reused' }));
   }
 
@@ -1037,7 +1045,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         t.ok(summaries.some((line) => line.includes(' active/')), 'PORT (the proxy dials out, yet is the TLS server on the data connection) is among them');
 
         const log = variant.server.protocolLog().slice(logMark);
-        const from = `Client "${escape(ADDR.edgePrivate)}"`;
+        const from = `Client "${escapeRegExp(ADDR.edgePrivate)}"`;
         if (variant.serverTls) {
           for (const command of ['AUTH TLS', 'PBSZ 0', 'PROT P']) t.match(log, new RegExp(`${from}, "${command}"`), `upstream the proxy negotiated TLS itself: ${command}`);
           const handshakes = vsftpdHandshakes(log, ADDR.edgePrivate);
@@ -1142,7 +1150,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         `client legs plain and active, server legs passive over TLS resuming the control session:\n${summaries.join('\n')}`,
       );
       const log = publicFtps.protocolLog().slice(logMark);
-      const from = `Client "${escape(ADDR.routerWan)}"`;
+      const from = `Client "${escapeRegExp(ADDR.routerWan)}"`;
       for (const command of ['AUTH TLS', 'PBSZ 0', 'PROT P']) t.match(log, new RegExp(`${from}, "${command}"`), `upstream (through the MASQUERADE, from ${ADDR.routerWan}) the proxy sent ${command}`);
       t.notMatch(log, refused, 'no 530: every login was encrypted');
       t.notMatch(log, /522 /, 'no data connection refused');
@@ -1257,18 +1265,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
 
 type Tap = Test;
 
-/** FNP_E2E_LOG_DIR=/some/dir keeps the proxy and vsftpd logs of the run for inspection. */
-function saveLogs(logs: Record<string, string>): void {
-  const dir = process.env.FNP_E2E_LOG_DIR;
-  if (!dir) return;
-  mkdirSync(dir, { recursive: true });
-  for (const [name, text] of Object.entries(logs)) writeFileSync(join(dir, `${name}.log`), text);
-}
 
-async function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
-}
 
 async function waitForAsync(condition: () => Promise<boolean>, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -1292,28 +1289,8 @@ function inKernelRange(port: number): boolean {
   return port >= KERNEL_PASSIVE_PORTS.first && port <= KERNEL_PASSIVE_PORTS.last;
 }
 
-async function shaOf(path: string): Promise<string> {
-  return existsSync(path) ? sha256File(path) : 'missing';
-}
 
-/** "clientMode/upstreamMode" of every transfer the proxy logged. */
-function transferModes(proxy: LabProxy): Set<string> {
-  return new Set(proxy.records().filter((r) => r.event === 'transfer').map((r) => `${String(r.clientMode)}/${String(r.upstreamMode)}`));
-}
 
-function escape(text: string): string {
-  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-}
 
-/** The end of a failed client's stderr, for an assertion message; nothing when it exited 0. */
-function failure(run: RunResult): string {
-  return run.code === 0 ? '' : ` (exit ${run.code}: ${lastLines(run.stderr, 3)})`;
-}
 
-function clip(text: string, max = 2000): string {
-  return text.length > max ? `${text.slice(0, max)}...` : text;
-}
 
-function lastLines(text: string, count: number): string {
-  return text.trim().split('\n').slice(-count).join(' | ');
-}

@@ -23,9 +23,9 @@
  * FNP_E2E_LOG_DIR=<dir> keeps the proxy and vsftpd logs of the run.
  */
 import t, { type Test } from 'tap';
-import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { makeRandomFile, NetnsLab, netnsUnavailable, nsRun, sha256File, waitForFtpGreeting } from '../helpers/netns.js';
+import { makeRandomFile, NetnsLab, netnsUnavailable, nsRun, waitForFtpGreeting } from '../helpers/netns.js';
 import { startVsftpd, TEST_PASSWORD, TEST_USER, vsftpdUnavailable, type VsftpdInstance } from '../helpers/vsftpd.js';
 import type { RunResult } from '../helpers/run.js';
 import {
@@ -43,7 +43,15 @@ import {
   type DialogueStep,
   type LabProxy,
   runLabSuite,
+  transferModes,
+  saveLogs,
+  shaOf,
+  escapeRegExp,
+  failure,
+  clip,
+  lastLines,
 } from './nat-lab.js';
+import { waitFor } from '../helpers/async.js';
 import { buildUpstreamTopology, UP_ADDR, UP_NAMES } from './upstream-lab.js';
 
 const SUITE_TIMEOUT_MS = 280000;
@@ -138,7 +146,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
   // ---------------------------------------------------------------------------------------
   await t.test('0. the lab is wired as intended', async (t) => {
     const resolved = await nsRun(topo.router, 'getent', ['ahostsv4', UP_NAMES.serverA], { timeoutMs: 10000 });
-    t.match(resolved.stdout, new RegExp(`^${escape(UP_ADDR.serverA)}\\s`, 'm'), `ip netns exec gives the router its own hosts file: ${UP_NAMES.serverA} -> ${UP_ADDR.serverA}`);
+    t.match(resolved.stdout, new RegExp(`^${escapeRegExp(UP_ADDR.serverA)}\\s`, 'm'), `ip netns exec gives the router its own hosts file: ${UP_NAMES.serverA} -> ${UP_ADDR.serverA}`);
     const mixed = await nsRun(topo.router, 'getent', ['ahostsv4', UP_NAMES.mixed], { timeoutMs: 10000 });
     const mixedAddresses = new Set(mixed.stdout.split('\n').map((line) => line.split(/\s+/)[0]).filter(Boolean));
     t.same([...mixedAddresses].sort(), [UP_ADDR.inside, UP_ADDR.serverB].sort(), `${UP_NAMES.mixed} resolves to a public and a denied address`);
@@ -194,7 +202,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
           }
           await expectNothingTransferred(t, label, 'A', out.run, 'ftplib active');
         }
-        t.match(ftpA.protocolLog().slice(mark), new RegExp(`Client "${escape(UP_ADDR.routerWan)}", "PORT 192,168,50,10,`), 'server A saw the masqueraded client name its private address');
+        t.match(ftpA.protocolLog().slice(mark), new RegExp(`Client "${escapeRegExp(UP_ADDR.routerWan)}", "PORT 192,168,50,10,`), 'server A saw the masqueraded client name its private address');
       });
 
       const fixed = await startProxyInNs(
@@ -220,7 +228,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         const talk = await ftpDialogue(lab, ns, { host: UP_ADDR.routerLan, port: FIXED_PORT }, [`USER ${login}`, `PASS ${TEST_PASSWORD}`, 'QUIT']);
         t.match(talk.greeting?.join('\n') ?? '', BANNER.A, `the greeting is server A's own (${talk.greeting?.join(' | ')})`);
         t.same(codes(talk.steps), ['331', '530', '221'], `USER ${login} is server A's account name, and server A refuses it (${summary(talk)})`);
-        t.match(ftpA.protocolLog().slice(markA), new RegExp(`"USER ${escape(login)}"`), 'server A received the whole name as USER');
+        t.match(ftpA.protocolLog().slice(markA), new RegExp(`"USER ${escapeRegExp(login)}"`), 'server A received the whole name as USER');
         t.equal(ftpB.protocolLog().slice(markB), '', 'server B saw nothing');
         const label = 'f0-fixed-tnftp';
         const { local, remote } = paths(label);
@@ -301,7 +309,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         t.match(user?.lines[0] ?? '', /^331-/, 'the reply to USER is multi-line');
         t.ok(user?.lines.some((line) => line.includes(BANNER[key])), `and carries server ${key}'s banner (${user?.lines.join(' | ')})`);
         t.notOk(user?.lines.some((line) => /^220[ -]/.test(line)), 'no second bare 220');
-        t.match(servers[key].ftp.protocolLog().slice(mark), new RegExp(`Client "${escape(UP_ADDR.routerWan)}", "USER ${TEST_USER}"`), `server ${key} received USER ${TEST_USER} (through the MASQUERADE)`);
+        t.match(servers[key].ftp.protocolLog().slice(mark), new RegExp(`Client "${escapeRegExp(UP_ADDR.routerWan)}", "USER ${TEST_USER}"`), `server ${key} received USER ${TEST_USER} (through the MASQUERADE)`);
       }
       // The proxy's log names the server each session chose (the record precedes the 331).
       const chosen = (): string[] => proxy.records().filter((r) => r.event === 'upstream-chosen').map((r) => `${String(r.host)} ${String(r.upstream)}`);
@@ -322,7 +330,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       for (const [label, key, destination, passive, epsv4] of tnftpRuns) {
         const { local, remote } = paths(label);
         const out = await tnftp(lab, ns, { ...forward, user: `${TEST_USER}@${destination}`, passive, epsv4, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
-        t.match(out.stdout, new RegExp(`331-.*${escape(BANNER[key])}`), `${label}: tnftp shows server ${key}'s banner`);
+        t.match(out.stdout, new RegExp(`331-.*${escapeRegExp(BANNER[key])}`), `${label}: tnftp shows server ${key}'s banner`);
         await expectRoundTrip(t, label, key, out, proxy);
       }
       const curlRuns: Array<[string, ServerKey, string, string[]]> = [
@@ -360,7 +368,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       for (const key of ['A', 'B'] as const) {
         const log = servers[key].ftp.protocolLog().slice(marks[key]);
         t.notMatch(log, /"(PORT|EPRT) [^"]*192[,.]168[,.]50/, `no private address reached server ${key}`);
-        t.notMatch(log, new RegExp(`"USER ${escape(TEST_USER)}@`), `server ${key} never saw the @host part`);
+        t.notMatch(log, new RegExp(`"USER ${escapeRegExp(TEST_USER)}@`), `server ${key} never saw the @host part`);
       }
       const modes = transferModes(proxy, mark);
       t.ok(modes.has('active/passive') && modes.has('passive/passive'), `the proxy relayed active and passive client legs (${[...modes].join(', ')})`);
@@ -430,7 +438,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       t.match(talk.steps[1]?.lines.join(' ') ?? '', /Login incorrect/, 'the 530 is vsftpd\'s own');
       // vsftpd's log_ftp_protocol: what the proxy sent upstream, word for word.
       const log = ftpA.protocolLog().slice(markA);
-      t.match(log, new RegExp(`Client "${escape(UP_ADDR.routerWan)}", "USER alice@example\\.org"`), 'server A received USER alice@example.org');
+      t.match(log, new RegExp(`Client "${escapeRegExp(UP_ADDR.routerWan)}", "USER alice@example\\.org"`), 'server A received USER alice@example.org');
       t.notMatch(log, /"USER alice"/, 'not a name cut at the first @');
       t.equal(ftpB.protocolLog().slice(markB), '', 'server B saw nothing');
     });
@@ -527,7 +535,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       const controlBefore = await counter('control');
       {
         const talk = await ftpDialogue(lab, ns, directB, ['QUIT']);
-        t.match(talk.greeting?.join('\n') ?? '', new RegExp(`^220 ${escape(BANNER.B)}`), `dialling ${UP_ADDR.serverB}:21 greets with server B's own 220 (${talk.greeting?.join(' | ') ?? talk.error})`);
+        t.match(talk.greeting?.join('\n') ?? '', new RegExp(`^220 ${escapeRegExp(BANNER.B)}`), `dialling ${UP_ADDR.serverB}:21 greets with server B's own 220 (${talk.greeting?.join(' | ') ?? talk.error})`);
       }
       const tnftpRuns: Array<[string, ServerKey, boolean]> = [
         ['t-tnftp-port-a', 'A', false],
@@ -536,7 +544,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       for (const [label, key, epsv4] of tnftpRuns) {
         const { local, remote } = paths(label);
         const out = await tnftp(lab, ns, { host: servers[key].address, port: 21, passive: false, epsv4, get: [REMOTE_FILE, local], put: [uploadSource, remote] });
-        t.match(out.stdout, new RegExp(`220 ${escape(BANNER[key])}`), `${label}: tnftp is greeted by server ${key}`);
+        t.match(out.stdout, new RegExp(`220 ${escapeRegExp(BANNER[key])}`), `${label}: tnftp is greeted by server ${key}`);
         t.match(out.stdout, epsv4 ? /200 EPRT command successful/ : /200 PORT command successful/, `${label}: tnftp uses ${epsv4 ? 'EPRT' : 'PORT'}`);
         await expectRoundTrip(t, label, key, out, proxy);
       }
@@ -580,7 +588,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
         const put = await curl(lab, ns, ['-v', ...flags, '-T', uploadSource, url(target, remote)]);
         t.equal(get.code, 0, `${label} download exits 0${failure(get)}`);
         t.equal(put.code, 0, `${label} upload exits 0${failure(put)}`);
-        const dataPorts = [...get.stderr.matchAll(new RegExp(`Trying ${escape(servers[key].address)}:(\\d+)`, 'g'))].map((m) => Number(m[1])).filter((port) => port !== 21);
+        const dataPorts = [...get.stderr.matchAll(new RegExp(`Trying ${escapeRegExp(servers[key].address)}:(\\d+)`, 'g'))].map((m) => Number(m[1])).filter((port) => port !== 21);
         t.ok(
           dataPorts.length > 0 && dataPorts.every((port) => port >= INTERCEPT_PASSIVE.first && port <= INTERCEPT_PASSIVE.last),
           `${label}: curl dials the data connection at the server's address, a relay port (${dataPorts.join(', ')})`,
@@ -660,7 +668,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     ...Object.fromEntries(proxies.map(([name, proxy]) => [name, proxy.daemon.output()])),
     'vsftpd-a': ftpA.protocolLog(),
     'vsftpd-b': ftpB.protocolLog(),
-  });
+  }, 'upstream-');
 
   await t.test('nothing is left behind', async (t) => {
     await lab.cleanup();
@@ -674,26 +682,8 @@ async function runSuite(lab: NetnsLab): Promise<void> {
   });
 }
 
-/** FNP_E2E_LOG_DIR=/some/dir keeps the proxy and vsftpd logs of the run for inspection. */
-function saveLogs(logs: Record<string, string>): void {
-  const dir = process.env.FNP_E2E_LOG_DIR;
-  if (!dir) return;
-  mkdirSync(dir, { recursive: true });
-  for (const [name, text] of Object.entries(logs)) writeFileSync(join(dir, `upstream-${name}.log`), text);
-}
 
-async function waitFor(condition: () => boolean, timeoutMs: number): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) return false;
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  return true;
-}
 
-async function shaOf(path: string): Promise<string> {
-  return existsSync(path) ? sha256File(path) : 'missing';
-}
 
 /** Reply codes of a dialogue, '-' for a command the connection ended on. */
 function codes(steps: readonly DialogueStep[]): string[] {
@@ -705,29 +695,7 @@ function summary(talk: Dialogue): string {
   return [...steps, ...(talk.error ? [`error: ${talk.error}`] : [])].join('; ');
 }
 
-/** "clientMode/upstreamMode" of the transfers the proxy logged since record `mark`. */
-function transferModes(proxy: LabProxy, mark: number): Set<string> {
-  return new Set(
-    proxy
-      .records()
-      .slice(mark)
-      .filter((r) => r.event === 'transfer')
-      .map((r) => `${String(r.clientMode)}/${String(r.upstreamMode)}`),
-  );
-}
 
-function escape(text: string): string {
-  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-}
 
-function failure(run: RunResult): string {
-  return run.code === 0 ? '' : ` (exit ${run.code}: ${lastLines(run.stderr, 3)})`;
-}
 
-function clip(text: string, max = 2000): string {
-  return text.length > max ? `${text.slice(0, max)}...` : text;
-}
 
-function lastLines(text: string, count: number): string {
-  return text.trim().split('\n').slice(-count).join(' | ');
-}
