@@ -34,6 +34,15 @@ export function labPrefix(pid: number = process.pid): string {
   return `fnp${pid % 10000}-`;
 }
 
+/** Null when every command is on PATH, else the first missing one and the Debian package that has it. */
+export function commandsMissing(commands: ReadonlyArray<string | readonly [command: string, pkg: string]>): string | null {
+  for (const entry of commands) {
+    const [command, pkg] = typeof entry === 'string' ? [entry, entry] : entry;
+    if (!findCommand(command)) return `${command} is not installed (apt-get install ${pkg})`;
+  }
+  return null;
+}
+
 /** Absolute path of a command on PATH (plus the sbin folders root normally has), or null. */
 export function findCommand(command: string): string | null {
   const dirs = [...(process.env.PATH ?? '').split(delimiter), '/usr/local/sbin', '/usr/sbin', '/sbin'];

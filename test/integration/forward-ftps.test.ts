@@ -9,6 +9,7 @@
  * Relay ports 6000-6999 belong to this file.
  */
 import t from 'tap';
+import { commandsMissing } from '../helpers/netns.js';
 import { spawnSync } from 'node:child_process';
 import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -25,14 +26,8 @@ import type { TapTest } from '../helpers/tap.js';
 const ports = new PortBlocks(6000);
 const FILE_BYTES = 300 * 1024;
 
-function missingCommand(): string | null {
-  for (const command of ['lftp', 'python3']) {
-    if (spawnSync(command, ['--version'], { stdio: 'ignore' }).error) return `${command} is not installed (apt-get install ${command})`;
-  }
-  return null;
-}
 
-const reason = vsftpdUnavailable() ?? opensslUnavailable() ?? missingCommand();
+const reason = vsftpdUnavailable() ?? opensslUnavailable() ?? commandsMissing(['lftp', 'python3']);
 if (reason) {
   t.plan(0, reason);
 } else {

@@ -27,10 +27,10 @@
  *   close_notify and FIN but holds its 226 until the client closes the data connection too.
  */
 import t from 'tap';
+import { commandsMissing } from '../helpers/netns.js';
 import net from 'node:net';
 import tls from 'node:tls';
 import { once } from 'node:events';
-import { spawnSync } from 'node:child_process';
 import { randomBytes, X509Certificate } from 'node:crypto';
 import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -57,14 +57,8 @@ function firstLine(text: string): string {
   return text.trim().split('\n')[0] ?? '';
 }
 
-function missingCommand(): string | null {
-  for (const [command, pkg] of [['curl', 'curl'], ['lftp', 'lftp'], ['python3', 'python3']] as const) {
-    if (spawnSync(command, ['--version'], { stdio: 'ignore' }).error) return `${command} is not installed (apt-get install ${pkg})`;
-  }
-  return null;
-}
 
-const reason = vsftpdUnavailable() ?? opensslUnavailable() ?? missingCommand();
+const reason = vsftpdUnavailable() ?? opensslUnavailable() ?? commandsMissing(['curl', 'lftp', 'python3']);
 if (reason) {
   t.plan(0, reason);
 } else {

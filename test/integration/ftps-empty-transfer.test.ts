@@ -27,6 +27,7 @@
  * Relay ports 8000-8999 belong to this file (20000-20999 is test/data/port-pool.test.ts's).
  */
 import t from 'tap';
+import { commandsMissing } from '../helpers/netns.js';
 import { spawnSync } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -47,14 +48,8 @@ const CLIENT_TIMEOUT_MS = 10000;
 /** Shorter than the default 30 s, so that a broken run fails in seconds rather than minutes. */
 const REPLY_HOLD_SECONDS = 3;
 
-function missingCommand(): string | null {
-  for (const command of ['curl', 'python3']) {
-    if (spawnSync(command, ['--version'], { stdio: 'ignore' }).error) return `${command} is not installed (apt-get install ${command})`;
-  }
-  return null;
-}
 
-const reason = vsftpdUnavailable() ?? opensslUnavailable() ?? missingCommand();
+const reason = vsftpdUnavailable() ?? opensslUnavailable() ?? commandsMissing(['curl', 'python3']);
 if (reason) {
   t.plan(0, reason);
 } else {

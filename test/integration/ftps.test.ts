@@ -36,7 +36,7 @@
  * Relay ports 21000-21999 belong to this file.
  */
 import t from 'tap';
-import { spawnSync } from 'node:child_process';
+import { commandsMissing } from '../helpers/netns.js';
 import { chmodSync, copyFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -136,12 +136,6 @@ const COMBINATIONS: readonly Combination[] = [
 
 const ACTIVE_MODES: ReadonlySet<ClientMode> = new Set(['port', 'eprt']);
 
-function missingCommand(): string | null {
-  for (const [command, args, pkg] of [['curl', ['--version'], 'curl'], ['lftp', ['--version'], 'lftp'], ['python3', ['--version'], 'python3'], ['tnftp', ['-?'], 'tnftp']] as const) {
-    if (spawnSync(command, args, { stdio: 'ignore' }).error) return `${command} is not installed (apt-get install ${pkg})`;
-  }
-  return null;
-}
 
 function excerpt(result: RunResult): string {
   return `${result.timedOut ? 'timed out; ' : ''}${(result.stderr + result.stdout).trim().slice(0, 400)}`;
@@ -152,7 +146,7 @@ function logLines(log: string): Array<{ pid: string; text: string }> {
   return [...log.matchAll(/\[pid (\d+)\] (.*)/g)].map((m) => ({ pid: m[1]!, text: m[2]! }));
 }
 
-const reason = vsftpdUnavailable() ?? opensslUnavailable() ?? missingCommand();
+const reason = vsftpdUnavailable() ?? opensslUnavailable() ?? commandsMissing(['curl', 'lftp', 'python3', 'tnftp']);
 if (reason) {
   t.plan(0, reason);
 } else {
