@@ -17,7 +17,8 @@ import { clientHandshakeInFlight } from './tls.js';
 import { createRelay } from './splice-relay.js';
 import type { Dial } from './dial.js';
 import type { PortLease } from './port-pool.js';
-import type { KernelForward, WireBytes } from './kernel-forward.js';
+import type { KernelForward } from './kernel-forward.js';
+import type { WireBytes } from './kernel-nft.js';
 import { isProxyError, type ErrorCode } from '../errors.js';
 
 export type ClientLeg =

@@ -8,7 +8,7 @@ import type { ClientCommand } from '../control/command.js';
 import { replyLine, type Reply } from '../control/reply.js';
 import type { TransferDirection } from '../control/rewrite.js';
 import type { DataChannel, SecureLeg } from '../data/channel.js';
-import type { WireBytes } from '../data/kernel-forward.js';
+import type { WireBytes } from '../data/kernel-nft.js';
 import type tls from 'node:tls';
 import type { RelayResult } from '../data/relay.js';
 import { REPLY_FOR_CODE, type ErrorCode } from '../errors.js';

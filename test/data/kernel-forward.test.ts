@@ -8,10 +8,10 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { KernelForwarder, type NftResult, type NftRunner } from '../../src/data/kernel-forward.js';
 import {
   COUNTER_SETS,
   CUT_HOLD_MS,
-  KernelForwarder,
   addMappingScript,
   counterKey,
   cutScript,
@@ -25,9 +25,7 @@ import {
   tableName,
   tableScript,
   type ForwardMapping,
-  type NftResult,
-  type NftRunner,
-} from '../../src/data/kernel-forward.js';
+} from '../../src/data/kernel-nft.js';
 import { isProxyError } from '../../src/errors.js';
 import { labPrefix, netnsUnavailable, nftablesUnavailable } from '../helpers/netns.js';
 

@@ -13,7 +13,7 @@ import { validateConfigText } from '../../../src/config/load.js';
 import type { ListenerConfig } from '../../../src/config/schema.js';
 import type { DataChannel, PairOptions } from '../../../src/data/channel.js';
 import type { RelayResult } from '../../../src/data/relay.js';
-import type { WireBytes } from '../../../src/data/kernel-forward.js';
+import type { WireBytes } from '../../../src/data/kernel-nft.js';
 import { ProxyError, type ErrorCode } from '../../../src/errors.js';
 import { NOOP_METRICS, type ProxyMetrics, type RejectionReason, type TransferResult } from '../../../src/metrics.js';
 import { ReplyQueue, type ReplySlot } from '../../../src/reply-queue.js';
