@@ -10,6 +10,7 @@
  * rather than raised into the session.
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { KERNEL_FALLBACK_REASONS, type KernelFallbackReason } from './data/kernel-nft.js';
 
 /** How a data transfer ended: completed, failed (error on either leg), or aborted (ABOR, session close). */
 export type TransferResult = 'ok' | 'failed' | 'aborted';
@@ -108,6 +109,8 @@ export interface ProxyMetrics {
    * `skipped` (not a channel the kernel can carry: relayed), `failed` (mapping refused: relayed).
    */
   kernelMapping(listener: string, outcome: KernelMappingOutcome): void;
+  /** A data channel the kernel path did not carry (relayed instead), by why (kernel-nft.ts kernelPathBlocker, or `failed`). */
+  kernelFallback(listener: string, reason: KernelFallbackReason): void;
   /** A TLS handshake finished (issue #12): on which leg, for which connection, and how. */
   tlsHandshake(listener: string, leg: TlsLeg, channel: TlsChannel, result: TlsHandshakeResult): void;
   /** A forward or transparent session's server was chosen, or refused and why (issue #13). */
@@ -163,6 +166,7 @@ export const NOOP_METRICS: ProxyMetrics = Object.freeze({
   upstreamConnect(): void {},
   dataStranger(): void {},
   kernelMapping(): void {},
+  kernelFallback(): void {},
   tlsHandshake(): void {},
   upstreamChoice(): void {},
   registerPool(): void {},
@@ -262,6 +266,15 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     labelNames: ['listener', 'outcome'] as const,
     registers,
   });
+
+  // A listener's series appear with its first fallback (every reason at zero then).
+  const kernelFallbacks = new Counter({
+    name: 'ftpnp_kernel_fallbacks_total',
+    help: `Data channels of a kernel-path listener (dataPath kernel or auto) relayed instead, by reason: ${KERNEL_FALLBACK_REASONS.join(', ')}.`,
+    labelNames: ['listener', 'reason'] as const,
+    registers,
+  });
+  const kernelListeners = new Set<string>();
 
   const tlsHandshakes = new Counter({
     name: 'ftpnp_tls_handshakes_total',
@@ -373,6 +386,13 @@ export function createPromMetrics(): ProxyMetrics & { registry: Registry } {
     kernelMapping(listener: string, outcome: KernelMappingOutcome): void {
       ensureListener(listener);
       kernelMappings.inc({ listener, outcome });
+    },
+    kernelFallback(listener: string, reason: KernelFallbackReason): void {
+      if (!kernelListeners.has(listener)) {
+        kernelListeners.add(listener);
+        for (const each of KERNEL_FALLBACK_REASONS) kernelFallbacks.inc({ listener, reason: each }, 0);
+      }
+      kernelFallbacks.inc({ listener, reason });
     },
     tlsHandshake(listener: string, leg: TlsLeg, channel: TlsChannel, result: TlsHandshakeResult): void {
       ensureListener(listener);

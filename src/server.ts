@@ -16,7 +16,7 @@ import type { Logger } from './log.js';
 import { ProxyError, REPLY_FOR_CODE } from './errors.js';
 import { NOOP_METRICS, type ProxyMetrics } from './metrics.js';
 import { KernelForwarder, loadNftRunner } from './data/kernel-forward.js';
-import { kernelPathHostBlocker } from './server/data-path.js';
+import { forwardingBlocker, kernelPathHostBlocker } from './server/data-path.js';
 import { admitConnection, refuseConnection, type AdmissionDeps } from './server/admission.js';
 import { ListenerRuntime, discardPrepared, prepareListener, type ListenerRuntimeDeps, type PreparedListener } from './server/listener-runtime.js';
 
@@ -141,7 +141,7 @@ export class ProxyServer {
       const kernel = this.kernelForwarder !== null;
       this.deps.log.info(
         { event: 'data-path', listener: listener.name, configured: 'auto', dataPath: kernel ? 'kernel' : 'relay', reason: kernel ? `nftables table ${this.kernelForwarder!.table}` : this.kernelPathUnavailable },
-        kernel ? 'dataPath auto: passive data on the kernel path where a transfer allows it' : 'dataPath auto: relaying data, the kernel path is not available here',
+        kernel ? 'dataPath auto: data on the kernel path where a transfer allows it' : 'dataPath auto: relaying data, the kernel path is not available here',
       );
     }
   }
@@ -310,7 +310,7 @@ export class ProxyServer {
 function defaultKernelForwarder(log: Logger): KernelForwarder {
   const { run, reason } = loadNftRunner();
   if (!run) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `the kernel data path needs the native addon and libnftables: ${reason}`);
-  const forwarder = new KernelForwarder(run, { onWarning: (message, detail) => log.warn({ event: 'kernel-path', ...detail }, message) });
+  const forwarder = new KernelForwarder(run, { onWarning: (message, detail) => log.warn({ event: 'kernel-path', ...detail }, message), familyBlocked: (family) => forwardingBlocker(family) });
   // However the process ends short of close() (an uncaught exception), the table goes with
   // it; only SIGKILL leaves it, for the next start to remove (staleTables).
   process.once('exit', () => forwarder.close());

@@ -2,9 +2,10 @@
  * One data channel of a session: a client leg and an upstream leg, each either a one-shot
  * listener (the peer connects to the proxy) or an outbound dial (the proxy connects), paired
  * into a relay (createRelay: in the kernel when it can, else DataRelay) once both sockets exist.
- * A `forwarded` client leg is the kernel data path (kernel-forward.ts): the client's
- * connection is NATed straight to the server's passive port, so the channel has no sockets
- * and no relay; it holds the leased port and the mapping until it closes.
+ * A `forwarded` leg is the kernel data path (kernel-forward.ts): the leg whose peer connects
+ * (the client after a 227/229, or the server after our PORT/EPRT) is NATed straight to the
+ * other peer's listening port, so the channel has no sockets and no relay; it holds the leased
+ * port and the mapping until it closes. At most one leg is forwarded.
  * Single use; one idempotent teardown.
  */
 import type net from 'node:net';
@@ -21,14 +22,22 @@ import type { KernelForward } from './kernel-forward.js';
 import type { WireBytes } from './kernel-nft.js';
 import { isProxyError, type ErrorCode } from '../errors.js';
 
+/** A leg whose peer's connection to `lease` is NATed by the kernel to the other peer. */
+export interface ForwardedLeg {
+  readonly kind: 'forwarded';
+  readonly lease: PortLease;
+  readonly forward: KernelForward;
+}
+
 export type ClientLeg =
   | { readonly kind: 'passive'; readonly accept: PassiveAccept }
   | { readonly kind: 'active'; readonly target: HostPort }
-  | { readonly kind: 'forwarded'; readonly lease: PortLease; readonly forward: KernelForward };
+  | ForwardedLeg;
 
 export type UpstreamLeg =
   | { readonly kind: 'passive'; readonly target: HostPort }
-  | { readonly kind: 'active'; readonly accept: PassiveAccept };
+  | { readonly kind: 'active'; readonly accept: PassiveAccept }
+  | ForwardedLeg;
 
 export type ChannelState =
   | { readonly status: 'pending' }
@@ -82,9 +91,13 @@ export class DataChannel {
   private endWaitMs = 0;
   private pairedAt = 0;
 
+  /** The kernel-carried leg, if any (kernel data path). */
+  private readonly kernel: ForwardedLeg | null;
+
   constructor(clientLeg: ClientLeg, upstreamLeg: UpstreamLeg) {
     this.clientLeg = clientLeg;
     this.upstreamLeg = upstreamLeg;
+    this.kernel = clientLeg.kind === 'forwarded' ? clientLeg : upstreamLeg.kind === 'forwarded' ? upstreamLeg : null;
     // Own an accepted socket from the moment it is accepted, not only once pair() runs: the
     // client may connect right after the 227 and the channel may then be replaced (PASV
     // again, PORT), fail (upstream dial refused) or close with the session before any
@@ -111,7 +124,7 @@ export class DataChannel {
     return this.stateValue.status === 'closed';
   }
 
-  /** Port the client connects to (passive client leg), for logs. */
+  /** Port the client connects to (passive client leg), or the one it listens on (active), for logs. */
   get clientPort(): number | null {
     switch (this.clientLeg.kind) {
       case 'passive':
@@ -124,11 +137,18 @@ export class DataChannel {
   }
 
   get isForwarded(): boolean {
-    return this.clientLeg.kind === 'forwarded';
+    return this.kernel !== null;
   }
 
   get upstreamPort(): number | null {
-    return this.upstreamLeg.kind === 'passive' ? this.upstreamLeg.target.port : this.upstreamLeg.accept.port;
+    switch (this.upstreamLeg.kind) {
+      case 'passive':
+        return this.upstreamLeg.target.port;
+      case 'forwarded':
+        return this.upstreamLeg.lease.port;
+      case 'active':
+        return this.upstreamLeg.accept.port;
+    }
   }
 
   /** Register an outbound connect so close() can cancel it. */
@@ -151,10 +171,10 @@ export class DataChannel {
    */
   pair(options: PairOptions): void {
     if (this.stateValue.status !== 'pending') return;
-    if (this.clientLeg.kind === 'forwarded') {
+    if (this.kernel) {
       this.stateValue = { status: 'forwarded' };
       this.pairedAt = Date.now();
-      if (options.idleTimeoutMs > 0) this.clientLeg.forward.watchIdle(options.idleTimeoutMs, this.onKernelIdle);
+      if (options.idleTimeoutMs > 0) this.kernel.forward.watchIdle(options.idleTimeoutMs, this.onKernelIdle);
       return;
     }
     this.stateValue = { status: 'connecting' };
@@ -188,10 +208,10 @@ export class DataChannel {
    * Ends like a relay's idle timeout: closed, settled with outcome `idle`.
    */
   private readonly onKernelIdle = (): void => {
-    if (this.stateValue.status !== 'forwarded' || this.clientLeg.kind !== 'forwarded') return;
+    if (this.stateValue.status !== 'forwarded' || !this.kernel) return;
     this.cutIdle = true;
     this.stateValue = { status: 'closed', reason: 'idle timeout' };
-    this.clientLeg.lease.release();
+    this.kernel.lease.release();
     for (const waiter of this.closedWaiters.splice(0)) waiter();
     this.settle({ upstreamToClientBytes: 0, clientToUpstreamBytes: 0, outcome: 'idle', durationMs: Date.now() - this.pairedAt }, 'idle timeout');
   };
@@ -201,7 +221,7 @@ export class DataChannel {
    * relay carried this channel, or nothing could be read). Settles after close().
    */
   get wireBytes(): Promise<WireBytes | null> {
-    return this.clientLeg.kind === 'forwarded' ? this.clientLeg.forward.wireBytes : Promise.resolve(null);
+    return this.kernel ? this.kernel.forward.wireBytes : Promise.resolve(null);
   }
 
   /** Why the channel failed, when it failed with a code (e.g. a data TLS handshake); null otherwise. */
@@ -229,7 +249,7 @@ export class DataChannel {
    */
   directionDone(direction: TransferDirection): Promise<boolean> {
     const relayDirection = direction === 'download' ? 'toClient' : 'toUpstream';
-    if (this.clientLeg.kind === 'forwarded') return Promise.resolve(!this.cutIdle);
+    if (this.kernel) return Promise.resolve(!this.cutIdle);
     if (this.relay) return this.relay.directionFinished(relayDirection);
     if (this.isClosed) return Promise.resolve(false);
     return new Promise<boolean>((resolve) => {
@@ -246,7 +266,7 @@ export class DataChannel {
 
   /** Close the channel gracefully after `ms` unless it closes by itself first. */
   lingerThenClose(ms: number): void {
-    if (this.clientLeg.kind === 'forwarded') {
+    if (this.kernel) {
       // The connection already lives in conntrack; the mapping and port are not needed. Its
       // counters are read once its last packets have passed (the server's 226 can come
       // before the tail of its send buffer), within `ms`.
@@ -266,7 +286,7 @@ export class DataChannel {
   close(reason: string, code: ErrorCode | null = null): void {
     if (this.stateValue.status === 'closed') {
       // After a kernel idle cut: the final reply came, the `cut` element can go.
-      if (this.clientLeg.kind === 'forwarded') this.clientLeg.forward.remove();
+      this.kernel?.forward.remove();
       return;
     }
     this.closeCode = code;
@@ -275,9 +295,9 @@ export class DataChannel {
     if (this.lingerTimer) clearTimeout(this.lingerTimer);
     this.lingerTimer = null;
     if (this.clientLeg.kind === 'passive') this.clientLeg.accept.cancel(reason);
-    if (this.clientLeg.kind === 'forwarded') {
-      this.clientLeg.forward.remove(this.endWaitMs);
-      this.clientLeg.lease.release();
+    if (this.kernel) {
+      this.kernel.forward.remove(this.endWaitMs);
+      this.kernel.lease.release();
     }
     if (this.upstreamLeg.kind === 'active') this.upstreamLeg.accept.cancel(reason);
     for (const dial of this.dials) dial.cancel();

@@ -1,35 +1,40 @@
 /**
- * The kernel data path (`client.dataPath: kernel`): a passive data connection is not relayed
- * by the proxy at all. For each PASV/EPSV the proxy adds one mapping to nftables maps in a
- * table of its own:
+ * The kernel data path (`client.dataPath: kernel`, or `auto` where the host allows it): a data
+ * connection is not relayed by the proxy at all. For each transfer the proxy adds one mapping
+ * to nftables maps in a table of its own (kernel-nft.ts has the scripts):
  *
- *   dnat_to: (client IP . proxy IP . leased port)  -> server IP . server passive port
- *   snat_to: (client IP . server IP . server port) -> the proxy's upstream-side address
+ *   dnat_to: (opener IP . proxy IP . leased port)  -> target IP . target port
+ *   snat_to: (opener IP . target IP . target port) -> the proxy's address on the target's side
  *
- * The client's connection to the leased port is then DNATed by the kernel straight to the
- * server's passive port, and SNATed so the server sees the proxy's address (vsftpd
- * pasv_promiscuous=NO checks it equals the control peer; protocol.md §2.4). An SNAT element
- * can be shared: vsftpd closes its passive listener once the data connection is accepted, so
- * the same port may be handed to the next PASV while the first transfer still runs (seen at
- * 50 concurrent sessions in test/bench). SNAT elements are therefore reference-counted and
- * carry no timeout; they open nothing by themselves (only flows we DNATed are SNATed). This is OpenBSD
- * ftp-proxy's per-transfer pf rule, with nftables maps instead of anchors. The payload never
- * crosses a second TCP connection: on the bench machine a user-space relay, even splice(2),
- * holds a transfer to about half of direct because every byte is received and re-sent by a
- * second TCP stack (README "Performance").
+ * The opener is whoever connects: the client after a 227/229 (the target is the server's
+ * passive port), or the server after the PORT/EPRT the proxy sent it for a PORT/EPRT client
+ * (the target is the address the client named; upstream.dataMode mirror or active). The
+ * opener's connection to the leased port is DNATed by the kernel straight to the target and
+ * SNATed so the target sees the proxy's address (vsftpd pasv_promiscuous=NO checks it equals
+ * the control peer, protocol.md §2.4; a client expects its data from the proxy it talks to).
+ * IPv4 and IPv6 mappings live in the same `inet` table, in maps of their own (nftables cannot
+ * translate between families, so a mapping is one family). An SNAT element can be shared:
+ * vsftpd closes its passive listener once the data connection is accepted, so the same port
+ * may be handed to the next PASV while the first transfer still runs (seen at 50 concurrent
+ * sessions in test/bench). SNAT elements are therefore reference-counted and carry no
+ * timeout; they open nothing by themselves (only flows we DNATed are SNATed). This is
+ * OpenBSD ftp-proxy's per-transfer pf rule, with nftables maps instead of anchors. The
+ * payload never crosses a second TCP connection: on the bench machine a user-space relay,
+ * even splice(2), holds a transfer to about half of direct because every byte is received and
+ * re-sent by a second TCP stack (README "Performance").
  *
  * Counting and the idle cut (issue #14). The proxy never sees the payload, so nftables counts
- * for it: three sets with a counter per element, keyed like dnat_to by the connection's
- * ORIGINAL tuple (client IP . proxy IP . leased port, read back with `ct original ...` after
- * NAT), hold the IP bytes each way (`to_server`: ct direction original, `to_client`: reply)
- * and the packets that carry payload (`moving`, via `@ih`: a pure ACK or a zero-window probe
- * has no inner header); `ends` counts FIN/RST packets. These are IP bytes, headers included
- * (and one header per GRO/GSO aggregate, retransmissions included): `wireBytes`, never
- * `bytes`. One `list set` call per poll reads every mapping's counters: a connection whose
- * `moving` counter stood still for dataIdleSeconds is cut (DNAT removed, its key put in `cut`,
- * where `reject with tcp reset` answers the next packet of either side). The counts are read
- * when the transfer is over: at once when it failed, else once both FINs (or a RST) passed or
- * the linger ran out, so bytes still in the server's send buffer when its 226 came are counted.
+ * for it: sets with a counter per element, keyed like dnat_to by the connection's ORIGINAL
+ * tuple (opener IP . proxy IP . leased port, read back with `ct original ...` after NAT), hold
+ * the IP bytes each way (`original`: from the opener, `reply`: toward it) and the packets
+ * that carry payload (`moving`, via `@ih`: a pure ACK or a zero-window probe has no inner
+ * header); `ends` counts FIN/RST packets. These are IP bytes, headers included (and one
+ * header per GRO/GSO aggregate, retransmissions included): `wireBytes`, never `bytes`. One
+ * `list table` call per poll reads every mapping's counters: a connection whose `moving`
+ * counter stood still for dataIdleSeconds is cut (DNAT removed, its key put in `cut`, where
+ * `reject with tcp reset` answers the next packet of either side). The counts are read when
+ * the transfer is over: at once when it failed, else once both FINs (or a RST) passed or the
+ * linger ran out, so bytes still in the sender's buffer when the 226 came are counted.
  *
  * What the relay gives and this path does not, by construction (README "Kernel data path"):
  *  - the proxy does not see the payload: IP bytes, not payload bytes, are counted;
@@ -38,26 +43,26 @@
  *    arrives over a bridge with br_netfilter, nf_send_reset sends the RST out of the bridge
  *    port without NAT and it is lost: conntrack closes the entry 10 s later and the next packet
  *    meets the host's own reset (README "Kernel data path", measured in the NAT lab);
- *  - only client-passive to server-passive, IPv4 to IPv4, without PROXY headers.
+ *  - only one connection can be NATed: a PASV client with an active server leg, or a PORT
+ *    client with a passive one, is relayed, and so are TLS data, PROXY headers, mixed families
+ *    (kernel-nft.ts kernelPathBlocker, counted by reason).
  * What stays as it is: half-close and resets pass end to end (it is one TCP connection);
- * only the control client's address may connect (the map key holds it, like the relay's
- * source check, RFC 2577 port stealing); the mapping expires after dataAcceptSeconds if
- * nobody connects (the element's own timeout, so a crash cannot leave a hole open for long)
- * and is removed when the channel closes. A connection already made lives on in conntrack
- * (until it ends, or the idle cut resets it).
+ * only the control peer of the opener's side may connect (the map key holds it, like the
+ * relay's source check, RFC 2577 port stealing); the mapping expires after dataAcceptSeconds
+ * if nobody connects (the element's own timeout, so a crash cannot leave a hole open for
+ * long) and is removed when the channel closes. A connection already made lives on in
+ * conntrack (until it ends, or the idle cut resets it).
  *
- * The nft(8) scripts and the parser of their output are pure, in kernel-nft.ts (table-tested);
- * this module runs them through libnftables in the native addon (src/native/nftables.c) and
- * keeps the table's state. Nothing here owns a socket.
+ * This module runs the scripts through libnftables in the native addon (src/native/nftables.c)
+ * and keeps the table's state. Nothing here owns a socket.
  */
 import { ProxyError } from '../errors.js';
 import { loadSpliceAddon } from './splice-relay.js';
+import type { Family } from '../control/ip.js';
 import {
-  CUT_SET,
   addMappingScript,
   countersOf,
   cutScript,
-  dnatKeyText,
   getCountersScript,
   listCountersScript,
   parseCounters,
@@ -67,6 +72,7 @@ import {
   staleTables,
   tableName,
   tableScript,
+  uncutScript,
   wireOf,
   type ForwardMapping,
   type WireBytes,
@@ -140,6 +146,8 @@ export interface KernelForwarderOptions {
   readonly now?: () => number;
   /** Poll the counters on a timer (default); false: only when poll() is called (tests). */
   readonly autoPoll?: boolean;
+  /** Why the host cannot forward this family now (e.g. IPv6 forwarding off), or null. */
+  readonly familyBlocked?: (family: Family) => string | null;
 }
 
 function processAlive(pid: number): boolean {
@@ -160,7 +168,6 @@ const END_POLL_MS = 100;
 /** What the forwarder knows of one mapping. */
 interface Tracked {
   readonly mapping: ForwardMapping;
-  readonly key: string;
   readonly snatKey: string;
   stage: 'mapped' | 'cut' | 'removed';
   idle: { readonly idleMs: number; readonly onIdle: () => void; lastMoving: number; since: number } | null;
@@ -184,6 +191,8 @@ export class KernelForwarder {
   private pollInterval = Number.POSITIVE_INFINITY;
   private pollFailed = false;
   private closed = false;
+  /** Why the host cannot forward a family (kernelPathBlocker asks before each mapping). */
+  readonly familyBlocked: (family: Family) => string | null;
 
   /** Remove stale tables, create ours. Throws FTPP_ERR_KERNEL_PATH with nft's words. */
   constructor(run: NftRunner, options: KernelForwarderOptions = {}) {
@@ -193,11 +202,12 @@ export class KernelForwarder {
     this.onWarning = options.onWarning ?? (() => {});
     this.now = options.now ?? Date.now;
     this.autoPoll = options.autoPoll ?? true;
-    const listing = run('list tables ip');
+    this.familyBlocked = options.familyBlocked ?? (() => null);
+    const listing = run('list tables');
     if (!listing.ok) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `cannot list nftables tables: ${listing.error || 'unknown error'} (needs CAP_NET_ADMIN)`);
     for (const stale of staleTables(listing.output, options.isAlive ?? processAlive, pid)) {
-      const removed = run(`delete table ip ${stale}`);
-      this.onWarning('removed the nftables table of a proxy that is gone', { table: stale, ok: removed.ok, ...(removed.ok ? {} : { error: removed.error }) });
+      const removed = run(`delete table ${stale.family} ${stale.name}`);
+      this.onWarning('removed the nftables table of a proxy that is gone', { table: stale.name, family: stale.family, ok: removed.ok, ...(removed.ok ? {} : { error: removed.error }) });
     }
     const created = run(tableScript(this.table));
     if (!created.ok) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `cannot create nftables table ${this.table}: ${created.error || 'unknown error'}`);
@@ -226,7 +236,6 @@ export class KernelForwarder {
     const wireBytes = new Promise<WireBytes | null>((resolve) => (settle = resolve));
     const entry: Tracked = {
       mapping,
-      key: dnatKeyText(mapping),
       snatKey,
       stage: 'mapped',
       idle: null,
@@ -271,17 +280,17 @@ export class KernelForwarder {
     const sets = parseCounters(listing.output);
     const ended: Array<[Tracked, WireBytes]> = [];
     for (const entry of watched) {
-      const counters = countersOf(sets, entry.key);
+      const counters = countersOf(sets, entry.mapping);
       if (entry.endDeadline !== null) {
-        if (counters.ends.packets >= 2 || now >= entry.endDeadline) ended.push([entry, wireOf(counters)]);
+        if (counters.ends.packets >= 2 || now >= entry.endDeadline) ended.push([entry, wireOf(counters, entry.mapping.opener)]);
         continue;
       }
       const idle = entry.idle!;
       if (counters.moving.packets !== idle.lastMoving) {
         idle.lastMoving = counters.moving.packets;
         idle.since = now;
-      } else if (counters.to_server.packets > 0 && now - idle.since >= idle.idleMs) {
-        this.cut(entry, wireOf(counters));
+      } else if (counters.original.packets > 0 && now - idle.since >= idle.idleMs) {
+        this.cut(entry, wireOf(counters, entry.mapping.opener));
       }
     }
     if (ended.length > 0) this.deleteCounters(ended);
@@ -301,7 +310,7 @@ export class KernelForwarder {
     if (entry.stage === 'cut') {
       entry.stage = 'removed';
       this.tracked.delete(entry);
-      this.run(`delete element ip ${this.table} ${CUT_SET} { ${entry.key} }`);
+      this.run(uncutScript(this.table, entry.mapping));
       return;
     }
     entry.stage = 'removed';
@@ -316,13 +325,13 @@ export class KernelForwarder {
       return;
     }
     const read = this.run(getCountersScript(this.table, entry.mapping));
-    const counters = read.ok ? countersOf(parseCounters(read.output), entry.key) : null;
-    if (counters && awaitEndMs > 0 && counters.ends.packets < 2 && counters.to_server.packets > 0) {
+    const counters = read.ok ? countersOf(parseCounters(read.output), entry.mapping) : null;
+    if (counters && awaitEndMs > 0 && counters.ends.packets < 2 && counters.original.packets > 0) {
       entry.endDeadline = this.now() + awaitEndMs;
       this.schedulePoll();
       return;
     }
-    this.deleteCounters([[entry, counters ? wireOf(counters) : null]]);
+    this.deleteCounters([[entry, counters ? wireOf(counters, entry.mapping.opener) : null]]);
   }
 
   /** Delete the counter elements of these mappings in one call, then settle them. */
@@ -378,7 +387,7 @@ export class KernelForwarder {
     for (const entry of this.tracked) entry.settle(null);
     this.tracked.clear();
     this.snat.clear();
-    const result = this.run(`delete table ip ${this.table}`);
+    const result = this.run(`delete table inet ${this.table}`);
     if (!result.ok) this.onWarning('could not delete the nftables table', { table: this.table, error: result.error });
   }
 }

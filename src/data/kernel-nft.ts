@@ -3,20 +3,32 @@
  * cut sets, the scripts that add, count, cut and remove one transfer's mapping, the parser of
  * `list table` output, and whether a data connection is one the kernel can carry at all.
  * kernel-forward.ts runs these through libnftables; why the table looks like this is told there.
+ *
+ * One `inet` table holds both families (issue #14): IPv4 mappings in maps and sets without a
+ * suffix, IPv6 ones in the same names ending in `6`. nftables cannot translate between the
+ * families, so a mapping is all IPv4 or all IPv6 (kernelPathBlocker says so first).
  */
-import { familyOf, isLoopbackIp } from '../control/ip.js';
+import { familyOf, isLoopbackIp, normalizeIp, type Family } from '../control/ip.js';
 
-/** One transfer's mapping. All addresses IPv4 (kernelPathBlocker says so first). */
+/**
+ * One transfer's mapping: whoever opens the data connection (the `opener`) connects to a port
+ * the proxy leased, and the kernel sends that connection on to the `target` instead.
+ *  - client-passive (PASV/EPSV, server passive): the client opens, to the port the 227/229
+ *    advertised; the target is the server's passive port.
+ *  - client-active (PORT/EPRT, server active): the server opens, to the port our own PORT/EPRT
+ *    named on its side; the target is the address the client's PORT/EPRT named.
+ */
 export interface ForwardMapping {
-  /** Source address of the client's data connection: the control connection's peer. */
-  readonly clientIp: string;
-  /** The proxy's own address the client's packets arrive at: the control connection's local address. */
+  readonly opener: 'client' | 'server';
+  /** The opener's address: the control connection's peer on its side. Only it may connect. */
+  readonly openerIp: string;
+  /** The proxy's own address the opener connects to (that side's control connection's local address). */
   readonly proxyIp: string;
-  /** The leased port the 227/229 advertises. */
+  /** The leased port the opener was told. */
   readonly proxyPort: number;
-  readonly serverIp: string;
-  readonly serverPort: number;
-  /** Source address the server sees: the proxy's address on its control connection to the server. */
+  readonly targetIp: string;
+  readonly targetPort: number;
+  /** Source address the target sees: the proxy's address on the target's side (vsftpd pasv_promiscuous=NO, protocol.md §2.4). */
   readonly snatIp: string;
 }
 
@@ -26,51 +38,100 @@ export function tableName(pid: number): string {
   return `${TABLE_PREFIX}${pid}`;
 }
 
+/** What one address family's maps, sets and keys are called in the table. */
+interface FamilyNames {
+  readonly addrType: string;
+  /** The nft(8) expression family: `ip saddr`, `ct original ip6 daddr`. */
+  readonly expr: 'ip' | 'ip6';
+  readonly suffix: '' | '6';
+}
+
+const NAMES: Record<Family, FamilyNames> = {
+  4: { addrType: 'ipv4_addr', expr: 'ip', suffix: '' },
+  6: { addrType: 'ipv6_addr', expr: 'ip6', suffix: '6' },
+};
+
+/** The sets with a counter per mapping, by the conntrack direction they count (see kernel-forward.ts). */
+export const COUNTER_SETS = ['original', 'reply', 'moving', 'ends'] as const;
+export type CounterSet = (typeof COUNTER_SETS)[number];
+export const CUT_SET = 'cut';
+
+/** The name of a map or set for this family: `dnat_to`, `dnat_to6`. */
+export function setName(base: string, family: Family): string {
+  return `${base}${NAMES[family].suffix}`;
+}
+
+function keyType(family: Family): string {
+  const { addrType } = NAMES[family];
+  return `${addrType} . ${addrType} . inet_service`;
+}
+
+function ctKey(family: Family): string {
+  const { expr } = NAMES[family];
+  return `ct original ${expr} saddr . ct original ${expr} daddr . ct original proto-dst`;
+}
+
+/** A mapping's family (the blocker has made sure all its addresses share it). */
+export function familyOfMapping(m: Pick<ForwardMapping, 'openerIp'>): Family {
+  return familyOf(m.openerIp);
+}
+
 /**
  * The table, created in one transaction. A table left by an earlier process with the same
  * PID (a crash, then PID reuse) is replaced: "add" then "delete" then create, so the script
  * never fails on a missing table. Priorities: dstnat (-100) and srcnat (100), the standard
  * NAT hooks; a map miss leaves the packet alone, so the rules touch nothing but our mappings.
+ * `inet` NAT chains need Linux 5.2; `dnat ip to` in them matches IPv4 packets only, `dnat ip6 to` IPv6.
  */
 export function tableScript(table: string): string {
+  const families: Family[] = [4, 6];
+  const each = (line: (f: FamilyNames, family: Family) => string): string[] => families.map((family) => line(NAMES[family], family));
   return [
-    `add table ip ${table}`,
-    `delete table ip ${table}`,
-    `table ip ${table} {`,
-    '  map dnat_to { type ipv4_addr . ipv4_addr . inet_service : ipv4_addr . inet_service; flags timeout; }',
-    '  map snat_to { type ipv4_addr . ipv4_addr . inet_service : ipv4_addr; }',
-    // Remote clients arrive through prerouting; clients on this host through output.
-    '  chain prerouting { type nat hook prerouting priority dstnat; policy accept; dnat ip to ip saddr . ip daddr . tcp dport map @dnat_to; }',
-    '  chain output { type nat hook output priority -100; policy accept; dnat ip to ip saddr . ip daddr . tcp dport map @dnat_to; }',
-    '  chain postrouting { type nat hook postrouting priority srcnat; policy accept; ct status dnat snat ip to ip saddr . ip daddr . tcp dport map @snat_to; }',
-    ...COUNTER_SETS.map((set) => `  set ${set} { type ${KEY_TYPE}; counter; }`),
-    `  set ${CUT_SET} { type ${KEY_TYPE}; flags timeout; }`,
-    // After NAT the packet's own addresses are the server's; the ORIGINAL tuple is the key.
-    '  chain count {',
-    // Not a RST: the reset this rule sends belongs to the connection too and passes the
-    // output hook (a client or server on this host; and the reset itself) on its way.
-    `    meta l4proto tcp tcp flags & rst == 0 ${CT_KEY} @${CUT_SET} reject with tcp reset`,
-    `    meta l4proto tcp ct direction original ${CT_KEY} @to_server`,
-    `    meta l4proto tcp ct direction reply ${CT_KEY} @to_client`,
-    // @ih loads the first payload byte: no payload (ACK, SYN, zero-window probe), no match.
-    `    meta l4proto tcp @ih,0,8 & 0x0 == 0x0 ${CT_KEY} @moving`,
-    `    meta l4proto tcp tcp flags & (fin | rst) != 0 ${CT_KEY} @ends`,
+    `add table inet ${table}`,
+    `delete table inet ${table}`,
+    `table inet ${table} {`,
+    ...each(({ addrType }, family) => `  map ${setName('dnat_to', family)} { type ${keyType(family)} : ${addrType} . inet_service; flags timeout; }`),
+    ...each(({ addrType }, family) => `  map ${setName('snat_to', family)} { type ${keyType(family)} : ${addrType}; }`),
+    // Remote openers arrive through prerouting; an opener on this host through output.
+    '  chain prerouting {',
+    '    type nat hook prerouting priority dstnat; policy accept;',
+    ...each(({ expr }, family) => `    dnat ${expr} to ${expr} saddr . ${expr} daddr . tcp dport map @${setName('dnat_to', family)}`),
     '  }',
-    // Each packet once: remote client and server (forward); a client or server on this host
-    // (output; input only from outside: a packet over lo was already seen in output).
+    '  chain output {',
+    '    type nat hook output priority -100; policy accept;',
+    ...each(({ expr }, family) => `    dnat ${expr} to ${expr} saddr . ${expr} daddr . tcp dport map @${setName('dnat_to', family)}`),
+    '  }',
+    '  chain postrouting {',
+    '    type nat hook postrouting priority srcnat; policy accept;',
+    ...each(({ expr }, family) => `    ct status dnat snat ${expr} to ${expr} saddr . ${expr} daddr . tcp dport map @${setName('snat_to', family)}`),
+    '  }',
+    ...families.flatMap((family) => COUNTER_SETS.map((set) => `  set ${setName(set, family)} { type ${keyType(family)}; counter; }`)),
+    ...each((_, family) => `  set ${setName(CUT_SET, family)} { type ${keyType(family)}; flags timeout; }`),
+    // After NAT the packet's own addresses are the target's; the ORIGINAL tuple is the key.
+    '  chain count {',
+    ...families.flatMap((family) => {
+      const key = ctKey(family);
+      const set = (base: string): string => `@${setName(base, family)}`;
+      return [
+        // Not a RST: the reset this rule sends belongs to the connection too and passes the
+        // output hook (an opener or target on this host; and the reset itself) on its way.
+        `    meta l4proto tcp tcp flags & rst == 0 ${key} ${set(CUT_SET)} reject with tcp reset`,
+        `    meta l4proto tcp ct direction original ${key} ${set('original')}`,
+        `    meta l4proto tcp ct direction reply ${key} ${set('reply')}`,
+        // @ih loads the first payload byte: no payload (ACK, SYN, zero-window probe), no match.
+        `    meta l4proto tcp @ih,0,8 & 0x0 == 0x0 ${key} ${set('moving')}`,
+        `    meta l4proto tcp tcp flags & (fin | rst) != 0 ${key} ${set('ends')}`,
+      ];
+    }),
+    '  }',
+    // Each packet once: remote opener and target (forward); one on this host (output; input
+    // only from outside: a packet over lo was already seen in output).
     '  chain forward { type filter hook forward priority filter; policy accept; ct status dnat jump count; }',
     '  chain filter_output { type filter hook output priority filter; policy accept; ct status dnat jump count; }',
     '  chain filter_input { type filter hook input priority filter; policy accept; ct status dnat iif != "lo" jump count; }',
     '}',
   ].join('\n');
 }
-
-/** The sets with a counter per mapping (see the file comment). */
-export const COUNTER_SETS = ['to_server', 'to_client', 'moving', 'ends'] as const;
-export type CounterSet = (typeof COUNTER_SETS)[number];
-export const CUT_SET = 'cut';
-const KEY_TYPE = 'ipv4_addr . ipv4_addr . inet_service';
-const CT_KEY = 'ct original ip saddr . ct original ip daddr . ct original proto-dst';
 
 /**
  * How long a cut connection's key stays in `cut`: the reset can only answer a packet, and a
@@ -95,6 +156,10 @@ export function nftTimeout(ms: number): string {
   return `${Math.max(1000, Math.ceil(ms))}ms`;
 }
 
+function element(table: string, base: string, m: ForwardMapping): string {
+  return `inet ${table} ${setName(base, familyOfMapping(m))}`;
+}
+
 /**
  * The DNAT element with `create`, not `add`: `add` silently accepts an element that is already
  * there, and a key already mapped means a mapping we failed to remove; that transfer is relayed
@@ -102,16 +167,16 @@ export function nftTimeout(ms: number): string {
  */
 export function addMappingScript(table: string, m: ForwardMapping, timeoutMs: number, withSnat = true): string {
   return [
-    ...(withSnat ? [`add element ip ${table} snat_to { ${snatKeyText(m)} : ${m.snatIp} }`] : []),
-    `create element ip ${table} dnat_to { ${dnatKeyText(m)} timeout ${nftTimeout(timeoutMs)} : ${m.serverIp} . ${m.serverPort} }`,
+    ...(withSnat ? [`add element ${element(table, 'snat_to', m)} { ${snatKeyText(m)} : ${ipText(m.snatIp)} }`] : []),
+    `create element ${element(table, 'dnat_to', m)} { ${dnatKeyText(m)} timeout ${nftTimeout(timeoutMs)} : ${ipText(m.targetIp)} . ${m.targetPort} }`,
     // `add`: the counters of a key we failed to delete go on; the transaction is what matters.
-    ...COUNTER_SETS.map((set) => `add element ip ${table} ${set} { ${dnatKeyText(m)} }`),
+    ...COUNTER_SETS.map((set) => `add element ${element(table, set, m)} { ${dnatKeyText(m)} }`),
   ].join('\n');
 }
 
 /** Delete one mapping's counter elements (the caller read them first). */
 export function removeCountersScript(table: string, m: ForwardMapping): string {
-  return COUNTER_SETS.map((set) => `delete element ip ${table} ${set} { ${dnatKeyText(m)} }`).join('\n');
+  return COUNTER_SETS.map((set) => `delete element ${element(table, set, m)} { ${dnatKeyText(m)} }`).join('\n');
 }
 
 /**
@@ -119,10 +184,12 @@ export function removeCountersScript(table: string, m: ForwardMapping): string {
  * one, either way, is answered with a TCP reset. The `cut` element expires by itself.
  */
 export function cutScript(table: string, m: ForwardMapping, withSnat = true, holdMs: number = CUT_HOLD_MS): string {
-  return [
-    `add element ip ${table} ${CUT_SET} { ${dnatKeyText(m)} timeout ${nftTimeout(holdMs)} }`,
-    ...removeMappingScripts(table, m, withSnat),
-  ].join('\n');
+  return [`add element ${element(table, CUT_SET, m)} { ${dnatKeyText(m)} timeout ${nftTimeout(holdMs)} }`, ...removeMappingScripts(table, m, withSnat)].join('\n');
+}
+
+/** Take a cut mapping's key out of `cut` early (whoever answered has given the connection up). */
+export function uncutScript(table: string, m: ForwardMapping): string {
+  return `delete element ${element(table, CUT_SET, m)} { ${dnatKeyText(m)} }`;
 }
 
 /**
@@ -131,36 +198,39 @@ export function cutScript(table: string, m: ForwardMapping, withSnat = true, hol
  * directory" for the first set: each one's cache filter drops the others).
  */
 export function listCountersScript(table: string): string {
-  return `list table ip ${table}`;
+  return `list table inet ${table}`;
 }
 
 /** Read one mapping's counters (`get element`, when the transfer ended between polls). */
 export function getCountersScript(table: string, m: ForwardMapping): string {
-  return COUNTER_SETS.map((set) => `get element ip ${table} ${set} { ${dnatKeyText(m)} }`).join('\n');
+  return COUNTER_SETS.map((set) => `get element ${element(table, set, m)} { ${dnatKeyText(m)} }`).join('\n');
 }
 
-/** The key text of a mapping in the counter sets, as nft(8) prints it. */
-export function counterKey(m: Pick<ForwardMapping, 'clientIp' | 'proxyIp' | 'proxyPort'>): string {
-  return dnatKeyText(m);
+/** An address as nft(8) prints it (RFC 5952 for IPv6, as inet_ntop writes it). */
+function ipText(ip: string): string {
+  return normalizeIp(ip);
 }
 
 /** One element with its counter: after `{` or `,` (or at a continuation line's start), up to `,` or `}`. */
-const ELEMENT_COUNTER = /(?:^|[{,])\s*(\d{1,3}(?:\.\d{1,3}){3}) \. (\d{1,3}(?:\.\d{1,3}){3}) \. (\d{1,5}) counter packets (\d+) bytes (\d+)\s*(?=[,}])/g;
+const ELEMENT_COUNTER = /(?:^|[{,])\s*([0-9a-fA-F:.]+) \. ([0-9a-fA-F:.]+) \. (\d{1,5}) counter packets (\d+) bytes (\d+)\s*(?=[,}])/g;
+
+/** Every counter set of both families, by its name in the table. */
+const COUNTER_SET_NAMES: ReadonlySet<string> = new Set(([4, 6] as const).flatMap((family) => COUNTER_SETS.map((set) => setName(set, family))));
 
 /**
- * The counters in `list set` / `get element` output (one or several sets, one table block
- * each): set name -> element key -> counter. Elements come one per line or several on one,
- * comma-separated; the set header may or may not repeat `counter`; an element without a
- * counter, or a set that is not ours, is skipped.
+ * The counters in `list table` / `get element` output (one or several sets, one table block
+ * each): set name as in the table (`original`, `original6`, ...) -> element key -> counter.
+ * Elements come one per line or several on one, comma-separated; the set header may or may
+ * not repeat `counter`; an element without a counter, or a set that is not ours, is skipped.
  */
-export function parseCounters(output: string): Map<CounterSet, Map<string, NftCounter>> {
-  const sets = new Map<CounterSet, Map<string, NftCounter>>();
+export function parseCounters(output: string): Map<string, Map<string, NftCounter>> {
+  const sets = new Map<string, Map<string, NftCounter>>();
   let current: Map<string, NftCounter> | null = null;
   for (const line of output.split('\n')) {
-    const header = /^\s*set (\S+) \{/.exec(line);
+    const header = /^\s*(?:set|map) (\S+) \{/.exec(line);
     if (header) {
-      const name = header[1] as CounterSet;
-      current = (COUNTER_SETS as readonly string[]).includes(name) ? (sets.get(name) ?? new Map<string, NftCounter>()) : null;
+      const name = header[1]!;
+      current = COUNTER_SET_NAMES.has(name) ? (sets.get(name) ?? new Map<string, NftCounter>()) : null;
       if (current) sets.set(name, current);
       continue;
     }
@@ -173,14 +243,12 @@ export function parseCounters(output: string): Map<CounterSet, Map<string, NftCo
 }
 
 /** One mapping's counters out of a parsed listing (zero when its element is not there). */
-export function countersOf(sets: Map<CounterSet, Map<string, NftCounter>>, key: string): Record<CounterSet, NftCounter> {
+export function countersOf(sets: Map<string, Map<string, NftCounter>>, m: ForwardMapping): Record<CounterSet, NftCounter> {
   const zero: NftCounter = { packets: 0, bytes: 0 };
-  return {
-    to_server: sets.get('to_server')?.get(key) ?? zero,
-    to_client: sets.get('to_client')?.get(key) ?? zero,
-    moving: sets.get('moving')?.get(key) ?? zero,
-    ends: sets.get('ends')?.get(key) ?? zero,
-  };
+  const family = familyOfMapping(m);
+  const key = dnatKeyText(m);
+  const of = (set: CounterSet): NftCounter => sets.get(setName(set, family))?.get(key) ?? zero;
+  return { original: of('original'), reply: of('reply'), moving: of('moving'), ends: of('ends') };
 }
 
 /**
@@ -189,59 +257,109 @@ export function countersOf(sets: Map<CounterSet, Map<string, NftCounter>>, key: 
  */
 export function removeMappingScripts(table: string, m: ForwardMapping, withSnat = true): string[] {
   return [
-    `delete element ip ${table} dnat_to { ${dnatKeyText(m)} }`,
-    ...(withSnat ? [`delete element ip ${table} snat_to { ${snatKeyText(m)} }`] : []),
+    `delete element ${element(table, 'dnat_to', m)} { ${dnatKeyText(m)} }`,
+    ...(withSnat ? [`delete element ${element(table, 'snat_to', m)} { ${snatKeyText(m)} }`] : []),
   ];
 }
 
-export function dnatKeyText(m: Pick<ForwardMapping, 'clientIp' | 'proxyIp' | 'proxyPort'>): string {
-  return `${m.clientIp} . ${m.proxyIp} . ${m.proxyPort}`;
+/** The key of a mapping in dnat_to and the counter and cut sets: the connection as the opener makes it. */
+export function dnatKeyText(m: Pick<ForwardMapping, 'openerIp' | 'proxyIp' | 'proxyPort'>): string {
+  return `${ipText(m.openerIp)} . ${ipText(m.proxyIp)} . ${m.proxyPort}`;
 }
 
+/** The key in snat_to: the connection after DNAT (opener to target). */
 export function snatKeyText(m: ForwardMapping): string {
-  return `${m.clientIp} . ${m.serverIp} . ${m.serverPort}`;
+  return `${ipText(m.openerIp)} . ${ipText(m.targetIp)} . ${m.targetPort}`;
+}
+
+/** A table of ours in `list tables` output. */
+export interface OwnTable {
+  readonly family: string;
+  readonly name: string;
 }
 
 /**
  * Tables of ours (from `list tables`) whose process is gone: a proxy killed with SIGKILL
- * cannot delete its table, and its mappings only expire one by one.
+ * cannot delete its table, and its mappings only expire one by one. Any family: versions
+ * before the IPv6 kernel path made `ip` tables.
  */
-export function staleTables(listing: string, isAlive: (pid: number) => boolean, ownPid: number): string[] {
-  const stale: string[] = [];
+export function staleTables(listing: string, isAlive: (pid: number) => boolean, ownPid: number): OwnTable[] {
+  const stale: OwnTable[] = [];
   for (const line of listing.split('\n')) {
-    const match = /^table ip (ftpnp_(\d+))\s*$/.exec(line.trim());
+    const match = /^table (ip|ip6|inet) (ftpnp_(\d+))\s*$/.exec(line.trim());
     if (!match) continue;
-    const pid = Number(match[2]);
-    if (pid !== ownPid && !isAlive(pid)) stale.push(match[1]!);
+    const pid = Number(match[3]);
+    if (pid !== ownPid && !isAlive(pid)) stale.push({ family: match[1]!, name: match[2]! });
   }
   return stale;
 }
 
-/** What the session knows when it decides how to carry a passive data connection. */
+/** Why a data connection is relayed instead (a stable label: metrics and logs). */
+export type KernelFallbackReason =
+  | 'proxy-protocol'
+  | 'tls'
+  | 'both-connect'
+  | 'both-listen'
+  | 'mixed-family'
+  | 'loopback'
+  | 'source-port'
+  | 'host'
+  | 'failed';
+
+export const KERNEL_FALLBACK_REASONS: readonly KernelFallbackReason[] = ['proxy-protocol', 'tls', 'both-connect', 'both-listen', 'mixed-family', 'loopback', 'source-port', 'host', 'failed'];
+
+export interface KernelPathBlock {
+  readonly reason: KernelFallbackReason;
+  readonly detail: string;
+}
+
+/** What the session knows when it decides how to carry a data connection. */
 export interface KernelPathFacts {
+  /** PASV/EPSV (the client connects) or PORT/EPRT (the client listens). */
+  readonly clientMode: 'passive' | 'active';
+  /** EPSV/PASV toward the server (it listens) or PORT/EPRT (it connects). */
+  readonly upstreamMode: 'passive' | 'active';
   readonly clientIp: string;
-  readonly proxyIp: string;
+  /** The proxy's address on the client's control connection. */
+  readonly proxyClientSideIp: string;
   readonly serverIp: string;
-  readonly snatIp: string;
+  /** The proxy's address on its control connection to the server. */
+  readonly proxyServerSideIp: string;
   /** The listener reads PROXY headers: the data connection's source is then a load balancer. */
   readonly proxyProtocol: boolean;
   /** Either leg's data is TLS (PROT P): the proxy must decrypt and re-encrypt it (RFC 4217). */
   readonly tls?: boolean;
+  /** client.dataSourcePort: the client's firewall wants active data from this port. */
+  readonly dataSourcePort?: number | null;
+  /** Why this host cannot forward the family, if it cannot (auto: sysctls read at start). */
+  readonly familyBlocked?: (family: Family) => string | null;
 }
 
 /** Null when the kernel can carry this data connection, else why not (the relay does). */
-export function kernelPathBlocker(f: KernelPathFacts): string | null {
-  if (f.proxyProtocol) return 'PROXY protocol: data connections come from the load balancer';
-  if (f.tls) return 'TLS data (PROT P): the proxy terminates TLS on each leg';
-  for (const [what, ip] of [['client', f.clientIp], ['proxy', f.proxyIp], ['server', f.serverIp], ['upstream-side', f.snatIp]] as const) {
-    if (familyOf(ip) !== 4) return `${what} address ${ip} is not IPv4 (the kernel path maps IPv4 only)`;
+export function kernelPathBlocker(f: KernelPathFacts): KernelPathBlock | null {
+  if (f.proxyProtocol) return { reason: 'proxy-protocol', detail: 'PROXY protocol: data connections come from the load balancer' };
+  if (f.tls) return { reason: 'tls', detail: 'TLS data (PROT P): the proxy terminates TLS on each leg' };
+  // One connection can be NATed; two that both start at the proxy, or two listeners waiting
+  // for each other, only the relay can join (upstream.dataMode: mirror pairs them up).
+  if (f.clientMode === 'passive' && f.upstreamMode === 'active') return { reason: 'both-connect', detail: 'client and server both connect to the proxy (PASV client, upstream dataMode active)' };
+  if (f.clientMode === 'active' && f.upstreamMode === 'passive') return { reason: 'both-listen', detail: 'client and server both wait for a connection (PORT client, upstream dataMode passive; mirror lets the kernel carry it)' };
+  if (f.clientMode === 'active' && f.dataSourcePort) return { reason: 'source-port', detail: `client.dataSourcePort ${f.dataSourcePort}: the relay dials the client from that port` };
+  const family = familyOf(f.clientIp);
+  for (const [what, ip] of [['client', f.clientIp], ['proxy', f.proxyClientSideIp], ['server', f.serverIp], ['upstream-side', f.proxyServerSideIp]] as const) {
+    if (familyOf(ip) !== family) return { reason: 'mixed-family', detail: `${what} address ${ip} is not IPv${family} like the client's (nftables cannot translate between families)` };
   }
-  // A packet from another host DNATed to 127.0.0.0/8 is dropped as a martian unless
-  // route_localnet is set; the relay reaches a loopback server without that.
-  if (isLoopbackIp(f.serverIp) && !isLoopbackIp(f.clientIp)) return 'server is on loopback and the client is not';
+  // A packet from another host DNATed to 127.0.0.0/8 (or ::1), or one from loopback sent to
+  // another host, is dropped as a martian unless route_localnet is set; the relay does both.
+  if (isLoopbackIp(f.serverIp) !== isLoopbackIp(f.clientIp)) return { reason: 'loopback', detail: `one side is on loopback and the other is not (client ${f.clientIp}, server ${f.serverIp})` };
+  // Between two loopback addresses nothing is forwarded.
+  const hostBlock = isLoopbackIp(f.clientIp) ? null : (f.familyBlocked?.(family) ?? null);
+  if (hostBlock) return { reason: 'host', detail: hostBlock };
   return null;
 }
 
-export function wireOf(counters: Record<CounterSet, NftCounter>): WireBytes {
-  return { toClient: counters.to_client.bytes, toServer: counters.to_server.bytes };
+/** The counters as client/server bytes: the opener's packets are the original direction. */
+export function wireOf(counters: Record<CounterSet, NftCounter>, opener: ForwardMapping['opener']): WireBytes {
+  const fromOpener = counters.original.bytes;
+  const toOpener = counters.reply.bytes;
+  return opener === 'client' ? { toServer: fromOpener, toClient: toOpener } : { toClient: fromOpener, toServer: toOpener };
 }

@@ -11,7 +11,7 @@ import { familyOf } from '../control/ip.js';
 import type { ActiveTargetSource } from '../control/policy.js';
 import { replyLine, type Reply } from '../control/reply.js';
 import { interpretUpstreamPassiveReply } from '../control/rewrite.js';
-import { DataChannel, type UpstreamLeg } from '../data/channel.js';
+import { DataChannel, type ForwardedLeg, type UpstreamLeg } from '../data/channel.js';
 import { dial } from '../data/dial.js';
 import type { KernelForward } from '../data/kernel-forward.js';
 import { kernelPathBlocker, type ForwardMapping } from '../data/kernel-nft.js';
@@ -89,10 +89,21 @@ export class DataSetup {
       });
       if (this.deps.isFinished()) {
         lease.release();
-        if (upstreamLeg.kind === 'active') upstreamLeg.accept.cancel('session closing');
+        discardUpstreamLeg(upstreamLeg);
         return;
       }
-      const forward = this.tryKernelPath(lease.port, upstreamLeg);
+      const kernel = this.kernelMayCarry('passive', upstreamLeg.kind === 'passive' ? 'passive' : 'active');
+      const forward = kernel && upstreamLeg.kind === 'passive'
+        ? this.mapInKernel({
+            opener: 'client',
+            openerIp: this.clientIp,
+            proxyIp: this.localIp,
+            proxyPort: lease.port,
+            targetIp: upstreamLeg.target.host,
+            targetPort: upstreamLeg.target.port,
+            snatIp: kernel.proxyServerSideIp,
+          })
+        : null;
       if (forward) {
         // The kernel carries the connection; one reaching our listener missed the mapping.
         lease.setConnectionHandler((socket) => this.refuseStranger(lease.port, socket, 'unmapped'));
@@ -120,13 +131,13 @@ export class DataSetup {
     if (via === 'unspecified') log.debug({ event: 'port-unspecified', target: where }, 'client sent the unspecified address; using its real address');
     try {
       this.checkChannelLimit();
-      const upstreamLeg = await this.prepareUpstreamLeg('active');
+      const upstreamLeg = await this.prepareUpstreamLeg('active', target);
       if (this.deps.isFinished()) {
-        if (upstreamLeg.kind === 'active') upstreamLeg.accept.cancel('session closing');
+        discardUpstreamLeg(upstreamLeg);
         return;
       }
       this.pending = new DataChannel({ kind: 'active', target }, upstreamLeg);
-      log.debug({ event: 'data-active', target: where, upstream: describeLeg(upstreamLeg) }, 'active channel ready');
+      log.debug({ event: 'data-active', target: where, upstream: describeLeg(upstreamLeg), dataPath: upstreamLeg.kind === 'forwarded' ? 'kernel' : 'relay' }, 'active channel ready');
       // 200 only now that the server side is ready (so REST stays right before the transfer).
       replies.push(slot, replyLine(`200 ${style === 'port' ? 'PORT' : 'EPRT'} command successful.`));
     } catch (err) {
@@ -161,7 +172,7 @@ export class DataSetup {
     const upstreamDial = upstreamLeg.kind === 'passive' && !channel.isForwarded && upstream
       ? channel.track(dial({ host: upstreamLeg.target.host, port: upstreamLeg.target.port, localAddress: upstream.addresses.local.ip, timeoutMs: dataConnectMs }))
       : null;
-    const clientDial = clientLeg.kind === 'active'
+    const clientDial = clientLeg.kind === 'active' && !channel.isForwarded
       ? channel.track(dial({
           host: clientLeg.target.host,
           port: clientLeg.target.port,
@@ -238,42 +249,53 @@ export class DataSetup {
   }
 
   /**
-   * `client.dataPath: kernel` (or `auto` where the host allows it): map the leased port to the server's passive port in nftables
-   * (kernel-forward.ts). Null when the relay carries this channel: the path is off, this
-   * channel is not one the kernel can carry, or the mapping failed (logged; the relay works).
+   * `client.dataPath: kernel` (or `auto` where the host allows it): whether the kernel may
+   * carry a data channel of these modes (kernel-forward.ts). Null when the relay carries it:
+   * the path is off here, or the channel is not one the kernel can carry (a fallback, logged
+   * and counted by reason); else the server control connection's addresses it maps between.
    */
-  private tryKernelPath(port: number, upstreamLeg: UpstreamLeg): KernelForward | null {
+  private kernelMayCarry(clientMode: 'passive' | 'active', upstreamMode: 'passive' | 'active'): { readonly proxyServerSideIp: string } | null {
     const { kernelForwarder: forwarder, config, metrics, log } = this.deps;
     const upstream = this.deps.upstream();
     // `auto` without a forwarder: the host could not have the kernel path (logged at start).
-    if (config.client.dataPath === 'relay' || !forwarder || upstreamLeg.kind !== 'passive' || !upstream) return null;
-    const mapping: ForwardMapping = {
+    if (config.client.dataPath === 'relay' || !forwarder || !upstream) return null;
+    const proxyServerSideIp = upstream.addresses.local.ip;
+    const blocker = kernelPathBlocker({
+      clientMode,
+      upstreamMode,
       clientIp: this.clientIp,
-      proxyIp: this.localIp,
-      proxyPort: port,
-      serverIp: upstreamLeg.target.host,
-      serverPort: upstreamLeg.target.port,
-      snatIp: upstream.addresses.local.ip,
-    };
-    const blocker = kernelPathBlocker({ ...mapping, proxyProtocol: config.proxyProtocol.accept !== 'off', tls: this.deps.dataProtected() });
-    if (blocker) {
-      log.debug({ event: 'kernel-path-skipped', reason: blocker }, 'data channel relayed');
-      metrics.kernelMapping(config.name, 'skipped');
-      return null;
-    }
+      proxyClientSideIp: this.localIp,
+      serverIp: upstream.addresses.remote.ip,
+      proxyServerSideIp,
+      proxyProtocol: config.proxyProtocol.accept !== 'off',
+      tls: this.deps.dataProtected(),
+      dataSourcePort: config.client.dataSourcePort,
+      familyBlocked: forwarder.familyBlocked,
+    });
+    if (!blocker) return { proxyServerSideIp };
+    log.debug({ event: 'kernel-path-skipped', reason: blocker.reason, detail: blocker.detail }, 'data channel relayed');
+    metrics.kernelMapping(config.name, 'skipped');
+    metrics.kernelFallback(config.name, blocker.reason);
+    return null;
+  }
+
+  /** Install a mapping kernelMayCarry allowed; null when nftables refused it (logged and counted; the relay works). */
+  private mapInKernel(mapping: ForwardMapping): KernelForward | null {
+    const { kernelForwarder: forwarder, config, metrics, log } = this.deps;
     try {
-      const forward = forwarder.forward(mapping, config.timeouts.dataAcceptMs);
+      const forward = forwarder!.forward(mapping, config.timeouts.dataAcceptMs);
       metrics.kernelMapping(config.name, 'added');
       return forward;
     } catch (err) {
       metrics.kernelMapping(config.name, 'failed');
+      metrics.kernelFallback(config.name, 'failed');
       log.warn({ event: 'kernel-path-failed', code: isProxyError(err) ? err.code : 'FTPP_ERR_KERNEL_PATH', err: (err as Error).message }, 'kernel mapping failed; relaying this data channel');
       return null;
     }
   }
 
   /** Open the server's side of a data channel (EPSV, PASV fallback, or PORT/EPRT from activePorts). */
-  private async prepareUpstreamLeg(clientMode: 'passive' | 'active'): Promise<UpstreamLeg> {
+  private async prepareUpstreamLeg(clientMode: 'passive' | 'active', clientTarget: HostPort | null = null): Promise<UpstreamLeg> {
     const { config, log } = this.deps;
     let upstream = this.deps.upstream();
     if (upstream?.awaitsTransferReply) {
@@ -301,28 +323,51 @@ export class DataSetup {
         result = interpretUpstreamPassiveReply(reply, verb);
       }
       // The 227 address is ignored: connect to the server's control address (protocol.md §2.4).
-      if (result.ok) return { kind: 'passive', target: { host: serverIp, port: result.port } };
-      throw upstreamSetupError(reply, verb, result.reason);
+      if (!result.ok) throw upstreamSetupError(reply, verb, result.reason);
+      // A PORT client with a listening server: only the relay can join them (counted).
+      if (clientMode === 'active') this.kernelMayCarry('active', 'passive');
+      return { kind: 'passive', target: { host: serverIp, port: result.port } };
     }
     const pool = this.deps.upstreamPool;
     if (!pool) throw new ProxyError('FTPP_ERR_UPSTREAM_DATA_SETUP', 'dataMode needs upstream.activePorts');
     const lease = await this.leaseRelayPort(pool, localIp);
+    // A PORT client: the server's connection to our port can go straight to the client.
+    const forward = clientTarget && this.kernelMayCarry('active', 'active')
+      ? this.mapInKernel({
+          opener: 'server',
+          openerIp: serverIp,
+          proxyIp: localIp,
+          proxyPort: lease.port,
+          targetIp: clientTarget.host,
+          targetPort: clientTarget.port,
+          snatIp: this.localIp,
+        })
+      : null;
+    if (forward) return this.sendActiveCommand(upstream, { kind: 'forwarded', lease, forward }, localIp);
     const accept = new PassiveAccept(lease, {
       expectedIp: serverIp,
       timeoutMs: config.timeouts.dataAcceptMs,
       onStranger: (address, port) => log.warn({ event: 'data-stranger', port: lease.port, from: `${address}:${port}`, side: 'upstream' }, 'refused data connection that is not from the server'),
     });
+    return this.sendActiveCommand(upstream, { kind: 'active', accept }, localIp);
+  }
+
+  /** PORT/EPRT toward the server naming the leg's leased port; the leg is discarded when that fails. */
+  private async sendActiveCommand(upstream: UpstreamForData, leg: Extract<UpstreamLeg, { kind: 'active' | 'forwarded' }>, localIp: string): Promise<UpstreamLeg> {
+    const port = leg.kind === 'active' ? leg.accept.port : leg.lease.port;
+    // The kernel carries the server's connection; one reaching our listener missed the mapping.
+    if (leg.kind === 'forwarded') leg.lease.setConnectionHandler((socket) => this.refuseStranger(port, socket, 'unmapped'));
     // vsftpd port_promiscuous=NO: the address must be our own upstream-side address (protocol.md §2.4).
-    const line = familyOf(localIp) === 4 ? `PORT ${formatPortArgument(localIp, lease.port)}` : `EPRT ${formatEprtArgument(localIp, lease.port)}`;
+    const line = familyOf(localIp) === 4 ? `PORT ${formatPortArgument(localIp, port)}` : `EPRT ${formatEprtArgument(localIp, port)}`;
     let reply: Reply;
     try {
       reply = await upstream.request(line);
     } catch (err) {
-      accept.cancel('session closing');
+      discardUpstreamLeg(leg, 'session closing');
       throw err;
     }
-    if (reply.code >= 200 && reply.code < 300) return { kind: 'active', accept };
-    accept.cancel('server refused PORT');
+    if (reply.code >= 200 && reply.code < 300) return leg;
+    discardUpstreamLeg(leg, 'server refused PORT');
     throw upstreamSetupError(reply, line.slice(0, 4), 'refused');
   }
 }
@@ -334,5 +379,23 @@ function upstreamSetupError(reply: Reply, sent: string, reason: string): Error {
 }
 
 function describeLeg(leg: UpstreamLeg): string {
-  return leg.kind === 'passive' ? `passive ${leg.target.host}:${leg.target.port}` : `active port ${leg.accept.port}`;
+  switch (leg.kind) {
+    case 'passive':
+      return `passive ${leg.target.host}:${leg.target.port}`;
+    case 'active':
+      return `active port ${leg.accept.port}`;
+    case 'forwarded':
+      return `active port ${leg.lease.port} (kernel)`;
+  }
+}
+
+/** Give up a server leg no channel took: its accept, or its kernel mapping and port. */
+function discardUpstreamLeg(leg: UpstreamLeg, reason = 'session closing'): void {
+  if (leg.kind === 'active') leg.accept.cancel(reason);
+  if (leg.kind === 'forwarded') discardForwarded(leg);
+}
+
+function discardForwarded(leg: ForwardedLeg): void {
+  leg.forward.remove();
+  leg.lease.release();
 }

@@ -71,6 +71,7 @@ const FTPNP_METRICS: ReadonlyArray<[string, string]> = [
   ['ftpnp_upstream_connect_seconds', 'histogram'],
   ['ftpnp_data_strangers_total', 'counter'],
   ['ftpnp_kernel_mappings_total', 'counter'],
+  ['ftpnp_kernel_fallbacks_total', 'counter'],
   ['ftpnp_tls_handshakes_total', 'counter'],
   ['ftpnp_upstream_choices_total', 'counter'],
   ['ftpnp_data_ports_leased', 'gauge'],
@@ -246,6 +247,21 @@ t.test('kernel mappings counted per listener and outcome, every outcome from 0',
   t.equal(samples.get(key('ftpnp_kernel_mappings_total', { listener: 'edge', outcome: 'skipped' })), 0);
 });
 
+t.test('kernel fallbacks counted per listener and reason, every reason from 0 once a listener has one, none elsewhere', async (t) => {
+  const metrics = createPromMetrics();
+  metrics.kernelFallback('edge', 'both-listen');
+  metrics.kernelFallback('edge', 'both-listen');
+  metrics.kernelFallback('edge', 'tls');
+  metrics.kernelMapping('relay-only', 'added');
+  const { samples } = await scrape(metrics);
+  t.equal(samples.get(key('ftpnp_kernel_fallbacks_total', { listener: 'edge', reason: 'both-listen' })), 2);
+  t.equal(samples.get(key('ftpnp_kernel_fallbacks_total', { listener: 'edge', reason: 'tls' })), 1);
+  for (const reason of ['proxy-protocol', 'both-connect', 'mixed-family', 'loopback', 'source-port', 'host', 'failed']) {
+    t.equal(samples.get(key('ftpnp_kernel_fallbacks_total', { listener: 'edge', reason })), 0, `${reason} present at 0`);
+  }
+  t.equal(samples.get(key('ftpnp_kernel_fallbacks_total', { listener: 'relay-only', reason: 'tls' })), undefined, 'no series for a listener without fallbacks');
+});
+
 t.test('TLS handshakes counted per leg, channel and result, every combination from 0', async (t) => {
   const metrics = createPromMetrics();
   metrics.tlsHandshake('edge', 'client', 'control', 'ok');
@@ -357,6 +373,7 @@ t.test('NOOP_METRICS accepts every call and records nothing', async (t) => {
     noop.upstreamConnect('edge', false, 1);
     noop.dataStranger('edge');
     noop.kernelMapping('edge', 'added');
+    noop.kernelFallback('edge', 'both-listen');
     noop.tlsHandshake('edge', 'client', 'data', 'ok');
     noop.registerPool('edge', 'passive', () => {
       read++;
@@ -365,5 +382,5 @@ t.test('NOOP_METRICS accepts every call and records nothing', async (t) => {
   });
   t.equal(read, 0, 'pool callback never read');
   t.ok(Object.isFrozen(NOOP_METRICS), 'shared instance cannot be modified');
-  t.equal(Object.keys(NOOP_METRICS).length, 11, 'implements all eleven methods');
+  t.equal(Object.keys(NOOP_METRICS).length, 12, 'implements all twelve methods');
 });

@@ -13,7 +13,7 @@ import {
   COUNTER_SETS,
   CUT_HOLD_MS,
   addMappingScript,
-  counterKey,
+  dnatKeyText,
   cutScript,
   getCountersScript,
   listCountersScript,
@@ -22,20 +22,47 @@ import {
   kernelPathBlocker,
   removeMappingScripts,
   staleTables,
+  uncutScript,
+  wireOf,
   tableName,
   tableScript,
   type ForwardMapping,
+  type KernelPathFacts,
 } from '../../src/data/kernel-nft.js';
 import { isProxyError } from '../../src/errors.js';
 import { labPrefix, netnsUnavailable, nftablesUnavailable } from '../helpers/netns.js';
 
+/** A PASV/EPSV client at the edge: it opens, the target is vsftpd's passive port. */
 const MAPPING: ForwardMapping = {
-  clientIp: '198.51.100.7',
+  opener: 'client',
+  openerIp: '198.51.100.7',
   proxyIp: '203.0.113.10',
   proxyPort: 60001,
-  serverIp: '10.20.0.5',
-  serverPort: 31337,
+  targetIp: '10.20.0.5',
+  targetPort: 31337,
   snatIp: '10.20.0.1',
+};
+
+/** A PORT client at the edge (upstream dataMode mirror): vsftpd opens, to our PORT on its side; the target is the client's PORT address. */
+const ACTIVE: ForwardMapping = {
+  opener: 'server',
+  openerIp: '10.20.0.5',
+  proxyIp: '10.20.0.1',
+  proxyPort: 41000,
+  targetIp: '198.51.100.7',
+  targetPort: 50123,
+  snatIp: '203.0.113.10',
+};
+
+/** An EPSV client over IPv6 (addresses written unnormalized: the scripts print them as nft does). */
+const V6: ForwardMapping = {
+  opener: 'client',
+  openerIp: '2001:DB8:100:0:0:0:0:7',
+  proxyIp: '2001:db8:100::10',
+  proxyPort: 60001,
+  targetIp: 'fd20::5',
+  targetPort: 31337,
+  snatIp: 'fd20::1',
 };
 
 /** The error `fn` throws, or null. */
@@ -61,70 +88,99 @@ function recordingRunner(answer: (script: string) => Partial<NftResult> = () => 
 t.test('scripts', async (t) => {
   t.equal(tableName(4242), 'ftpnp_4242');
   const table = tableScript('ftpnp_1');
-  t.match(table, /^add table ip ftpnp_1\ndelete table ip ftpnp_1\ntable ip ftpnp_1 \{/, 'a leftover table of the same name is replaced, never an error');
-  t.match(table, /map dnat_to \{ type ipv4_addr \. ipv4_addr \. inet_service : ipv4_addr \. inet_service; flags timeout; \}/);
-  t.match(table, /map snat_to \{ type ipv4_addr \. ipv4_addr \. inet_service : ipv4_addr; \}/, 'SNAT elements are shared and counted, no timeout');
-  t.match(table, /hook prerouting priority dstnat;.*dnat ip to ip saddr \. ip daddr \. tcp dport map @dnat_to/, 'remote clients');
-  t.match(table, /hook output priority -100;.*dnat ip to ip saddr \. ip daddr \. tcp dport map @dnat_to/, 'clients on this host');
-  t.match(table, /hook postrouting priority srcnat;.*ct status dnat snat ip to ip saddr \. ip daddr \. tcp dport map @snat_to/, 'SNAT only what we DNATed');
-
-  for (const set of COUNTER_SETS) t.match(table, new RegExp(`set ${set} \\{ type ipv4_addr \\. ipv4_addr \\. inet_service; counter; \\}`), `counter set ${set}`);
-  t.match(table, /set cut \{ type ipv4_addr \. ipv4_addr \. inet_service; flags timeout; \}/, 'cut keys expire by themselves');
-  const key = 'ct original ip saddr \\. ct original ip daddr \\. ct original proto-dst';
-  t.match(table, new RegExp(`tcp flags & rst == 0 ${key} @cut reject with tcp reset`), 'a cut connection is reset, but not our own reset');
-  t.match(table, new RegExp(`ct direction original ${key} @to_server`), 'client to server: the original direction');
-  t.match(table, new RegExp(`ct direction reply ${key} @to_client`), 'server to client: the reply direction');
-  t.match(table, new RegExp(`@ih,0,8 & 0x0 == 0x0 ${key} @moving`), 'moving: only packets with payload');
-  t.match(table, new RegExp(`tcp flags & \\(fin \\| rst\\) != 0 ${key} @ends`), 'ends: FIN and RST');
-  t.match(table, /hook forward priority filter; policy accept; ct status dnat jump count;/, 'remote client and server');
-  t.match(table, /hook output priority filter; policy accept; ct status dnat jump count;/, 'a client or server on this host');
+  t.match(table, /^add table inet ftpnp_1\ndelete table inet ftpnp_1\ntable inet ftpnp_1 \{/, 'a leftover table of the same name is replaced, never an error');
+  for (const [suffix, addr, expr] of [['', 'ipv4_addr', 'ip'], ['6', 'ipv6_addr', 'ip6']] as const) {
+    const family = suffix === '' ? 'IPv4' : 'IPv6';
+    const type = `${addr} \\. ${addr} \\. inet_service`;
+    t.match(table, new RegExp(`map dnat_to${suffix} \\{ type ${type} : ${addr} \\. inet_service; flags timeout; \\}`), `${family}: dnat_to${suffix}`);
+    t.match(table, new RegExp(`map snat_to${suffix} \\{ type ${type} : ${addr}; \\}`), `${family}: SNAT elements are shared and counted, no timeout`);
+    const dnat = `dnat ${expr} to ${expr} saddr \\. ${expr} daddr \\. tcp dport map @dnat_to${suffix}\n`;
+    t.match(table, new RegExp(`hook prerouting priority dstnat; policy accept;\n(?:.*\n)*?    ${dnat}`), `${family}: remote openers`);
+    t.match(table, new RegExp(`hook output priority -100; policy accept;\n(?:.*\n)*?    ${dnat}`), `${family}: openers on this host`);
+    t.match(table, new RegExp(`hook postrouting priority srcnat; policy accept;\n(?:.*\n)*?    ct status dnat snat ${expr} to ${expr} saddr \\. ${expr} daddr \\. tcp dport map @snat_to${suffix}\n`), `${family}: SNAT only what we DNATed`);
+    for (const set of COUNTER_SETS) t.match(table, new RegExp(`set ${set}${suffix} \\{ type ${type}; counter; \\}`), `${family}: counter set ${set}${suffix}`);
+    t.match(table, new RegExp(`set cut${suffix} \\{ type ${type}; flags timeout; \\}`), `${family}: cut keys expire by themselves`);
+    const key = `ct original ${expr} saddr \\. ct original ${expr} daddr \\. ct original proto-dst`;
+    t.match(table, new RegExp(`tcp flags & rst == 0 ${key} @cut${suffix} reject with tcp reset`), `${family}: a cut connection is reset, but not our own reset`);
+    t.match(table, new RegExp(`ct direction original ${key} @original${suffix}\n`), `${family}: from the opener: the original direction`);
+    t.match(table, new RegExp(`ct direction reply ${key} @reply${suffix}\n`), `${family}: toward the opener: the reply direction`);
+    t.match(table, new RegExp(`@ih,0,8 & 0x0 == 0x0 ${key} @moving${suffix}\n`), `${family}: moving: only packets with payload`);
+    t.match(table, new RegExp(`tcp flags & \\(fin \\| rst\\) != 0 ${key} @ends${suffix}\n`), `${family}: ends: FIN and RST`);
+  }
+  t.match(table, /hook forward priority filter; policy accept; ct status dnat jump count;/, 'remote opener and target');
+  t.match(table, /hook output priority filter; policy accept; ct status dnat jump count;/, 'an opener or target on this host');
   t.match(table, /hook input priority filter; policy accept; ct status dnat iif != "lo" jump count;/, 'input only from outside: lo traffic was counted in output');
 
-  const counters = COUNTER_SETS.map((set) => `add element ip ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`);
+  // A PORT client: the server opens to our port on its side and is sent on to the client's PORT address, from our client-side address.
+  t.equal(
+    addMappingScript('ftpnp_1', ACTIVE, 30000),
+    [
+      'add element inet ftpnp_1 snat_to { 10.20.0.5 . 198.51.100.7 . 50123 : 203.0.113.10 }',
+      'create element inet ftpnp_1 dnat_to { 10.20.0.5 . 10.20.0.1 . 41000 timeout 30000ms : 198.51.100.7 . 50123 }',
+      ...COUNTER_SETS.map((set) => `add element inet ftpnp_1 ${set} { 10.20.0.5 . 10.20.0.1 . 41000 }`),
+    ].join('\n'),
+    'active: keyed by the server (the opener), mapped to the client',
+  );
+  // IPv6: the family's own maps and sets; addresses as nft prints them (RFC 5952).
+  t.equal(
+    addMappingScript('ftpnp_1', V6, 30000),
+    [
+      'add element inet ftpnp_1 snat_to6 { 2001:db8:100::7 . fd20::5 . 31337 : fd20::1 }',
+      'create element inet ftpnp_1 dnat_to6 { 2001:db8:100::7 . 2001:db8:100::10 . 60001 timeout 30000ms : fd20::5 . 31337 }',
+      ...COUNTER_SETS.map((set) => `add element inet ftpnp_1 ${set}6 { 2001:db8:100::7 . 2001:db8:100::10 . 60001 }`),
+    ].join('\n'),
+    'IPv6: dnat_to6, snat_to6, the counter sets ending in 6',
+  );
+  t.equal(cutScript('ftpnp_1', V6, false, 5000), ['add element inet ftpnp_1 cut6 { 2001:db8:100::7 . 2001:db8:100::10 . 60001 timeout 5000ms }', 'delete element inet ftpnp_1 dnat_to6 { 2001:db8:100::7 . 2001:db8:100::10 . 60001 }'].join('\n'));
+  t.equal(uncutScript('ftpnp_1', V6), 'delete element inet ftpnp_1 cut6 { 2001:db8:100::7 . 2001:db8:100::10 . 60001 }');
+  t.equal(uncutScript('ftpnp_1', MAPPING), 'delete element inet ftpnp_1 cut { 198.51.100.7 . 203.0.113.10 . 60001 }');
+  t.same(removeMappingScripts('ftpnp_1', V6), ['delete element inet ftpnp_1 dnat_to6 { 2001:db8:100::7 . 2001:db8:100::10 . 60001 }', 'delete element inet ftpnp_1 snat_to6 { 2001:db8:100::7 . fd20::5 . 31337 }']);
+
+  const counters = COUNTER_SETS.map((set) => `add element inet ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`);
   t.equal(
     addMappingScript('ftpnp_1', MAPPING, 30000),
     [
-      'add element ip ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 : 10.20.0.1 }',
-      'create element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 timeout 30000ms : 10.20.0.5 . 31337 }',
+      'add element inet ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 : 10.20.0.1 }',
+      'create element inet ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 timeout 30000ms : 10.20.0.5 . 31337 }',
       ...counters,
     ].join('\n'),
     'SNAT first: the DNAT element must never exist without its SNAT partner (one transaction anyway); the counters with them',
   );
   t.equal(
     addMappingScript('ftpnp_1', MAPPING, 30000, false),
-    ['create element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 timeout 30000ms : 10.20.0.5 . 31337 }', ...counters].join('\n'),
+    ['create element inet ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 timeout 30000ms : 10.20.0.5 . 31337 }', ...counters].join('\n'),
     'an SNAT element another mapping holds is not added again',
   );
   t.equal(
     removeCountersScript('ftpnp_1', MAPPING),
-    COUNTER_SETS.map((set) => `delete element ip ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`).join('\n'),
+    COUNTER_SETS.map((set) => `delete element inet ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`).join('\n'),
   );
   t.equal(
     getCountersScript('ftpnp_1', MAPPING),
-    COUNTER_SETS.map((set) => `get element ip ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`).join('\n'),
+    COUNTER_SETS.map((set) => `get element inet ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`).join('\n'),
   );
-  t.equal(listCountersScript('ftpnp_1'), 'list table ip ftpnp_1', 'one listing for every mapping (nft 1.0.6 fails several list set in one script)');
+  t.equal(listCountersScript('ftpnp_1'), 'list table inet ftpnp_1', 'one listing for every mapping (nft 1.0.6 fails several list set in one script)');
   t.equal(
     cutScript('ftpnp_1', MAPPING),
     [
-      `add element ip ftpnp_1 cut { 198.51.100.7 . 203.0.113.10 . 60001 timeout ${CUT_HOLD_MS}ms }`,
-      'delete element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }',
-      'delete element ip ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 }',
+      `add element inet ftpnp_1 cut { 198.51.100.7 . 203.0.113.10 . 60001 timeout ${CUT_HOLD_MS}ms }`,
+      'delete element inet ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }',
+      'delete element inet ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 }',
     ].join('\n'),
     'cut: reset from now on, no new connection',
   );
   t.notMatch(cutScript('ftpnp_1', MAPPING, false), /snat_to/, 'a shared SNAT element stays');
-  t.same(removeMappingScripts('ftpnp_1', MAPPING, false), ['delete element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }'], 'nor removed while held');
+  t.same(removeMappingScripts('ftpnp_1', MAPPING, false), ['delete element inet ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }'], 'nor removed while held');
   t.match(addMappingScript('ftpnp_1', MAPPING, 250), /timeout 1000ms/, 'at least a second: a shorter timeout would race the 227');
   t.match(addMappingScript('ftpnp_1', MAPPING, 1500.2), /timeout 1501ms/, 'whole milliseconds');
   t.same(removeMappingScripts('ftpnp_1', MAPPING), [
-    'delete element ip ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }',
-    'delete element ip ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 }',
+    'delete element inet ftpnp_1 dnat_to { 198.51.100.7 . 203.0.113.10 . 60001 }',
+    'delete element inet ftpnp_1 snat_to { 198.51.100.7 . 10.20.0.5 . 31337 }',
   ]);
 });
 
 /** nft 1.0.6 output as seen on the test machine: `list table` (maps, sets, a multi-line set). */
-const LIST_TABLE = `table ip ftpnp_7 {
+const LIST_TABLE = `table inet ftpnp_7 {
 	map dnat_to {
 		type ipv4_addr . ipv4_addr . inet_service : ipv4_addr . inet_service
 		flags timeout
@@ -136,7 +192,7 @@ const LIST_TABLE = `table ip ftpnp_7 {
 		elements = { 10.1.0.2 . 10.2.0.5 . 5000 : 10.2.0.1 }
 	}
 
-	set to_server {
+	set original {
 		type ipv4_addr . ipv4_addr . inet_service
 		counter
 		elements = { 10.1.0.3 . 10.1.0.1 . 21 counter packets 0 bytes 0,
@@ -144,7 +200,7 @@ const LIST_TABLE = `table ip ftpnp_7 {
 			     192.168.100.200 . 10.1.0.1 . 65535 counter packets 3 bytes 156 }
 	}
 
-	set to_client {
+	set reply {
 		type ipv4_addr . ipv4_addr . inet_service
 		counter
 		elements = { 10.1.0.2 . 10.1.0.1 . 6000 counter packets 56 bytes 2002920 }
@@ -167,21 +223,28 @@ const LIST_TABLE = `table ip ftpnp_7 {
 		elements = { 10.1.0.4 . 10.1.0.1 . 40001 timeout 2m10s expires 2m6s708ms }
 	}
 
+	set original6 {
+		type ipv6_addr . ipv6_addr . inet_service
+		counter
+		elements = { 2001:db8:100::7 . 2001:db8:100::10 . 60001 counter packets 4 bytes 320,
+			     ::ffff:1.2.3.4 . fd20::1 . 41000 counter packets 1 bytes 80 }
+	}
+
 	chain count {
-		meta l4proto tcp ct direction original ct original ip saddr . ct original ip daddr . ct original proto-dst @to_server
+		meta l4proto tcp ct direction original ct original ip saddr . ct original ip daddr . ct original proto-dst @original
 	}
 }
 `;
 
 /** `get element` output: no `counter` line in the set header. */
-const GET_ELEMENT = `table ip ftpnp_7 {
-	set to_server {
+const GET_ELEMENT = `table inet ftpnp_7 {
+	set original {
 		type ipv4_addr . ipv4_addr . inet_service
 		elements = { 10.1.0.4 . 10.1.0.1 . 40001 counter packets 7 bytes 1234 }
 	}
 }
-table ip ftpnp_7 {
-	set to_client {
+table inet ftpnp_7 {
+	set reply {
 		type ipv4_addr . ipv4_addr . inet_service
 		elements = { 10.1.0.4 . 10.1.0.1 . 40001 counter packets 9 bytes 56789 }
 	}
@@ -190,24 +253,29 @@ table ip ftpnp_7 {
 
 t.test('parseCounters: every form nft prints', async (t) => {
   const table = parseCounters(LIST_TABLE);
-  t.same([...table.keys()], ['to_server', 'to_client', 'moving', 'ends'], 'only the counter sets; maps and the cut set are not counters');
-  t.same(Object.fromEntries(table.get('to_server')!), {
+  t.same([...table.keys()], ['original', 'reply', 'moving', 'ends', 'original6'], 'only the counter sets; maps and the cut set are not counters');
+  t.same(Object.fromEntries(table.get('original6')!), {
+    '2001:db8:100::7 . 2001:db8:100::10 . 60001': { packets: 4, bytes: 320 },
+    '::ffff:1.2.3.4 . fd20::1 . 41000': { packets: 1, bytes: 80 },
+  }, 'IPv6 elements, one with a dotted tail');
+  t.same(Object.fromEntries(table.get('original')!), {
     '10.1.0.3 . 10.1.0.1 . 21': { packets: 0, bytes: 0 },
     '10.1.0.2 . 10.1.0.1 . 6000': { packets: 50, bytes: 1002608 },
     '192.168.100.200 . 10.1.0.1 . 65535': { packets: 3, bytes: 156 },
   }, 'several elements, comma-separated over several lines');
-  t.same(Object.fromEntries(table.get('to_client')!), { '10.1.0.2 . 10.1.0.1 . 6000': { packets: 56, bytes: 2002920 } }, 'one element on the elements line');
+  t.same(Object.fromEntries(table.get('reply')!), { '10.1.0.2 . 10.1.0.1 . 6000': { packets: 56, bytes: 2002920 } }, 'one element on the elements line');
   t.same(table.get('moving')?.size, 0, 'a set without elements');
   t.same(Object.fromEntries(table.get('ends')!), { '10.1.0.2 . 10.1.0.1 . 6000': { packets: 2, bytes: 104 } });
   const got = parseCounters(GET_ELEMENT);
-  t.same(got.get('to_server')?.get('10.1.0.4 . 10.1.0.1 . 40001'), { packets: 7, bytes: 1234 }, 'get element: one table block per command');
-  t.same(got.get('to_client')?.get('10.1.0.4 . 10.1.0.1 . 40001'), { packets: 9, bytes: 56789 });
+  t.same(got.get('original')?.get('10.1.0.4 . 10.1.0.1 . 40001'), { packets: 7, bytes: 1234 }, 'get element: one table block per command');
+  t.same(got.get('reply')?.get('10.1.0.4 . 10.1.0.1 . 40001'), { packets: 9, bytes: 56789 });
   t.same(parseCounters('').size, 0, 'nothing');
-  t.equal(counterKey({ clientIp: '10.1.0.2', proxyIp: '10.1.0.1', proxyPort: 6000 }), '10.1.0.2 . 10.1.0.1 . 6000', 'the key as nft prints it');
+  t.equal(dnatKeyText({ openerIp: '10.1.0.2', proxyIp: '10.1.0.1', proxyPort: 6000 }), '10.1.0.2 . 10.1.0.1 . 6000', 'the key as nft prints it');
+  t.equal(dnatKeyText({ openerIp: '2001:0DB8:100::0:7', proxyIp: '::ffff:10.1.0.1', proxyPort: 6000 }), '2001:db8:100::7 . 10.1.0.1 . 6000', 'normalized as the proxy sees addresses');
   // Split anywhere inside an element's line, the element is lost, never misread.
   const line = '\t\telements = { 10.1.0.2 . 10.1.0.1 . 6000 counter packets 50 bytes 1002608 }';
   for (let cut = 1; cut < line.length; cut++) {
-    const parsed = parseCounters(`\tset to_server {\n${line.slice(0, cut)}\n${line.slice(cut)}\n\t}`).get('to_server');
+    const parsed = parseCounters(`\tset original {\n${line.slice(0, cut)}\n${line.slice(cut)}\n\t}`).get('original');
     const seen = parsed?.get('10.1.0.2 . 10.1.0.1 . 6000');
     if (seen && (seen.packets !== 50 || seen.bytes !== 1002608)) t.fail(`split at ${cut} misread: ${JSON.stringify(seen)}`);
   }
@@ -216,7 +284,7 @@ t.test('parseCounters: every form nft prints', async (t) => {
 
 /** A `list table` / `get element` answer with these counters for MAPPING's key. */
 function countersOutput(c: Partial<Record<(typeof COUNTER_SETS)[number], [number, number]>>): string {
-  const key = counterKey(MAPPING);
+  const key = dnatKeyText(MAPPING);
   return COUNTER_SETS.map((set) => {
     const value = c[set];
     return `\tset ${set} {\n\t\tcounter\n${value ? `\t\telements = { ${key} counter packets ${value[0]} bytes ${value[1]} }\n` : ''}\t}`;
@@ -227,7 +295,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
   await t.test('no payload for idleMs once connected: cut once, counters read, then only the cut key left to remove', async (t) => {
     let now = 1000;
     let listing = countersOutput({});
-    const { run, scripts } = recordingRunner((script) => (script === 'list table ip ftpnp_8' ? { output: listing } : {}));
+    const { run, scripts } = recordingRunner((script) => (script === 'list table inet ftpnp_8' ? { output: listing } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
     const forward = forwarder.forward(MAPPING, 5000);
     let idle = 0;
@@ -237,18 +305,18 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     now += 10000;
     forwarder.poll();
     t.equal(idle, 0, 'nobody connected yet: not idle (the accept timeout is another matter)');
-    listing = countersOutput({ to_server: [3, 180], to_client: [2, 120], moving: [4, 400] });
+    listing = countersOutput({ original: [3, 180], reply: [2, 120], moving: [4, 400] });
     forwarder.poll();
     now += 2999;
     forwarder.poll();
     t.equal(idle, 0, 'payload moved 2999 ms ago');
-    listing = countersOutput({ to_server: [6, 300], to_client: [9, 8000], moving: [7, 8100] });
+    listing = countersOutput({ original: [6, 300], reply: [9, 8000], moving: [7, 8100] });
     now += 2000;
     forwarder.poll();
     now += 2999;
     forwarder.poll();
     t.equal(idle, 0, 'moving changed: the clock started again');
-    listing = countersOutput({ to_server: [8, 404], to_client: [12, 8156], moving: [7, 8100] });
+    listing = countersOutput({ original: [8, 404], reply: [12, 8156], moving: [7, 8100] });
     const before = scripts.length;
     now += 1;
     forwarder.poll();
@@ -261,14 +329,14 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     t.equal(idle, 1, 'cut once');
     forward.remove();
     forward.remove();
-    t.same(scripts.at(-1), 'delete element ip ftpnp_8 cut { 198.51.100.7 . 203.0.113.10 . 60001 }', 'the final reply came: the cut key goes early');
+    t.same(scripts.at(-1), 'delete element inet ftpnp_8 cut { 198.51.100.7 . 203.0.113.10 . 60001 }', 'the final reply came: the cut key goes early');
     forwarder.close();
   });
 
   await t.test('a cut whose DNAT element already expired still cuts (one by one)', async (t) => {
-    const listing = countersOutput({ to_server: [3, 180] });
+    const listing = countersOutput({ original: [3, 180] });
     const { run, scripts } = recordingRunner((script) =>
-      script === 'list table ip ftpnp_8' ? { output: listing } : script.includes('delete element ip ftpnp_8 dnat_to') ? { ok: false, error: 'No such file or directory' } : {},
+      script === 'list table inet ftpnp_8' ? { output: listing } : script.includes('delete element inet ftpnp_8 dnat_to') ? { ok: false, error: 'No such file or directory' } : {},
     );
     let now = 0;
     const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
@@ -284,8 +352,8 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
 
   await t.test('remove(awaitEndMs): counts at once when both FINs passed, else at the next poll that sees them, else at the deadline', async (t) => {
     let now = 0;
-    let answer = countersOutput({ to_server: [10, 1000], to_client: [20, 50000], ends: [2, 104] });
-    const { run, scripts } = recordingRunner((script) => (script === 'list table ip ftpnp_8' || script.startsWith('get element') ? { output: answer } : {}));
+    let answer = countersOutput({ original: [10, 1000], reply: [20, 50000], ends: [2, 104] });
+    const { run, scripts } = recordingRunner((script) => (script === 'list table inet ftpnp_8' || script.startsWith('get element') ? { output: answer } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
     const done = forwarder.forward(MAPPING, 5000);
     done.watchIdle(60000, () => {});
@@ -294,7 +362,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     t.equal(scripts.at(-2), getCountersScript('ftpnp_8', MAPPING));
     t.equal(scripts.at(-1), removeCountersScript('ftpnp_8', MAPPING));
 
-    answer = countersOutput({ to_server: [10, 1000], to_client: [20, 50000], ends: [1, 52] });
+    answer = countersOutput({ original: [10, 1000], reply: [20, 50000], ends: [1, 52] });
     const tail = forwarder.forward(MAPPING, 5000);
     tail.watchIdle(60000, () => {});
     tail.remove(5000);
@@ -302,11 +370,11 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     void tail.wireBytes.then((wire) => (settled = wire));
     await Promise.resolve();
     t.equal(settled, 'pending', 'the server\'s FIN has not passed yet: wait');
-    answer = countersOutput({ to_server: [11, 1052], to_client: [25, 70000], ends: [2, 104] });
+    answer = countersOutput({ original: [11, 1052], reply: [25, 70000], ends: [2, 104] });
     forwarder.poll();
     t.same(await tail.wireBytes, { toClient: 70000, toServer: 1052 }, 'the tail counted');
 
-    answer = countersOutput({ to_server: [10, 1000], to_client: [20, 50000] });
+    answer = countersOutput({ original: [10, 1000], reply: [20, 50000] });
     const hung = forwarder.forward(MAPPING, 5000);
     hung.watchIdle(60000, () => {});
     hung.remove(5000);
@@ -328,7 +396,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
   });
 
   await t.test('close settles what still waits, with null', async (t) => {
-    const { run } = recordingRunner((script) => (script.startsWith('get element') ? { output: countersOutput({ to_server: [1, 60] }) } : {}));
+    const { run } = recordingRunner((script) => (script.startsWith('get element') ? { output: countersOutput({ original: [1, 60] }) } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, autoPoll: false });
     const forward = forwarder.forward(MAPPING, 5000);
     forward.watchIdle(60000, () => {});
@@ -339,7 +407,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
 
   await t.test('a failed listing is reported once per streak; watching goes on', async (t) => {
     let ok = false;
-    const { run } = recordingRunner((script) => (script === 'list table ip ftpnp_8' ? (ok ? { output: countersOutput({}) } : { ok: false, error: 'busy' }) : {}));
+    const { run } = recordingRunner((script) => (script === 'list table inet ftpnp_8' ? (ok ? { output: countersOutput({}) } : { ok: false, error: 'busy' }) : {}));
     const warnings: string[] = [];
     const forwarder = new KernelForwarder(run, { pid: 8, autoPoll: false, onWarning: (m) => warnings.push(m) });
     forwarder.forward(MAPPING, 5000).watchIdle(1000, () => {});
@@ -357,35 +425,71 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
 t.test('staleTables: ours, of dead processes, never our own', async (t) => {
   const listing = ['table ip filter', 'table ip ftpnp_100', 'table ip ftpnp_200', 'table ip ftpnp_300 ', 'table inet ftpnp_400', 'table ip ftpnp_x', 'table ip ftpnp_500'].join('\n');
   const alive = new Set([200]);
-  t.same(staleTables(listing, (pid) => alive.has(pid), 500), ['ftpnp_100', 'ftpnp_300']);
+  t.same(staleTables(listing, (pid) => alive.has(pid), 500), [
+    { family: 'ip', name: 'ftpnp_100' },
+    { family: 'ip', name: 'ftpnp_300' },
+    { family: 'inet', name: 'ftpnp_400' },
+  ], 'ip tables of older versions and inet tables alike');
   t.same(staleTables('', () => false, 1), []);
 });
 
 t.test('kernelPathBlocker', async (t) => {
-  const base = { clientIp: '198.51.100.7', proxyIp: '203.0.113.10', serverIp: '10.20.0.5', snatIp: '10.20.0.1', proxyProtocol: false };
-  const cases: Array<[string, Partial<typeof base>, RegExp | null]> = [
-    ['edge, all IPv4', {}, null],
-    ['all on loopback (the benchmark)', { clientIp: '127.0.0.1', proxyIp: '127.0.0.1', serverIp: '127.0.0.1', snatIp: '127.0.0.1' }, null],
-    ['PROXY protocol', { proxyProtocol: true }, /PROXY protocol/],
-    ['IPv6 client', { clientIp: '2001:db8::7' }, /client address 2001:db8::7 is not IPv4/],
-    ['IPv6 server', { serverIp: 'fd00::5' }, /server address fd00::5 is not IPv4/],
-    ['IPv6 upstream side', { snatIp: 'fd00::1' }, /upstream-side address/],
-    ['remote client, loopback server', { serverIp: '127.0.0.1', snatIp: '127.0.0.1' }, /server is on loopback and the client is not/],
+  const base: KernelPathFacts = {
+    clientMode: 'passive',
+    upstreamMode: 'passive',
+    clientIp: '198.51.100.7',
+    proxyClientSideIp: '203.0.113.10',
+    serverIp: '10.20.0.5',
+    proxyServerSideIp: '10.20.0.1',
+    proxyProtocol: false,
+  };
+  const v6 = { clientIp: '2001:db8:100::7', proxyClientSideIp: '2001:db8:100::10', serverIp: 'fd20::5', proxyServerSideIp: 'fd20::1' };
+  const noV6 = (family: 4 | 6): string | null => (family === 6 ? 'net.ipv6.conf.all.forwarding is 0' : null);
+  const cases: Array<[string, Partial<KernelPathFacts>, [string, RegExp] | null]> = [
+    ['edge PASV, all IPv4', {}, null],
+    ['edge PORT with upstream mirror/active', { clientMode: 'active', upstreamMode: 'active' }, null],
+    ['edge EPSV, all IPv6', v6, null],
+    ['edge EPRT, all IPv6', { ...v6, clientMode: 'active', upstreamMode: 'active' }, null],
+    ['all on loopback (the benchmark)', { clientIp: '127.0.0.1', proxyClientSideIp: '127.0.0.1', serverIp: '127.0.0.1', proxyServerSideIp: '127.0.0.1' }, null],
+    ['all on ::1, IPv6 forwarding off: nothing is forwarded', { clientIp: '::1', proxyClientSideIp: '::1', serverIp: '::1', proxyServerSideIp: '::1', familyBlocked: noV6 }, null],
+    ['IPv4 while IPv6 forwarding is off', { familyBlocked: noV6 }, null],
+    ['PROXY protocol', { proxyProtocol: true }, ['proxy-protocol', /PROXY protocol/]],
+    ['TLS data', { tls: true }, ['tls', /TLS data/]],
+    ['PASV client, server connects too', { upstreamMode: 'active' }, ['both-connect', /both connect/]],
+    ['PORT client, server listens too', { clientMode: 'active' }, ['both-listen', /both wait/]],
+    ['PORT client whose firewall wants port 20', { clientMode: 'active', upstreamMode: 'active', dataSourcePort: 20 }, ['source-port', /dataSourcePort 20/]],
+    ['PASV client with dataSourcePort set (only active data is dialled from it)', { dataSourcePort: 20 }, null],
+    ['IPv6 client, IPv4 server', { clientIp: '2001:db8::7', proxyClientSideIp: '2001:db8::10' }, ['mixed-family', /server address 10\.20\.0\.5 is not IPv6/]],
+    ['IPv4 client, IPv6 server', { serverIp: 'fd00::5', proxyServerSideIp: 'fd00::1' }, ['mixed-family', /server address fd00::5 is not IPv4/]],
+    ['IPv6 upstream side only', { proxyServerSideIp: 'fd00::1' }, ['mixed-family', /upstream-side address/]],
+    ['remote client, loopback server', { serverIp: '127.0.0.1', proxyServerSideIp: '127.0.0.1' }, ['loopback', /one side is on loopback/]],
+    ['loopback client, remote server', { clientIp: '127.0.0.1', proxyClientSideIp: '127.0.0.1' }, ['loopback', /one side is on loopback/]],
+    ['IPv6 while IPv6 forwarding is off', { ...v6, familyBlocked: noV6 }, ['host', /forwarding is 0/]],
   ];
   for (const [name, change, expected] of cases) {
     const blocker = kernelPathBlocker({ ...base, ...change });
-    if (expected) t.match(blocker, expected, name);
-    else t.equal(blocker, null, name);
+    if (expected) {
+      t.equal(blocker?.reason, expected[0], `${name}: ${expected[0]}`);
+      t.match(blocker?.detail, expected[1], `${name}: says why`);
+    } else {
+      t.equal(blocker, null, name);
+    }
   }
+});
+
+t.test('wireOf: the opener\'s direction is the original one', async (t) => {
+  const counters = { original: { packets: 10, bytes: 1000 }, reply: { packets: 5, bytes: 300 }, moving: { packets: 8, bytes: 900 }, ends: { packets: 2, bytes: 104 } };
+  t.same(wireOf(counters, 'client'), { toServer: 1000, toClient: 300 }, 'PASV: the client opened');
+  t.same(wireOf(counters, 'server'), { toClient: 1000, toServer: 300 }, 'PORT: the server opened');
 });
 
 t.test('KernelForwarder with a recording runner', async (t) => {
   await t.test('creates its table, removes stale ones, maps, unmaps once, deletes the table once', async (t) => {
-    const { run, scripts } = recordingRunner((script) => (script === 'list tables ip' ? { output: 'table ip ftpnp_1\ntable ip ftpnp_77\n' } : {}));
+    const { run, scripts } = recordingRunner((script) => (script === 'list tables' ? { output: 'table ip ftpnp_1\ntable inet ftpnp_77\n' } : {}));
     const warnings: string[] = [];
     const forwarder = new KernelForwarder(run, { pid: 77, isAlive: () => false, onWarning: (message, detail) => warnings.push(`${message} ${JSON.stringify(detail)}`) });
     t.equal(forwarder.table, 'ftpnp_77');
-    t.same(scripts.slice(0, 2), ['list tables ip', 'delete table ip ftpnp_1'], 'the dead proxy 1 loses its table; our own name is not "stale"');
+    t.same(scripts.slice(0, 2), ['list tables', 'delete table ip ftpnp_1'], 'the dead proxy 1 loses its table; our own name is not "stale"');
     t.equal(scripts[2], tableScript('ftpnp_77'));
     t.match(warnings[0], /ftpnp_1/);
     const forward = forwarder.forward(MAPPING, 5000);
@@ -398,7 +502,7 @@ t.test('KernelForwarder with a recording runner', async (t) => {
     t.equal(forwarder.active, 0);
     forwarder.close();
     forwarder.close();
-    t.same(scripts.slice(6), ['delete table ip ftpnp_77'], 'table deleted once');
+    t.same(scripts.slice(6), ['delete table inet ftpnp_77'], 'table deleted once');
     t.throws(() => forwarder.forward(MAPPING, 5000), /closed/, 'no mapping after close');
   });
 
@@ -431,7 +535,7 @@ t.test('KernelForwarder with a recording runner', async (t) => {
   });
 
   await t.test('an expired element does not stop the other one from going', async (t) => {
-    const { run, scripts } = recordingRunner((script) => (script.startsWith('delete element ip ftpnp_5 dnat_to') ? { ok: false, error: 'No such file or directory' } : {}));
+    const { run, scripts } = recordingRunner((script) => (script.startsWith('delete element inet ftpnp_5 dnat_to') ? { ok: false, error: 'No such file or directory' } : {}));
     const forwarder = new KernelForwarder(run, { pid: 5 });
     forwarder.forward(MAPPING, 5000).remove();
     const [dnat, snat] = removeMappingScripts('ftpnp_5', MAPPING);
@@ -490,12 +594,16 @@ nft('add', 'table', 'ip', 'ftpnp_999999'); // a proxy that died (no such PID)
 const forwarder = new KernelForwarder(run, { onWarning: (m, d) => { out.warnings = [...(out.warnings ?? []), m + ' ' + d.table]; } });
 out.table = forwarder.table;
 out.tablesAfterOpen = nft('list', 'tables');
-const m = { clientIp: '192.0.2.7', proxyIp: '192.0.2.1', proxyPort: 60001, serverIp: '192.0.2.5', serverPort: 31337, snatIp: '192.0.2.1' };
+const m = { opener: 'client', openerIp: '192.0.2.7', proxyIp: '192.0.2.1', proxyPort: 60001, targetIp: '192.0.2.5', targetPort: 31337, snatIp: '192.0.2.1' };
+const m6 = { opener: 'server', openerIp: 'fd20::5', proxyIp: 'fd20::1', proxyPort: 41000, targetIp: '2001:db8:100::7', targetPort: 50123, snatIp: '2001:db8:100::10' };
+const maps = () => ['dnat_to', 'snat_to', 'dnat_to6', 'snat_to6'].map((map) => nft('list', 'map', 'inet', forwarder.table, map)).join('');
 const forward = forwarder.forward(m, 30000);
-out.mapped = nft('list', 'map', 'ip', forwarder.table, 'dnat_to') + nft('list', 'map', 'ip', forwarder.table, 'snat_to');
-try { forwarder.forward({ ...m, serverPort: 31338 }, 30000); out.duplicate = 'accepted'; } catch (e) { out.duplicate = e.code + ': ' + e.message; }
+const forward6 = forwarder.forward(m6, 30000);
+out.mapped = maps();
+try { forwarder.forward({ ...m, targetPort: 31338 }, 30000); out.duplicate = 'accepted'; } catch (e) { out.duplicate = e.code + ': ' + e.message; }
 forward.remove();
-out.unmapped = nft('list', 'map', 'ip', forwarder.table, 'dnat_to') + nft('list', 'map', 'ip', forwarder.table, 'snat_to');
+forward6.remove();
+out.unmapped = maps();
 forwarder.close();
 out.tablesAfterClose = nft('list', 'tables');
 console.log(JSON.stringify(out));
@@ -519,11 +627,13 @@ t.test('the real libnftables in a namespace of our own', async (t) => {
   t.match(out.table, /^ftpnp_\d+$/);
   t.same(out.warnings, ['removed the nftables table of a proxy that is gone ftpnp_999999']);
   t.notMatch(out.tablesAfterOpen, /ftpnp_999999/, 'the dead proxy\'s table is gone');
-  t.match(out.tablesAfterOpen, new RegExp(`table ip ${String(out.table)}`), 'ours exists');
+  t.match(out.tablesAfterOpen, new RegExp(`table inet ${String(out.table)}`), 'ours exists, one inet table for both families');
   t.match(out.mapped, /192\.0\.2\.7 \. 192\.0\.2\.1 \. 60001 timeout 30s expires \S+ : 192\.0\.2\.5 \. 31337/, 'DNAT element with its timeout');
   t.match(out.mapped, /192\.0\.2\.7 \. 192\.0\.2\.5 \. 31337 : 192\.0\.2\.1/, 'SNAT element');
+  t.match(out.mapped, /fd20::5 \. fd20::1 \. 41000 timeout 30s expires \S+ : 2001:db8:100::7 \. 50123/, 'IPv6 DNAT element (a server opening for a PORT client)');
+  t.match(out.mapped, /fd20::5 \. 2001:db8:100::7 \. 50123 : 2001:db8:100::10/, 'IPv6 SNAT element');
   t.match(out.duplicate, /^FTPP_ERR_KERNEL_PATH: cannot add the data mapping: .*File exists/, 'the same mapping twice is refused, not silently merged');
-  t.notMatch(out.unmapped, /192\.0\.2\.7/, 'both elements removed');
+  t.notMatch(out.unmapped, /192\.0\.2\.7|fd20::5/, 'every element removed');
   t.notMatch(out.tablesAfterClose, /ftpnp_/, 'no table left');
 });
 
@@ -537,14 +647,15 @@ import { KernelForwarder, loadNftRunner } from ${JSON.stringify(DIST_MODULE)};
 import { execFileSync } from 'node:child_process';
 import net from 'node:net';
 const UP = 1000003, DOWN = 2000017;
+const HOST = process.env.KF_HOST, OPENER = process.env.KF_OPENER;
 const out = {};
 const nft = (...args) => execFileSync('nft', args, { encoding: 'utf8' });
 const { run } = loadNftRunner();
 const forwarder = new KernelForwarder(run, { onWarning: (m) => { out.warnings = [...(out.warnings ?? []), m]; } });
 const server = net.createServer({ allowHalfOpen: true });
-await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+await new Promise((resolve) => server.listen(0, HOST, resolve));
 const serverPort = server.address().port;
-const map = (proxyPort) => ({ clientIp: '127.0.0.1', proxyIp: '127.0.0.1', proxyPort, serverIp: '127.0.0.1', serverPort, snatIp: '127.0.0.1' });
+const map = (proxyPort) => ({ opener: OPENER, openerIp: HOST, proxyIp: HOST, proxyPort, targetIp: HOST, targetPort: serverPort, snatIp: HOST });
 
 // 1. A transfer each way, then remove(awaitEndMs): the counts.
 server.once('connection', (socket) => {
@@ -555,7 +666,7 @@ server.once('connection', (socket) => {
 const first = forwarder.forward(map(60001), 30000);
 first.watchIdle(60000, () => { out.wrongIdle = true; });
 const received = await new Promise((resolve, reject) => {
-  const client = net.connect({ host: '127.0.0.1', port: 60001, allowHalfOpen: true });
+  const client = net.connect({ host: HOST, port: 60001, allowHalfOpen: true });
   let got = 0;
   client.on('data', (chunk) => { got += chunk.length; });
   client.on('end', () => { client.end(); resolve(got); });
@@ -565,7 +676,7 @@ const received = await new Promise((resolve, reject) => {
 out.received = received;
 first.remove(3000);
 out.wire = await first.wireBytes;
-out.afterRemove = nft('list', 'table', 'ip', forwarder.table);
+out.afterRemove = nft('list', 'table', 'inet', forwarder.table);
 
 // 2. A client that reads nothing: the server's sends stall, the cut resets it.
 const idleMs = 500;
@@ -582,56 +693,63 @@ const serverEnd = new Promise((resolve) => {
 });
 const second = forwarder.forward(map(60002), 30000);
 const cutAt = new Promise((resolve) => second.watchIdle(idleMs, () => resolve(Date.now())));
-const idleClient = net.connect({ host: '127.0.0.1', port: 60002 });
+const idleClient = net.connect({ host: HOST, port: 60002 });
 idleClient.on('error', (err) => { out.clientError = err.code; });
 idleClient.pause();
 const connectedAt = Date.now();
 out.cutAfterMs = (await cutAt) - connectedAt;
-out.duringCut = nft('list', 'table', 'ip', forwarder.table);
+out.duringCut = nft('list', 'table', 'inet', forwarder.table);
 let giveUp;
 out.server = await Promise.race([serverEnd, new Promise((resolve) => { giveUp = setTimeout(() => resolve({ code: 'still open' }), 15000); })]);
 clearTimeout(giveUp);
 out.cutWire = await second.wireBytes;
 second.remove();
-out.afterCut = nft('list', 'table', 'ip', forwarder.table);
+out.afterCut = nft('list', 'table', 'inet', forwarder.table);
 idleClient.destroy();
 server.close();
 forwarder.close();
 console.log(JSON.stringify(out));
 `;
 
-t.test('the real kernel counts a connection both ways and cuts an idle one', async (t) => {
+for (const [host, opener] of [['127.0.0.1', 'client'], ['::1', 'server']] as const) {
+  t.test(`the real kernel counts a connection both ways and cuts an idle one (${host}, the ${opener} opening)`, async (t) => {
   const skip = realSkipReason();
   if (skip) {
     t.comment(`skipped: ${skip}`);
     t.pass(`skipped: ${skip}`);
     return;
   }
-  const ns = `${labPrefix()}kt`;
+  const ns = `${labPrefix()}kt${opener === 'client' ? 4 : 6}`;
   const ip = (...args: string[]): ReturnType<typeof spawnSync> => spawnSync('ip', args, { encoding: 'utf8' });
   t.equal(ip('netns', 'add', ns).status, 0, `namespace ${ns}`);
   t.teardown(() => void ip('netns', 'delete', ns));
   t.equal(ip('-n', ns, 'link', 'set', 'lo', 'up').status, 0, 'loopback up');
-  const child = spawnSync('ip', ['netns', 'exec', ns, process.execPath, '--input-type=module', '-e', TRAFFIC_CHILD], { encoding: 'utf8', timeout: 60000 });
+  const child = spawnSync('ip', ['netns', 'exec', ns, process.execPath, '--input-type=module', '-e', TRAFFIC_CHILD], { encoding: 'utf8', timeout: 60000, env: { ...process.env, KF_HOST: host, KF_OPENER: opener } });
   t.equal(child.status, 0, `child ran: ${child.stderr}`);
   const out = JSON.parse(child.stdout.trim().split('\n').at(-1) ?? '{}') as Record<string, unknown>;
   const UP = 1000003;
   const DOWN = 2000017;
-  t.equal(out.received, DOWN, 'the client got everything through the mapping');
+  // The socket that connects sends UP and receives DOWN; which FTP side that is depends on the opener.
+  const [fromOpener, toOpener] = opener === 'client' ? (['toServer', 'toClient'] as const) : (['toClient', 'toServer'] as const);
+  const header = host.includes(':') ? 60 : 40;
+  const key = host.includes(':') ? '::1 \\. ::1' : '127\\.0\\.0\\.1 \\. 127\\.0\\.0\\.1';
+  const suffix = host.includes(':') ? '6' : '';
+  t.equal(out.received, DOWN, 'the opener got everything through the mapping');
   const wire = out.wire as { toClient: number; toServer: number } | null;
   t.ok(wire, `wire bytes read ${JSON.stringify(wire)}`);
-  // IP bytes: the payload plus at least one 40-byte header per segment the kernel handed on
+  // IP bytes: the payload plus at least one header per segment the kernel handed on
   // (one per GSO/GRO aggregate: up to 64 KiB each), and the handshake and ACKs.
-  t.ok(wire && wire.toServer >= UP + 40 && wire.toServer < UP * 1.1, `toServer ${wire?.toServer}: the upload plus headers (${UP} payload)`);
-  t.ok(wire && wire.toClient >= DOWN + 40 && wire.toClient < DOWN * 1.1, `toClient ${wire?.toClient}: the download plus headers (${DOWN} payload)`);
+  t.ok(wire && wire[fromOpener] >= UP + header && wire[fromOpener] < UP * 1.1, `${fromOpener} ${wire?.[fromOpener]}: what the opener sent plus headers (${UP} payload)`);
+  t.ok(wire && wire[toOpener] >= DOWN + header && wire[toOpener] < DOWN * 1.1, `${toOpener} ${wire?.[toOpener]}: what the opener got plus headers (${DOWN} payload)`);
   t.notOk(out.wrongIdle, 'a moving connection is not cut');
-  t.notMatch(String(out.afterRemove), /127\.0\.0\.1 \. 127\.0\.0\.1 \. 60001/, 'every element of the first mapping is gone');
+  t.notMatch(String(out.afterRemove), new RegExp(`${key} \\. 60001`), 'every element of the first mapping is gone');
   t.ok(Number(out.cutAfterMs) >= 500 && Number(out.cutAfterMs) < 3000, `cut after ${String(out.cutAfterMs)} ms of a 500 ms idle timeout (polls every 250 ms)`);
-  t.match(String(out.duringCut), /set cut \{[^}]*elements = \{ 127\.0\.0\.1 \. 127\.0\.0\.1 \. 60002 timeout/, 'the cut key is in the cut set');
-  t.notMatch(String(out.duringCut), /dnat_to \{[^}]*60002/, 'no DNAT element for it any more');
+  t.match(String(out.duringCut), new RegExp(`set cut${suffix} \\{[^}]*elements = \\{ ${key} \\. 60002 timeout`), 'the cut key is in the cut set');
+  t.notMatch(String(out.duringCut), new RegExp(`dnat_to${suffix} \\{[^}]*60002`), 'no DNAT element for it any more');
   t.same((out.server as { code?: string }).code, 'ECONNRESET', `the stalled sender was reset ${JSON.stringify(out.server)}`);
   const cutWire = out.cutWire as { toClient: number; toServer: number } | null;
   t.ok(cutWire && cutWire.toClient > 0 && cutWire.toServer > 0, `the cut transfer's counts were read at the cut ${JSON.stringify(cutWire)}`);
   t.notMatch(String(out.afterCut), /60002/, 'after the final remove nothing of it is left');
   t.same(out.warnings, undefined, 'no warnings');
-});
+  });
+}

@@ -204,11 +204,11 @@ export function nft(ns: string, args: readonly string[]): Promise<RunResult> {
   return nsRun(ns, findCommand('nft') ?? 'nft', args, { timeoutMs: 10000 });
 }
 
-/** Names of the proxies' tables (`ftpnp_<pid>`, family ip) in a namespace. */
+/** Names of the proxies' tables (`ftpnp_<pid>`, family inet; ip from versions before IPv6) in a namespace. */
 export async function ftpnpTables(ns: string): Promise<string[]> {
   const out = await nft(ns, ['list', 'tables']);
   if (out.code !== 0) throw new Error(`nft list tables failed (${out.code}): ${out.stderr.trim()}`);
-  return [...out.stdout.matchAll(/^table ip (ftpnp_\d+)\s*$/gm)].map((m) => m[1]!);
+  return [...out.stdout.matchAll(/^table (?:ip|inet) (ftpnp_\d+)\s*$/gm)].map((m) => m[1]!);
 }
 
 /** The elements of one map (without their timeouts), or null when the table or map is missing. */
@@ -222,7 +222,7 @@ export async function nftSetElements(ns: string, table: string, set: string): Pr
 }
 
 async function nftElements(ns: string, table: string, kind: 'map' | 'set', name: string): Promise<string[] | null> {
-  const out = await nft(ns, ['list', kind, 'ip', table, name]);
+  const out = await nft(ns, ['list', kind, 'inet', table, name]);
   if (out.code !== 0) return null;
   const body = /elements = \{([^}]*)\}/.exec(out.stdout)?.[1];
   if (!body) return [];
@@ -234,7 +234,7 @@ async function nftElements(ns: string, table: string, kind: 'map' | 'set', name:
 
 /** The raw `nft list map` text of one map (timeouts included), for messages. */
 export async function nftMapText(ns: string, table: string, map: string): Promise<string> {
-  const out = await nft(ns, ['list', 'map', 'ip', table, map]);
+  const out = await nft(ns, ['list', 'map', 'inet', table, map]);
   return (out.stdout + out.stderr).trim();
 }
 

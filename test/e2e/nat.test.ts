@@ -648,8 +648,8 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       t.same(await ftpnpTables(topo.edge), [table], `nft list tables in the edge namespace: only ${table}`);
       const removed = proxy.records().find((r) => r.event === 'kernel-path' && r.table === `ftpnp_${deadPid}`);
       t.ok(removed && removed.ok === true, `the stale table of the dead pid ${deadPid} was removed and logged ${JSON.stringify(removed)}`);
-      const listing = await nft(topo.edge, ['list', 'table', 'ip', table]);
-      t.equal(listing.code, 0, `nft list table ip ${table} works ${listing.stderr.trim()}`);
+      const listing = await nft(topo.edge, ['list', 'table', 'inet', table]);
+      t.equal(listing.code, 0, `nft list table inet ${table} works ${listing.stderr.trim()}`);
       for (const part of ['map dnat_to', 'map snat_to', 'chain prerouting', 'chain output', 'chain postrouting']) {
         t.match(listing.stdout, part, `the table has ${part}`);
       }
@@ -836,7 +836,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       await waitForAsync(dnatEmpty, 3000);
       const elements = async (name: string): Promise<string[] | null> => (name.endsWith('_to') ? nftMapElements(topo.edge, table, name) : nftSetElements(topo.edge, table, name));
       t.same(
-        await Promise.all(['dnat_to', 'snat_to', 'to_server', 'to_client', 'moving', 'ends', 'cut'].map(elements)),
+        await Promise.all(['dnat_to', 'snat_to', 'original', 'reply', 'moving', 'ends', 'cut'].map(elements)),
         [[], [], [], [], [], [], []],
         'nothing of it is left in the table (the cut key went with the final reply)',
       );

@@ -73,6 +73,7 @@ export class RecordingMetrics implements ProxyMetrics {
   upstreamConnect(): void {}
   dataStranger(): void {}
   kernelMapping(_listener: string, _outcome: KernelMappingOutcome): void {}
+  kernelFallback(): void {}
   tlsHandshake(): void {}
   upstreamChoice(): void {}
   registerPool(listener: string, pool: PoolKind, stats: () => PoolStats): void {
