@@ -12,7 +12,7 @@ import type { ActiveTargetSource } from '../control/policy.js';
 import { replyLine, type Reply } from '../control/reply.js';
 import { interpretUpstreamPassiveReply } from '../control/rewrite.js';
 import { DataChannel, type ForwardedLeg, type UpstreamLeg } from '../data/channel.js';
-import { dial } from '../data/dial.js';
+import { dial, type Dial } from '../data/dial.js';
 import type { KernelForward } from '../data/kernel-forward.js';
 import { kernelPathBlocker, type ForwardMapping } from '../data/kernel-nft.js';
 import { PassiveAccept } from '../data/passive.js';
@@ -58,6 +58,8 @@ export class DataSetup {
   private readonly localIp: string;
   private readonly dialledIp: string;
   private pending: DataChannel | null = null;
+  /** The server's passive port, dialled as soon as its 229/227 came (per pending channel). */
+  private readonly earlyDials = new WeakMap<DataChannel, Dial>();
   /** The server refused EPSV once: PASV for the rest of the session. */
   private upstreamLacksEpsv = false;
 
@@ -110,6 +112,7 @@ export class DataSetup {
         this.pending = new DataChannel({ kind: 'forwarded', lease, forward }, upstreamLeg);
       } else {
         this.pending = new DataChannel({ kind: 'passive', accept: this.passiveAccept(lease) }, upstreamLeg);
+        this.dialServerEarly(this.pending);
       }
       log.debug({ event: 'data-passive', port: lease.port, upstream: describeLeg(upstreamLeg), dataPath: forward ? 'kernel' : 'relay' }, 'passive channel ready');
       replies.push(slot, replyLine(style === 'pasv' ? formatPasvReply(advertised!, lease.port) : formatEpsvReply(lease.port)));
@@ -137,6 +140,7 @@ export class DataSetup {
         return;
       }
       this.pending = new DataChannel({ kind: 'active', target }, upstreamLeg);
+      this.dialServerEarly(this.pending);
       log.debug({ event: 'data-active', target: where, upstream: describeLeg(upstreamLeg), dataPath: upstreamLeg.kind === 'forwarded' ? 'kernel' : 'relay' }, 'active channel ready');
       // 200 only now that the server side is ready (so REST stays right before the transfer).
       replies.push(slot, replyLine(`200 ${style === 'port' ? 'PORT' : 'EPRT'} command successful.`));
@@ -161,17 +165,15 @@ export class DataSetup {
   }
 
   /**
-   * Dial the channel's outbound legs (the server's passive port, the client's PORT address)
-   * before the transfer command goes upstream: if the client cannot be reached, the command is
-   * never sent (protocol.md §8.14). Rejects with a ProxyError (FTPP_ERR_DATA_CONNECT).
+   * The channel's outbound legs connected (the server's passive port, dialled at PASV/PORT
+   * time; the client's PORT address, dialled now) before the transfer command goes upstream:
+   * if either cannot be reached, the command is never sent (protocol.md §8.14). Rejects with a
+   * ProxyError (FTPP_ERR_DATA_CONNECT).
    */
   async connectOutbound(channel: DataChannel): Promise<{ clientSocket: net.Socket | null; upstreamSocket: net.Socket | null }> {
     const { dataConnectMs } = this.deps.config.timeouts;
-    const upstream = this.deps.upstream();
-    const { upstreamLeg, clientLeg } = channel;
-    const upstreamDial = upstreamLeg.kind === 'passive' && !channel.isForwarded && upstream
-      ? channel.track(dial({ host: upstreamLeg.target.host, port: upstreamLeg.target.port, localAddress: upstream.addresses.local.ip, timeoutMs: dataConnectMs }))
-      : null;
+    const { clientLeg } = channel;
+    const upstreamDial = this.earlyDials.get(channel) ?? null;
     const clientDial = clientLeg.kind === 'active' && !channel.isForwarded
       ? channel.track(dial({
           host: clientLeg.target.host,
@@ -184,6 +186,22 @@ export class DataSetup {
       : null;
     const [upstreamSocket, clientSocket] = await Promise.all([upstreamDial?.connected ?? null, clientDial?.connected ?? null]);
     return { clientSocket, upstreamSocket };
+  }
+
+  /**
+   * Dial the server's passive port now, not at the transfer command: the connection waits in
+   * the server's accept queue (vsftpd accepts it at RETR/STOR, as it would a client's that
+   * connects right after the 227), and the transfer does not wait for a TCP handshake to the
+   * server (issue #14: ~0.4 ms per transfer through the relay). A TLS data leg still starts its
+   * handshake at the transfer (DataChannel.pair): its deadline must not run while the client
+   * thinks. A failed dial is reported at the transfer, like a late one.
+   */
+  private dialServerEarly(channel: DataChannel): void {
+    const { upstreamLeg } = channel;
+    const upstream = this.deps.upstream();
+    if (upstreamLeg.kind !== 'passive' || channel.isForwarded || !upstream) return;
+    const { host, port } = upstreamLeg.target;
+    this.earlyDials.set(channel, channel.track(dial({ host, port, localAddress: upstream.addresses.local.ip, timeoutMs: this.deps.config.timeouts.dataConnectMs })));
   }
 
   /** The reply a failed setup or outbound connect gives the client (empty while closing: the session says it once). */

@@ -26,7 +26,25 @@ const MAX_DATA_CHANNELS = 2;
 /** What the advertiser says: not the control address, so a 227 built from the wrong one shows. */
 const ADVERTISED = '203.0.113.9';
 /** The server's control address: data is dialled there, never to a 227's address. */
-const SERVER_IP = '192.0.2.5';
+const SERVER_IP = '127.0.0.5';
+/** The server's passive ports in the scripted 229 and 227 (this file's port block; real listeners below). */
+const SERVER_EPSV_PORT = 16990;
+const SERVER_PASV_PORT = 16991;
+
+/** The server's passive listeners: data setup dials them as soon as the 229/227 came (issue #14). */
+const serverDataConnections: Array<{ port: number; socket: net.Socket }> = [];
+const serverListeners = await Promise.all([SERVER_EPSV_PORT, SERVER_PASV_PORT].map((port) => new Promise<net.Server>((resolve, reject) => {
+  const server = net.createServer((socket) => {
+    socket.on('error', () => {});
+    serverDataConnections.push({ port, socket });
+  });
+  server.once('error', reject);
+  server.listen(port, SERVER_IP, () => resolve(server));
+})));
+t.teardown(() => {
+  for (const { socket } of serverDataConnections) socket.destroy();
+  for (const server of serverListeners) server.close();
+});
 
 const CONFIG: ListenerConfig = validateConfigText(proxyYaml({
   upstreamHost: SERVER_IP,
@@ -69,8 +87,8 @@ class ScriptedUpstream implements UpstreamForData {
   private settled = deferred<void>();
   /** Reply text per command verb; a promise holds the answer until it resolves. */
   answers: Record<string, string | Promise<string>> = {
-    EPSV: '229 Entering Extended Passive Mode (|||40001|)',
-    PASV: '227 Entering Passive Mode (10,0,0,5,156,66).',
+    EPSV: `229 Entering Extended Passive Mode (|||${SERVER_EPSV_PORT}|)`,
+    PASV: `227 Entering Passive Mode (10,0,0,5,${SERVER_PASV_PORT >> 8},${SERVER_PASV_PORT & 255}).`,
     PORT: '200 PORT command successful. Consider using PASV.',
   };
 
@@ -197,9 +215,9 @@ t.test("passive('pasv'): a 227 with the advertised address and a leased port; ta
   t.ok(channel, 'a pending channel');
   t.equal(channel?.clientLeg.kind, 'passive');
   t.equal(channel?.clientPort, port, 'on the port of the 227');
-  t.same(channel?.upstreamLeg, { kind: 'passive', target: { host: SERVER_IP, port: 40001 } }, 'the server\'s data port at its control address');
+  t.same(channel?.upstreamLeg, { kind: 'passive', target: { host: SERVER_IP, port: SERVER_EPSV_PORT } }, 'the server\'s data port at its control address');
   t.equal(s.dataSetup.take(), null, 'taken once');
-  t.match(s.records().filter((r) => r.event === 'data-passive'), [{ port, dataPath: 'relay', upstream: `passive ${SERVER_IP}:40001` }]);
+  t.match(s.records().filter((r) => r.event === 'data-passive'), [{ port, dataPath: 'relay', upstream: `passive ${SERVER_IP}:${SERVER_EPSV_PORT}` }]);
   channel?.close('test over');
   t.equal(s.pool.stats.leased, 0);
 });
@@ -234,6 +252,38 @@ t.test('after the 229 the client\'s connection is the channel\'s', async (t) => 
   t.equal(s.pool.stats.leased, 0);
 });
 
+t.test('the server\'s passive port is dialled as soon as its 229 came, before any transfer command; connectOutbound hands that connection out', async (t) => {
+  const s = setup(t);
+  const before = serverDataConnections.length;
+  await s.dataSetup.passive('epsv');
+  await until('the server\'s data connection', () => serverDataConnections.length > before);
+  const arrived = serverDataConnections.slice(before);
+  t.same(arrived.map((c) => c.port), [SERVER_EPSV_PORT], 'one connection, to the port of the server\'s 229, at its control address');
+  t.equal(arrived[0]!.socket.remoteAddress, '127.0.0.1', 'from the proxy\'s upstream-side address');
+  const channel = s.dataSetup.take()!;
+  const { upstreamSocket, clientSocket } = await s.dataSetup.connectOutbound(channel);
+  t.equal(clientSocket, null, 'a passive client leg is not dialled');
+  t.equal(upstreamSocket?.localPort, arrived[0]!.socket.remotePort, 'the transfer gets the connection made at EPSV time');
+  t.equal(serverDataConnections.length, before + 1, 'no second connection');
+  channel.close('test over');
+  await until('the early connection reset', () => arrived[0]!.socket.destroyed || arrived[0]!.socket.readableEnded);
+  t.equal(s.pool.stats.leased, 0);
+});
+
+t.test('a channel replaced before its transfer resets its early server connection', async (t) => {
+  const s = setup(t);
+  const before = serverDataConnections.length;
+  await s.dataSetup.passive('epsv');
+  await until('the first data connection', () => serverDataConnections.length > before);
+  const first = serverDataConnections[before]!.socket;
+  const closed = new Promise<void>((resolve) => first.once('close', () => resolve()));
+  await s.dataSetup.passive('epsv');
+  await closed;
+  t.pass('the replaced channel\'s connection to the server is closed');
+  s.dataSetup.take()?.close('test over');
+  t.equal(s.pool.stats.leased, 0);
+});
+
 t.test('EPSV refused with 500: PASV instead, and PASV for every later setup', async (t) => {
   const s = setup(t);
   s.upstream.answers.EPSV = '500 Unknown command.';
@@ -241,7 +291,7 @@ t.test('EPSV refused with 500: PASV instead, and PASV for every later setup', as
   t.same(s.upstream.sent, ['EPSV', 'PASV']);
   t.match(s.written(), /^229 /, 'the client still gets its 229');
   const first = s.dataSetup.take();
-  t.same(first?.upstreamLeg, { kind: 'passive', target: { host: SERVER_IP, port: 40002 } }, 'the 227\'s port at the control address (not 10.0.0.5)');
+  t.same(first?.upstreamLeg, { kind: 'passive', target: { host: SERVER_IP, port: SERVER_PASV_PORT } }, 'the 227\'s port at the control address (not 10.0.0.5)');
   first?.close('test over');
   await s.dataSetup.passive('pasv');
   t.same(s.upstream.sent, ['EPSV', 'PASV', 'PASV'], 'EPSV is not tried again (upstreamLacksEpsv)');
@@ -358,7 +408,7 @@ t.test("active('port', target, 'named'): 200 once the server side is ready; logs
   t.equal(s.written(), '200 PORT command successful.\r\n');
   t.same(s.upstream.sent, ['EPSV'], 'dataMode passive: EPSV toward the server');
   t.equal(s.pool.stats.leased, 0, 'no relay port for an active client');
-  t.match(s.records().filter((r) => r.event === 'data-active'), [{ target: '127.0.0.1:40123', upstream: `passive ${SERVER_IP}:40001` }]);
+  t.match(s.records().filter((r) => r.event === 'data-active'), [{ target: '127.0.0.1:40123', upstream: `passive ${SERVER_IP}:${SERVER_EPSV_PORT}` }]);
   t.equal(s.records().filter((r) => r.event === 'port-nat-fixup').length, 0, 'a named address is no NAT fixup');
   const channel = s.dataSetup.take();
   t.same(channel?.clientLeg, { kind: 'active', target });
@@ -381,7 +431,7 @@ t.test('a stranger connecting to the leased port before the 227 is reset and log
   const stranger = s.records().find((r) => r.event === 'data-stranger');
   t.match(stranger, { level: 'warn', when: 'early', port: s.range.first, from: /^127\.0\.0\.1:\d+$/ });
   t.equal(s.strangers, 1, 'counted');
-  answer.resolve('229 Entering Extended Passive Mode (|||40001|)');
+  answer.resolve(`229 Entering Extended Passive Mode (|||${SERVER_EPSV_PORT}|)`);
   await setting;
   t.equal(portOf(s.written()), s.range.first, 'the 227 still goes out, for the same port');
   const channel = s.dataSetup.take();
