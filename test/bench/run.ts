@@ -10,12 +10,21 @@
  *
  * Options: --quick (small sizes, few repetitions), --cpu-prof (V8 profiles of the proxies in
  * bench-results/profiles/), --size-mib=N, --reps=N (every section;
- * default 9 for throughput, whose single figures swing most, 5 elsewhere),
- * --only=throughput,rate,noop,scale,idle,ftps, --variants=auto,js,splice,kernel (proxy variants
+ * default 9 for throughput and kernel, whose single figures swing most, 5 elsewhere),
+ * --only=throughput,rate,noop,scale,idle,ftps,kernel, --variants=auto,js,splice,kernel (proxy variants
  * to run; the first is the headline). `auto`, `js` and `splice` are `client.dataPath: relay`
  * with FTPNP_RELAY unset, `js` or `splice`; `kernel` is `client.dataPath: kernel` (nftables
  * DNAT/SNAT per transfer, root and libnftables needed, only ever inside the bench's own
  * namespace). Default: `auto,kernel` when that is possible, else `auto`.
+ *
+ * `kernel` measures the shipped edge setup (conf/edge.yaml: `client.dataPath: auto`,
+ * `upstream.dataMode: mirror` with `upstream.activePorts`) per client data mode and address
+ * family: RETR and STOR with PASV, EPSV, PORT and EPRT over IPv4 and EPSV and EPRT over IPv6,
+ * each against vsftpd reached directly in the same mode (a second vsftpd on ::1 for IPv6),
+ * the same setup with `client.dataPath: relay` (the fallback) and, over IPv4, mod_proxy. Its
+ * proxies log at info, so every measured transfer's `transfer` line tells which data path
+ * carried it. The namespace has `net.ipv4.ip_forward=1` and `net.ipv6.conf.all.forwarding=1`,
+ * which `auto` wants before it takes the kernel path.
  *
  * `ftps` (ftps.ts) measures throughput, session rate and idle memory again with explicit FTPS
  * against direct FTPS to a second vsftpd; its proxies run with the default data path whatever
@@ -33,7 +42,7 @@ import { TEST_USER, vsftpdUnavailable } from '../helpers/vsftpd.js';
 import { nftablesUnavailable } from '../helpers/netns.js';
 import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, waitForLine, waitQuiet, type Child } from './procs.js';
 import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
-import { HOST, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
+import { HOST, HOST6, hostPort, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
 import { fmt, median, num, ratio, rotate, table, type Verdict } from './stats.js';
 import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target, TransferJob } from './load-worker.js';
 import { FTPS_LABELS, FTPS_NAMES, FTPS_PORTS, FTPS_PROXY_VARIANTS, ftpsDiagnosticLines, makeBenchPki, reportFtps, startFtpsTargets, type FtpsTargets } from './ftps.js';
@@ -57,6 +66,21 @@ const PORTS = {
   idlePassive: '13000-13099',
   kernelProbe: 2150,
   kernelProbePassive: '13100-13199',
+  // The kernel section (below the ephemeral range, apart from the FTPS ports).
+  vsftpd6: 2103,
+  vsftpd6Pasv: [7600, 7999] as const,
+  edge4: 2160,
+  edge4Passive: '32000-32099',
+  edge4Active: '32100-32199',
+  relay4: 2161,
+  relay4Passive: '32200-32299',
+  relay4Active: '32300-32399',
+  edge6: 2162,
+  edge6Passive: '32400-32499',
+  edge6Active: '32500-32599',
+  relay6: 2163,
+  relay6Passive: '32600-32679',
+  relay6Active: '32680-32759',
 };
 
 // ------------------------------------------------------------------------------- options
@@ -74,9 +98,9 @@ interface Options {
   readonly cpuProf: boolean;
 }
 
-const SECTIONS = ['throughput', 'rate', 'noop', 'scale', 'idle', 'ftps'];
+const SECTIONS = ['throughput', 'rate', 'noop', 'scale', 'idle', 'ftps', 'kernel'];
 /** The sections measured through the plain proxies and mod_proxy. */
-const PLAIN_VSFTPD_SECTIONS = ['throughput', 'rate', 'noop', 'scale'];
+const PLAIN_VSFTPD_SECTIONS = ['throughput', 'rate', 'noop', 'scale', 'kernel'];
 /** Proxy variants: the relay picked by FTPNP_RELAY (auto = unset), or the kernel data path. */
 const VARIANTS = ['auto', 'js', 'splice', 'kernel'];
 
@@ -152,7 +176,11 @@ function createNetns(name: string): string | null {
     // Only inside this namespace: vsftpd's backlog of 32 drops bursts of connects otherwise
     // (test-environment.md). The host's sysctls stay as they are.
     ['sysctl', '-qw', 'net.ipv4.tcp_syncookies=0'],
+    // What `client.dataPath: auto` checks before taking the kernel path (kernel section).
+    ['sysctl', '-qw', 'net.ipv4.ip_forward=1'],
   ];
+  // Without IPv6 in the kernel the IPv6 cases are skipped, not the run.
+  sh('ip', ['netns', 'exec', name, 'sysctl', '-qw', 'net.ipv6.conf.all.forwarding=1']);
   for (const step of steps) {
     const r = sh('ip', ['netns', 'exec', name, ...step]);
     if (!r.ok) {
@@ -349,16 +377,56 @@ interface TransferResult {
   readonly error?: string;
 }
 
-async function curlTransfer(server: Server, direction: 'get' | 'put', remote: string, local: string, expectBytes: number): Promise<TransferResult> {
-  const url = `ftp://${server.host}:${server.port}/${remote}`;
+/** How the client sets up the data connection: it dials (PASV, EPSV) or the server does (PORT, EPRT). */
+type DataMode = 'pasv' | 'epsv' | 'port' | 'eprt';
+
+/**
+ * curl's options for exactly `mode`. Left alone, curl tries EPSV then PASV, and with -P
+ * EPRT then PORT: the kernel section checks the command curl sent in its -v trace, so a
+ * fallback shows up as an error instead of a figure for the wrong mode.
+ */
+function curlModeArgs(mode: DataMode): string[] {
+  switch (mode) {
+    case 'pasv':
+      return ['--disable-epsv'];
+    case 'epsv':
+      return ['--ftp-pasv'];
+    case 'port':
+      return ['--ftp-port', '-', '--disable-eprt'];
+    case 'eprt':
+      return ['--ftp-port', '-'];
+  }
+}
+
+/** Null when curl's -v trace shows exactly `mode`'s command, accepted; else what it shows. */
+function curlModeProblem(trace: string, mode: DataMode): string | null {
+  const sent = [...trace.matchAll(/^> (PASV|EPSV|PORT|EPRT)\b.*$/gm)].map((m) => m[1]!);
+  const want = mode.toUpperCase();
+  if (sent.length !== 1 || sent[0] !== want) return `curl sent ${sent.join(', ') || 'no PASV/EPSV/PORT/EPRT'} instead of ${want} alone`;
+  const accepted = new RegExp(`^> ${want}\\b.*\\r?\\n(?:\\*.*\\r?\\n)*< ${mode === 'pasv' ? 227 : mode === 'epsv' ? 229 : 200} `, 'm');
+  return accepted.test(trace) ? null : `${want} was not accepted`;
+}
+
+/**
+ * One big transfer by curl, timed from the transfer's start to its end (time_total minus
+ * time_pretransfer: login and the data connection's setup excluded). With `mode`, curl
+ * uses exactly that data mode (-v trace checked).
+ */
+async function curlTransfer(server: Server, direction: 'get' | 'put', remote: string, local: string, expectBytes: number, mode?: DataMode): Promise<TransferResult> {
+  // -g: an IPv6 address in brackets is not a curl glob.
+  const url = `ftp://${hostPort(server.host, server.port)}/${remote}`;
   const io = direction === 'get' ? ['-o', '/dev/null'] : ['-T', local];
-  const r = await run('curl', ['-sS', '--max-time', '300', '-u', `${server.user}:${server.password}`, ...io, '-w', '%{time_pretransfer} %{time_total} %{size_download} %{size_upload}', url], { timeoutMs: 320_000 });
+  const modeArgs = mode ? ['-v', ...curlModeArgs(mode)] : [];
+  const r = await run('curl', ['-sS', '-g', '--max-time', '300', ...modeArgs, '-u', `${server.user}:${server.password}`, ...io, '-w', '%{time_pretransfer} %{time_total} %{size_download} %{size_upload}', url], { timeoutMs: 320_000 });
   const [pre, total, down, up] = r.stdout.trim().split(' ').map(Number);
   const bytes = direction === 'get' ? down! : up!;
   const seconds = total! - pre!;
+  const errorLines = (): string => (mode ? r.stderr.split('\n').filter((l) => !/^[<>*{}] /.test(l)).join(' ') : r.stderr).trim().slice(0, 200);
   if (r.code !== 0 || bytes !== expectBytes) {
-    return { ok: false, mibPerSec: Number.NaN, seconds, bytes, error: `curl exit ${r.code}: ${r.stderr.trim().slice(0, 200)} (${bytes}/${expectBytes} bytes)` };
+    return { ok: false, mibPerSec: Number.NaN, seconds, bytes, error: `curl exit ${r.code}: ${errorLines()} (${bytes}/${expectBytes} bytes)` };
   }
+  const wrongMode = mode ? curlModeProblem(r.stderr, mode) : null;
+  if (wrongMode) return { ok: false, mibPerSec: Number.NaN, seconds, bytes, error: wrongMode };
   return { ok: true, mibPerSec: bytes / MiB / seconds, seconds, bytes };
 }
 
@@ -794,6 +862,338 @@ async function benchFtpsIdle(options: Options, repo: string, work: string): Prom
   }
 }
 
+// ---- kernel: the shipped edge setup per client data mode and address family
+
+/** The client data modes measured per family: PASV and PORT exist in IPv4 only. */
+const KERNEL_CASES: ReadonlyArray<{ readonly family: 4 | 6; readonly mode: DataMode }> = [
+  { family: 4, mode: 'pasv' },
+  { family: 4, mode: 'epsv' },
+  { family: 4, mode: 'port' },
+  { family: 4, mode: 'eprt' },
+  { family: 6, mode: 'epsv' },
+  { family: 6, mode: 'eprt' },
+];
+
+/** What each target of the kernel section is, in latest.json and the table. */
+type KernelRole = 'direct' | 'edge' | 'relay' | 'mod_proxy';
+const KERNEL_ROLES: readonly KernelRole[] = ['direct', 'edge', 'relay', 'mod_proxy'];
+
+/** One measured proxy's `transfer` log line, as far as the proof needs it. */
+interface TransferLine {
+  readonly command?: string;
+  readonly path?: string;
+  readonly dataPath?: string;
+  readonly clientMode?: string;
+  readonly upstreamMode?: string;
+  readonly result?: string;
+  readonly wireBytes?: unknown;
+  readonly bytes?: unknown;
+}
+
+/** A section proxy with the `transfer` lines it logged since the last `take`. */
+interface LoggingProxy {
+  readonly server: Server;
+  /** What its start log said about `dataPath: auto` (the `data-path` line), or null. */
+  readonly startLine: Record<string, unknown> | null;
+  /** Wait (bounded) for the transfer line of `command path`; null when none came. */
+  take(command: string, path: string, timeoutMs: number): Promise<TransferLine | null>;
+}
+
+function logTransfers(server: Server): LoggingProxy {
+  const lines: TransferLine[] = [];
+  server.child.onLine((line) => {
+    if (!line.includes('"transfer"')) return;
+    try {
+      const entry = JSON.parse(line) as Record<string, unknown>;
+      if (entry.event === 'transfer') lines.push(entry as TransferLine);
+    } catch {
+      /* not a log line */
+    }
+  });
+  let startLine: Record<string, unknown> | null = null;
+  for (const line of server.child.output().split('\n')) {
+    try {
+      const entry = JSON.parse(line) as Record<string, unknown>;
+      if (entry.event === 'data-path') startLine = entry;
+    } catch {
+      /* not a log line */
+    }
+  }
+  return {
+    server,
+    startLine,
+    async take(command, path, timeoutMs) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const i = lines.findIndex((l) => l.command === command && l.path === path);
+        if (i >= 0) {
+          const found = lines[i]!;
+          lines.splice(0, i + 1);
+          return found;
+        }
+        if (Date.now() >= deadline) return null;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    },
+  };
+}
+
+interface KernelTargets {
+  /** Per family, the targets by role (mod_proxy over IPv4 only, when it runs). */
+  readonly byFamily: Record<4 | 6, Partial<Record<KernelRole, Server>>>;
+  readonly logging: Map<Server, LoggingProxy>;
+  readonly startErrors: Record<string, string>;
+  stop(): Promise<void>;
+}
+
+/**
+ * The section's own targets: the edge setup and its relay twin per family, a vsftpd on ::1;
+ * the IPv4 vsftpd and mod_proxy are the ones every plain section uses. A target that does
+ * not start is left out (its cells say n/a) with the reason in startErrors.
+ */
+async function startKernelTargets(ctx: Context): Promise<KernelTargets> {
+  const started: Server[] = [];
+  const startErrors: Record<string, string> = {};
+  const logging = new Map<Server, LoggingProxy>();
+  const byFamily: KernelTargets['byFamily'] = { 4: { direct: ctx.direct, ...(ctx.modProxy ? { mod_proxy: ctx.modProxy } : {}) }, 6: {} };
+  try {
+    byFamily[6].direct = await startBenchVsftpd({ name: 'direct6', host: HOST6, port: PORTS.vsftpd6, work: join(ctx.work, 'vsftpd6'), root: ctx.root, pasvMin: PORTS.vsftpd6Pasv[0], pasvMax: PORTS.vsftpd6Pasv[1] });
+    started.push(byFamily[6].direct);
+  } catch (err) {
+    startErrors.direct6 = oneLine(err);
+  }
+  const specs = [
+    { family: 4, role: 'edge', name: 'edge', port: PORTS.edge4, passive: PORTS.edge4Passive, active: PORTS.edge4Active, upstreamPort: PORTS.vsftpd },
+    { family: 4, role: 'relay', name: 'relay', port: PORTS.relay4, passive: PORTS.relay4Passive, active: PORTS.relay4Active, upstreamPort: PORTS.vsftpd },
+    { family: 6, role: 'edge', name: 'edge6', port: PORTS.edge6, passive: PORTS.edge6Passive, active: PORTS.edge6Active, upstreamPort: PORTS.vsftpd6 },
+    { family: 6, role: 'relay', name: 'relay6', port: PORTS.relay6, passive: PORTS.relay6Passive, active: PORTS.relay6Active, upstreamPort: PORTS.vsftpd6 },
+  ] as const;
+  for (const spec of specs) {
+    if (!byFamily[spec.family].direct) continue;
+    try {
+      const server = await startBenchProxy({
+        name: spec.name,
+        host: spec.family === 6 ? HOST6 : HOST,
+        port: spec.port,
+        work: join(ctx.work, 'proxy-kernel-section'),
+        upstreamPort: spec.upstreamPort,
+        passivePorts: spec.passive,
+        // conf/edge.yaml's data settings; the relay twin differs in dataPath only.
+        dataPath: spec.role === 'edge' ? 'auto' : 'relay',
+        upstreamDataMode: 'mirror',
+        activePorts: spec.active,
+        repoDir: ctx.repo,
+        // Info: every transfer line says which path carried it (a few lines per 256 MiB).
+        logLevel: 'info',
+        nodeArgs: cpuProfArgs(ctx.options, ctx.repo, spec.name),
+      });
+      started.push(server);
+      byFamily[spec.family][spec.role] = server;
+      logging.set(server, logTransfers(server));
+    } catch (err) {
+      startErrors[spec.name] = oneLine(err);
+    }
+  }
+  for (const [name, why] of Object.entries(startErrors)) log(`kernel section: ${name} did not start: ${why}`);
+  return {
+    byFamily,
+    logging,
+    startErrors,
+    async stop() {
+      for (const s of started.reverse()) await s.child.stop();
+    },
+  };
+}
+
+function caseName(family: 4 | 6, mode: DataMode): string {
+  return `IPv${family} ${mode.toUpperCase()}`;
+}
+
+interface KernelSlot {
+  retr: number[];
+  stor: number[];
+  retrRatio: number[];
+  storRatio: number[];
+  errors: string[];
+  /** Edge and relay: the data path each measured transfer was logged with (`none`: no line). */
+  paths: { retr: Record<string, number>; stor: Record<string, number> };
+  /** The last transfer line per direction (client and upstream modes, wire bytes). */
+  sample: { retr?: TransferLine; stor?: TransferLine };
+}
+
+async function benchKernel(ctx: Context): Promise<Record<string, unknown>> {
+  const { sizeMiB } = ctx.options;
+  const reps = ctx.options.reps ?? 9;
+  const bytes = sizeMiB * MiB;
+  const targets = await startKernelTargets(ctx);
+  try {
+    const per: Record<string, Partial<Record<KernelRole, KernelSlot>>> = {};
+    const cases = KERNEL_CASES.filter((c) => targets.byFamily[c.family].direct);
+    for (const c of cases) {
+      const slots: Partial<Record<KernelRole, KernelSlot>> = {};
+      for (const role of KERNEL_ROLES) {
+        if (targets.byFamily[c.family][role]) slots[role] = { retr: [], stor: [], retrRatio: [], storRatio: [], errors: [], paths: { retr: {}, stor: {} }, sample: {} };
+      }
+      per[caseName(c.family, c.mode)] = slots;
+    }
+    const verified = new Set<string>();
+    for (let rep = 0; rep < reps; rep++) {
+      for (const c of cases) {
+        const name = caseName(c.family, c.mode);
+        const slots = per[name]!;
+        const roles = KERNEL_ROLES.filter((r) => slots[r]);
+        const thisRep: Partial<Record<KernelRole, { retr: number; stor: number }>> = {};
+        for (const role of rotate(roles, rep)) {
+          const t = targets.byFamily[c.family][role]!;
+          const slot = slots[role]!;
+          const logging = targets.logging.get(t);
+          await settle();
+          const remote = `kernel-${t.name}-${c.mode}-${rep}.bin`;
+          const get = await curlTransfer(t, 'get', ctx.files.big, '', bytes, c.mode);
+          const getLine = logging ? await logging.take('RETR', ctx.files.big, 5000) : null;
+          const put = await curlTransfer(t, 'put', remote, ctx.files.upload, bytes, c.mode);
+          const putLine = logging ? await logging.take('STOR', remote, 5000) : null;
+          if (logging) {
+            for (const [dir, line] of [['retr', getLine], ['stor', putLine]] as const) {
+              const path = line?.dataPath ?? 'none';
+              slot.paths[dir][path] = (slot.paths[dir][path] ?? 0) + 1;
+              if (line) slot.sample[dir] = line;
+            }
+          }
+          const stored = join(ctx.root, remote);
+          if (put.ok) {
+            const size = existsSync(stored) ? statSync(stored).size : -1;
+            if (size !== bytes) slot.errors.push(`STOR stored ${size} bytes, expected ${bytes}`);
+            else if (!verified.has(`${name} ${role}`)) {
+              verified.add(`${name} ${role}`);
+              if ((await sha256File(stored)) !== ctx.files.uploadSha) slot.errors.push('STOR sha256 mismatch');
+            }
+          }
+          rmSync(stored, { force: true });
+          if (!get.ok) slot.errors.push(`RETR: ${get.error}`);
+          if (!put.ok) slot.errors.push(`STOR: ${put.error}`);
+          slot.retr.push(get.mibPerSec);
+          slot.stor.push(put.mibPerSec);
+          thisRep[role] = { retr: get.mibPerSec, stor: put.mibPerSec };
+          const via = logging ? ` (dataPath ${getLine?.dataPath ?? 'not logged'} / ${putLine?.dataPath ?? 'not logged'})` : '';
+          log(`kernel rep ${rep + 1}/${reps} ${name} ${t.name}: RETR ${fmt(get.mibPerSec)} MiB/s, STOR ${fmt(put.mibPerSec)} MiB/s${via}`);
+        }
+        const d = thisRep.direct!;
+        for (const role of roles) {
+          slots[role]!.retrRatio.push(thisRep[role]!.retr / d.retr);
+          slots[role]!.storRatio.push(thisRep[role]!.stor / d.stor);
+        }
+      }
+    }
+    const edgeStart = targets.byFamily[4].edge ?? targets.byFamily[6].edge;
+    const out: Record<string, unknown> = {
+      sizeMiB,
+      reps,
+      setup: {
+        edge: 'client.dataPath auto, upstream.dataMode mirror, upstream.activePorts (conf/edge.yaml)',
+        relay: 'the same with client.dataPath relay',
+        edgeStart: edgeStart ? targets.logging.get(edgeStart)?.startLine ?? null : null,
+      },
+      startErrors: targets.startErrors,
+      cases: {} as Record<string, unknown>,
+    };
+    const outCases = out.cases as Record<string, unknown>;
+    for (const c of cases) {
+      const name = caseName(c.family, c.mode);
+      const caseOut: Record<string, unknown> = { family: c.family, mode: c.mode.toUpperCase() };
+      for (const [role, s] of Object.entries(per[name]!) as Array<[KernelRole, KernelSlot]>) {
+        caseOut[role] = {
+          name: targets.byFamily[c.family][role]!.name,
+          retrMiBps: median(s.retr),
+          storMiBps: median(s.stor),
+          retrRatio: median(s.retrRatio),
+          storRatio: median(s.storRatio),
+          ...(role === 'edge' || role === 'relay' ? { dataPaths: s.paths, lastTransferLines: s.sample } : {}),
+          runs: { retr: s.retr, stor: s.stor, retrRatio: s.retrRatio, storRatio: s.storRatio },
+          errors: s.errors,
+        };
+      }
+      outCases[name] = caseOut;
+    }
+    return out;
+  } finally {
+    await targets.stop();
+  }
+}
+
+/** `kernel 9/9` or `relay 9/9`, or every path seen with its count. */
+function pathsText(paths: Record<string, number> | undefined): string {
+  const entries = Object.entries(paths ?? {});
+  const total = entries.reduce((a, [, n]) => a + n, 0);
+  if (total === 0) return 'n/a';
+  return entries.map(([p, n]) => `${p === 'none' ? 'not logged' : p} ${n}/${total}`).join(', ');
+}
+
+/** The kernel section's table (one row per family, client mode and direction) and its verdicts. */
+function reportKernel(k: Record<string, unknown>, verdicts: Verdict[]): string[][] {
+  const rows: string[][] = [
+    [`edge setup, ${k.sizeMiB} MiB, MiB/s (median of ${k.reps})`, 'op', 'direct', 'edge (ratio)', 'edge data path', 'relay (ratio)', 'mod_proxy (ratio)', 'edge >= 0.95x', 'relay > mod_proxy'],
+  ];
+  const passText = (pass: boolean | null): string => (pass === null ? 'n/a' : pass ? 'PASS' : 'FAIL');
+  const cases = (k.cases ?? {}) as Record<string, Record<string, unknown>>;
+  for (const [name, c] of Object.entries(cases)) {
+    const kernelCounts: string[] = [];
+    let allKernel: boolean | null = null;
+    for (const [op, key, rkey, dir] of [['RETR', 'retrMiBps', 'retrRatio', 'retr'], ['STOR', 'storMiBps', 'storRatio', 'stor']] as const) {
+      const errorsOf = (role: string): number => ((c[role] as { errors?: string[] } | undefined)?.errors ?? []).length;
+      const cell = (role: string, withFigure: boolean): string => {
+        if (!c[role]) return 'n/a';
+        const errors = errorsOf(role);
+        return `${withFigure ? `${fmt(num(c, role, key))} ` : ''}(${ratio(num(c, role, rkey))})${errors ? `, ${errors} errors` : ''}`;
+      };
+      const er = num(c, 'edge', rkey);
+      const edgeErrors = errorsOf('edge');
+      const edgePass = Number.isFinite(er) ? er >= 0.95 && edgeErrors === 0 : null;
+      const paths = (c.edge as { dataPaths?: Record<string, Record<string, number>> } | undefined)?.dataPaths?.[dir];
+      verdicts.push({ name: `edge setup ${name} ${op} >= 0.95 of direct`, variant: 'edge', pass: edgePass, detail: `${ratio(er)}${edgeErrors ? `, ${edgeErrors} transfer errors` : ''}; data path: ${pathsText(paths)}` });
+      const total = Object.values(paths ?? {}).reduce((a, n) => a + n, 0);
+      if (total > 0) {
+        const kernel = paths?.kernel ?? 0;
+        allKernel = (allKernel ?? true) && kernel === total;
+        kernelCounts.push(`${op} ${kernel}/${total}`);
+      }
+      const rr = num(c, 'relay', rkey);
+      const mr = num(c, 'mod_proxy', rkey);
+      const relayPass = c.mod_proxy && Number.isFinite(rr) && Number.isFinite(mr) ? rr > mr && errorsOf('relay') === 0 : null;
+      if (c.mod_proxy) verdicts.push({ name: `relay fallback ${name} ${op} above mod_proxy`, variant: 'relay', pass: relayPass, detail: `${ratio(rr)} vs mod_proxy ${ratio(mr)}` });
+      rows.push([op === 'RETR' ? name : '', op, fmt(num(c, 'direct', key)), cell('edge', true), pathsText(paths), cell('relay', true), cell('mod_proxy', true), passText(edgePass), c.mod_proxy ? passText(relayPass) : 'n/a']);
+    }
+    verdicts.push({ name: `edge setup ${name}: every measured transfer logged with dataPath=kernel`, variant: 'edge', pass: allKernel, detail: kernelCounts.length ? `kernel in ${kernelCounts.join(', ')}` : 'no transfer lines' });
+  }
+  return rows;
+}
+
+/**
+ * One proof line per edge case: how its transfers were logged (data path, the client's and
+ * the upstream leg's modes, the kernel path's wire bytes); also the edge's start line.
+ */
+function kernelProofLines(k: Record<string, unknown>): string[] {
+  const lines: string[] = [];
+  const setup = k.setup as { edgeStart?: Record<string, unknown> | null } | undefined;
+  const start = setup?.edgeStart;
+  lines.push(`edge start: ${start ? `dataPath auto -> ${String(start.dataPath)} (${String(start.reason ?? '')})` : 'no data-path line logged'}`);
+  for (const [name, c] of Object.entries((k.cases ?? {}) as Record<string, Record<string, unknown>>)) {
+    const edge = c.edge as { name?: string; dataPaths?: Record<string, Record<string, number>>; lastTransferLines?: Record<string, TransferLine> } | undefined;
+    if (!edge) continue;
+    for (const dir of ['retr', 'stor'] as const) {
+      const line = edge.lastTransferLines?.[dir];
+      const paths = edge.dataPaths?.[dir] ?? {};
+      const total = Object.values(paths).reduce((a, n) => a + n, 0);
+      const kernel = paths.kernel ?? 0;
+      const verdict = total === 0 ? 'NOT PROVEN (no transfer lines)' : kernel === total ? 'kernel path' : kernel === 0 ? 'NOT the kernel path' : 'partly the kernel path';
+      const detail = line ? `; last line: clientMode ${String(line.clientMode)}, upstreamMode ${String(line.upstreamMode)}, result ${String(line.result)}, wireBytes ${JSON.stringify(line.wireBytes ?? null)}` : '';
+      lines.push(`proof ${edge.name ?? 'edge'} ${name} ${dir.toUpperCase()}: ${verdict}: ${pathsText(paths)}${detail}`);
+    }
+  }
+  for (const [name, why] of Object.entries((k.startErrors ?? {}) as Record<string, string>)) lines.push(`kernel section: ${name} did not start: ${why}`);
+  return lines;
+}
+
 // ---- report
 
 interface ReportNames {
@@ -909,6 +1309,7 @@ function report(results: Record<string, unknown>, names: ReportNames): { text: s
     );
   }
   const tables = rows.length > 1 ? [table(rows)] : [];
+  if (results.kernel) tables.push(table(reportKernel(results.kernel as Record<string, unknown>, verdicts)));
   if (results.ftps) tables.push(table(reportFtps(results.ftps as Record<string, unknown>, verdicts)));
   return { text: tables.join('\n\n'), verdicts };
 }
@@ -937,6 +1338,7 @@ function diagnosticLines(results: Record<string, unknown>, variants: readonly st
     if (Object.keys(events).length) parts.push(`logged ${Object.entries(events).map(([e, n]) => `${e} x${n}`).join(', ')}`);
     if (parts.length) lines.push(`${v}: ${parts.join(', ')}`);
   }
+  if (results.kernel) lines.push(...kernelProofLines(results.kernel as Record<string, unknown>));
   if (results.ftps) lines.push(...ftpsDiagnosticLines(results.ftps as Record<string, unknown>));
   const idle = results.idle as Record<string, unknown> | undefined;
   if (idle) lines.push(`idle: ${idle.open} sessions open, ${idle.aliveAfterIdle} answered NOOP after idling, proxy descriptors ${idle.fdsBefore} -> ${idle.fdsAfter}, RSS ${idle.rssBeforeKiB} -> ${idle.rssAfterKiB} KiB`);
@@ -1063,6 +1465,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
       }
       if (options.only.has('noop')) results.noop = await benchNoop(ctx);
       if (options.only.has('scale')) results.scale = await benchScale(ctx);
+      if (options.only.has('kernel')) results.kernel = await benchKernel(ctx);
       if (options.only.has('ftps')) results.ftps = await benchFtps(ctx, setup.proftpd);
       for (const p of proxies) await p.child.stop();
       if (modProxy) await modProxy.child.stop();
@@ -1091,7 +1494,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
   const header = [
     `ftp-nat-proxy benchmark, ${new Date().toISOString()}, ${((Date.now() - started) / 1000).toFixed(0)} s`,
     `machine: nproc ${machine.nproc} (${machine.cpuModel}), memory ${machine.memTotal}, node ${machine.node}, kernel ${machine.kernel}, load ${machine.loadavgStart.join(' ')}`,
-    `network: ${setup.netns ? `private namespace ${setup.netns} (loopback, tcp_syncookies=0)` : 'host loopback'}; proxy variants: ${Object.entries(machine.proxyRelay).map(([k, v]) => `${k}=${v}`).join(', ') || 'n/a'}`,
+    `network: ${setup.netns ? `private namespace ${setup.netns} (loopback, tcp_syncookies=0, ip_forward=1)` : 'host loopback'}; proxy variants: ${Object.entries(machine.proxyRelay).map(([k, v]) => `${k}=${v}`).join(', ') || 'n/a'}`,
     `mod_proxy: ${modProxyReason ? `unavailable (${modProxyReason})` : 'ProFTPD 1.3.8 + mod_proxy (reverse), unpacked privately'}`,
     ...(ftpsRan
       ? [
@@ -1101,7 +1504,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
     `quiet check: ${quietness.samples - quietness.notQuiet}/${quietness.samples} measurements started with the machine idle (other work up to ${quietness.maxBusyCores} cores)`,
     ...notes.map((n) => `note: ${n}`),
   ].join('\n');
-  const verdictOrder = ftpsRan ? [...names.variants, ...FTPS_PROXY_VARIANTS.map((v) => v.name)] : names.variants;
+  const verdictOrder = [...names.variants, ...(results.kernel ? ['edge', 'relay'] : []), ...(ftpsRan ? FTPS_PROXY_VARIANTS.map((v) => v.name) : [])];
   const summary = verdictLines(verdicts, verdictOrder).join('\n');
   const diagnostics = diagnosticLines(results, names.variants);
   process.stdout.write(`\n${header}\n\n${text}\n\n${summary}\n${diagnostics.length ? `\n${diagnostics.join('\n')}\n` : ''}`);

@@ -1,11 +1,13 @@
 /**
- * The servers under test, each a child process on 127.0.0.1: one vsftpd, ftp-nat-proxy
+ * The servers under test, each a child process on 127.0.0.1 (the kernel section's IPv6 cases
+ * also on ::1): one vsftpd, ftp-nat-proxy
  * (`node dist/cli.js --config ...`, as deployed) and ProFTPD mod_proxy in reverse mode, both
  * in front of that same vsftpd. For the FTPS figures, the same three with TLS: a second
  * vsftpd with ssl_enable, the proxy with TLS on its client leg (and on its server leg), and
  * ProFTPD with mod_tls in front of mod_proxy (ProxyTLSEngine on).
  */
 import { mkdirSync, writeFileSync, chmodSync, existsSync } from 'node:fs';
+import { isIPv6 } from 'node:net';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { prepareSystem, sslSettings, TEST_USER, TEST_PASSWORD, waitForGreeting } from '../helpers/vsftpd.js';
@@ -13,6 +15,14 @@ import { startChild, type Child } from './procs.js';
 import type { TargetTls } from './load-worker.js';
 
 export const HOST = '127.0.0.1';
+/** The IPv6 loopback, for the IPv6 cases of the kernel section. */
+export const HOST6 = '::1';
+
+/** host:port as a listen address or URL authority (IPv6 in brackets). */
+export function hostPort(host: string, port: number): string {
+  return isIPv6(host) ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
 /**
  * Descriptors for a process that holds thousands of sessions (each is 2-4 sockets): 65536,
  * or the hard limit when that is lower (raising it needs CAP_SYS_RESOURCE, which containers
@@ -61,6 +71,8 @@ export interface VsftpdBenchOptions {
   readonly pasvMax: number;
   /** Default `direct`. */
   readonly name?: string;
+  /** Address it listens on, default HOST; an IPv6 one means `listen_ipv6` on that address only. */
+  readonly host?: string;
   /**
    * Explicit FTPS with vsftpd's defaults for it: force_local_logins_ssl, force_local_data_ssl
    * and require_ssl_reuse all YES (protocol.md §5.5).
@@ -71,11 +83,12 @@ export interface VsftpdBenchOptions {
 export async function startBenchVsftpd(options: VsftpdBenchOptions): Promise<Server> {
   prepareSystem();
   mkdirSync(options.work, { recursive: true });
+  const host = options.host ?? HOST;
+  // vsftpd listens on one socket: IPv4 (listen) or IPv6 (listen_ipv6), never both at once.
+  const family = isIPv6(host) ? { listen: 'NO', listen_ipv6: 'YES', listen_address6: host } : { listen: 'YES', listen_ipv6: 'NO', listen_address: host };
   const settings: Record<string, string> = {
-    listen: 'YES',
-    listen_ipv6: 'NO',
+    ...family,
     background: 'NO',
-    listen_address: HOST,
     listen_port: String(options.port),
     anonymous_enable: 'NO',
     local_enable: 'YES',
@@ -106,8 +119,8 @@ export async function startBenchVsftpd(options: VsftpdBenchOptions): Promise<Ser
   writeFileSync(conf, Object.entries(settings).map(([k, v]) => `${k}=${v}\n`).join(''));
   const name = options.name ?? 'direct';
   const child = startChild(name === 'direct' ? 'vsftpd' : `vsftpd-${name}`, '/usr/sbin/vsftpd', [conf], { group: true });
-  await ready(child, HOST, options.port);
-  return { name, host: HOST, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child, ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}) };
+  await ready(child, host, options.port);
+  return { name, host, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child, ...(options.tls ? { tls: { caFile: options.tls.ca, host } } : {}) };
 }
 
 export interface ProxyBenchOptions {
@@ -117,13 +130,20 @@ export interface ProxyBenchOptions {
   readonly upstreamPort: number;
   readonly passivePorts: string;
   readonly repoDir: string;
+  /** Address it listens on and of its upstream (the same loopback), default HOST. */
+  readonly host?: string;
+  /** `upstream.dataMode`, default `passive`; `active` and `mirror` need `activePorts`. */
+  readonly upstreamDataMode?: 'passive' | 'active' | 'mirror';
+  /** `upstream.activePorts`: where the server connects to for PORT/EPRT toward it. */
+  readonly activePorts?: string;
   /** Extra environment (e.g. FTPNP_RELAY to pick the data relay). */
   readonly env?: NodeJS.ProcessEnv;
   /**
-   * `client.dataPath`: `relay` (the proxy's own relay; also what leaving it out means) or
-   * `kernel` (a per-transfer nftables DNAT/SNAT mapping, root and libnftables needed).
+   * `client.dataPath`: `relay` (the proxy's own relay; also what leaving it out means),
+   * `kernel` (a per-transfer nftables DNAT/SNAT mapping, root and libnftables needed) or
+   * `auto` (the kernel path where the host allows it, else the relay).
    */
-  readonly dataPath?: 'relay' | 'kernel';
+  readonly dataPath?: 'relay' | 'kernel' | 'auto';
   /** `log.level`; `warn` unless told (per-session info lines would be part of every figure). */
   readonly logLevel?: string;
   readonly nodeArgs?: readonly string[];
@@ -141,17 +161,19 @@ function yamlString(text: string): string {
 }
 
 export function proxyBenchYaml(options: ProxyBenchOptions): string {
+  const host = options.host ?? HOST;
   return [
     `log: { level: ${options.logLevel ?? 'warn'} }`,
     'listeners:',
     `  - name: ${options.tls ? 'bench-ftps' : 'bench'}`,
-    `    listen: "${HOST}:${options.port}"`,
+    `    listen: "${hostPort(host, options.port)}"`,
     ...(options.tls ? [`    tls: { mode: explicit, cert: ${yamlString(options.tls.cert)}, key: ${yamlString(options.tls.key)} }`] : []),
     '    upstream:',
-    `      host: ${HOST}`,
+    `      host: ${yamlString(host)}`,
     `      port: ${options.upstreamPort}`,
     ...(options.upstreamTls ? [`      tls: { mode: explicit, ca: ${yamlString(options.upstreamTls.ca)}, servername: ${HOST} }`] : []),
-    '      dataMode: passive',
+    `      dataMode: ${options.upstreamDataMode ?? 'passive'}`,
+    ...(options.activePorts ? [`      activePorts: "${options.activePorts}"`] : []),
     '    client:',
     '      advertise: auto',
     `      passivePorts: "${options.passivePorts}"`,
@@ -170,10 +192,11 @@ export async function startBenchProxy(options: ProxyBenchOptions): Promise<Serve
   writeFileSync(yaml, proxyBenchYaml(options));
   const [command, args] = withNofile(process.execPath, [...(options.nodeArgs ?? []), join(options.repoDir, 'dist/cli.js'), '--config', yaml]);
   const child = startChild(options.name, command, args, { env: { ...process.env, ...(options.env ?? {}) } });
-  await ready(child, HOST, options.port);
+  const host = options.host ?? HOST;
+  await ready(child, host, options.port);
   return {
     name: options.name,
-    host: HOST,
+    host,
     port: options.port,
     user: options.user ?? TEST_USER,
     password: options.password ?? TEST_PASSWORD,
