@@ -63,6 +63,7 @@ import {
   addMappingScript,
   countersOf,
   cutScript,
+  dnatKeyText,
   getCountersScript,
   listCountersScript,
   parseCounters,
@@ -168,6 +169,8 @@ const END_POLL_MS = 100;
 /** What the forwarder knows of one mapping. */
 interface Tracked {
   readonly mapping: ForwardMapping;
+  /** The key in dnat_to and the counter and cut sets (the family's own sets: IPv4 and IPv6 texts differ). */
+  readonly key: string;
   readonly snatKey: string;
   stage: 'mapped' | 'cut' | 'removed';
   idle: { readonly idleMs: number; readonly onIdle: () => void; lastMoving: number; since: number } | null;
@@ -228,6 +231,8 @@ export class KernelForwarder {
     if (shared && shared.snatIp !== mapping.snatIp) {
       throw new ProxyError('FTPP_ERR_KERNEL_PATH', `${snatKey} is already sent from ${shared.snatIp}, not ${mapping.snatIp}`);
     }
+    const key = dnatKeyText(mapping);
+    this.releaseKey(key);
     const added = this.run(addMappingScript(this.table, mapping, timeoutMs, !shared));
     if (!added.ok) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `cannot add the data mapping: ${added.error || 'unknown error'}`);
     if (shared) shared.holders += 1;
@@ -236,6 +241,7 @@ export class KernelForwarder {
     const wireBytes = new Promise<WireBytes | null>((resolve) => (settle = resolve));
     const entry: Tracked = {
       mapping,
+      key,
       snatKey,
       stage: 'mapped',
       idle: null,
@@ -296,6 +302,28 @@ export class KernelForwarder {
     if (ended.length > 0) this.deleteCounters(ended);
   }
 
+  /**
+   * A port is leased again while its last transfer's key is still ours: its counters wait for
+   * the connection's last packets, or its key sits in `cut` until the final reply. Both end
+   * now: with one key per (opener, proxy address, port) the new transfer's counts would add
+   * to the old ones, the old read would delete the new elements, and `cut` would reset the new
+   * connection (seen with a one-port passive range in the NAT lab). The old record counts what
+   * passed until this moment.
+   */
+  private releaseKey(key: string): void {
+    for (const old of this.tracked) {
+      if (old.key !== key) continue;
+      if (old.stage === 'cut') {
+        old.stage = 'removed';
+        this.tracked.delete(old);
+        this.run(uncutScript(this.table, old.mapping));
+      } else if (old.endDeadline !== null) {
+        const read = this.run(getCountersScript(this.table, old.mapping));
+        this.deleteCounters([[old, read.ok ? wireOf(countersOf(parseCounters(read.output), old.mapping), old.mapping.opener) : null]]);
+      }
+    }
+  }
+
   private cut(entry: Tracked, wire: WireBytes): void {
     entry.stage = 'cut';
     const script = cutScript(this.table, entry.mapping, this.releaseSnat(entry));
@@ -344,8 +372,9 @@ export class KernelForwarder {
   private finish(entries: Tracked[], wire: WireBytes | null): void {
     for (const entry of entries) {
       entry.endDeadline = null;
-      // A cut mapping is no longer polled; its remove() only needs the key.
-      if (entry.stage !== 'mapped') this.tracked.delete(entry);
+      // A cut mapping is no longer polled, but stays known until remove() takes its key out
+      // of `cut` (or the port's next mapping does: releaseKey).
+      if (entry.stage === 'removed') this.tracked.delete(entry);
       entry.settle(wire);
     }
   }

@@ -395,6 +395,51 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     forwarder.close();
   });
 
+  await t.test('a port leased again while its last transfer waits for its FINs: the old count is read now, the new one starts from zero', async (t) => {
+    let answer = countersOutput({ original: [10, 1000], reply: [20, 50000] });
+    const { run, scripts } = recordingRunner((script) => (script === 'list table inet ftpnp_8' || script.startsWith('get element') ? { output: answer } : {}));
+    const forwarder = new KernelForwarder(run, { pid: 8, autoPoll: false });
+    const first = forwarder.forward(MAPPING, 5000);
+    first.watchIdle(60000, () => {});
+    first.remove(10000);
+    let settled: unknown = 'pending';
+    void first.wireBytes.then((wire) => (settled = wire));
+    await Promise.resolve();
+    t.equal(settled, 'pending', 'the first waits for its FINs');
+    answer = countersOutput({ original: [11, 1052], reply: [24, 60000] });
+    const before = scripts.length;
+    const second = forwarder.forward(MAPPING, 5000);
+    t.same(scripts.slice(before), [getCountersScript('ftpnp_8', MAPPING), removeCountersScript('ftpnp_8', MAPPING), addMappingScript('ftpnp_8', MAPPING, 5000)], 'read, deleted, then the new mapping with fresh counters');
+    t.same(await first.wireBytes, { toClient: 60000, toServer: 1052 }, 'the first counts what passed until the port was leased again');
+    answer = countersOutput({ original: [3, 300], reply: [4, 4000], ends: [2, 104] });
+    second.watchIdle(60000, () => {});
+    second.remove(10000);
+    t.same(await second.wireBytes, { toClient: 4000, toServer: 300 }, 'the second has its own');
+    forwarder.close();
+  });
+
+  await t.test('a port leased again while its cut transfer awaits its final reply: the key leaves `cut` first', async (t) => {
+    let now = 0;
+    const answer = countersOutput({ original: [3, 180], reply: [2, 120], moving: [4, 400] });
+    const { run, scripts } = recordingRunner((script) => (script === 'list table inet ftpnp_8' || script.startsWith('get element') ? { output: answer } : {}));
+    const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
+    const stalled = forwarder.forward(MAPPING, 5000);
+    let idle = 0;
+    stalled.watchIdle(1000, () => (idle += 1));
+    forwarder.poll();
+    now += 2000;
+    forwarder.poll();
+    t.equal(idle, 1, 'cut');
+    const before = scripts.length;
+    const next = forwarder.forward(MAPPING, 5000);
+    t.same(scripts.slice(before), [uncutScript('ftpnp_8', MAPPING), addMappingScript('ftpnp_8', MAPPING, 5000)], 'the cut key goes, so the new connection is not reset');
+    const after = scripts.length;
+    stalled.remove();
+    t.equal(scripts.length, after, 'the cut transfer\'s own remove has nothing left to do');
+    next.remove();
+    forwarder.close();
+  });
+
   await t.test('close settles what still waits, with null', async (t) => {
     const { run } = recordingRunner((script) => (script.startsWith('get element') ? { output: countersOutput({ original: [1, 60] }) } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, autoPoll: false });
