@@ -9,7 +9,8 @@ are JSON objects, one per line on stdout, so the test never parses free text. Mo
             connection and RETR (the port-stealing scenario, protocol.md section 4.2)
   stall     log in, PASV, connect the data connection with a small receive buffer, RETR, and
             read nothing: report the final reply, how long it took, and what the data
-            connection then does (an idle data connection the proxy must notice)
+            connection then does (an idle data connection the proxy must notice); with
+            "mode": "port", PORT/EPRT and accept the server's data connection instead
   probe     connect to host:port, read until EOF/reset/timeout, report the bytes received
   listen    accept on every port in `ports`, print one line per accepted connection
   dialogue  read the greeting, send each of `commands` and read its complete reply; stop at
@@ -133,13 +134,31 @@ def victim(job):
 
 def stall(job):
     ftp = login(job)
-    host, port = ftplib.parse227(ftp.sendcmd("PASV"))
-    data = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    # A small window: the server's send buffer fills and the transfer stalls for good.
-    data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    data.settimeout(10)
-    data.connect((host, port))
-    first = ftp.sendcmd("RETR " + job["remote"])
+    if job.get("mode", "pasv") == "port":
+        # Active: PORT (IPv4) or EPRT (IPv6) naming a listener whose accepted socket inherits
+        # the small receive buffer (the window is settled in the handshake).
+        family = ftp.sock.family
+        server = socket.socket(family, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server.bind((ftp.sock.getsockname()[0], 0))
+        server.listen(1)
+        server.settimeout(10)
+        host, port = server.getsockname()[:2]
+        if family == socket.AF_INET:
+            ftp.sendport(host, port)
+        else:
+            ftp.sendeprt(host, port)
+        first = ftp.sendcmd("RETR " + job["remote"])
+        data = server.accept()[0]
+        server.close()
+    else:
+        host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+        data = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # A small window: the server's send buffer fills and the transfer stalls for good.
+        data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        data.settimeout(10)
+        data.connect((host, port))
+        first = ftp.sendcmd("RETR " + job["remote"])
     started = time.monotonic()
     ftp.sock.settimeout(job.get("wait", 30))
     try:
