@@ -6,7 +6,8 @@ are JSON objects, one per line on stdout, so the test never parses free text. Mo
   session   log in, run every op in `ops` in order (exit 1 if any failed); with
             "tls": "explicit" and "cafile", over FTPS (AUTH TLS, PBSZ 0, PROT P)
   victim    log in, PASV, print the port, wait for a line on stdin, then take that data
-            connection and RETR (the port-stealing scenario, protocol.md section 4.2)
+            connection and RETR (the port-stealing scenario, protocol.md section 4.2); with
+            "mode": "port", PORT/EPRT instead, then RETR and accept the server's connection
   stall     log in, PASV, connect the data connection with a small receive buffer, RETR, and
             read nothing: report the final reply, how long it took, and what the data
             connection then does (an idle data connection the proxy must notice); with
@@ -20,6 +21,7 @@ are JSON objects, one per line on stdout, so the test never parses free text. Mo
 import errno
 import ftplib
 import json
+import select
 import socket
 import ssl
 import sys
@@ -109,14 +111,51 @@ def session(job):
     return status
 
 
+def listen_for_data(ftp, rcvbuf=None):
+    """A listener on the control connection's local address for PORT/EPRT (optional SO_RCVBUF)."""
+    server = socket.socket(ftp.sock.family, socket.SOCK_STREAM)
+    if rcvbuf:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    server.bind((ftp.sock.getsockname()[0], 0))
+    server.listen(1)
+    server.settimeout(10)
+    return server
+
+
 def victim(job):
     ftp = login(job)
-    reply = ftp.sendcmd("PASV")
-    host, port = ftplib.parse227(reply)
-    emit(op="pasv", reply=reply, host=host, port=port)
-    sys.stdin.readline()  # the attacker has had its go
-    data = socket.create_connection((host, port), timeout=10)
-    first = ftp.sendcmd("RETR " + job["remote"])
+    if job.get("mode", "pasv") == "port":
+        server = listen_for_data(ftp)
+        host, port = server.getsockname()[:2]
+        reply = ftp.sendport(host, port) if ftp.sock.family == socket.AF_INET else ftp.sendeprt(host, port)
+        emit(op="port", reply=reply, host=host, port=port)
+        sys.stdin.readline()
+        try:
+            first = ftp.sendcmd("RETR " + job["remote"])
+        except ftplib.Error as err:
+            # The server could not connect (e.g. 425): report it, never hang.
+            emit(op="retr", first=str(err), final=None, bytes=0, accepted=False)
+            ftp.quit()
+            return 0
+        # The server's connection, or a final reply without one (then nothing will come).
+        ready = select.select([server, ftp.sock], [], [], 10)[0]
+        if server not in ready:
+            try:
+                final = ftp.getresp() if ready else None
+            except ftplib.Error as err:
+                final = str(err)
+            emit(op="retr", first=first, final=final, bytes=0, accepted=False)
+            ftp.quit()
+            return 0
+        data = server.accept()[0]
+        server.close()
+    else:
+        reply = ftp.sendcmd("PASV")
+        host, port = ftplib.parse227(reply)
+        emit(op="pasv", reply=reply, host=host, port=port)
+        sys.stdin.readline()  # the attacker has had its go
+        data = socket.create_connection((host, port), timeout=10)
+        first = ftp.sendcmd("RETR " + job["remote"])
     received = 0
     with open(job["local"], "wb") as out:
         while True:
@@ -137,14 +176,9 @@ def stall(job):
     if job.get("mode", "pasv") == "port":
         # Active: PORT (IPv4) or EPRT (IPv6) naming a listener whose accepted socket inherits
         # the small receive buffer (the window is settled in the handshake).
-        family = ftp.sock.family
-        server = socket.socket(family, socket.SOCK_STREAM)
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        server.bind((ftp.sock.getsockname()[0], 0))
-        server.listen(1)
-        server.settimeout(10)
+        server = listen_for_data(ftp, rcvbuf=4096)
         host, port = server.getsockname()[:2]
-        if family == socket.AF_INET:
+        if ftp.sock.family == socket.AF_INET:
             ftp.sendport(host, port)
         else:
             ftp.sendeprt(host, port)

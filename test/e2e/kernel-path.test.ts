@@ -21,6 +21,7 @@
  *   k4   198.51.100.10:2122        -> 10.20.0.5:21, dataMode mirror
  *   k6   [2001:db8:100::10]:2122   -> [fd20::5]:21, dataMode mirror (EPSV/EPRT only)
  *   kact 198.51.100.10:2123        -> 10.20.0.5:21, dataMode active
+ *   kone 198.51.100.10:2124        -> 10.20.0.5:21, dataMode mirror, one port in each range
  *
  * Needs root, iproute2, iptables, nftables (nft, libnftables.so.1), the native addon, vsftpd,
  * tnftp, curl, lftp, python3; skips with one line without root, the tools or the addon.
@@ -45,11 +46,13 @@ import {
   nft,
   nftablesUnavailable,
   nftMapElements,
+  nftMapText,
   nftSetElements,
   runLabSuite,
   saveLogs,
   shaOf,
   startProxyInNs,
+  startVictim,
   tcpProbe,
   tnftp,
 } from './nat-lab.js';
@@ -93,7 +96,7 @@ interface PortRange {
 }
 
 interface ListenerSpec {
-  readonly name: 'k4' | 'k6' | 'kact';
+  readonly name: 'k4' | 'k6' | 'kact' | 'kone';
   readonly family: 4 | 6;
   /** Host as a client dials it (no brackets). */
   readonly host: string;
@@ -141,6 +144,19 @@ const LISTENERS: Record<ListenerSpec['name'], ListenerSpec> = {
     dataMode: 'active',
     activePorts: { first: 41100, last: 41149 },
     passivePorts: { first: 40400, last: 40449 },
+    advertise: K_ADDR.edgePublic4,
+  },
+  /** One port in each range: every session leases the same port, right after the last one let it go. */
+  kone: {
+    name: 'kone',
+    family: 4,
+    host: K_ADDR.edgePublic4,
+    port: 2124,
+    server: K_ADDR.server4,
+    bind: K_ADDR.edgePrivate4,
+    dataMode: 'mirror',
+    activePorts: { first: 41200, last: 41200 },
+    passivePorts: { first: 40450, last: 40450 },
     advertise: K_ADDR.edgePublic4,
   },
 };
@@ -225,6 +241,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
   await Promise.all([
     waitForFtpGreeting(topo.client, K_ADDR.edgePublic6, LISTENERS.k6.port, 10000),
     waitForFtpGreeting(topo.client, K_ADDR.edgePublic4, LISTENERS.kact.port, 10000),
+    waitForFtpGreeting(topo.client, K_ADDR.edgePublic4, LISTENERS.kone.port, 10000),
   ]);
   const table = `ftpnp_${proxy.daemon.pid}`;
 
@@ -468,8 +485,44 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     t.same(v4, [[], []], 'the IPv4 maps stayed empty');
   });
 
+  await t.test(`5. an active mapping the server never uses expires after dataAcceptSeconds (${ACCEPT_SECONDS}s); a RETR after that fails cleanly`, async (t) => {
+    const spec = LISTENERS.k4;
+    const { local } = paths('k4-expired');
+    const mark = proxy.records().length;
+    const victim = startVictim(lab, topo.client, { host: spec.host, port: spec.port, mode: 'port', remote: REMOTE_FILE, local });
+    const port = await victim.pasv;
+    t.match(String(port.reply), /^200 /, `the client's PORT is accepted: ${JSON.stringify(port)}`);
+    const added = Date.now();
+    const dnat = (await mapElements('dnat_to')) ?? [];
+    t.ok(dnat.length === 1 && dnat[0]!.endsWith(` : ${K_ADDR.client4} . ${String(port.port)}`), `the 200 came with the mapping to the client's PORT address ${JSON.stringify(dnat)}`);
+    t.match(await nftMapText(topo.edge, table, 'dnat_to'), new RegExp(`timeout ${ACCEPT_SECONDS}s`), `it carries the dataAcceptSeconds timeout (${ACCEPT_SECONDS}s)`);
+    await pollAsync(async () => (await mapElements('dnat_to'))?.length === 0, (ACCEPT_SECONDS + 4) * 1000);
+    const seconds = (Date.now() - added) / 1000;
+    t.same(await mapElements('dnat_to'), [], `the DNAT element is gone after ${seconds.toFixed(1)} s while the session is still open`);
+    t.ok(seconds >= ACCEPT_SECONDS - 1, 'and not before its time');
+    victim.go();
+    const done = await victim.done;
+    const retr = done.records.find((r) => r.op === 'retr');
+    t.equal(done.code, 0, `the client's session ends by itself ${done.stderr.trim()}`);
+    // vsftpd's connection now reaches the proxy's own port: the kernel completes the handshake
+    // before the proxy resets it, so vsftpd may have said 150 before its 426.
+    const failedReply = /^4\d\d /.test(String(retr?.first)) ? String(retr?.first) : String(retr?.final);
+    t.match(failedReply, /^4\d\d /, `the late RETR fails with a 4xx, the server's connection found no mapping: ${JSON.stringify(retr)}`);
+    t.equal(retr?.accepted, false, 'the client\'s data listener never got a connection');
+    t.not(await shaOf(local), downloadSha, 'and nothing was downloaded');
+    const strangers = proxy.records().slice(mark).filter((r) => r.event === 'data-stranger');
+    t.ok(
+      strangers.some((r) => String(r.from).startsWith(`${spec.server}:`) && r.when === 'unmapped'),
+      `the server's connection reached the proxy's own port and was logged as unmapped ${JSON.stringify(strangers)}`,
+    );
+    const records = await recordsSince('transfer', spec.name, mark, 1);
+    t.match(records.map(summary), [{ direction: 'download', result: 'failed', ...ACTIVE_KERNEL, bytes: null }], 'logged as a failed kernel transfer');
+    await recordsSince('session-end', spec.name, mark, 1);
+    t.same(await mapsOnceEmpty(4), [[], []], 'dnat_to and snat_to are empty once the session has ended');
+  });
+
   for (const spec of [LISTENERS.k4, LISTENERS.k6]) {
-    await t.test(`5. ${spec.name}: a kernel-carried active download whose client stops reading is cut after dataIdleSeconds (${IDLE_SECONDS}s)`, async (t) => {
+    await t.test(`6. ${spec.name}: a kernel-carried active download whose client stops reading is cut after dataIdleSeconds (${IDLE_SECONDS}s)`, async (t) => {
       const client = spec.family === 6 ? K_ADDR.client6 : K_ADDR.client4;
       const clientSide = spec.family === 6 ? K_ADDR.edgePublic6 : K_ADDR.edgePublic4;
       const [dnatMap, snatMap] = maps(spec.family);
@@ -522,7 +575,15 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     });
   }
 
-  await t.test('6. metrics: the relayed both-connect channels are counted as kernel fallbacks', async (t) => {
+  await t.test('7. kone (one-port ranges): a port leased again at once keeps each transfer\'s record and wire bytes apart', async (t) => {
+    // curl runs one session per file: the upload's session leases the port the download's
+    // session has just released, while the download's counters may still be awaiting its FINs.
+    const spec = LISTENERS.kone;
+    await roundTrip(t, 'kone-curl-port', spec, ACTIVE_KERNEL, ['PORT', 'PORT'], (local, remote) => curlPair(spec, ['-P', K_ADDR.client4, '--disable-eprt'], local, remote));
+    await roundTrip(t, 'kone-curl-epsv', spec, PASSIVE_KERNEL, ['EPSV', 'EPSV'], (local, remote) => curlPair(spec, [], local, remote));
+  });
+
+  await t.test('8. metrics: the relayed both-connect channels are counted as kernel fallbacks', async (t) => {
     const skipped = proxy.records().filter((r) => r.event === 'kernel-path-skipped' && r.listener === 'kact' && r.reason === 'both-connect').length;
     const out = await nsRun(topo.edge, 'curl', ['-q', '-sS', '--max-time', '5', `http://127.0.0.1:${ADMIN_PORT}/metrics`], { timeoutMs: 10000 });
     t.ok(skipped >= 6, `the proxy logged ${skipped} both-connect skips on kact (two per passive client run in 3.)`);
@@ -537,7 +598,7 @@ async function runSuite(lab: NetnsLab): Promise<void> {
   const errors = proxy.records().filter((record) => ['error', 'fatal'].includes(String(record.level)) || Number(record.level) >= 50);
   t.same(errors, [], 'the proxy logged no error');
 
-  await t.test('7. SIGTERM: the proxy stops and deletes its table', async (t) => {
+  await t.test('9. SIGTERM: the proxy stops and deletes its table', async (t) => {
     await proxy.daemon.stop();
     t.equal(proxy.daemon.exitCode(), 0, `the proxy exits 0 on SIGTERM (${lastLines(proxy.tail(3), 3)})`);
     t.ok(proxy.records().some((r) => r.event === 'stopped'), 'and logged stopped');

@@ -447,7 +447,7 @@ export async function ftpDialogue(
 }
 
 export interface Victim {
-  /** The PASV reply and the relay port, once the victim has them. */
+  /** The PASV (or PORT/EPRT) reply and the data port, once the victim has them. */
   readonly pasv: Promise<Record<string, unknown>>;
   /** Let the victim connect and RETR. */
   go(): void;
@@ -457,7 +457,7 @@ export interface Victim {
   readonly done: Promise<{ code: number | null; records: Array<Record<string, unknown>>; stderr: string }>;
 }
 
-/** ftp_client.py `tool: victim`: PASV, wait for go(), then take the data connection and RETR. */
+/** ftp_client.py `tool: victim`: PASV (`mode: 'port'`: PORT/EPRT), wait for go(), then take the data connection and RETR. */
 export function startVictim(lab: NetnsLab, ns: string, job: Record<string, unknown>): Victim {
   const full = { tool: 'victim', user: TEST_USER, password: TEST_PASSWORD, trust: true, port: 21, ...job };
   const child = spawn('ip', ['netns', 'exec', ns, 'timeout', '-s', 'KILL', '30', pythonPath(), '-u', CLIENT_SCRIPT, JSON.stringify(full)], {
@@ -470,7 +470,7 @@ export function startVictim(lab: NetnsLab, ns: string, job: Record<string, unkno
   const pasv = new Promise<Record<string, unknown>>((resolve) => (resolvePasv = resolve));
   child.stdout.on('data', (chunk: Buffer) => {
     stdout += chunk.toString();
-    const first = parseJsonLines(stdout).find((record) => record.op === 'pasv');
+    const first = parseJsonLines(stdout).find((record) => record.op === 'pasv' || record.op === 'port');
     if (first) resolvePasv(first);
   });
   child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
