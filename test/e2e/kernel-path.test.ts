@@ -583,13 +583,25 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     await roundTrip(t, 'kone-curl-epsv', spec, PASSIVE_KERNEL, ['EPSV', 'EPSV'], (local, remote) => curlPair(spec, [], local, remote));
   });
 
-  await t.test('8. metrics: the relayed both-connect channels are counted as kernel fallbacks', async (t) => {
+  await t.test('8. metrics: both-connect channels are counted as kernel fallbacks; kernel transfers add wire bytes, not payload bytes', async (t) => {
     const skipped = proxy.records().filter((r) => r.event === 'kernel-path-skipped' && r.listener === 'kact' && r.reason === 'both-connect').length;
     const out = await nsRun(topo.edge, 'curl', ['-q', '-sS', '--max-time', '5', `http://127.0.0.1:${ADMIN_PORT}/metrics`], { timeoutMs: 10000 });
     t.ok(skipped >= 6, `the proxy logged ${skipped} both-connect skips on kact (two per passive client run in 3.)`);
     t.equal(out.code, 0, `GET /metrics from the admin listener${failure(out)}`);
     const line = out.stdout.split('\n').find((l) => l.startsWith('ftpnp_kernel_fallbacks_total{') && l.includes('listener="kact"') && l.includes('reason="both-connect"'));
     t.equal(Number(line?.split(' ').pop()), skipped, `ftpnp_kernel_fallbacks_total{listener="kact",reason="both-connect"} is ${skipped}, one per kernel-path-skipped record: ${String(line)}`);
+    // The proxy never saw the payload of a kernel-carried transfer: nothing in the relay's byte
+    // counter for the kernel-only listeners, IP bytes in the wire counter instead.
+    const sum = (metric: string, listener: string): number =>
+      out.stdout
+        .split('\n')
+        .filter((l) => l.startsWith(`${metric}{`) && l.includes(`listener="${listener}"`))
+        .reduce((total, l) => total + Number(l.split(' ').pop()), 0);
+    for (const listener of ['k4', 'k6']) {
+      t.equal(sum('ftpnp_transfer_bytes_total', listener), 0, `ftpnp_transfer_bytes_total{listener="${listener}"}: no payload byte went through the proxy`);
+      t.ok(sum('ftpnp_transfer_wire_bytes_total', listener) >= 8 * (DOWNLOAD_BYTES + UPLOAD_BYTES), `ftpnp_transfer_wire_bytes_total{listener="${listener}"}: ${sum('ftpnp_transfer_wire_bytes_total', listener)} IP bytes for the eight round trips in 2./4. (and the stalled download)`);
+    }
+    t.equal(sum('ftpnp_transfer_bytes_total', 'kact') >= 3 * (DOWNLOAD_BYTES + UPLOAD_BYTES), true, `ftpnp_transfer_bytes_total{listener="kact"}: the relayed both-connect transfers (${sum('ftpnp_transfer_bytes_total', 'kact')} bytes)`);
   });
 
   // ---------------------------------------------------------------------------------------
