@@ -263,7 +263,9 @@ export class DataSetup {
 
   private noteStranger(port: number, from: string, when?: 'early' | 'unmapped'): void {
     this.deps.metrics.dataStranger(this.deps.config.name);
-    this.deps.log.warn({ event: 'data-stranger', port, from, ...(when ? { when } : {}) }, 'refused data connection from another address');
+    // `unmapped`: not necessarily a stranger: the expected peer too, once its mapping expired (dataAcceptSeconds).
+    const message = when === 'unmapped' ? 'refused data connection that missed its kernel mapping (another address, or the mapping expired)' : 'refused data connection from another address';
+    this.deps.log.warn({ event: 'data-stranger', port, from, ...(when ? { when } : {}) }, message);
   }
 
   /**
