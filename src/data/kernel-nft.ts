@@ -193,12 +193,12 @@ export function uncutScript(table: string, m: ForwardMapping): string {
 }
 
 /**
- * The script that reads every mapping's counters: one call per poll, whatever their number.
- * The whole table: nft 1.0.6 fails a script of several `list set` commands ("No such file or
- * directory" for the first set: each one's cache filter drops the others).
+ * What the idle check reads, one script per set: nft 1.0.6 fails a script of several `list
+ * set` commands ("No such file or directory" for the first set: each one's cache filter drops
+ * the others), and a whole-table listing costs ~90 µs per mapping (every map and set).
  */
-export function listCountersScript(table: string): string {
-  return `list table inet ${table}`;
+export function idleCountersScripts(table: string, family: Family): string[] {
+  return (['original', 'moving'] as const).map((set) => `list set inet ${table} ${setName(set, family)}`);
 }
 
 /** Read one mapping's counters (`get element`, when the transfer ended between polls). */

@@ -8,6 +8,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { FtpControl, withDeadline, type TlsClientOptions } from './ftp-lite.js';
+import { SESSION_STEPS } from './stats.js';
 
 export interface Target {
   readonly host: string;
@@ -36,6 +37,8 @@ export interface RateJob {
   /** Sessions finished before this much time has passed are warm-up and not counted. */
   readonly warmupMs: number;
   readonly maxMs: number;
+  /** Time each step of each session (plain FTP only; meant for concurrency 1): `steps` in the result, medians in ms. */
+  readonly steps?: boolean;
 }
 
 export interface ScaleFile {
@@ -160,12 +163,61 @@ async function pool(count: number, limit: number, deadline: number, fn: (i: numb
   return started;
 }
 
+/**
+ * One rate session with a clock on each step (SESSION_STEPS): the same commands as the plain
+ * session, spelled out so that each reply is timed where it arrives. `226` may come before
+ * the data's end: `data end to 226` is then 0 (it did not wait for it).
+ */
+async function steppedSession(t: Target, job: RateJob, steps: Map<string, number[]>, onOpen: (c: FtpControl) => void): Promise<void> {
+  let last = nowMs();
+  const lap = (name: (typeof SESSION_STEPS)[number], at = nowMs()): void => {
+    const list = steps.get(name) ?? [];
+    list.push(Math.max(0, at - last));
+    steps.set(name, list);
+    last = at;
+  };
+  const c = await FtpControl.open(t.host, t.port, STEP_TIMEOUT_MS);
+  onOpen(c);
+  lap('connect to 220');
+  await c.command(`USER ${t.user}`, [331]);
+  lap('USER');
+  await c.command(`PASS ${t.password}`, [230]);
+  lap('PASS');
+  const data = await c.pasv(STEP_TIMEOUT_MS);
+  lap('PASV + data connect');
+  const hash = createHash('sha256');
+  let dataEnd = 0;
+  const received = new Promise<void>((resolve, reject) => {
+    data.on('data', (chunk: Buffer) => hash.update(chunk));
+    data.once('end', () => {
+      dataEnd = nowMs();
+      data.end();
+      resolve();
+    });
+    data.once('error', (err) => reject(new Error(`data: ${err.message}`)));
+  });
+  c.send(`RETR ${job.file}`);
+  c.expect(await c.next(), [125, 150], 'RETR');
+  lap('RETR to 150');
+  const final = await c.next();
+  const finalAt = nowMs();
+  await received;
+  c.expect(final, [226], 'RETR');
+  data.destroy();
+  if (hash.digest('hex') !== job.sha256) throw new Error(`RETR ${job.file}: sha256 mismatch`);
+  lap('150 to data end', dataEnd);
+  lap('data end to 226', Math.max(finalAt, dataEnd));
+  await c.quit();
+  lap('QUIT');
+}
+
 async function runRate(job: RateJob): Promise<Record<string, unknown>> {
   const errors = new Errors();
   const started = nowMs();
   const deadline = started + job.maxMs;
   const finishedAt: number[] = [];
   const latencies: number[] = [];
+  const steps = new Map<string, number[]>();
   const t = job.target;
   await pool(job.count, job.concurrency, deadline, async () => {
     const begin = nowMs();
@@ -173,6 +225,10 @@ async function runRate(job: RateJob): Promise<Record<string, unknown>> {
     try {
       await withDeadline(
         (async () => {
+          if (job.steps && !t.tls) {
+            await steppedSession(t, job, steps, (c) => (control = c));
+            return;
+          }
           control = await openSession(t, (c) => (control = c));
           const data = await control.pasv(STEP_TIMEOUT_MS);
           const got = await control.retr(data, job.file);
@@ -202,6 +258,7 @@ async function runRate(job: RateJob): Promise<Record<string, unknown>> {
     windowMs,
     sessionsPerSecond: windowMs > 0 ? (counted * 1000) / windowMs : 0,
     latencyMs: { p50: percentile(latencies, 50), p99: percentile(latencies, 99) },
+    ...(job.steps ? { steps: Object.fromEntries([...steps].map(([name, list]) => [name, percentile([...list].sort((a, b) => a - b), 50)])) } : {}),
     elapsedMs: ended - started,
     timedOut: ended >= deadline,
     errors: errors.toJSON(),

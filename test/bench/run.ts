@@ -43,7 +43,7 @@ import { nftablesUnavailable } from '../helpers/netns.js';
 import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, waitForLine, waitQuiet, type Child } from './procs.js';
 import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
 import { HOST, HOST6, hostPort, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
-import { fmt, median, num, ratio, rotate, table, type Verdict } from './stats.js';
+import { SESSION_STEPS, fmt, median, num, ratio, rotate, table, type Verdict } from './stats.js';
 import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target, TransferJob } from './load-worker.js';
 import { FTPS_LABELS, FTPS_NAMES, FTPS_PORTS, FTPS_PROXY_VARIANTS, ftpsDiagnosticLines, makeBenchPki, reportFtps, startFtpsTargets, type FtpsTargets } from './ftps.js';
 import type { BenchTlsFiles } from './servers.js';
@@ -602,16 +602,17 @@ async function benchRate(ctx: Context, concurrency: number): Promise<Record<stri
   const reps = ctx.options.reps ?? 5;
   const count = ctx.options.quick ? (concurrency === 1 ? 100 : 500) : concurrency === 1 ? 400 : 3000;
   const targets = allTargets(ctx);
-  const per: Record<string, { rate: number[]; ratio: number[]; p99: number[]; cpuMsPerSession: number[]; errors: number; samples: Record<string, number> }> = {};
-  for (const t of targets) per[t.name] = { rate: [], ratio: [], p99: [], cpuMsPerSession: [], errors: 0, samples: {} };
+  const per: Record<string, { rate: number[]; ratio: number[]; p99: number[]; cpuMsPerSession: number[]; errors: number; samples: Record<string, number>; steps: Record<string, number[]> }> = {};
+  for (const t of targets) per[t.name] = { rate: [], ratio: [], p99: [], cpuMsPerSession: [], errors: 0, samples: {}, steps: {} };
   for (let rep = 0; rep < reps; rep++) {
     const thisRep: Record<string, number> = {};
     for (const t of rotate(targets, rep)) {
-      const job: RateJob = { kind: 'rate', target: targetOf(t), file: 'small.bin', sha256: ctx.files.smallSha, concurrency, count, warmupMs: 300, maxMs: concurrency === 1 ? 15_000 : 25_000 };
+      // At concurrency 1 each step of each session is timed too (where the time goes).
+      const job: RateJob = { kind: 'rate', target: targetOf(t), file: 'small.bin', sha256: ctx.files.smallSha, concurrency, count, warmupMs: 300, maxMs: concurrency === 1 ? 15_000 : 25_000, steps: concurrency === 1 };
       await settle();
       const isProxy = ctx.proxies.includes(t);
       const cpu0 = isProxy ? await readCpuSeconds(t.child.pid) : 0;
-      const r = (await runJob(job)) as { sessionsPerSecond: number; completed: number; latencyMs: { p99: number }; errors: { count: number; samples: Record<string, number> }; error?: string };
+      const r = (await runJob(job)) as { sessionsPerSecond: number; completed: number; latencyMs: { p99: number }; errors: { count: number; samples: Record<string, number> }; steps?: Record<string, number>; error?: string };
       const slot = per[t.name]!;
       if (isProxy && r.completed > 0) slot.cpuMsPerSession.push((((await readCpuSeconds(t.child.pid)) - cpu0) * 1000) / r.completed);
       if (r.error) {
@@ -622,6 +623,7 @@ async function benchRate(ctx: Context, concurrency: number): Promise<Record<stri
       }
       slot.rate.push(r.sessionsPerSecond);
       slot.p99.push(r.latencyMs.p99);
+      for (const [step, ms] of Object.entries(r.steps ?? {})) (slot.steps[step] ??= []).push(ms);
       slot.errors += r.errors.count;
       for (const [k, v] of Object.entries(r.errors.samples)) slot.samples[k] = (slot.samples[k] ?? 0) + v;
       thisRep[t.name] = r.sessionsPerSecond;
@@ -639,10 +641,32 @@ async function benchRate(ctx: Context, concurrency: number): Promise<Record<stri
       ...(s.cpuMsPerSession.length ? { proxyCpuMsPerSession: median(s.cpuMsPerSession) } : {}),
       failed: s.errors,
       errorSamples: s.samples,
+      ...(Object.keys(s.steps).length ? { stepsMs: Object.fromEntries(Object.entries(s.steps).map(([step, list]) => [step, median(list)])) } : {}),
       runs: { rate: s.rate, ratio: s.ratio },
     };
   }
   return out;
+}
+
+/**
+ * Per-step medians at concurrency 1 (ms; the median over repetitions of each repetition's
+ * median), each target against direct: where a small session's time goes through a proxy.
+ */
+function reportSteps(r: Record<string, unknown>, names: readonly string[]): string[][] {
+  const rows: string[][] = [['step of one session (c=1), median ms', ...names.map((name) => (name === 'direct' ? 'direct' : `${name} (+ over direct)`))]];
+  const at = (name: string, step: string): number => num(r, name, 'stepsMs', step);
+  let totals = names.map(() => 0);
+  for (const step of SESSION_STEPS) {
+    const direct = at('direct', step);
+    rows.push([step, ...names.map((name) => {
+      const ms = at(name, step);
+      return name === 'direct' || !Number.isFinite(ms) ? fmt(ms, 3) : `${fmt(ms, 3)} (${ms - direct >= 0 ? '+' : ''}${fmt(ms - direct, 3)})`;
+    })]);
+    totals = totals.map((sum, i) => sum + at(names[i]!, step));
+  }
+  const directTotal = totals[names.indexOf('direct')] ?? Number.NaN;
+  rows.push(['sum of the steps', ...totals.map((total, i) => (names[i] === 'direct' ? fmt(total, 3) : `${fmt(total, 3)} (+${fmt(total - directTotal, 3)})`))]);
+  return rows;
 }
 
 // ---- NOOP latency
@@ -1309,6 +1333,9 @@ function report(results: Record<string, unknown>, names: ReportNames): { text: s
     );
   }
   const tables = rows.length > 1 ? [table(rows)] : [];
+  const rate1 = results.rate_c1 as Record<string, unknown> | undefined;
+  const stepNames = rate1 ? Object.keys(rate1).filter((name) => Number.isFinite(num(rate1, name, 'stepsMs', SESSION_STEPS[0]))) : [];
+  if (rate1 && stepNames.includes('direct')) tables.push(table(reportSteps(rate1, ['direct', ...stepNames.filter((name) => name !== 'direct')])));
   if (results.kernel) tables.push(table(reportKernel(results.kernel as Record<string, unknown>, verdicts)));
   if (results.ftps) tables.push(table(reportFtps(results.ftps as Record<string, unknown>, verdicts)));
   return { text: tables.join('\n\n'), verdicts };

@@ -52,3 +52,10 @@ export interface Verdict {
   readonly pass: boolean | null;
   readonly detail: string;
 }
+
+/**
+ * The steps of a rate session at concurrency 1, in order, each timed by the load worker
+ * (README "Performance": where a small session's time goes). Here, not in load-worker.ts:
+ * importing that module runs a worker.
+ */
+export const SESSION_STEPS = ['connect to 220', 'USER', 'PASS', 'PASV + data connect', 'RETR to 150', '150 to data end', 'data end to 226', 'QUIT'] as const;

@@ -16,7 +16,7 @@ import {
   dnatKeyText,
   cutScript,
   getCountersScript,
-  listCountersScript,
+  idleCountersScripts,
   parseCounters,
   removeCountersScript,
   kernelPathBlocker,
@@ -159,7 +159,8 @@ t.test('scripts', async (t) => {
     getCountersScript('ftpnp_1', MAPPING),
     COUNTER_SETS.map((set) => `get element inet ftpnp_1 ${set} { 198.51.100.7 . 203.0.113.10 . 60001 }`).join('\n'),
   );
-  t.equal(listCountersScript('ftpnp_1'), 'list table inet ftpnp_1', 'one listing for every mapping (nft 1.0.6 fails several list set in one script)');
+  t.same(idleCountersScripts('ftpnp_1', 4), ['list set inet ftpnp_1 original', 'list set inet ftpnp_1 moving'], 'the idle check lists two sets, one script each (nft 1.0.6 fails several list set in one script)');
+  t.same(idleCountersScripts('ftpnp_1', 6), ['list set inet ftpnp_1 original6', 'list set inet ftpnp_1 moving6']);
   t.equal(
     cutScript('ftpnp_1', MAPPING),
     [
@@ -295,12 +296,12 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
   await t.test('no payload for idleMs once connected: cut once, counters read, then only the cut key left to remove', async (t) => {
     let now = 1000;
     let listing = countersOutput({});
-    const { run, scripts } = recordingRunner((script) => (script === 'list table inet ftpnp_8' ? { output: listing } : {}));
+    const { run, scripts } = recordingRunner((script) => (script.startsWith('list set inet ftpnp_8 ') || script.startsWith('get element') ? { output: listing } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
     const forward = forwarder.forward(MAPPING, 5000);
     let idle = 0;
     forwarder.poll();
-    t.notOk(scripts.includes(listCountersScript('ftpnp_8')), 'nothing watched: no listing at all');
+    t.notOk(scripts.some((x) => x.startsWith('list set') || x.startsWith('get')), 'nothing watched: no listing at all');
     forward.watchIdle(3000, () => (idle += 1));
     now += 10000;
     forwarder.poll();
@@ -321,7 +322,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     now += 1;
     forwarder.poll();
     t.equal(idle, 1, 'idle for 3000 ms: cut (ACKs and zero-window probes are not payload)');
-    t.same(scripts.slice(before + 1), [cutScript('ftpnp_8', MAPPING), removeCountersScript('ftpnp_8', MAPPING)], 'one listing, the cut, the counters deleted');
+    t.same(scripts.slice(before), [...idleCountersScripts('ftpnp_8', 4), getCountersScript('ftpnp_8', MAPPING), cutScript('ftpnp_8', MAPPING), removeCountersScript('ftpnp_8', MAPPING)], 'the two idle sets listed, the cut mapping\'s own counters read, the cut, the counters deleted');
     t.same(await forward.wireBytes, { toClient: 8156, toServer: 404 }, 'the counts as last listed');
     t.equal(forwarder.active, 0);
     now += 10000;
@@ -336,7 +337,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
   await t.test('a cut whose DNAT element already expired still cuts (one by one)', async (t) => {
     const listing = countersOutput({ original: [3, 180] });
     const { run, scripts } = recordingRunner((script) =>
-      script === 'list table inet ftpnp_8' ? { output: listing } : script.includes('delete element inet ftpnp_8 dnat_to') ? { ok: false, error: 'No such file or directory' } : {},
+      script.startsWith('list set inet ftpnp_8 ') ? { output: listing } : script.includes('delete element inet ftpnp_8 dnat_to') ? { ok: false, error: 'No such file or directory' } : {},
     );
     let now = 0;
     const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
@@ -353,7 +354,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
   await t.test('remove(awaitEndMs): counts at once when both FINs passed, else at the next poll that sees them, else at the deadline', async (t) => {
     let now = 0;
     let answer = countersOutput({ original: [10, 1000], reply: [20, 50000], ends: [2, 104] });
-    const { run, scripts } = recordingRunner((script) => (script === 'list table inet ftpnp_8' || script.startsWith('get element') ? { output: answer } : {}));
+    const { run, scripts } = recordingRunner((script) => (script.startsWith('list set inet ftpnp_8 ') || script.startsWith('get element') ? { output: answer } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
     const done = forwarder.forward(MAPPING, 5000);
     done.watchIdle(60000, () => {});
@@ -397,7 +398,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
 
   await t.test('a port leased again while its last transfer waits for its FINs: the old count is read now, the new one starts from zero', async (t) => {
     let answer = countersOutput({ original: [10, 1000], reply: [20, 50000] });
-    const { run, scripts } = recordingRunner((script) => (script === 'list table inet ftpnp_8' || script.startsWith('get element') ? { output: answer } : {}));
+    const { run, scripts } = recordingRunner((script) => (script.startsWith('list set inet ftpnp_8 ') || script.startsWith('get element') ? { output: answer } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, autoPoll: false });
     const first = forwarder.forward(MAPPING, 5000);
     first.watchIdle(60000, () => {});
@@ -421,7 +422,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
   await t.test('a port leased again while its cut transfer awaits its final reply: the key leaves `cut` first', async (t) => {
     let now = 0;
     const answer = countersOutput({ original: [3, 180], reply: [2, 120], moving: [4, 400] });
-    const { run, scripts } = recordingRunner((script) => (script === 'list table inet ftpnp_8' || script.startsWith('get element') ? { output: answer } : {}));
+    const { run, scripts } = recordingRunner((script) => (script.startsWith('list set inet ftpnp_8 ') || script.startsWith('get element') ? { output: answer } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
     const stalled = forwarder.forward(MAPPING, 5000);
     let idle = 0;
@@ -452,7 +453,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
 
   await t.test('a failed listing is reported once per streak; watching goes on', async (t) => {
     let ok = false;
-    const { run } = recordingRunner((script) => (script === 'list table inet ftpnp_8' ? (ok ? { output: countersOutput({}) } : { ok: false, error: 'busy' }) : {}));
+    const { run } = recordingRunner((script) => (script.startsWith('list set inet ftpnp_8 ') ? (ok ? { output: countersOutput({}) } : { ok: false, error: 'busy' }) : {}));
     const warnings: string[] = [];
     const forwarder = new KernelForwarder(run, { pid: 8, autoPoll: false, onWarning: (m) => warnings.push(m) });
     forwarder.forward(MAPPING, 5000).watchIdle(1000, () => {});
