@@ -198,7 +198,12 @@ export function uncutScript(table: string, m: ForwardMapping): string {
  * the others), and a whole-table listing costs ~90 µs per mapping (every map and set).
  */
 export function idleCountersScripts(table: string, family: Family): string[] {
-  return (['original', 'moving'] as const).map((set) => `list set inet ${table} ${setName(set, family)}`);
+  return listSetScripts(table, family, ['original', 'moving']);
+}
+
+/** `list set` scripts for these counter sets of one family, one script each (see idleCountersScripts). */
+export function listSetScripts(table: string, family: Family, names: readonly CounterSet[]): string[] {
+  return names.map((set) => `list set inet ${table} ${setName(set, family)}`);
 }
 
 /** Read one mapping's counters (`get element`, when the transfer ended between polls). */

@@ -153,8 +153,10 @@ export class Transfers {
     void Promise.race([delivered, expired]).then((outcome) => {
       if (timer) clearTimeout(timer);
       if (outcome === 'delivered') {
-        channel.lingerThenClose(timeouts.dataLingerMs);
+        // The reply first: on the kernel path closing the channel runs nftables calls
+        // (~0.4 ms each) that the client's 226 need not wait for (issue #14, measured +2.7 ms).
         replies.push(slot, reply.raw);
+        channel.lingerThenClose(timeouts.dataLingerMs);
         this.record(transfer, reply.code, null);
       } else {
         if (outcome === 'hold-expired') log.warn({ event: 'transfer-hold-timeout', holdMs: timeouts.transferReplyHoldMs }, 'data not flushed in time; resetting the data connection');

@@ -441,6 +441,35 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     forwarder.close();
   });
 
+  await t.test('many transfers waiting for their FINs at once: one listing of original, reply and ends serves them all', async (t) => {
+    const mappings = Array.from({ length: 40 }, (_, i): ForwardMapping => ({ ...MAPPING, proxyPort: 61000 + i }));
+    let ends = 1;
+    const listing = (set: string): string => `\tset ${set} {\n\t\telements = { ${mappings.map((m, i) => `${dnatKeyText(m)} counter packets ${set === 'ends' ? ends : 10} bytes ${set === 'ends' ? ends * 52 : set === 'original' ? 1000 + i : 50000 + i}`).join(',\n\t\t\t')} }\n\t}`;
+    const { run, scripts } = recordingRunner((script) => {
+      const listed = /^list set inet ftpnp_8 (\w+)$/.exec(script);
+      if (listed) return { output: listing(listed[1]!) };
+      return script.startsWith('get element') ? { output: COUNTER_SETS.map(listing).join('\n') } : {};
+    });
+    let now = 0;
+    const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
+    const forwards = mappings.map((m) => forwarder.forward(m, 5000));
+    for (const forward of forwards) {
+      forward.watchIdle(600000, () => {});
+      forward.remove(10000);
+    }
+    const before = scripts.length;
+    forwarder.poll();
+    t.same(scripts.slice(before), ['list set inet ftpnp_8 original', 'list set inet ftpnp_8 reply', 'list set inet ftpnp_8 ends'], 'three listings, no get per transfer; nobody ended yet');
+    ends = 2;
+    now += 250;
+    forwarder.poll();
+    const wires = await Promise.all(forwards.map((forward) => forward.wireBytes));
+    t.same(wires[0], { toServer: 1000, toClient: 50000 });
+    t.same(wires[39], { toServer: 1039, toClient: 50039 }, 'each its own counts');
+    t.equal(scripts.at(-1)!.split('\n').length, 40 * COUNTER_SETS.length, 'their counters deleted in one transaction');
+    forwarder.close();
+  });
+
   await t.test('close settles what still waits, with null', async (t) => {
     const { run } = recordingRunner((script) => (script.startsWith('get element') ? { output: countersOutput({ original: [1, 60] }) } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, autoPoll: false });
