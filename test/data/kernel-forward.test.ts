@@ -351,15 +351,20 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     forwarder.close();
   });
 
-  await t.test('remove(awaitEndMs): counts at once when both FINs passed, else at the next poll that sees them, else at the deadline', async (t) => {
+  await t.test('remove(awaitEndMs): counts at the next poll when both FINs passed, else at the poll that sees them, else at the deadline', async (t) => {
     let now = 0;
     let answer = countersOutput({ original: [10, 1000], reply: [20, 50000], ends: [2, 104] });
-    const { run, scripts } = recordingRunner((script) => (script.startsWith('list set inet ftpnp_8 ') || script.startsWith('get element') ? { output: answer } : {}));
+    const { run, scripts } = recordingRunner((script) => (script.startsWith('get element') ? { output: answer } : {}));
     const forwarder = new KernelForwarder(run, { pid: 8, now: () => now, autoPoll: false });
+    const pending = (wire: Promise<unknown>): Promise<unknown> => Promise.race([wire, new Promise((resolve) => setImmediate(() => resolve('pending')))]);
     const done = forwarder.forward(MAPPING, 5000);
     done.watchIdle(60000, () => {});
+    const before = scripts.length;
     done.remove(5000);
-    t.same(await done.wireBytes, { toClient: 50000, toServer: 1000 }, 'ended: read with get element, at once');
+    t.same(scripts.slice(before), [removeMappingScripts('ftpnp_8', MAPPING).join('\n')], 'remove reads nothing itself (a get after a change reloads the whole set)');
+    t.equal(await pending(done.wireBytes), 'pending');
+    forwarder.poll();
+    t.same(await done.wireBytes, { toClient: 50000, toServer: 1000 }, 'ended: read with get element at the next poll');
     t.equal(scripts.at(-2), getCountersScript('ftpnp_8', MAPPING));
     t.equal(scripts.at(-1), removeCountersScript('ftpnp_8', MAPPING));
 
@@ -367,10 +372,8 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     const tail = forwarder.forward(MAPPING, 5000);
     tail.watchIdle(60000, () => {});
     tail.remove(5000);
-    let settled: unknown = 'pending';
-    void tail.wireBytes.then((wire) => (settled = wire));
-    await Promise.resolve();
-    t.equal(settled, 'pending', 'the server\'s FIN has not passed yet: wait');
+    forwarder.poll();
+    t.equal(await pending(tail.wireBytes), 'pending', 'the server\'s FIN has not passed yet: wait');
     answer = countersOutput({ original: [11, 1052], reply: [25, 70000], ends: [2, 104] });
     forwarder.poll();
     t.same(await tail.wireBytes, { toClient: 70000, toServer: 1052 }, 'the tail counted');
@@ -381,10 +384,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     hung.remove(5000);
     now += 4999;
     forwarder.poll();
-    settled = 'pending';
-    void hung.wireBytes.then((wire) => (settled = wire));
-    await Promise.resolve();
-    t.equal(settled, 'pending');
+    t.equal(await pending(hung.wireBytes), 'pending');
     now += 1;
     forwarder.poll();
     t.same(await hung.wireBytes, { toClient: 50000, toServer: 1000 }, 'at the deadline, whatever was counted');
@@ -392,7 +392,15 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     const failed = forwarder.forward(MAPPING, 5000);
     failed.watchIdle(60000, () => {});
     failed.remove();
-    t.same(await failed.wireBytes, { toClient: 50000, toServer: 1000 }, 'a failed transfer (no wait): at once');
+    forwarder.poll();
+    t.same(await failed.wireBytes, { toClient: 50000, toServer: 1000 }, 'a failed transfer (no wait): at the next poll');
+
+    answer = countersOutput({});
+    const unused = forwarder.forward(MAPPING, 5000);
+    unused.watchIdle(60000, () => {});
+    unused.remove(5000);
+    forwarder.poll();
+    t.same(await unused.wireBytes, { toClient: 0, toServer: 0 }, 'no connection was ever made: settled at once, not after the wait');
     forwarder.close();
   });
 
@@ -415,6 +423,7 @@ t.test('KernelForwarder: idle cut and byte counts against a scripted nft', async
     answer = countersOutput({ original: [3, 300], reply: [4, 4000], ends: [2, 104] });
     second.watchIdle(60000, () => {});
     second.remove(10000);
+    forwarder.poll();
     t.same(await second.wireBytes, { toClient: 4000, toServer: 300 }, 'the second has its own');
     forwarder.close();
   });
