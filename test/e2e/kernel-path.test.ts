@@ -330,6 +330,8 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     if (!downloaded || !uploaded) {
       t.comment(`--- client (exit ${run.code}${run.timedOut ? ', timed out' : ''})\n${clip(run.stdout)}\n${clip(run.stderr)}\n--- proxy log tail\n${proxy.tail(30)}`);
     }
+    // The proxy's log lines arrive through a pipe after the client has exited: wait for them, never assume.
+    await waitFor(() => clientDataCommands(mark, spec.name).length >= clientVerbs.length, 3000);
     t.same(clientDataCommands(mark, spec.name), clientVerbs, `${label}: the client sent ${clientVerbs.join(', ')}`);
 
     const upstream = upstreamDataCommands(logMark);
@@ -565,6 +567,8 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       t.match(String(stall?.final), /^426 /, `the client gets 426 (${String(stall?.final)})`);
       const seconds = Number(stall?.seconds);
       t.ok(seconds >= IDLE_SECONDS - 0.5 && seconds < STALL_REPLY_MAX_SECONDS, `the 426 after ${seconds} s`);
+      // The transfer record is logged last (after the 426): once it is here, so are the command and limit records.
+      const records = await recordsSince('transfer', spec.name, mark, 1);
       const retrAt = proxy.records().slice(mark).find((r) => r.event === 'command' && r.command === `RETR ${file}`)?.time;
       const cutAt = proxy.records().slice(mark).find((r) => r.event === 'limit')?.time;
       const cutSeconds = (Date.parse(String(cutAt)) - Date.parse(String(retrAt))) / 1000;
@@ -572,7 +576,6 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       t.equal(stall?.data_end, 'reset', 'its data connection is reset, not closed as if complete');
       const limits = proxy.records().slice(mark).filter((r) => r.event === 'limit');
       t.match(limits, [{ limit: 'data-idle-timeout', dataIdleMs: IDLE_SECONDS * 1000 }], `the limit event a relayed idle transfer logs ${JSON.stringify(limits)}`);
-      const records = await recordsSince('transfer', spec.name, mark, 1);
       t.match(records.map(summary), [{ direction: 'download', result: 'failed', ...ACTIVE_KERNEL, bytes: null }], 'logged as a failed kernel transfer, active on both legs');
       t.equal(records[0]?.reply, 426, 'with the 426 the client got');
       const wire = records[0]?.wireBytes as { toClient?: number; toServer?: number } | null;
