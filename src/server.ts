@@ -308,9 +308,9 @@ export class ProxyServer {
 }
 
 function defaultKernelForwarder(log: Logger): KernelForwarder {
-  const { run, reason } = loadNftRunner();
+  const { run, runBatch, reason } = loadNftRunner();
   if (!run) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `the kernel data path needs the native addon and libnftables: ${reason}`);
-  const forwarder = new KernelForwarder(run, { onWarning: (message, detail) => log.warn({ event: 'kernel-path', ...detail }, message), familyBlocked: (family) => forwardingBlocker(family) });
+  const forwarder = new KernelForwarder(run, { runBatch, onWarning: (message, detail) => log.warn({ event: 'kernel-path', ...detail }, message), familyBlocked: (family) => forwardingBlocker(family) });
   // However the process ends short of close() (an uncaught exception), the table goes with
   // it; only SIGKILL leaves it, for the next start to remove (staleTables).
   process.once('exit', () => forwarder.close());

@@ -58,6 +58,7 @@
  */
 import { ProxyError } from '../errors.js';
 import { loadSpliceAddon } from './splice-relay.js';
+import { NftChangeQueue, type NftBatchRunner } from './nft-batches.js';
 import type { Family } from '../control/ip.js';
 import {
   addMappingScript,
@@ -94,27 +95,31 @@ export type NftRunner = (script: string) => NftResult;
 interface NftAddon {
   nftOpen(): object;
   nftRun(handle: object, script: string): [number, string, string];
+  /** Since the batched removals; an older build lacks it (removals then run at once). */
+  nftRunBatch?(handle: object, scripts: readonly string[], done: (errors: string[]) => void): void;
 }
 
-/** libnftables through the native addon, or why it cannot be had. */
-export function loadNftRunner(): { readonly run: NftRunner | null; readonly reason: string } {
+/** libnftables through the native addon (synchronous, and batches off the event loop), or why it cannot be had. */
+export function loadNftRunner(): { readonly run: NftRunner | null; readonly runBatch: NftBatchRunner | null; readonly reason: string } {
   const { addon, reason } = loadSpliceAddon();
   const nft = addon as unknown as Partial<NftAddon> | null;
   if (!nft || typeof nft.nftOpen !== 'function' || typeof nft.nftRun !== 'function') {
-    return { run: null, reason: addon ? 'native addon predates the kernel data path (rebuild: npm install)' : reason };
+    return { run: null, runBatch: null, reason: addon ? 'native addon predates the kernel data path (rebuild: npm install)' : reason };
   }
   let handle: object;
   try {
     handle = nft.nftOpen();
   } catch (err) {
-    return { run: null, reason: (err as Error).message };
+    return { run: null, runBatch: null, reason: (err as Error).message };
   }
   const nftRun = nft.nftRun.bind(nft);
+  const nftRunBatch = typeof nft.nftRunBatch === 'function' ? nft.nftRunBatch.bind(nft) : null;
   return {
     run: (script) => {
       const [rc, output, error] = nftRun(handle, script);
       return { ok: rc === 0, output, error: error.trim() };
     },
+    runBatch: nftRunBatch ? (scripts, done) => nftRunBatch(handle, scripts, done) : null,
     reason: 'libnftables',
   };
 }
@@ -152,6 +157,8 @@ export interface KernelForwarderOptions {
   readonly autoPoll?: boolean;
   /** Why the host cannot forward this family now (e.g. IPv6 forwarding off), or null. */
   readonly familyBlocked?: (family: Family) => string | null;
+  /** Removals off the event loop, batched (nft-batches.ts); without it they run at once. */
+  readonly runBatch?: NftBatchRunner | null;
 }
 
 function processAlive(pid: number): boolean {
@@ -195,7 +202,9 @@ interface Tracked {
 /** The proxy's nftables table and the mappings in it. One per process. */
 export class KernelForwarder {
   readonly table: string;
+  /** Synchronous: runs what `changes` still holds first, so calls take effect in the order made. */
   private readonly run: NftRunner;
+  private readonly changes: NftChangeQueue;
   private readonly onWarning: (message: string, detail: Record<string, unknown>) => void;
   private readonly now: () => number;
   private readonly autoPoll: boolean;
@@ -215,7 +224,11 @@ export class KernelForwarder {
   constructor(run: NftRunner, options: KernelForwarderOptions = {}) {
     const pid = options.pid ?? process.pid;
     this.table = options.table ?? tableName(pid);
-    this.run = run;
+    this.changes = new NftChangeQueue(run, options.runBatch ?? null);
+    this.run = (script) => {
+      this.changes.drain();
+      return run(script);
+    };
     this.onWarning = options.onWarning ?? (() => {});
     this.now = options.now ?? Date.now;
     this.autoPoll = options.autoPoll ?? true;
@@ -235,6 +248,11 @@ export class KernelForwarder {
     let count = 0;
     for (const entry of this.tracked) if (entry.stage === 'mapped') count += 1;
     return count;
+  }
+
+  /** Resolves once every removal made so far is in the table (they run off the event loop: nft-batches.ts). */
+  changesApplied(): Promise<void> {
+    return this.changes.whenIdle();
   }
 
   /** Install one transfer's mapping. Throws FTPP_ERR_KERNEL_PATH (the caller relays instead). */
@@ -382,15 +400,15 @@ export class KernelForwarder {
     if (entry.stage === 'cut') {
       entry.stage = 'removed';
       this.tracked.delete(entry);
-      this.run(uncutScript(this.table, entry.mapping));
+      this.changes.submit([uncutScript(this.table, entry.mapping)]);
       return;
     }
     entry.stage = 'removed';
     const lastHolder = this.releaseSnat(entry);
-    const scripts = removeMappingScripts(this.table, entry.mapping, lastHolder);
-    // One transaction as a rule. It fails as a whole when the DNAT element already
-    // expired (nobody connected in time, or the connection is made); then each goes on its own.
-    if (!this.run(scripts.join('\n')).ok) for (const script of scripts) this.run(script);
+    // Off the event loop, batched (nft-batches.ts). One transaction as a rule; it fails as a
+    // whole when the DNAT element already expired (nobody connected in time, or the
+    // connection is made), and then each script goes on its own.
+    this.changes.submit(removeMappingScripts(this.table, entry.mapping, lastHolder));
     if (!entry.idle) {
       // No transfer used this mapping: nothing worth a read.
       this.deleteCounters([[entry, null]]);
@@ -403,10 +421,9 @@ export class KernelForwarder {
     this.schedulePoll();
   }
 
-  /** Delete the counter elements of these mappings in one call, then settle them. */
+  /** Delete the counter elements of these mappings (queued: one batch), then settle them. */
   private deleteCounters(done: Array<[Tracked, WireBytes | null]>): void {
-    const script = done.map(([entry]) => removeCountersScript(this.table, entry.mapping)).join('\n');
-    if (!this.run(script).ok) for (const [entry] of done) this.run(removeCountersScript(this.table, entry.mapping));
+    this.changes.submit(done.map(([entry]) => removeCountersScript(this.table, entry.mapping)));
     for (const [entry, wire] of done) this.finish([entry], wire);
   }
 
@@ -457,6 +474,8 @@ export class KernelForwarder {
     for (const entry of this.tracked) entry.settle(null);
     this.tracked.clear();
     this.snat.clear();
+    // Queued removals are moot: the table goes with everything in it (after a batch in flight).
+    this.changes.close();
     const result = this.run(`delete table inet ${this.table}`);
     if (!result.ok) this.onWarning('could not delete the nftables table', { table: this.table, error: result.error });
   }

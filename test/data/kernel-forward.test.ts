@@ -672,10 +672,11 @@ import { KernelForwarder, loadNftRunner } from ${JSON.stringify(DIST_MODULE)};
 import { execFileSync } from 'node:child_process';
 const out = {};
 const nft = (...args) => execFileSync('nft', args, { encoding: 'utf8' });
-const { run, reason } = loadNftRunner();
+const { run, runBatch, reason } = loadNftRunner();
 out.reason = reason;
+out.batches = typeof runBatch;
 nft('add', 'table', 'ip', 'ftpnp_999999'); // a proxy that died (no such PID)
-const forwarder = new KernelForwarder(run, { onWarning: (m, d) => { out.warnings = [...(out.warnings ?? []), m + ' ' + d.table]; } });
+const forwarder = new KernelForwarder(run, { runBatch, onWarning: (m, d) => { out.warnings = [...(out.warnings ?? []), m + ' ' + d.table]; } });
 out.table = forwarder.table;
 out.tablesAfterOpen = nft('list', 'tables');
 const m = { opener: 'client', openerIp: '192.0.2.7', proxyIp: '192.0.2.1', proxyPort: 60001, targetIp: '192.0.2.5', targetPort: 31337, snatIp: '192.0.2.1' };
@@ -687,7 +688,22 @@ out.mapped = maps();
 try { forwarder.forward({ ...m, targetPort: 31338 }, 30000); out.duplicate = 'accepted'; } catch (e) { out.duplicate = e.code + ': ' + e.message; }
 forward.remove();
 forward6.remove();
+out.queued = maps(); // removals run off the event loop: not yet
+await forwarder.changesApplied();
 out.unmapped = maps();
+// A port leased again at once: the old mapping's queued removal runs before the new add
+// (else the add would be refused as a duplicate, or the late removal delete the new element).
+const again = forwarder.forward(m, 30000);
+again.remove();
+const reLeased = forwarder.forward({ ...m, targetPort: 31339 }, 30000);
+await forwarder.changesApplied();
+out.reLeased = maps();
+reLeased.remove();
+// Many removals in one turn: one batch, every element gone.
+const many = Array.from({ length: 40 }, (_, i) => forwarder.forward({ ...m, proxyPort: 61000 + i }, 30000));
+for (const f of many) f.remove();
+await forwarder.changesApplied();
+out.manyRemoved = maps();
 forwarder.close();
 out.tablesAfterClose = nft('list', 'tables');
 console.log(JSON.stringify(out));
@@ -708,6 +724,7 @@ t.test('the real libnftables in a namespace of our own', async (t) => {
   t.equal(child.status, 0, `child ran: ${child.stderr}`);
   const out = JSON.parse(child.stdout.trim().split('\n').at(-1) ?? '{}') as Record<string, string | string[]>;
   t.equal(out.reason, 'libnftables');
+  t.equal(out.batches, 'function', 'the addon runs batches off the event loop');
   t.match(out.table, /^ftpnp_\d+$/);
   t.same(out.warnings, ['removed the nftables table of a proxy that is gone ftpnp_999999']);
   t.notMatch(out.tablesAfterOpen, /ftpnp_999999/, 'the dead proxy\'s table is gone');
@@ -717,7 +734,11 @@ t.test('the real libnftables in a namespace of our own', async (t) => {
   t.match(out.mapped, /fd20::5 \. fd20::1 \. 41000 timeout 30s expires \S+ : 2001:db8:100::7 \. 50123/, 'IPv6 DNAT element (a server opening for a PORT client)');
   t.match(out.mapped, /fd20::5 \. 2001:db8:100::7 \. 50123 : 2001:db8:100::10/, 'IPv6 SNAT element');
   t.match(out.duplicate, /^FTPP_ERR_KERNEL_PATH: cannot add the data mapping: .*File exists/, 'the same mapping twice is refused, not silently merged');
-  t.notMatch(out.unmapped, /192\.0\.2\.7|fd20::5/, 'every element removed');
+  t.match(out.queued, /192\.0\.2\.7 \. 192\.0\.2\.1 \. 60001/, 'remove() returns before the removal ran (it is nobody\'s reply)');
+  t.notMatch(out.unmapped, /192\.0\.2\.7|fd20::5/, 'every element removed once the batch ran');
+  t.match(out.reLeased, /192\.0\.2\.7 \. 192\.0\.2\.1 \. 60001 timeout 30s expires \S+ : 192\.0\.2\.5 \. 31339/, 'a port leased again at once maps to its new target: the old removal ran first');
+  t.notMatch(out.reLeased, /: 192\.0\.2\.5 \. 31337/, 'nothing of the old mapping is left');
+  t.notMatch(out.manyRemoved, /192\.0\.2\.7/, '40 removals in one turn: every element gone');
   t.notMatch(out.tablesAfterClose, /ftpnp_/, 'no table left');
 });
 
@@ -734,8 +755,8 @@ const UP = 1000003, DOWN = 2000017;
 const HOST = process.env.KF_HOST, OPENER = process.env.KF_OPENER;
 const out = {};
 const nft = (...args) => execFileSync('nft', args, { encoding: 'utf8' });
-const { run } = loadNftRunner();
-const forwarder = new KernelForwarder(run, { onWarning: (m) => { out.warnings = [...(out.warnings ?? []), m]; } });
+const { run, runBatch } = loadNftRunner();
+const forwarder = new KernelForwarder(run, { runBatch, onWarning: (m) => { out.warnings = [...(out.warnings ?? []), m]; } });
 const server = net.createServer({ allowHalfOpen: true });
 await new Promise((resolve) => server.listen(0, HOST, resolve));
 const serverPort = server.address().port;
@@ -760,6 +781,7 @@ const received = await new Promise((resolve, reject) => {
 out.received = received;
 first.remove(3000);
 out.wire = await first.wireBytes;
+await forwarder.changesApplied();
 out.afterRemove = nft('list', 'table', 'inet', forwarder.table);
 
 // 2. A client that reads nothing: the server's sends stall, the cut resets it.
@@ -788,6 +810,7 @@ out.server = await Promise.race([serverEnd, new Promise((resolve) => { giveUp = 
 clearTimeout(giveUp);
 out.cutWire = await second.wireBytes;
 second.remove();
+await forwarder.changesApplied();
 out.afterCut = nft('list', 'table', 'inet', forwarder.table);
 idleClient.destroy();
 server.close();

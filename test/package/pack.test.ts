@@ -33,7 +33,7 @@ interface PackageJson {
 const PKG = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as PackageJson;
 const ADDON = join('src', 'native', 'build', 'Release', 'splice_relay.node');
 /** What src/data/splice-relay.ts (SpliceAddon), src/data/kernel-forward.ts (NftAddon) and src/server/original-destination.ts call. */
-const ADDON_EXPORTS = ['start', 'cancel', 'bytes', 'idleMs', 'nftOpen', 'nftRun', 'originalDestination'];
+const ADDON_EXPORTS = ['start', 'cancel', 'bytes', 'idleMs', 'nftOpen', 'nftRun', 'nftRunBatch', 'originalDestination'];
 
 /** Every `sources` list anywhere in binding.gyp (targets and their per-OS conditions). */
 function gypSources(node: unknown, out: string[] = []): string[] {
