@@ -71,6 +71,7 @@ import {
   parseCounters,
   removeCountersScript,
   removeMappingScripts,
+  removeSnatScript,
   snatKeyText,
   staleTables,
   tableName,
@@ -255,18 +256,23 @@ export class KernelForwarder {
     return this.changes.whenIdle();
   }
 
-  /** Install one transfer's mapping. Throws FTPP_ERR_KERNEL_PATH (the caller relays instead). */
-  forward(mapping: ForwardMapping, timeoutMs: number): KernelForward {
-    if (this.closed) throw new ProxyError('FTPP_ERR_KERNEL_PATH', 'kernel data path closed');
+  /**
+   * Install one transfer's mapping; rejects with FTPP_ERR_KERNEL_PATH (the caller relays
+   * instead). The add runs off the event loop with the turn's other changes (nft-batches.ts):
+   * only this transfer's 227/229 waits for it.
+   */
+  forward(mapping: ForwardMapping, timeoutMs: number): Promise<KernelForward> {
+    if (this.closed) return Promise.reject(new ProxyError('FTPP_ERR_KERNEL_PATH', 'kernel data path closed'));
     const snatKey = snatKeyText(mapping);
     const shared = this.snat.get(snatKey);
     if (shared && shared.snatIp !== mapping.snatIp) {
-      throw new ProxyError('FTPP_ERR_KERNEL_PATH', `${snatKey} is already sent from ${shared.snatIp}, not ${mapping.snatIp}`);
+      return Promise.reject(new ProxyError('FTPP_ERR_KERNEL_PATH', `${snatKey} is already sent from ${shared.snatIp}, not ${mapping.snatIp}`));
     }
     const key = dnatKeyText(mapping);
     this.releaseKey(key);
-    const added = this.run(addMappingScript(this.table, mapping, timeoutMs, !shared));
-    if (!added.ok) throw new ProxyError('FTPP_ERR_KERNEL_PATH', `cannot add the data mapping: ${added.error || 'unknown error'}`);
+    // Held from now on, so a mapping made in the same turn shares it and a removal in between
+    // keeps it. Every add carries the SNAT element (`add` of an element that exists changes
+    // nothing): whichever add of a shared one runs, or fails, the others do not depend on it.
     if (shared) shared.holders += 1;
     else this.snat.set(snatKey, { snatIp: mapping.snatIp, holders: 1 });
     let settle: (wire: WireBytes | null) => void = () => {};
@@ -285,17 +291,27 @@ export class KernelForwarder {
         settle(wire);
       },
     };
-    this.tracked.add(entry);
-    return {
-      mapping,
-      wireBytes,
-      watchIdle: (idleMs, onIdle) => {
-        if (entry.stage !== 'mapped' || entry.idle || this.closed) return;
-        entry.idle = { idleMs, onIdle, lastMoving: 0, since: this.now() };
-        this.schedulePoll();
-      },
-      remove: (awaitEndMs = 0) => this.remove(entry, awaitEndMs),
-    };
+    return new Promise((resolve, reject) => {
+      this.changes.submit([addMappingScript(this.table, mapping, timeoutMs)], ([error]) => {
+        if (error || this.closed) {
+          // Nothing of it took effect (one transaction); a SNAT element nobody else holds goes.
+          if (this.releaseSnat(entry) && !this.closed) this.changes.submit([removeSnatScript(this.table, mapping)]);
+          reject(new ProxyError('FTPP_ERR_KERNEL_PATH', error === 'closed' || this.closed ? 'kernel data path closed' : `cannot add the data mapping: ${error}`));
+          return;
+        }
+        this.tracked.add(entry);
+        resolve({
+          mapping,
+          wireBytes,
+          watchIdle: (idleMs, onIdle) => {
+            if (entry.stage !== 'mapped' || entry.idle || this.closed) return;
+            entry.idle = { idleMs, onIdle, lastMoving: 0, since: this.now() };
+            this.schedulePoll();
+          },
+          remove: (awaitEndMs = 0) => this.remove(entry, awaitEndMs),
+        });
+      });
+    });
   }
 
   /**

@@ -163,11 +163,13 @@ function element(table: string, base: string, m: ForwardMapping): string {
 /**
  * The DNAT element with `create`, not `add`: `add` silently accepts an element that is already
  * there, and a key already mapped means a mapping we failed to remove; that transfer is relayed
- * instead. The SNAT element only when no other mapping holds it yet (`withSnat`).
+ * instead. The SNAT element with `add`: another mapping to the same server port may hold it
+ * already (the forwarder checks it maps to the same address), and adds run batched off the
+ * event loop, so no add may count on another's having run (kernel-forward.ts).
  */
-export function addMappingScript(table: string, m: ForwardMapping, timeoutMs: number, withSnat = true): string {
+export function addMappingScript(table: string, m: ForwardMapping, timeoutMs: number): string {
   return [
-    ...(withSnat ? [`add element ${element(table, 'snat_to', m)} { ${snatKeyText(m)} : ${ipText(m.snatIp)} }`] : []),
+    `add element ${element(table, 'snat_to', m)} { ${snatKeyText(m)} : ${ipText(m.snatIp)} }`,
     `create element ${element(table, 'dnat_to', m)} { ${dnatKeyText(m)} timeout ${nftTimeout(timeoutMs)} : ${ipText(m.targetIp)} . ${m.targetPort} }`,
     // `add`: the counters of a key we failed to delete go on; the transaction is what matters.
     ...COUNTER_SETS.map((set) => `add element ${element(table, set, m)} { ${dnatKeyText(m)} }`),
@@ -261,10 +263,12 @@ export function countersOf(sets: Map<string, Map<string, NftCounter>>, m: Forwar
  * element's removal. The SNAT element only when this was its last holder (`withSnat`).
  */
 export function removeMappingScripts(table: string, m: ForwardMapping, withSnat = true): string[] {
-  return [
-    `delete element ${element(table, 'dnat_to', m)} { ${dnatKeyText(m)} }`,
-    ...(withSnat ? [`delete element ${element(table, 'snat_to', m)} { ${snatKeyText(m)} }`] : []),
-  ];
+  return [`delete element ${element(table, 'dnat_to', m)} { ${dnatKeyText(m)} }`, ...(withSnat ? [removeSnatScript(table, m)] : [])];
+}
+
+/** Delete a mapping's SNAT element (its last holder is gone). */
+export function removeSnatScript(table: string, m: ForwardMapping): string {
+  return `delete element ${element(table, 'snat_to', m)} { ${snatKeyText(m)} }`;
 }
 
 /** The key of a mapping in dnat_to and the counter and cut sets: the connection as the opener makes it. */

@@ -96,7 +96,7 @@ export class DataSetup {
       }
       const kernel = this.kernelMayCarry('passive', upstreamLeg.kind === 'passive' ? 'passive' : 'active');
       const forward = kernel && upstreamLeg.kind === 'passive'
-        ? this.mapInKernel({
+        ? await this.mapInKernel({
             opener: 'client',
             openerIp: this.clientIp,
             proxyIp: this.localIp,
@@ -106,6 +106,13 @@ export class DataSetup {
             snatIp: kernel.proxyServerSideIp,
           })
         : null;
+      if (this.deps.isFinished()) {
+        // The session ended while nftables added the mapping.
+        forward?.remove();
+        lease.release();
+        discardUpstreamLeg(upstreamLeg);
+        return;
+      }
       if (forward) {
         // The kernel carries the connection; one reaching our listener missed the mapping.
         lease.setConnectionHandler((socket) => this.refuseStranger(lease.port, socket, 'unmapped'));
@@ -300,10 +307,10 @@ export class DataSetup {
   }
 
   /** Install a mapping kernelMayCarry allowed; null when nftables refused it (logged and counted; the relay works). */
-  private mapInKernel(mapping: ForwardMapping): KernelForward | null {
+  private async mapInKernel(mapping: ForwardMapping): Promise<KernelForward | null> {
     const { kernelForwarder: forwarder, config, metrics, log } = this.deps;
     try {
-      const forward = forwarder!.forward(mapping, config.timeouts.dataAcceptMs);
+      const forward = await forwarder!.forward(mapping, config.timeouts.dataAcceptMs);
       metrics.kernelMapping(config.name, 'added');
       return forward;
     } catch (err) {
@@ -351,9 +358,12 @@ export class DataSetup {
     const pool = this.deps.upstreamPool;
     if (!pool) throw new ProxyError('FTPP_ERR_UPSTREAM_DATA_SETUP', 'dataMode needs upstream.activePorts');
     const lease = await this.leaseRelayPort(pool, localIp);
+    // Until the PORT/EPRT goes out nobody has a reason to connect here (the mapping may take
+    // a few event-loop turns: nftables runs off the loop).
+    lease.setConnectionHandler((socket) => this.refuseStranger(lease.port, socket, 'early'));
     // A PORT client: the server's connection to our port can go straight to the client.
     const forward = clientTarget && this.kernelMayCarry('active', 'active')
-      ? this.mapInKernel({
+      ? await this.mapInKernel({
           opener: 'server',
           openerIp: serverIp,
           proxyIp: localIp,

@@ -125,3 +125,28 @@ t.test('close drops what is queued and wakes the waiters', async (t) => {
   await queue.whenIdle();
   t.pass('whenIdle after close resolves');
 });
+
+t.test('each change hears how its own scripts went', async (t) => {
+  const { run } = syncRunner((s) => s === 'create x' || s.includes('\n'));
+  const { runBatch, finish } = heldBatches();
+  const queue = new NftChangeQueue(run, runBatch);
+  const heard: Array<[string, readonly string[]]> = [];
+  queue.submit(['delete a', 'delete b'], (errors) => heard.push(['removal', errors]));
+  queue.submit(['create x'], (errors) => heard.push(['add', errors]));
+  await nextTurn();
+  finish(0, ['', 'No such file or directory', 'File exists']);
+  t.same(heard, [['removal', ['', 'No such file or directory']], ['add', ['File exists']]], 'the batch\'s outcomes, split per change in order');
+  heard.length = 0;
+  queue.submit(['delete c'], (errors) => heard.push(['queued', errors]));
+  queue.submit(['create x'], (errors) => heard.push(['queued add', errors]));
+  queue.drain();
+  t.same(heard, [['queued', ['']], ['queued add', ['No such file or directory']]], 'drained changes hear it too (the one that failed alone, with its words)');
+  heard.length = 0;
+  queue.submit(['delete d'], (errors) => heard.push(['dropped', errors]));
+  queue.close();
+  queue.submit(['delete e'], (errors) => heard.push(['late', errors]));
+  t.same(heard, [['dropped', ['closed']], ['late', ['closed']]], 'close: queued and later changes hear "closed", never nothing');
+  const direct = new NftChangeQueue(run, null);
+  direct.submit(['create x'], (errors) => heard.push(['at once', errors]));
+  t.same(heard.at(-1), ['at once', ['No such file or directory']], 'without a batch runner, told within the call');
+});

@@ -20,6 +20,7 @@ import { readAll } from '../helpers/sockets.js';
 import type { TapTest } from '../helpers/tap.js';
 import { proxyYaml, startTestProxy, type TestProxy } from '../helpers/proxy.js';
 import { KernelForwarder, type NftResult } from '../../src/data/kernel-forward.js';
+import type { NftBatchRunner } from '../../src/data/nft-batches.js';
 import { isProxyError } from '../../src/errors.js';
 
 const ports = new PortBlocks(40000);
@@ -39,6 +40,8 @@ interface LabOptions {
   readonly handler?: FakeHandler;
   /** Where nft scripts are recorded (a handler may read them). */
   readonly scripts?: string[];
+  /** Changes off the event loop, as the real addon runs them (default: at once). */
+  readonly runBatch?: NftBatchRunner;
 }
 
 async function startLab(t: TapTest, options: LabOptions = {}): Promise<Lab> {
@@ -63,7 +66,7 @@ async function startLab(t: TapTest, options: LabOptions = {}): Promise<Lab> {
             scripts.push(script);
             return { ok: true, output: '', error: '', ...answer(script) };
           },
-          { pid: 4242 },
+          { pid: 4242, ...(options.runBatch ? { runBatch: options.runBatch } : {}) },
         ),
     },
   );
@@ -390,4 +393,22 @@ t.test('dataPath auto without CAP_NET_ADMIN: the proxy starts and relays, and sa
   const { proxy, opened } = await autoRelayed(t, { hostBlocker: null, openFails: true });
   t.equal(opened, 1, 'the table was tried');
   t.match(proxy.logs().find((r) => r.event === 'data-path'), { dataPath: 'relay', reason: /Operation not permitted \(needs CAP_NET_ADMIN\)/ });
+});
+
+t.test('the session ends while nftables adds its mapping: the mapping and the port go with it', async (t) => {
+  const batches: Array<{ scripts: string[]; done: (errors: readonly string[]) => void }> = [];
+  const runBatch: NftBatchRunner = (scripts, done) => void batches.push({ scripts: [...scripts], done });
+  const { proxy, client } = await startLab(t, { runBatch });
+  void client.command('EPSV').catch(() => {});
+  t.ok(await waitFor(() => batches.some((b) => b.scripts.some((s) => s.includes('create element'))), 5000), 'the add went to a batch');
+  const add = batches.find((b) => b.scripts.some((s) => s.includes('create element')))!;
+  const port = Number(/dnat_to \{ 127\.0\.0\.1 \. 127\.0\.0\.1 \. (\d+) /.exec(add.scripts.join('\n'))?.[1]);
+  client.destroy();
+  t.ok(await waitFor(() => proxy.logs().some((r) => r.event === 'session-end'), 5000), 'the session ended while the add ran');
+  add.done(add.scripts.map(() => ''));
+  const removal = (): (typeof batches)[number] | undefined => batches.find((b) => b.scripts.some((s) => s.startsWith('delete element inet ftpnp_4242 dnat_to') && s.includes(`. ${port} }`)));
+  t.ok(await waitFor(() => removal() !== undefined, 5000), `the mapping of port ${port} is removed once its add is done`);
+  removal()!.done(removal()!.scripts.map(() => ''));
+  t.equal(await connectionOutcome(port), 'ECONNREFUSED', 'the leased port is closed');
+  for (const b of batches.slice(batches.indexOf(removal()!) + 1)) b.done(b.scripts.map(() => ''));
 });
