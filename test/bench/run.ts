@@ -32,7 +32,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomFillSync } from 'node:crypto';
-import { chmodSync, createReadStream, existsSync, mkdirSync, mkdtempSync, openSync, closeSync, writeSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, createReadStream, existsSync, mkdirSync, mkdtempSync, openSync, closeSync, writeSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, freemem, loadavg, totalmem, release, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -44,6 +44,7 @@ import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, wait
 import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
 import { HOST, HOST6, hostPort, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
 import { SESSION_STEPS, fmt, median, num, ratio, rotate, table, type Verdict } from './stats.js';
+import { summarizeFile } from './profile-summary.js';
 import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target, TransferJob } from './load-worker.js';
 import { FTPS_LABELS, FTPS_NAMES, FTPS_PORTS, FTPS_PROXY_VARIANTS, ftpsDiagnosticLines, makeBenchPki, reportFtps, startFtpsTargets, type FtpsTargets } from './ftps.js';
 import type { BenchTlsFiles } from './servers.js';
@@ -235,7 +236,8 @@ async function outer(options: Options, argv: readonly string[]): Promise<number>
     return 2;
   }
   const setup: SetupInfo = { notes, proftpd, netns, variants };
-  if (!netns) return inner(options, setup);
+  const started = Date.now();
+  if (!netns) return printProfiles(options, repo, started, await inner(options, setup));
   const nodeArgs = [fileURLToPath(import.meta.url), ...argv, '--inside'];
   const child = spawn('ip', ['netns', 'exec', netns, 'prlimit', `--nofile=${NOFILE}:${NOFILE}`, '--', process.execPath, ...nodeArgs], {
     stdio: 'inherit',
@@ -253,6 +255,22 @@ async function outer(options: Options, argv: readonly string[]): Promise<number>
   const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
   clearTimeout(hardLimit);
   deleteNetns(netns);
+  return printProfiles(options, repo, started, code);
+}
+
+/** --cpu-prof: where each proxy's CPU went (profile-summary.ts), from the profiles this run wrote. */
+function printProfiles(options: Options, repo: string, since: number, code: number): number {
+  if (!options.cpuProf) return code;
+  const dir = join(repo, 'bench-results', 'profiles');
+  const files = existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith('.cpuprofile')).map((f) => join(dir, f)).filter((f) => statSync(f).mtimeMs >= since) : [];
+  const lines = files.flatMap((file) => {
+    try {
+      return ['', ...summarizeFile(file)];
+    } catch (err) {
+      return ['', `${file}: unreadable profile (${oneLine(err)})`];
+    }
+  });
+  process.stdout.write(`\nCPU profiles (${dir}):${files.length ? '' : ' none written'}\n${lines.join('\n')}\n`);
   return code;
 }
 
