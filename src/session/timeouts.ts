@@ -49,7 +49,12 @@ export class SessionTimeouts {
 
   /** A complete command arrived (issue #10: the bytes of an endless line are not activity). */
   readonly activity = (): void => {
-    if (!this.hooks.finished()) this.set('idle', this.timeouts.idleMs, this.onIdle);
+    if (this.hooks.finished()) return;
+    // Restarted in place: clearing the clock's only timer and making a new one costs Node a
+    // timer list per command (issue #14).
+    const idle = this.timers.get('idle');
+    if (idle) idle.refresh();
+    else this.set('idle', this.timeouts.idleMs, this.onIdle);
   };
 
   /** The server said 230: the login clock stops. */
