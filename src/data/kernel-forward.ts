@@ -53,12 +53,12 @@
  * long) and is removed when the channel closes. A connection already made lives on in
  * conntrack (until it ends, or the idle cut resets it).
  *
- * This module runs the scripts through libnftables in the native addon (src/native/nftables.c)
- * and keeps the table's state. Nothing here owns a socket.
+ * This module keeps the table's state; the scripts run through libnftables in the native addon
+ * (nft-runner.ts), changes batched off the event loop (nft-batches.ts). Nothing here owns a socket.
  */
 import { ProxyError } from '../errors.js';
-import { loadSpliceAddon } from './splice-relay.js';
-import { NftChangeQueue, type NftBatchRunner } from './nft-batches.js';
+import { NftChangeQueue } from './nft-batches.js';
+import type { NftBatchRunner, NftRunner } from './nft-runner.js';
 import type { Family } from '../control/ip.js';
 import {
   addMappingScript,
@@ -83,47 +83,6 @@ import {
   type NftCounter,
   type WireBytes,
 } from './kernel-nft.js';
-
-/** Outcome of one nft(8) script run as one transaction. */
-export interface NftResult {
-  readonly ok: boolean;
-  readonly output: string;
-  readonly error: string;
-}
-
-export type NftRunner = (script: string) => NftResult;
-
-interface NftAddon {
-  nftOpen(): object;
-  nftRun(handle: object, script: string): [number, string, string];
-  /** Since the batched removals; an older build lacks it (removals then run at once). */
-  nftRunBatch?(handle: object, scripts: readonly string[], done: (errors: string[]) => void): void;
-}
-
-/** libnftables through the native addon (synchronous, and batches off the event loop), or why it cannot be had. */
-export function loadNftRunner(): { readonly run: NftRunner | null; readonly runBatch: NftBatchRunner | null; readonly reason: string } {
-  const { addon, reason } = loadSpliceAddon();
-  const nft = addon as unknown as Partial<NftAddon> | null;
-  if (!nft || typeof nft.nftOpen !== 'function' || typeof nft.nftRun !== 'function') {
-    return { run: null, runBatch: null, reason: addon ? 'native addon predates the kernel data path (rebuild: npm install)' : reason };
-  }
-  let handle: object;
-  try {
-    handle = nft.nftOpen();
-  } catch (err) {
-    return { run: null, runBatch: null, reason: (err as Error).message };
-  }
-  const nftRun = nft.nftRun.bind(nft);
-  const nftRunBatch = typeof nft.nftRunBatch === 'function' ? nft.nftRunBatch.bind(nft) : null;
-  return {
-    run: (script) => {
-      const [rc, output, error] = nftRun(handle, script);
-      return { ok: rc === 0, output, error: error.trim() };
-    },
-    runBatch: nftRunBatch ? (scripts, done) => nftRunBatch(handle, scripts, done) : null,
-    reason: 'libnftables',
-  };
-}
 
 // ------------------------------------------------------------------------------ runtime
 

@@ -15,23 +15,9 @@
  * is the one the calls made in order would leave (a port leased again must not have its new
  * mapping deleted by the old one's late removal).
  *
- * Owns no socket; a batch's outcome only matters to the caller's warning.
+ * Owns no socket. Each change hears how its scripts went (an add waits for that).
  */
-import type { NftResult, NftRunner } from './kernel-forward.js';
-
-/**
- * Run these scripts in one transaction off the event loop; when that fails, each on its own
- * (in order). `errors[i]` is '' when script i took effect, else libnftables' words.
- */
-export type NftBatchRunner = (scripts: readonly string[], done: (errors: readonly string[]) => void) => void;
-
-/** One transaction, or each script on its own when that fails: the synchronous twin of a batch. */
-export function runEachIfNeeded(run: NftRunner, scripts: readonly string[]): NftResult[] {
-  if (scripts.length === 0) return [];
-  const together = run(scripts.join('\n'));
-  if (together.ok) return scripts.map(() => together);
-  return scripts.length === 1 ? [together] : scripts.map((script) => run(script));
-}
+import { runEachIfNeeded, type NftBatchRunner, type NftRunner } from './nft-runner.js';
 
 /** Told each script's outcome ('' took effect, else why not), in the order submitted. */
 export type ChangeDone = (errors: readonly string[]) => void;

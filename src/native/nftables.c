@@ -21,7 +21,7 @@
  *     on its own. errors[i] is '' for a script that took effect, else libnftables' words.
  *     A call costs 0.3-0.5 ms of CPU whatever it carries (issue #14, measured), and the
  *     removals after a transfer are nobody's reply: they leave the event loop, and those
- *     queued while one batch runs go together in the next (kernel-forward.ts).
+ *     queued while one batch runs go together in the next (src/data/nft-batches.ts).
  *
  * One libnftables context is not safe to use from two threads at once: a mutex per handle
  * serializes nftRun and batches, so a sync call waits for a batch in flight and then sees

@@ -9,8 +9,8 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setImmediate as nextTurn } from 'node:timers/promises';
-import { KernelForwarder, type NftResult, type NftRunner } from '../../src/data/kernel-forward.js';
-import type { NftBatchRunner } from '../../src/data/nft-batches.js';
+import { KernelForwarder } from '../../src/data/kernel-forward.js';
+import type { NftBatchRunner, NftResult, NftRunner } from '../../src/data/nft-runner.js';
 import {
   COUNTER_SETS,
   CUT_HOLD_MS,
@@ -735,6 +735,7 @@ t.test('KernelForwarder with batches off the event loop', async (t) => {
 
 const HERE = fileURLToPath(new URL('.', import.meta.url));
 const DIST_MODULE = join(HERE, '../../dist/data/kernel-forward.js');
+const DIST_RUNNER = join(HERE, '../../dist/data/nft-runner.js');
 function realSkipReason(): string | null {
   return netnsUnavailable() ?? nftablesUnavailable() ?? (existsSync(DIST_MODULE) ? null : 'dist/ not built (npm test builds it in pretest)');
 }
@@ -744,7 +745,8 @@ function realSkipReason(): string | null {
  * another namespace): the real addon, the real libnftables, the real kernel.
  */
 const CHILD = `
-import { KernelForwarder, loadNftRunner } from ${JSON.stringify(DIST_MODULE)};
+import { KernelForwarder } from ${JSON.stringify(DIST_MODULE)};
+import { loadNftRunner } from ${JSON.stringify(DIST_RUNNER)};
 import { execFileSync } from 'node:child_process';
 const out = {};
 const nft = (...args) => execFileSync('nft', args, { encoding: 'utf8' });
@@ -824,7 +826,8 @@ t.test('the real libnftables in a namespace of our own', async (t) => {
  * the way the bench runs the kernel path).
  */
 const TRAFFIC_CHILD = `
-import { KernelForwarder, loadNftRunner } from ${JSON.stringify(DIST_MODULE)};
+import { KernelForwarder } from ${JSON.stringify(DIST_MODULE)};
+import { loadNftRunner } from ${JSON.stringify(DIST_RUNNER)};
 import { execFileSync } from 'node:child_process';
 import net from 'node:net';
 const UP = 1000003, DOWN = 2000017;

@@ -5,8 +5,8 @@
  */
 import t from 'tap';
 import { setImmediate as nextTurn } from 'node:timers/promises';
-import { NftChangeQueue, runEachIfNeeded, type NftBatchRunner } from '../../src/data/nft-batches.js';
-import type { NftResult, NftRunner } from '../../src/data/kernel-forward.js';
+import { NftChangeQueue } from '../../src/data/nft-batches.js';
+import { runEachIfNeeded, type NftBatchRunner, type NftResult, type NftRunner } from '../../src/data/nft-runner.js';
 
 /** Records every synchronous script; `fails` says which fail. */
 function syncRunner(fails: (script: string) => boolean = () => false): { run: NftRunner; ran: string[] } {

@@ -19,8 +19,8 @@ import { waitFor } from '../helpers/async.js';
 import { readAll } from '../helpers/sockets.js';
 import type { TapTest } from '../helpers/tap.js';
 import { proxyYaml, startTestProxy, type TestProxy } from '../helpers/proxy.js';
-import { KernelForwarder, type NftResult } from '../../src/data/kernel-forward.js';
-import type { NftBatchRunner } from '../../src/data/nft-batches.js';
+import { KernelForwarder } from '../../src/data/kernel-forward.js';
+import type { NftBatchRunner, NftResult } from '../../src/data/nft-runner.js';
 import { isProxyError } from '../../src/errors.js';
 
 const ports = new PortBlocks(40000);
