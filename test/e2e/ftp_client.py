@@ -111,6 +111,33 @@ def session(job):
     return status
 
 
+class RawReplies:
+    """FTP replies read straight off the control socket, one recv at a time, so nothing is
+    buffered where select() cannot see it. Only what a reply needs is consumed."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.pending = b""
+
+    def next_reply(self, seconds):
+        """The last line of the next complete reply (multiline replies end at "NNN "), or None
+        when none completes within `seconds` (0: only what can be read without waiting)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            while b"\r\n" in self.pending:
+                line, self.pending = self.pending.split(b"\r\n", 1)
+                text = line.decode("utf-8", "replace")
+                if len(text) >= 4 and text[:3].isdigit() and text[3] == " ":
+                    return text
+            left = deadline - time.monotonic()
+            if not select.select([self.sock], [], [], max(0, left))[0]:
+                return None
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                return None
+            self.pending += chunk
+
+
 def listen_for_data(ftp, rcvbuf=None):
     """A listener on the control connection's local address for PORT/EPRT (optional SO_RCVBUF)."""
     server = socket.socket(ftp.sock.family, socket.SOCK_STREAM)
@@ -130,20 +157,29 @@ def victim(job):
         reply = ftp.sendport(host, port) if ftp.sock.family == socket.AF_INET else ftp.sendeprt(host, port)
         emit(op="port", reply=reply, host=host, port=port)
         sys.stdin.readline()
-        try:
-            first = ftp.sendcmd("RETR " + job["remote"])
-        except ftplib.Error as err:
+        # The control replies are read off the socket here, not through ftplib's buffered
+        # file: a final reply that arrives in the same segment as the 150 would sit in that
+        # buffer, where select() cannot see it (and QUIT would then read it as its reply).
+        ftp.putcmd("RETR " + job["remote"])
+        control = RawReplies(ftp.sock)
+        first = control.next_reply(10)
+        if first is None or not first.startswith("1"):
             # The server could not connect (e.g. 425): report it, never hang.
-            emit(op="retr", first=str(err), final=None, bytes=0, accepted=False)
+            emit(op="retr", first=first, final=None, bytes=0, accepted=False)
             ftp.quit()
             return 0
         # The server's connection, or a final reply without one (then nothing will come).
-        ready = select.select([server, ftp.sock], [], [], 10)[0]
-        if server not in ready:
-            try:
-                final = ftp.getresp() if ready else None
-            except ftplib.Error as err:
-                final = str(err)
+        final, connected = None, False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            final = control.next_reply(0)
+            if final is not None:
+                break
+            ready = select.select([server, ftp.sock], [], [], max(0, deadline - time.monotonic()))[0]
+            if server in ready:
+                connected = True
+                break
+        if not connected:
             emit(op="retr", first=first, final=final, bytes=0, accepted=False)
             ftp.quit()
             return 0
@@ -156,6 +192,7 @@ def victim(job):
         sys.stdin.readline()  # the attacker has had its go
         data = socket.create_connection((host, port), timeout=10)
         first = ftp.sendcmd("RETR " + job["remote"])
+        control = None
     received = 0
     with open(job["local"], "wb") as out:
         while True:
@@ -165,7 +202,8 @@ def victim(job):
             out.write(chunk)
             received += len(chunk)
     data.close()
-    final = ftp.voidresp()
+    # PORT: the control socket is read directly from the RETR on (see above).
+    final = control.next_reply(30) if control else ftp.voidresp()
     emit(op="retr", first=first, final=final, bytes=received)
     ftp.quit()
     return 0
