@@ -58,7 +58,7 @@
  */
 import { ProxyError } from '../errors.js';
 import { NftChangeQueue } from './nft-batches.js';
-import type { NftBatchRunner, NftRunner } from './nft-runner.js';
+import { runEachIfNeeded, type NftBatchRunner, type NftRunner } from './nft-runner.js';
 import type { Family } from '../control/ip.js';
 import {
   addMappingScript,
@@ -117,7 +117,7 @@ export interface KernelForwarderOptions {
   readonly autoPoll?: boolean;
   /** Why the host cannot forward this family now (e.g. IPv6 forwarding off), or null. */
   readonly familyBlocked?: (family: Family) => string | null;
-  /** Removals off the event loop, batched (nft-batches.ts); without it they run at once. */
+  /** Adds and removals off the event loop, batched (nft-batches.ts); without it they run at once. */
   readonly runBatch?: NftBatchRunner | null;
 }
 
@@ -210,7 +210,7 @@ export class KernelForwarder {
     return count;
   }
 
-  /** Resolves once every removal made so far is in the table (they run off the event loop: nft-batches.ts). */
+  /** Resolves once every add and removal made so far is in the table (they run off the event loop: nft-batches.ts). */
   changesApplied(): Promise<void> {
     return this.changes.whenIdle();
   }
@@ -365,7 +365,7 @@ export class KernelForwarder {
     entry.stage = 'cut';
     const script = cutScript(this.table, entry.mapping, this.releaseSnat(entry));
     // The DNAT element has usually expired by now (dataAcceptSeconds): then one by one.
-    if (!this.run(script).ok) for (const line of script.split('\n')) this.run(line);
+    runEachIfNeeded(this.run, script.split('\n'));
     this.deleteCounters([[entry, wire]]);
     entry.idle?.onIdle();
   }
