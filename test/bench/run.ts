@@ -42,6 +42,7 @@ import { TEST_USER, vsftpdUnavailable } from '../helpers/vsftpd.js';
 import { nftablesUnavailable } from '../helpers/netns.js';
 import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, waitForLine, waitQuiet, type Child } from './procs.js';
 import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
+import { inNetns, routedLabPlan, routedLabSteps, type RoutedLab } from './routed-lab.js';
 import { HOST, HOST6, hostPort, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
 import { SESSION_STEPS, fmt, median, num, ratio, rotate, table, type Verdict } from './stats.js';
 import { summarizeFile } from './profile-summary.js';
@@ -82,6 +83,10 @@ const PORTS = {
   relay6: 2163,
   relay6Passive: '32600-32679',
   relay6Active: '32680-32759',
+  // mod_proxy on the routed lab's edge (the vsftpds there listen in the server namespace, on
+  // the same ports as their loopback twins).
+  proftpdRouted: 2201,
+  proftpdRoutedPassive: [13200, 13999] as const,
 };
 
 // ------------------------------------------------------------------------------- options
@@ -135,6 +140,8 @@ interface SetupInfo {
   readonly notes: string[];
   readonly proftpd: ProftpdSetup;
   readonly netns: string | null;
+  /** The kernel section's routed lab around the bench namespace (routed-lab.ts), or null: loopback. */
+  readonly lab: RoutedLab | null;
   /** Proxy variants to run, in order (the first is the headline). */
   readonly variants: readonly string[];
 }
@@ -192,6 +199,24 @@ function createNetns(name: string): string | null {
   return null;
 }
 
+/** The kernel section's routed lab (routed-lab.ts), or null with a note: the section then runs on loopback. */
+function createRoutedLab(edgeNs: string, notes: string[]): RoutedLab | null {
+  const lab = routedLabPlan(edgeNs, process.pid);
+  for (const step of routedLabSteps(lab)) {
+    const r = sh(step[0]!, step.slice(1));
+    if (!r.ok) {
+      notes.push(`no routed lab for the kernel section (${step.join(' ')}: ${r.out.trim()}); it runs on the loopback instead`);
+      deleteRoutedLab(lab);
+      return null;
+    }
+  }
+  return lab;
+}
+
+function deleteRoutedLab(lab: RoutedLab): void {
+  for (const side of [lab.client, lab.server]) if (sh('ip', ['netns', 'list']).out.split('\n').some((l) => l.split(' ')[0] === side.ns)) deleteNetns(side.ns);
+}
+
 function deleteNetns(name: string): void {
   // Anything still running in it was started by this benchmark: stop it by PID.
   const pids = sh('ip', ['netns', 'pids', name]).out.split(/\s+/).filter(Boolean).map(Number);
@@ -235,7 +260,8 @@ async function outer(options: Options, argv: readonly string[]): Promise<number>
     if (netns) deleteNetns(netns);
     return 2;
   }
-  const setup: SetupInfo = { notes, proftpd, netns, variants };
+  const lab = netns && options.only.has('kernel') ? createRoutedLab(netns, notes) : null;
+  const setup: SetupInfo = { notes, proftpd, netns, lab, variants };
   const started = Date.now();
   if (!netns) return printProfiles(options, repo, started, await inner(options, setup));
   const nodeArgs = [fileURLToPath(import.meta.url), ...argv, '--inside'];
@@ -254,6 +280,7 @@ async function outer(options: Options, argv: readonly string[]): Promise<number>
   }, RUN_HARD_LIMIT_MS);
   const code = await new Promise<number>((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
   clearTimeout(hardLimit);
+  if (lab) deleteRoutedLab(lab);
   deleteNetns(netns);
   return printProfiles(options, repo, started, code);
 }
@@ -435,7 +462,9 @@ async function curlTransfer(server: Server, direction: 'get' | 'put', remote: st
   const url = `ftp://${hostPort(server.host, server.port)}/${remote}`;
   const io = direction === 'get' ? ['-o', '/dev/null'] : ['-T', local];
   const modeArgs = mode ? ['-v', ...curlModeArgs(mode)] : [];
-  const r = await run('curl', ['-sS', '-g', '--max-time', '300', ...modeArgs, '-u', `${server.user}:${server.password}`, ...io, '-w', '%{time_pretransfer} %{time_total} %{size_download} %{size_upload}', url], { timeoutMs: 320_000 });
+  const curlArgs = ['-sS', '-g', '--max-time', '300', ...modeArgs, '-u', `${server.user}:${server.password}`, ...io, '-w', '%{time_pretransfer} %{time_total} %{size_download} %{size_upload}', url];
+  const [command, args] = server.clientNetns ? inNetns(server.clientNetns, 'curl', curlArgs) : ['curl', curlArgs];
+  const r = await run(command, args, { timeoutMs: 320_000 });
   const [pre, total, down, up] = r.stdout.trim().split(' ').map(Number);
   const bytes = direction === 'get' ? down! : up!;
   const seconds = total! - pre!;
@@ -476,6 +505,9 @@ interface Context {
   /** ftp-nat-proxy variants (first one is the headline figure). */
   readonly proxies: Server[];
   readonly modProxy: Server | null;
+  /** The kernel section's routed lab, or null (that section then runs on the loopback). */
+  readonly lab: RoutedLab | null;
+  readonly proftpd: ProftpdSetup;
   readonly files: { big: string; bigSha: string; upload: string; uploadSha: string; small: string; smallSha: string; scale: ScaleFile[] };
 }
 
@@ -989,20 +1021,66 @@ interface KernelTargets {
 }
 
 /**
- * The section's own targets: the edge setup and its relay twin per family, a vsftpd on ::1;
- * the IPv4 vsftpd and mod_proxy are the ones every plain section uses. A target that does
- * not start is left out (its cells say n/a) with the reason in startErrors.
+ * The section's own targets: the edge setup and its relay twin per family. In the routed lab
+ * (routed-lab.ts) a vsftpd per family runs in the server namespace and a mod_proxy of its own
+ * on the edge, and curl runs in the client namespace; without the lab everything is on one
+ * loopback (a vsftpd on ::1, and the IPv4 vsftpd and mod_proxy every plain section uses). A
+ * target that does not start is left out (its cells say n/a) with the reason in startErrors.
  */
 async function startKernelTargets(ctx: Context): Promise<KernelTargets> {
   const started: Server[] = [];
   const startErrors: Record<string, string> = {};
   const logging = new Map<Server, LoggingProxy>();
-  const byFamily: KernelTargets['byFamily'] = { 4: { direct: ctx.direct, ...(ctx.modProxy ? { mod_proxy: ctx.modProxy } : {}) }, 6: {} };
-  try {
-    byFamily[6].direct = await startBenchVsftpd({ name: 'direct6', host: HOST6, port: PORTS.vsftpd6, work: join(ctx.work, 'vsftpd6'), root: ctx.root, pasvMin: PORTS.vsftpd6Pasv[0], pasvMax: PORTS.vsftpd6Pasv[1] });
-    started.push(byFamily[6].direct);
-  } catch (err) {
-    startErrors.direct6 = oneLine(err);
+  const { lab } = ctx;
+  const byFamily: KernelTargets['byFamily'] = lab ? { 4: {}, 6: {} } : { 4: { direct: ctx.direct, ...(ctx.modProxy ? { mod_proxy: ctx.modProxy } : {}) }, 6: {} };
+  // Where clients, proxies and servers sit: the routed lab (clients and servers in namespaces
+  // of their own, everything else on the edge between them) or one loopback.
+  const place = (family: 4 | 6): { listen: string; upstream: string; clientNetns?: string } =>
+    lab ? { listen: lab.client.edgeAddr[family], upstream: lab.server.addr[family], clientNetns: lab.client.ns } : { listen: family === 6 ? HOST6 : HOST, upstream: family === 6 ? HOST6 : HOST };
+  const directs = lab
+    ? ([
+        { family: 4, name: 'direct4', port: PORTS.vsftpd, pasv: PORTS.vsftpdPasv },
+        { family: 6, name: 'direct6', port: PORTS.vsftpd6, pasv: PORTS.vsftpd6Pasv },
+      ] as const)
+    : ([{ family: 6, name: 'direct6', port: PORTS.vsftpd6, pasv: PORTS.vsftpd6Pasv }] as const);
+  for (const d of directs) {
+    try {
+      const server = await startBenchVsftpd({
+        name: d.name,
+        host: lab ? lab.server.addr[d.family] : HOST6,
+        port: d.port,
+        work: join(ctx.work, `vsftpd-kernel-${d.name}`),
+        root: ctx.root,
+        pasvMin: d.pasv[0],
+        pasvMax: d.pasv[1],
+        ...(lab ? { netns: lab.server.ns, clientNetns: lab.client.ns } : {}),
+      });
+      started.push(server);
+      byFamily[d.family].direct = server;
+    } catch (err) {
+      startErrors[d.name] = oneLine(err);
+    }
+  }
+  if (lab && ctx.proftpd.ok && byFamily[4].direct) {
+    try {
+      const server = await startBenchProftpd({
+        name: 'mod_proxy-routed',
+        root: ctx.proftpd.root,
+        libraryPath: ctx.proftpd.libraryPath,
+        port: PORTS.proftpdRouted,
+        work: join(ctx.work, 'proftpd-routed'),
+        upstreamPort: PORTS.vsftpd,
+        passiveMin: PORTS.proftpdRoutedPassive[0],
+        passiveMax: PORTS.proftpdRoutedPassive[1],
+        host: place(4).listen,
+        upstreamHost: place(4).upstream,
+        clientNetns: lab.client.ns,
+      });
+      started.push(server);
+      byFamily[4].mod_proxy = server;
+    } catch (err) {
+      startErrors['mod_proxy-routed'] = oneLine(err);
+    }
   }
   const specs = [
     { family: 4, role: 'edge', name: 'edge', port: PORTS.edge4, passive: PORTS.edge4Passive, active: PORTS.edge4Active, upstreamPort: PORTS.vsftpd },
@@ -1013,9 +1091,12 @@ async function startKernelTargets(ctx: Context): Promise<KernelTargets> {
   for (const spec of specs) {
     if (!byFamily[spec.family].direct) continue;
     try {
+      const where = place(spec.family);
       const server = await startBenchProxy({
         name: spec.name,
-        host: spec.family === 6 ? HOST6 : HOST,
+        host: where.listen,
+        upstreamHost: where.upstream,
+        ...(where.clientNetns ? { clientNetns: where.clientNetns } : {}),
         port: spec.port,
         work: join(ctx.work, 'proxy-kernel-section'),
         upstreamPort: spec.upstreamPort,
@@ -1134,6 +1215,9 @@ async function benchKernel(ctx: Context): Promise<Record<string, unknown>> {
       setup: {
         edge: 'client.dataPath auto, upstream.dataMode mirror, upstream.activePorts (conf/edge.yaml)',
         relay: 'the same with client.dataPath relay',
+        topology: ctx.lab
+          ? `routed: clients in ${ctx.lab.client.ns} (${ctx.lab.client.addr[4]}, ${ctx.lab.client.addr[6]}), servers in ${ctx.lab.server.ns} (${ctx.lab.server.addr[4]}, ${ctx.lab.server.addr[6]}), proxies and mod_proxy on the edge between them; direct = routed through that edge`
+          : 'loopback: clients, proxies and servers on one loopback (no routed lab); direct = straight to the server',
         edgeStart: edgeStart ? targets.logging.get(edgeStart)?.startLine ?? null : null,
       },
       startErrors: targets.startErrors,
@@ -1174,7 +1258,7 @@ function pathsText(paths: Record<string, number> | undefined): string {
 /** The kernel section's table (one row per family, client mode and direction) and its verdicts. */
 function reportKernel(k: Record<string, unknown>, verdicts: Verdict[]): string[][] {
   const rows: string[][] = [
-    [`edge setup, ${k.sizeMiB} MiB, MiB/s (median of ${k.reps})`, 'op', 'direct', 'edge (ratio)', 'edge data path', 'relay (ratio)', 'mod_proxy (ratio)', 'edge >= 0.95x', 'relay > mod_proxy'],
+    [`edge setup (${String((k.setup as { topology?: string } | undefined)?.topology ?? '').split(':')[0] || 'loopback'}), ${k.sizeMiB} MiB, MiB/s (median of ${k.reps})`, 'op', 'direct', 'edge (ratio)', 'edge data path', 'relay (ratio)', 'mod_proxy (ratio)', 'edge >= 0.95x', 'relay > mod_proxy'],
   ];
   const passText = (pass: boolean | null): string => (pass === null ? 'n/a' : pass ? 'PASS' : 'FAIL');
   const cases = (k.cases ?? {}) as Record<string, Record<string, unknown>>;
@@ -1501,6 +1585,8 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
         direct,
         proxies,
         modProxy,
+        lab: setup.lab ?? null,
+        proftpd: setup.proftpd,
         files: { big: 'big.bin', bigSha, upload: join(work, 'upload.bin'), uploadSha, small: 'small.bin', smallSha, scale },
       };
       if (options.only.has('throughput')) results.throughput = await benchThroughput(ctx);

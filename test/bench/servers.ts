@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { prepareSystem, sslSettings, TEST_USER, TEST_PASSWORD, waitForGreeting } from '../helpers/vsftpd.js';
 import { startChild, type Child } from './procs.js';
+import { inNetns } from './routed-lab.js';
 import type { TargetTls } from './load-worker.js';
 
 export const HOST = '127.0.0.1';
@@ -42,6 +43,8 @@ export interface Server {
   readonly child: Child;
   /** Set for an FTPS server: clients use AUTH TLS and check its certificate against this CA. */
   readonly tls?: TargetTls;
+  /** Clients reach it from this network namespace (the kernel section's routed lab), not from the bench's own. */
+  readonly clientNetns?: string;
 }
 
 /** A server certificate and its key (PEM files), and the CA file that signed it. */
@@ -78,6 +81,10 @@ export interface VsftpdBenchOptions {
    * and require_ssl_reuse all YES (protocol.md §5.5).
    */
   readonly tls?: BenchTlsFiles;
+  /** Run it in this network namespace (routed-lab.ts); `host` is then an address there. */
+  readonly netns?: string;
+  /** Server.clientNetns of the result. */
+  readonly clientNetns?: string;
 }
 
 export async function startBenchVsftpd(options: VsftpdBenchOptions): Promise<Server> {
@@ -118,9 +125,19 @@ export async function startBenchVsftpd(options: VsftpdBenchOptions): Promise<Ser
   const conf = join(options.work, 'vsftpd.conf');
   writeFileSync(conf, Object.entries(settings).map(([k, v]) => `${k}=${v}\n`).join(''));
   const name = options.name ?? 'direct';
-  const child = startChild(name === 'direct' ? 'vsftpd' : `vsftpd-${name}`, '/usr/sbin/vsftpd', [conf], { group: true });
+  const [command, args] = options.netns ? inNetns(options.netns, '/usr/sbin/vsftpd', [conf]) : ['/usr/sbin/vsftpd', [conf]];
+  const child = startChild(name === 'direct' ? 'vsftpd' : `vsftpd-${name}`, command, args, { group: true });
   await ready(child, host, options.port);
-  return { name, host, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child, ...(options.tls ? { tls: { caFile: options.tls.ca, host } } : {}) };
+  return {
+    name,
+    host,
+    port: options.port,
+    user: TEST_USER,
+    password: TEST_PASSWORD,
+    child,
+    ...(options.tls ? { tls: { caFile: options.tls.ca, host } } : {}),
+    ...(options.clientNetns ? { clientNetns: options.clientNetns } : {}),
+  };
 }
 
 export interface ProxyBenchOptions {
@@ -130,8 +147,11 @@ export interface ProxyBenchOptions {
   readonly upstreamPort: number;
   readonly passivePorts: string;
   readonly repoDir: string;
-  /** Address it listens on and of its upstream (the same loopback), default HOST. */
+  /** Address it listens on and, unless upstreamHost says otherwise, of its upstream; default HOST. */
   readonly host?: string;
+  readonly upstreamHost?: string;
+  /** Server.clientNetns of the result. */
+  readonly clientNetns?: string;
   /** `upstream.dataMode`, default `passive`; `active` and `mirror` need `activePorts`. */
   readonly upstreamDataMode?: 'passive' | 'active' | 'mirror';
   /** `upstream.activePorts`: where the server connects to for PORT/EPRT toward it. */
@@ -169,7 +189,7 @@ export function proxyBenchYaml(options: ProxyBenchOptions): string {
     `    listen: "${hostPort(host, options.port)}"`,
     ...(options.tls ? [`    tls: { mode: explicit, cert: ${yamlString(options.tls.cert)}, key: ${yamlString(options.tls.key)} }`] : []),
     '    upstream:',
-    `      host: ${yamlString(host)}`,
+    `      host: ${yamlString(options.upstreamHost ?? host)}`,
     `      port: ${options.upstreamPort}`,
     ...(options.upstreamTls ? [`      tls: { mode: explicit, ca: ${yamlString(options.upstreamTls.ca)}, servername: ${HOST} }`] : []),
     `      dataMode: ${options.upstreamDataMode ?? 'passive'}`,
@@ -205,6 +225,7 @@ export async function startBenchProxy(options: ProxyBenchOptions): Promise<Serve
     password: options.password ?? TEST_PASSWORD,
     child,
     ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}),
+    ...(options.clientNetns ? { clientNetns: options.clientNetns } : {}),
   };
 }
 
@@ -224,6 +245,11 @@ export interface ProftpdBenchOptions {
    * checked against `ca` (ProxyTLSVerifyServer on).
    */
   readonly tls?: BenchTlsFiles;
+  /** Its address (IPv4) and its upstream's, default HOST both. */
+  readonly host?: string;
+  readonly upstreamHost?: string;
+  /** Server.clientNetns of the result. */
+  readonly clientNetns?: string;
 }
 
 /** mod_tls in front and mod_proxy's own TLS toward the server (mod_proxy.html, "FTPS"). */
@@ -255,7 +281,7 @@ export function proftpdConf(options: ProftpdBenchOptions): string {
     'ServerType standalone',
     'DefaultServer on',
     `Port ${options.port}`,
-    `DefaultAddress ${HOST}`,
+    `DefaultAddress ${options.host ?? HOST}`,
     'UseIPv6 off',
     'User nobody',
     'Group nogroup',
@@ -286,7 +312,7 @@ export function proftpdConf(options: ProftpdBenchOptions): string {
     // what the plain comparison is about.
     ...(options.tls ? proftpdTlsLines(options.tls, options.work) : ['ProxyTLSEngine off']),
     `ProxyTables ${tables}`,
-    `ProxyReverseServers ftp://${HOST}:${options.upstreamPort}`,
+    `ProxyReverseServers ftp://${options.upstreamHost ?? options.host ?? HOST}:${options.upstreamPort}`,
     '',
   ].join('\n');
 }
@@ -310,6 +336,16 @@ export async function startBenchProftpd(options: ProftpdBenchOptions): Promise<S
   const [command, args] = withNofile(binary, ['-n', '-c', conf]);
   const name = options.name ?? 'mod_proxy';
   const child = startChild(name === 'mod_proxy' ? 'proftpd' : `proftpd-${name}`, command, args, { group: true, env });
-  await ready(child, HOST, options.port);
-  return { name, host: HOST, port: options.port, user: TEST_USER, password: TEST_PASSWORD, child, ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}) };
+  const host = options.host ?? HOST;
+  await ready(child, host, options.port);
+  return {
+    name,
+    host,
+    port: options.port,
+    user: TEST_USER,
+    password: TEST_PASSWORD,
+    child,
+    ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}),
+    ...(options.clientNetns ? { clientNetns: options.clientNetns } : {}),
+  };
 }
