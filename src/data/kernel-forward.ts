@@ -24,17 +24,19 @@
  * re-sent by a second TCP stack (README "Performance").
  *
  * Counting and the idle cut (issue #14). The proxy never sees the payload, so nftables counts
- * for it: sets with a counter per element, keyed like dnat_to by the connection's ORIGINAL
- * tuple (opener IP . proxy IP . leased port, read back with `ct original ...` after NAT), hold
- * the IP bytes each way (`original`: from the opener, `reply`: toward it) and the packets
- * that carry payload (`moving`, via `@ih`: a pure ACK or a zero-window probe has no inner
- * header); `ends` counts FIN/RST packets. These are IP bytes, headers included (and one
- * header per GRO/GSO aggregate, retransmissions included): `wireBytes`, never `bytes`. One
- * `list table` call per poll reads every mapping's counters: a connection whose `moving`
- * counter stood still for dataIdleSeconds is cut (DNAT removed, its key put in `cut`, where
- * `reject with tcp reset` answers the next packet of either side). The counts are read when
- * the transfer is over: at once when it failed, else once both FINs (or a RST) passed or the
- * linger ran out, so bytes still in the sender's buffer when the 226 came are counted.
+ * for it, with one lookup per packet: the verdict map `flows`, keyed by conntrack direction
+ * and the connection's ORIGINAL tuple (opener IP . proxy IP . leased port, read back with
+ * `ct original ...` after NAT, like dnat_to's key), has an element per direction whose
+ * counter holds the IP bytes that way (`original`: from the opener, `reply`: toward it) and
+ * whose verdict is `accept`; a set `ends` counts FIN/RST packets. These are IP bytes, headers
+ * included (and one header per GRO/GSO aggregate, retransmissions included): `wireBytes`,
+ * never `bytes`. Every quarter of dataIdleSeconds one `list map` reads every mapping's
+ * counters: a connection whose counters grew by no more than headers can explain
+ * (kernel-nft.ts payloadMoved) for dataIdleSeconds is cut (DNAT removed, its `flows`
+ * elements turned into `goto cut_reset`, where `reject with tcp reset` answers the next
+ * packet of either side). The counts are read when the transfer is over: at once when it
+ * failed, else once both FINs (or a RST) passed or the linger ran out, so bytes still in the
+ * sender's buffer when the 226 came are counted.
  *
  * What the relay gives and this path does not, by construction (README "Kernel data path"):
  *  - the proxy does not see the payload: IP bytes, not payload bytes, are counted;
@@ -69,6 +71,7 @@ import {
   getCountersScript,
   listSetScripts,
   parseCounters,
+  payloadMoved,
   removeCountersScript,
   removeMappingScripts,
   removeSnatScript,
@@ -98,7 +101,7 @@ export interface KernelForward {
    * The transfer is over: delete the mapping (an established connection lives on in
    * conntrack) and read the counters at the next poll or, with `awaitEndMs`, once the
    * connection has ended (both FINs, or a RST) or that time has passed. Idempotent; after a
-   * cut it takes the `cut` element out early (whoever answered has given the connection up).
+   * cut it takes the cut `flows` elements out early (whoever answered has given the connection up).
    */
   remove(awaitEndMs?: number): void;
   /** The connection's IP bytes, once read (null: no transfer used the mapping, or the table went first). */
@@ -135,8 +138,9 @@ const IDLE_POLL_MIN_MS = 250;
 const IDLE_POLL_MAX_MS = 5000;
 /** While a finished transfer waits for its connection's last packets. */
 const END_POLL_MS = 250;
-/** Beyond this many finished transfers in one poll, list three sets instead of a `get element` each (0.3 ms each). */
+/** Beyond this many finished transfers in one poll, list `flows` and `ends` instead of a `get element` each (0.3 ms each). */
 const GET_PER_POLL_MAX = 32;
+const NO_COUNT: NftCounter = { packets: 0, bytes: 0 };
 
 /** A quarter of the shortest idle timeout watched, within IDLE_POLL_MIN_MS and IDLE_POLL_MAX_MS. */
 function idleCheckInterval(entries: readonly Tracked[]): number {
@@ -152,7 +156,8 @@ interface Tracked {
   readonly key: string;
   readonly snatKey: string;
   stage: 'mapped' | 'cut' | 'removed';
-  idle: { readonly idleMs: number; readonly onIdle: () => void; lastMoving: number; since: number } | null;
+  /** The counters at the last idle check that saw payload move (payloadMoved), and when that was. */
+  idle: { readonly idleMs: number; readonly onIdle: () => void; last: Pick<Record<CounterSet, NftCounter>, 'original' | 'reply'>; since: number } | null;
   /** remove() with awaitEndMs: counters are read once the connection ends or at the deadline. */
   endDeadline: number | null;
   settled: boolean;
@@ -264,7 +269,7 @@ export class KernelForwarder {
           wireBytes,
           watchIdle: (idleMs, onIdle) => {
             if (entry.stage !== 'mapped' || entry.idle || this.closed) return;
-            entry.idle = { idleMs, onIdle, lastMoving: 0, since: this.now() };
+            entry.idle = { idleMs, onIdle, last: { original: NO_COUNT, reply: NO_COUNT }, since: this.now() };
             this.schedulePoll();
           },
           remove: (awaitEndMs = 0) => this.remove(entry, awaitEndMs),
@@ -281,7 +286,7 @@ export class KernelForwarder {
    * `get element` 0.3 ms per element even when batched, and a listing grows with what it
    * lists (`list table` 88 ms at 1,000 mappings, `list set` about 15-25 ms). So a finished
    * transfer reads its own elements (`get element`), while the idle check reads only the
-   * `original` and `moving` sets, and only every quarter of the idle timeout.
+   * `flows` map, and only every quarter of the idle timeout.
    */
   poll(): void {
     if (this.closed) return;
@@ -306,18 +311,16 @@ export class KernelForwarder {
     // On the timer, the idle check has its own cadence; poll() called by hand (tests) checks at once.
     if (idling.length === 0 || (this.autoPoll && now < this.nextIdleCheck)) return;
     this.nextIdleCheck = now + idleCheckInterval(idling);
-    const sets = this.readSets(new Set(idling.map((entry) => familyOfMapping(entry.mapping))), ['original', 'moving']);
+    const sets = this.readSets(new Set(idling.map((entry) => familyOfMapping(entry.mapping))), ['original', 'reply']);
     if (!sets) return;
     for (const entry of idling) {
       const counters = countersOf(sets, entry.mapping);
       const idle = entry.idle!;
-      if (counters.moving.packets !== idle.lastMoving) {
-        idle.lastMoving = counters.moving.packets;
+      if (payloadMoved(idle.last, counters, familyOfMapping(entry.mapping))) {
+        idle.last = counters;
         idle.since = now;
       } else if (counters.original.packets > 0 && now - idle.since >= idle.idleMs) {
-        // The idle listing has no `reply` set: the cut transfer's record reads its own elements.
-        const read = this.run(getCountersScript(this.table, entry.mapping));
-        this.cut(entry, wireOf(read.ok ? countersOf(parseCounters(read.output), entry.mapping) : counters, entry.mapping.opener));
+        this.cut(entry, wireOf(counters, entry.mapping.opener));
       }
     }
   }
@@ -341,9 +344,9 @@ export class KernelForwarder {
 
   /**
    * A port is leased again while its last transfer's key is still ours: its counters wait for
-   * the connection's last packets, or its key sits in `cut` until the final reply. Both end
-   * now: with one key per (opener, proxy address, port) the new transfer's counts would add
-   * to the old ones, the old read would delete the new elements, and `cut` would reset the new
+   * the connection's last packets, or its cut `flows` elements stay until the final reply. Both
+   * end now: with one key per (opener, proxy address, port) the new transfer's counts would add
+   * to the old ones, the old read would delete the new elements, and the cut ones would reset the new
    * connection (seen with a one-port passive range in the NAT lab). The old record counts what
    * passed until this moment.
    */
@@ -363,10 +366,11 @@ export class KernelForwarder {
 
   private cut(entry: Tracked, wire: WireBytes): void {
     entry.stage = 'cut';
+    // Its counters go and its `flows` elements come back as cut ones (kernel-nft.ts cutScript).
     const script = cutScript(this.table, entry.mapping, this.releaseSnat(entry));
     // The DNAT element has usually expired by now (dataAcceptSeconds): then one by one.
     runEachIfNeeded(this.run, script.split('\n'));
-    this.deleteCounters([[entry, wire]]);
+    this.finish([entry], wire);
     entry.idle?.onIdle();
   }
 
@@ -406,7 +410,7 @@ export class KernelForwarder {
     for (const entry of entries) {
       entry.endDeadline = null;
       // A cut mapping is no longer polled, but stays known until remove() takes its key out
-      // of `cut` (or the port's next mapping does: releaseKey).
+      // of `flows` (or the port's next mapping does: releaseKey).
       if (entry.stage === 'removed') this.tracked.delete(entry);
       entry.settle(wire);
     }

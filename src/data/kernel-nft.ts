@@ -1,7 +1,8 @@
 /**
- * The kernel data path's nft(8) side, pure (table-tested): the table and its maps, counter and
- * cut sets, the scripts that add, count, cut and remove one transfer's mapping, the parser of
- * `list table` output, and whether a data connection is one the kernel can carry at all.
+ * The kernel data path's nft(8) side, pure (table-tested): the table and its maps, the
+ * counting map and set, the scripts that add, count, cut and remove one transfer's mapping,
+ * the parser of their listings, whether payload moved between two readings, and whether a
+ * data connection is one the kernel can carry at all.
  * kernel-forward.ts runs these through libnftables; why the table looks like this is told there.
  *
  * One `inet` table holds both families (issue #14): IPv4 mappings in maps and sets without a
@@ -51,10 +52,18 @@ const NAMES: Record<Family, FamilyNames> = {
   6: { addrType: 'ipv6_addr', expr: 'ip6', suffix: '6' },
 };
 
-/** The sets with a counter per mapping, by the conntrack direction they count (see kernel-forward.ts). */
-export const COUNTER_SETS = ['original', 'reply', 'moving', 'ends'] as const;
+/**
+ * A mapping's counters (kernel-forward.ts): `original` and `reply` are the two elements of the
+ * `flows` verdict map (the packets from the opener and toward it, conntrack's directions),
+ * `ends` is a set that counts FIN and RST packets.
+ */
+export const COUNTER_SETS = ['original', 'reply', 'ends'] as const;
 export type CounterSet = (typeof COUNTER_SETS)[number];
-export const CUT_SET = 'cut';
+/** The verdict map every packet of a mapped connection is looked up in, once (`ct direction . key`). */
+export const FLOWS_MAP = 'flows';
+export const ENDS_SET = 'ends';
+/** Where a cut connection's elements in `flows` send its packets: a TCP reset for all but a RST. */
+export const CUT_CHAIN = 'cut_reset';
 
 /** The name of a map or set for this family: `dnat_to`, `dnat_to6`. */
 export function setName(base: string, family: Family): string {
@@ -105,25 +114,25 @@ export function tableScript(table: string): string {
     '    type nat hook postrouting priority srcnat; policy accept;',
     ...each(({ expr }, family) => `    ct status dnat snat ${expr} to ${expr} saddr . ${expr} daddr . tcp dport map @${setName('snat_to', family)}`),
     '  }',
-    ...families.flatMap((family) => COUNTER_SETS.map((set) => `  set ${setName(set, family)} { type ${keyType(family)}; counter; }`)),
-    ...each((_, family) => `  set ${setName(CUT_SET, family)} { type ${keyType(family)}; flags timeout; }`),
+    // One lookup per packet (issue #14). A set per counter plus one for the cut (up to three
+    // lookups per packet, five rules per family) cost a forwarded transfer 10-15 % of plain
+    // routing's throughput in the bench's routed lab; this lookup's element counts with its
+    // counter and decides with its verdict: `accept`, or `goto cut_reset` once cut. FIN and RST
+    // packets are also counted in `ends` (the flags test fails first for every other packet).
+    ...each(({ addrType }, family) => `  map ${setName(FLOWS_MAP, family)} { type ct_dir . ${addrType} . ${addrType} . inet_service : verdict; flags timeout; counter; }`),
+    ...each((_, family) => `  set ${setName(ENDS_SET, family)} { type ${keyType(family)}; counter; }`),
+    // Not a RST: the reset this sends belongs to the connection too and passes the output hook
+    // (an opener or target on this host; and the reset itself) on its way.
+    `  chain ${CUT_CHAIN} { meta l4proto tcp tcp flags & rst == 0 reject with tcp reset; }`,
     // After NAT the packet's own addresses are the target's; the ORIGINAL tuple is the key.
-    '  chain count {',
-    ...families.flatMap((family) => {
-      const key = ctKey(family);
-      const set = (base: string): string => `@${setName(base, family)}`;
-      return [
-        // Not a RST: the reset this rule sends belongs to the connection too and passes the
-        // output hook (an opener or target on this host; and the reset itself) on its way.
-        `    meta l4proto tcp tcp flags & rst == 0 ${key} ${set(CUT_SET)} reject with tcp reset`,
-        `    meta l4proto tcp ct direction original ${key} ${set('original')}`,
-        `    meta l4proto tcp ct direction reply ${key} ${set('reply')}`,
-        // @ih loads the first payload byte: no payload (ACK, SYN, zero-window probe), no match.
-        `    meta l4proto tcp @ih,0,8 & 0x0 == 0x0 ${key} ${set('moving')}`,
-        `    meta l4proto tcp tcp flags & (fin | rst) != 0 ${key} ${set('ends')}`,
-      ];
-    }),
-    '  }',
+    ...families.flatMap((family) => [
+      `  chain count${family} {`,
+      `    meta l4proto tcp tcp flags & (fin | rst) != 0 ${ctKey(family)} @${setName(ENDS_SET, family)}`,
+      `    meta l4proto tcp ct direction . ${ctKey(family)} vmap @${setName(FLOWS_MAP, family)}`,
+      '  }',
+    ]),
+    // Each family's rules only for its own packets.
+    '  chain count { meta nfproto ipv4 jump count4; meta nfproto ipv6 jump count6; }',
     // Each packet once: remote opener and target (forward); one on this host (output; input
     // only from outside: a packet over lo was already seen in output).
     '  chain forward { type filter hook forward priority filter; policy accept; ct status dnat jump count; }',
@@ -160,6 +169,12 @@ function element(table: string, base: string, m: ForwardMapping): string {
   return `inet ${table} ${setName(base, familyOfMapping(m))}`;
 }
 
+/** The `flows` elements of a mapping: its key behind each conntrack direction. */
+function flowKeys(m: ForwardMapping): [original: string, reply: string] {
+  const key = dnatKeyText(m);
+  return [`original . ${key}`, `reply . ${key}`];
+}
+
 /**
  * The DNAT element with `create`, not `add`: `add` silently accepts an element that is already
  * there, and a key already mapped means a mapping we failed to remove; that transfer is relayed
@@ -168,49 +183,65 @@ function element(table: string, base: string, m: ForwardMapping): string {
  * event loop, so no add may count on another's having run (kernel-forward.ts).
  */
 export function addMappingScript(table: string, m: ForwardMapping, timeoutMs: number): string {
+  const [original, reply] = flowKeys(m);
   return [
     `add element ${element(table, 'snat_to', m)} { ${snatKeyText(m)} : ${ipText(m.snatIp)} }`,
     `create element ${element(table, 'dnat_to', m)} { ${dnatKeyText(m)} timeout ${nftTimeout(timeoutMs)} : ${ipText(m.targetIp)} . ${m.targetPort} }`,
     // `add`: the counters of a key we failed to delete go on; the transaction is what matters.
-    ...COUNTER_SETS.map((set) => `add element ${element(table, set, m)} { ${dnatKeyText(m)} }`),
+    `add element ${element(table, FLOWS_MAP, m)} { ${original} : accept, ${reply} : accept }`,
+    `add element ${element(table, ENDS_SET, m)} { ${dnatKeyText(m)} }`,
   ].join('\n');
 }
 
 /** Delete one mapping's counter elements (the caller read them first). */
 export function removeCountersScript(table: string, m: ForwardMapping): string {
-  return COUNTER_SETS.map((set) => `delete element ${element(table, set, m)} { ${dnatKeyText(m)} }`).join('\n');
+  return [...flowKeys(m).map((key) => `delete element ${element(table, FLOWS_MAP, m)} { ${key} }`), `delete element ${element(table, ENDS_SET, m)} { ${dnatKeyText(m)} }`].join('\n');
 }
 
 /**
  * The idle cut: no new connection (DNAT element gone), and the next packet of the existing
- * one, either way, is answered with a TCP reset. The `cut` element expires by itself.
+ * one, either way, is answered with a TCP reset: its `flows` elements (the caller read their
+ * counters) come back with the verdict `goto cut_reset` and expire by themselves.
  */
 export function cutScript(table: string, m: ForwardMapping, withSnat = true, holdMs: number = CUT_HOLD_MS): string {
-  return [`add element ${element(table, CUT_SET, m)} { ${dnatKeyText(m)} timeout ${nftTimeout(holdMs)} }`, ...removeMappingScripts(table, m, withSnat)].join('\n');
+  const [original, reply] = flowKeys(m);
+  const hold = `timeout ${nftTimeout(holdMs)} : goto ${CUT_CHAIN}`;
+  return [
+    ...removeCountersScript(table, m).split('\n'),
+    `add element ${element(table, FLOWS_MAP, m)} { ${original} ${hold}, ${reply} ${hold} }`,
+    ...removeMappingScripts(table, m, withSnat),
+  ].join('\n');
 }
 
-/** Take a cut mapping's key out of `cut` early (whoever answered has given the connection up). */
+/** Take a cut mapping's elements out of `flows` early (whoever answered has given the connection up). */
 export function uncutScript(table: string, m: ForwardMapping): string {
-  return `delete element ${element(table, CUT_SET, m)} { ${dnatKeyText(m)} }`;
+  return flowKeys(m)
+    .map((key) => `delete element ${element(table, FLOWS_MAP, m)} { ${key} }`)
+    .join('\n');
 }
 
 /**
- * What the idle check reads, one script per set: nft 1.0.6 fails a script of several `list
- * set` commands ("No such file or directory" for the first set: each one's cache filter drops
- * the others), and a whole-table listing costs ~90 µs per mapping (every map and set).
+ * What the idle check reads: the `flows` map (both directions' counters). One script per map
+ * or set: nft 1.0.6 fails a script of several `list` commands ("No such file or directory"
+ * for the first: each one's cache filter drops the others), and a whole-table listing costs
+ * ~90 µs per mapping (every map and set).
  */
 export function idleCountersScripts(table: string, family: Family): string[] {
-  return listSetScripts(table, family, ['original', 'moving']);
+  return listSetScripts(table, family, ['original', 'reply']);
 }
 
-/** `list set` scripts for these counter sets of one family, one script each (see idleCountersScripts). */
+/** `list map`/`list set` scripts that read these counters of one family, one script each (see idleCountersScripts). */
 export function listSetScripts(table: string, family: Family, names: readonly CounterSet[]): string[] {
-  return names.map((set) => `list set inet ${table} ${setName(set, family)}`);
+  const scripts: string[] = [];
+  if (names.includes('original') || names.includes('reply')) scripts.push(`list map inet ${table} ${setName(FLOWS_MAP, family)}`);
+  if (names.includes('ends')) scripts.push(`list set inet ${table} ${setName(ENDS_SET, family)}`);
+  return scripts;
 }
 
 /** Read one mapping's counters (`get element`, when the transfer ended between polls). */
 export function getCountersScript(table: string, m: ForwardMapping): string {
-  return COUNTER_SETS.map((set) => `get element ${element(table, set, m)} { ${dnatKeyText(m)} }`).join('\n');
+  const [original, reply] = flowKeys(m);
+  return [`get element ${element(table, FLOWS_MAP, m)} { ${original}, ${reply} }`, `get element ${element(table, ENDS_SET, m)} { ${dnatKeyText(m)} }`].join('\n');
 }
 
 /** An address as nft(8) prints it (RFC 5952 for IPv6, as inet_ntop writes it). */
@@ -218,32 +249,46 @@ function ipText(ip: string): string {
   return normalizeIp(ip);
 }
 
-/** One element with its counter: after `{` or `,` (or at a continuation line's start), up to `,` or `}`. */
-const ELEMENT_COUNTER = /(?:^|[{,])\s*([0-9a-fA-F:.]+) \. ([0-9a-fA-F:.]+) \. (\d{1,5}) counter packets (\d+) bytes (\d+)\s*(?=[,}])/g;
+/**
+ * One element with its counter: after `{` or `,` (or at a continuation line's start), up to
+ * `,` or `}`. In `flows` the key starts with the direction, a cut element has a timeout, and
+ * the verdict follows the counter.
+ */
+const ELEMENT_COUNTER =
+  /(?:^|[{,])\s*(?:(original|reply) \. )?([0-9a-fA-F:.]+) \. ([0-9a-fA-F:.]+) \. (\d{1,5}) counter packets (\d+) bytes (\d+)(?: timeout \S+)?(?: expires \S+)?(?: : (accept|goto \S+))?\s*(?=[,}])/g;
 
-/** Every counter set of both families, by its name in the table. */
-const COUNTER_SET_NAMES: ReadonlySet<string> = new Set(([4, 6] as const).flatMap((family) => COUNTER_SETS.map((set) => setName(set, family))));
+/** Our counting maps and sets of both families, by name in the table -> family. */
+const COUNTING_NAMES: ReadonlyMap<string, Family> = new Map(([4, 6] as const).flatMap((family) => [FLOWS_MAP, ENDS_SET].map((base) => [setName(base, family), family] as const)));
 
 /**
- * The counters in `list table` / `get element` output (one or several sets, one table block
- * each): set name as in the table (`original`, `original6`, ...) -> element key -> counter.
- * Elements come one per line or several on one, comma-separated; the set header may or may
- * not repeat `counter`; an element without a counter, or a set that is not ours, is skipped.
+ * The counters in `list map`/`list set`/`get element` output (one or several, one table
+ * block each): counter name with the family's suffix (`original`, `reply6`, `ends`, ...) ->
+ * element key -> counter. Elements come one per line or several on one, comma-separated; the
+ * header may or may not repeat `counter`; an element without a counter, a cut one (`goto`),
+ * or a map or set that is not ours, is skipped.
  */
 export function parseCounters(output: string): Map<string, Map<string, NftCounter>> {
   const sets = new Map<string, Map<string, NftCounter>>();
-  let current: Map<string, NftCounter> | null = null;
+  let family: Family | null = null;
+  let isFlows = false;
+  const bucket = (name: string): Map<string, NftCounter> => {
+    let found = sets.get(name);
+    if (!found) sets.set(name, (found = new Map<string, NftCounter>()));
+    return found;
+  };
   for (const line of output.split('\n')) {
     const header = /^\s*(?:set|map) (\S+) \{/.exec(line);
     if (header) {
-      const name = header[1]!;
-      current = COUNTER_SET_NAMES.has(name) ? (sets.get(name) ?? new Map<string, NftCounter>()) : null;
-      if (current) sets.set(name, current);
+      family = COUNTING_NAMES.get(header[1]!) ?? null;
+      isFlows = family !== null && header[1] === setName(FLOWS_MAP, family);
       continue;
     }
-    if (!current) continue;
+    if (family === null) continue;
     for (const match of line.matchAll(ELEMENT_COUNTER)) {
-      current.set(`${match[1]} . ${match[2]} . ${match[3]}`, { packets: Number(match[4]), bytes: Number(match[5]) });
+      const [, direction, opener, proxy, port, packets, bytes, verdict] = match;
+      if (isFlows !== (direction !== undefined) || (verdict !== undefined && verdict !== 'accept')) continue;
+      const name = isFlows ? direction! : ENDS_SET;
+      bucket(setName(name, family)).set(`${opener} . ${proxy} . ${port}`, { packets: Number(packets), bytes: Number(bytes) });
     }
   }
   return sets;
@@ -255,7 +300,30 @@ export function countersOf(sets: Map<string, Map<string, NftCounter>>, m: Forwar
   const family = familyOfMapping(m);
   const key = dnatKeyText(m);
   const of = (set: CounterSet): NftCounter => sets.get(setName(set, family))?.get(key) ?? zero;
-  return { original: of('original'), reply: of('reply'), moving: of('moving'), ends: of('ends') };
+  return { original: of('original'), reply: of('reply'), ends: of('ends') };
+}
+
+/**
+ * The most header one IP packet of a TCP connection can carry (IPv4 20 bytes, IPv6 40, TCP
+ * with every option 60; IP options and IPv6 extension headers are not used on TCP data here).
+ */
+export const HEADER_BYTES_MAX: Readonly<Record<Family, number>> = { 4: 80, 6: 100 };
+
+/**
+ * Whether payload moved between two readings of a mapping's counters, in either direction:
+ * more bytes than headers alone can explain. ACKs, zero-window probes (Linux sends them
+ * without payload, Windows with one byte) and keepalives never pass it; a data segment of
+ * a bulk transfer (or a GRO aggregate of them, counted as one packet) always does. A trickle
+ * of segments averaging under 28 bytes of payload (IPv4) does not count as moving: the price of
+ * counting with the one lookup per packet (a rule of its own that tests for payload, `@ih`,
+ * cost another lookup for every data packet).
+ */
+export function payloadMoved(before: Pick<Record<CounterSet, NftCounter>, 'original' | 'reply'>, after: Pick<Record<CounterSet, NftCounter>, 'original' | 'reply'>, family: Family): boolean {
+  return (['original', 'reply'] as const).some((direction) => {
+    const packets = after[direction].packets - before[direction].packets;
+    const bytes = after[direction].bytes - before[direction].bytes;
+    return packets > 0 && bytes > packets * HEADER_BYTES_MAX[family];
+  });
 }
 
 /**

@@ -424,8 +424,9 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     const listing = await nft(topo.edge, ['list', 'table', 'inet', table]);
     t.equal(listing.code, 0, `nft list table inet ${table} works ${listing.stderr.trim()}`);
     const parts = [
-      ...['dnat_to', 'snat_to', 'dnat_to6', 'snat_to6'].map((name) => `map ${name} {`),
-      ...['original', 'reply', 'moving', 'ends', 'cut', 'original6', 'reply6', 'moving6', 'ends6', 'cut6'].map((name) => `set ${name} {`),
+      ...['dnat_to', 'snat_to', 'flows', 'dnat_to6', 'snat_to6', 'flows6'].map((name) => `map ${name} {`),
+      ...['ends', 'ends6'].map((name) => `set ${name} {`),
+      'chain cut_reset {',
     ];
     for (const part of parts) t.match(listing.stdout, part, `the table has ${part.slice(0, -2)}`);
     t.same(await Promise.all(['dnat_to', 'snat_to', 'dnat_to6', 'snat_to6'].map(mapElements)), [[], [], [], []], 'no mapping before any transfer');
@@ -581,10 +582,10 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       const wire = records[0]?.wireBytes as { toClient?: number; toServer?: number } | null;
       t.ok(wire && Number(wire.toClient) > 0 && Number(wire.toClient) < STALL_BYTES / 2, `counted up to the cut ${JSON.stringify(wire)}`);
       const suffix = spec.family === 6 ? '6' : '';
-      const names = ['dnat_to', 'snat_to', 'original', 'reply', 'moving', 'ends', 'cut'].map((name) => `${name}${suffix}`);
-      const elements = (name: string): Promise<string[] | null> => (name.includes('_to') ? mapElements(name) : setElements(name));
+      const names = ['dnat_to', 'snat_to', 'flows', 'ends'].map((name) => `${name}${suffix}`);
+      const elements = (name: string): Promise<string[] | null> => (name.startsWith('ends') ? setElements(name) : mapElements(name));
       await pollAsync(async () => (await Promise.all(names.map(elements))).every((e) => e?.length === 0), MAPPING_GONE_MS);
-      t.same(await Promise.all(names.map(elements)), names.map(() => []), `nothing of it is left in the table (${names.join(', ')}; the cut key went with the final reply)`);
+      t.same(await Promise.all(names.map(elements)), names.map(() => []), `nothing of it is left in the table (${names.join(', ')}; the cut elements went with the final reply)`);
     });
   }
 
