@@ -119,25 +119,33 @@ export function tableScript(table: string): string {
     // routing's throughput in the bench's routed lab; this lookup's element counts with its
     // counter and decides with its verdict: `accept`, or `goto cut_reset` once cut. FIN and RST
     // packets are also counted in `ends` (the flags test fails first for every other packet).
+    // Each family's lookup only for its own packets.
     ...each(({ addrType }, family) => `  map ${setName(FLOWS_MAP, family)} { type ct_dir . ${addrType} . ${addrType} . inet_service : verdict; flags timeout; counter; }`),
     ...each((_, family) => `  set ${setName(ENDS_SET, family)} { type ${keyType(family)}; counter; }`),
     // Not a RST: the reset this sends belongs to the connection too and passes the output hook
     // (an opener or target on this host; and the reset itself) on its way.
     `  chain ${CUT_CHAIN} { meta l4proto tcp tcp flags & rst == 0 reject with tcp reset; }`,
-    // After NAT the packet's own addresses are the target's; the ORIGINAL tuple is the key.
-    ...families.flatMap((family) => [
-      `  chain count${family} {`,
-      `    meta l4proto tcp tcp flags & (fin | rst) != 0 ${ctKey(family)} @${setName(ENDS_SET, family)}`,
-      `    meta l4proto tcp ct direction . ${ctKey(family)} vmap @${setName(FLOWS_MAP, family)}`,
+    // FIN and RST packets only (the base chains test the flags first).
+    '  chain count_ends {',
+    ...each((_, family) => `    meta nfproto ipv${family} meta l4proto tcp ${ctKey(family)} @${setName(ENDS_SET, family)}`),
+    '  }',
+    // Each packet once: remote opener and target (forward); one on this host (output; input
+    // only from outside: a packet over lo was already seen in output). The rules sit in the
+    // base chains themselves, a jump fewer per packet.
+    ...(
+      [
+        ['forward', 'forward', 'ct status dnat'],
+        ['filter_output', 'output', 'ct status dnat'],
+        ['filter_input', 'input', 'ct status dnat iif != "lo"'],
+      ] as const
+    ).flatMap(([chain, hook, ours]) => [
+      `  chain ${chain} {`,
+      `    type filter hook ${hook} priority filter; policy accept;`,
+      `    ${ours} meta l4proto tcp tcp flags & (fin | rst) != 0 jump count_ends`,
+      // After NAT the packet's own addresses are the target's; the ORIGINAL tuple is the key.
+      ...each((_, family) => `    ${ours} meta nfproto ipv${family} meta l4proto tcp ct direction . ${ctKey(family)} vmap @${setName(FLOWS_MAP, family)}`),
       '  }',
     ]),
-    // Each family's rules only for its own packets.
-    '  chain count { meta nfproto ipv4 jump count4; meta nfproto ipv6 jump count6; }',
-    // Each packet once: remote opener and target (forward); one on this host (output; input
-    // only from outside: a packet over lo was already seen in output).
-    '  chain forward { type filter hook forward priority filter; policy accept; ct status dnat jump count; }',
-    '  chain filter_output { type filter hook output priority filter; policy accept; ct status dnat jump count; }',
-    '  chain filter_input { type filter hook input priority filter; policy accept; ct status dnat iif != "lo" jump count; }',
     '}',
   ].join('\n');
 }
