@@ -285,7 +285,7 @@ export class DataChannel {
    */
   close(reason: string, code: ErrorCode | null = null): void {
     if (this.stateValue.status === 'closed') {
-      // After a kernel idle cut: the final reply came, the `cut` element can go.
+      // After a kernel idle cut: the final reply came, the cut `flows` elements can go.
       this.kernel?.forward.remove();
       return;
     }

@@ -325,7 +325,7 @@ export class KernelForwarder {
     }
   }
 
-  /** These counter sets of these families (one call per set: nft 1.0.6 fails several `list set` in one script); null when a read failed. */
+  /** These counters of these families (one listing per map or set: nft 1.0.6 fails several `list` commands in one script); null when a read failed. */
   private readSets(families: ReadonlySet<Family>, names: readonly CounterSet[]): Map<string, Map<string, NftCounter>> | null {
     const output: string[] = [];
     for (const script of [...families].flatMap((family) => listSetScripts(this.table, family, names))) {

@@ -151,7 +151,7 @@ export function tableScript(table: string): string {
 }
 
 /**
- * How long a cut connection's key stays in `cut`: the reset can only answer a packet, and a
+ * How long a cut connection's `flows` elements stay: the reset can only answer a packet, and a
  * sender facing a zero window probes at most every 120 s (Linux TCP_RTO_MAX).
  */
 export const CUT_HOLD_MS = 130_000;
