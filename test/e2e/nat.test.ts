@@ -596,9 +596,11 @@ async function runSuite(lab: NetnsLab): Promise<void> {
     const table = `ftpnp_${proxy.daemon.pid}`;
     const dnatEmpty = async (): Promise<boolean> => (await nftMapElements(topo.edge, table, 'dnat_to'))?.length === 0;
     const mapsEmpty = async (): Promise<[string[] | null, string[] | null]> => {
-      // The channel closes (and deletes its mapping) as the final reply passes: allow a moment.
-      await waitForAsync(dnatEmpty, 3000);
-      return [await nftMapElements(topo.edge, table, 'dnat_to'), await nftMapElements(topo.edge, table, 'snat_to')];
+      // The channel closes (and deletes its mapping) as the final reply passes, and removals run
+      // off the event loop, batched (nft-batches.ts): allow a moment for both maps.
+      const read = async (): Promise<[string[] | null, string[] | null]> => [await nftMapElements(topo.edge, table, 'dnat_to'), await nftMapElements(topo.edge, table, 'snat_to')];
+      await waitForAsync(async () => (await read()).every((elements) => elements?.length === 0), 3000);
+      return read();
     };
     /** New `transfer` records since `mark`, once `count` of them are there (they follow the 226). */
     const newTransfers = async (mark: number, count: number): Promise<Array<Record<string, unknown>>> => {
@@ -802,6 +804,9 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       victim.abandon();
       await victim.done;
       await waitFor(() => proxy.records().slice(mark).some((r) => r.event === 'session-end'), 3000);
+      // The removal runs off the event loop, batched (nft-batches.ts): wait for it, bounded.
+      const snatEmpty = async (): Promise<boolean> => (await nftMapElements(topo.edge, table, 'snat_to'))?.length === 0;
+      await waitForAsync(snatEmpty, 3000);
       t.same(await nftMapElements(topo.edge, table, 'snat_to'), [], 'and is removed when the session ends');
     });
 
@@ -833,8 +838,9 @@ async function runSuite(lab: NetnsLab): Promise<void> {
       t.ok(wire && Number(wire.toClient) > 0 && Number(wire.toClient) < STALL_BYTES / 2, `counted up to the cut ${JSON.stringify(wire)}`);
       const limits = proxy.records().slice(mark).filter((r) => r.event === 'limit');
       t.match(limits, [{ limit: 'data-idle-timeout', dataIdleMs: KERNEL_IDLE_SECONDS * 1000 }], `the limit event a relayed idle transfer logs ${JSON.stringify(limits)}`);
-      await waitForAsync(dnatEmpty, 3000);
       const elements = async (name: string): Promise<string[] | null> => (name === 'ends' ? nftSetElements(topo.edge, table, name) : nftMapElements(topo.edge, table, name));
+      // Removals run off the event loop, batched (nft-batches.ts): wait for all of them, bounded.
+      await waitForAsync(async () => (await Promise.all(['dnat_to', 'snat_to', 'flows', 'ends'].map(elements))).every((e) => e?.length === 0), 3000);
       t.same(
         await Promise.all(['dnat_to', 'snat_to', 'flows', 'ends'].map(elements)),
         [[], [], [], []],
