@@ -69,7 +69,7 @@ import {
   dnatKeyText,
   familyOfMapping,
   getCountersScript,
-  listSetScripts,
+  listCounterScripts,
   parseCounters,
   payloadMoved,
   removeCountersScript,
@@ -328,7 +328,7 @@ export class KernelForwarder {
   /** These counters of these families (one listing per map or set: nft 1.0.6 fails several `list` commands in one script); null when a read failed. */
   private readSets(families: ReadonlySet<Family>, names: readonly CounterSet[]): Map<string, Map<string, NftCounter>> | null {
     const output: string[] = [];
-    for (const script of [...families].flatMap((family) => listSetScripts(this.table, family, names))) {
+    for (const script of [...families].flatMap((family) => listCounterScripts(this.table, family, names))) {
       const listing = this.run(script);
       if (!listing.ok) {
         // Once per failure streak: the next check tries again.

@@ -235,11 +235,11 @@ export function uncutScript(table: string, m: ForwardMapping): string {
  * ~90 µs per mapping (every map and set).
  */
 export function idleCountersScripts(table: string, family: Family): string[] {
-  return listSetScripts(table, family, ['original', 'reply']);
+  return listCounterScripts(table, family, ['original', 'reply']);
 }
 
 /** `list map`/`list set` scripts that read these counters of one family, one script each (see idleCountersScripts). */
-export function listSetScripts(table: string, family: Family, names: readonly CounterSet[]): string[] {
+export function listCounterScripts(table: string, family: Family, names: readonly CounterSet[]): string[] {
   const scripts: string[] = [];
   if (names.includes('original') || names.includes('reply')) scripts.push(`list map inet ${table} ${setName(FLOWS_MAP, family)}`);
   if (names.includes('ends')) scripts.push(`list set inet ${table} ${setName(ENDS_SET, family)}`);

@@ -19,7 +19,7 @@ import {
   cutScript,
   getCountersScript,
   idleCountersScripts,
-  listSetScripts,
+  listCounterScripts,
   parseCounters,
   payloadMoved,
   removeCountersScript,
@@ -186,8 +186,8 @@ t.test('scripts', async (t) => {
   );
   t.same(idleCountersScripts('ftpnp_1', 4), ['list map inet ftpnp_1 flows'], 'the idle check lists the one map');
   t.same(idleCountersScripts('ftpnp_1', 6), ['list map inet ftpnp_1 flows6']);
-  t.same(listSetScripts('ftpnp_1', 4, ['original', 'reply', 'ends']), ['list map inet ftpnp_1 flows', 'list set inet ftpnp_1 ends'], 'one script each (nft 1.0.6 fails several list commands in one script)');
-  t.same(listSetScripts('ftpnp_1', 6, ['ends']), ['list set inet ftpnp_1 ends6']);
+  t.same(listCounterScripts('ftpnp_1', 4, ['original', 'reply', 'ends']), ['list map inet ftpnp_1 flows', 'list set inet ftpnp_1 ends'], 'one script each (nft 1.0.6 fails several list commands in one script)');
+  t.same(listCounterScripts('ftpnp_1', 6, ['ends']), ['list set inet ftpnp_1 ends6']);
   t.equal(
     cutScript('ftpnp_1', MAPPING),
     [
