@@ -58,6 +58,26 @@ async function ready(child: Child, host: string, port: number): Promise<void> {
   await waitForGreeting(host, port, 10_000, () => (child.process.exitCode !== null ? `${child.name} exited: ${child.output().slice(-800)}` : null));
 }
 
+/** The Server record of a started child (credentials default to the test user). */
+function serverOf(
+  name: string,
+  child: Child,
+  host: string,
+  port: number,
+  extra: { readonly user?: string | undefined; readonly password?: string | undefined; readonly tls?: TargetTls; readonly clientNetns?: string | undefined },
+): Server {
+  return {
+    name,
+    host,
+    port,
+    user: extra.user ?? TEST_USER,
+    password: extra.password ?? TEST_PASSWORD,
+    child,
+    ...(extra.tls ? { tls: extra.tls } : {}),
+    ...(extra.clientNetns ? { clientNetns: extra.clientNetns } : {}),
+  };
+}
+
 /** prlimit raises the descriptor limit of what it runs, then execs it (same PID). */
 export function withNofile(command: string, args: readonly string[]): [string, string[]] {
   const probe = spawnSync('prlimit', ['--version'], { encoding: 'utf8' });
@@ -128,16 +148,7 @@ export async function startBenchVsftpd(options: VsftpdBenchOptions): Promise<Ser
   const [command, args] = options.netns ? inNetns(options.netns, '/usr/sbin/vsftpd', [conf]) : ['/usr/sbin/vsftpd', [conf]];
   const child = startChild(name === 'direct' ? 'vsftpd' : `vsftpd-${name}`, command, args, { group: true });
   await ready(child, host, options.port);
-  return {
-    name,
-    host,
-    port: options.port,
-    user: TEST_USER,
-    password: TEST_PASSWORD,
-    child,
-    ...(options.tls ? { tls: { caFile: options.tls.ca, host } } : {}),
-    ...(options.clientNetns ? { clientNetns: options.clientNetns } : {}),
-  };
+  return serverOf(name, child, host, options.port, { ...(options.tls ? { tls: { caFile: options.tls.ca, host } } : {}), clientNetns: options.clientNetns });
 }
 
 export interface ProxyBenchOptions {
@@ -217,16 +228,12 @@ export async function startBenchProxy(options: ProxyBenchOptions): Promise<Serve
   const child = startChild(options.name, command, args, { env: { ...process.env, ...(options.env ?? {}) } });
   const host = options.host ?? HOST;
   await ready(child, host, options.port);
-  return {
-    name: options.name,
-    host,
-    port: options.port,
-    user: options.user ?? TEST_USER,
-    password: options.password ?? TEST_PASSWORD,
-    child,
+  return serverOf(options.name, child, host, options.port, {
+    user: options.user,
+    password: options.password,
     ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}),
-    ...(options.clientNetns ? { clientNetns: options.clientNetns } : {}),
-  };
+    clientNetns: options.clientNetns,
+  });
 }
 
 export interface ProftpdBenchOptions {
@@ -338,14 +345,5 @@ export async function startBenchProftpd(options: ProftpdBenchOptions): Promise<S
   const child = startChild(name === 'mod_proxy' ? 'proftpd' : `proftpd-${name}`, command, args, { group: true, env });
   const host = options.host ?? HOST;
   await ready(child, host, options.port);
-  return {
-    name,
-    host,
-    port: options.port,
-    user: TEST_USER,
-    password: TEST_PASSWORD,
-    child,
-    ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}),
-    ...(options.clientNetns ? { clientNetns: options.clientNetns } : {}),
-  };
+  return serverOf(name, child, host, options.port, { ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}), clientNetns: options.clientNetns });
 }
