@@ -13,9 +13,10 @@ import type tls from 'node:tls';
 import type { HostPort } from '../control/address.js';
 import type { TransferDirection } from '../control/rewrite.js';
 import type { PassiveAccept } from './passive.js';
-import { isTlsSocket, resetSocket, tlsParentOf, type Relay, type RelayResult } from './relay.js';
+import { isTlsSocket, resetSocket, tlsParentOf, type Relay, type RelayKind, type RelayResult } from './relay.js';
 import { clientHandshakeInFlight } from './tls.js';
 import { createRelay } from './splice-relay.js';
+import { gateOf } from './tls-gate.js';
 import type { Dial } from './dial.js';
 import type { PortLease } from './port-pool.js';
 import type { KernelForward } from './kernel-forward.js';
@@ -134,6 +135,11 @@ export class DataChannel {
       case 'active':
         return this.clientLeg.target.port;
     }
+  }
+
+  /** What carried (or carries) this channel's bytes: the relay's kind, `kernel`, or null before relaying. */
+  get carrier(): RelayKind | 'kernel' | null {
+    return this.kernel ? 'kernel' : (this.relay?.kind ?? null);
   }
 
   get isForwarded(): boolean {
@@ -360,6 +366,7 @@ function closeAfterHandshake(socket: net.Socket): void {
   if (socket.destroyed) return;
   // Nothing of this connection is wanted any more: read and drop, so the server's writes
   // cannot stall it, and reset it if the close does not complete in time.
+  gateOf(socket)?.release();
   socket.on('data', () => {});
   socket.on('error', () => {});
   const timer = setTimeout(() => resetSocket(socket), TLS_CLOSE_GRACE_MS);

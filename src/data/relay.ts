@@ -42,13 +42,19 @@ export interface RelayOptions {
 
 type Direction = 'toClient' | 'toUpstream';
 
+export type RelayKind = 'splice' | 'native-tls' | 'js';
+
 /**
  * What a data channel needs from a relay. DataRelay (this file) moves the bytes through the
  * event loop; SpliceRelay (splice-relay.ts) moves them in the kernel with the same contract.
  */
 export interface Relay {
-  /** Which implementation moves the bytes (for tests and logs). */
-  readonly kind: 'splice' | 'js';
+  /**
+   * Which implementation moves the bytes (for tests and logs): `splice` the native thread
+   * with plain legs (splice(2)), `native-tls` the native thread opening and sealing TLS
+   * records of a PROT P leg (splice-relay.ts), `js` the event loop.
+   */
+  readonly kind: RelayKind;
   readonly client: net.Socket;
   readonly upstream: net.Socket;
   /** Settles once both sockets are closed. Never rejects. */
@@ -243,8 +249,21 @@ interface TlsInternals {
   _handle?: { _parent?: { reset?: unknown; close?: unknown } | null } | null;
 }
 
+/**
+ * TLS sockets built on a stream that is not the TCP socket itself (the handshake gate of
+ * tls-gate.ts), with the TCP socket under that stream.
+ */
+const tlsTransports = new WeakMap<tls.TLSSocket, net.Socket>();
+
+/** Record the TCP socket under a TLS socket built on some other stream (see tlsParentOf). */
+export function registerTlsTransport(socket: tls.TLSSocket, tcp: net.Socket): void {
+  tlsTransports.set(socket, tcp);
+}
+
 /** The net.Socket a TLS socket was built on, or null. */
 export function tlsParentOf(socket: tls.TLSSocket): net.Socket | null {
+  const registered = tlsTransports.get(socket);
+  if (registered) return registered;
   const parent = (socket as unknown as TlsInternals)._parent;
   return parent instanceof net.Socket ? parent : null;
 }

@@ -17,11 +17,19 @@ import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { DataRelay, isTlsSocket, resetSocket, type Relay, type RelayOptions, type RelayOutcome, type RelayResult } from './relay.js';
+import { DataRelay, isTlsSocket, resetSocket, type Relay, type RelayKind, type RelayOptions, type RelayOutcome, type RelayResult } from './relay.js';
+import { gateOf, TlsHandshakeGate, type TlsLegState } from './tls-gate.js';
 
 /** The native module's surface (src/native/splice_relay.c). */
 export interface SpliceAddon {
-  start(clientFd: number, upstreamFd: number, pipeBytes: number, onEvent: (kind: number, a: number, b: number, c: number) => void): object;
+  start(
+    clientFd: number,
+    upstreamFd: number,
+    pipeBytes: number,
+    onEvent: (kind: number, a: number, b: number, c: number) => void,
+    clientTls?: TlsLegState | null,
+    upstreamTls?: TlsLegState | null,
+  ): object;
   cancel(handle: object): void;
   bytes(handle: object, direction: 0 | 1): number;
   idleMs(handle: object): number;
@@ -68,6 +76,15 @@ export function relayImplementation(): { readonly kind: 'splice' | 'js'; readonl
   return { kind: addon ? 'splice' : 'js', reason };
 }
 
+/**
+ * The stream a PROT P data connection's TLSSocket is built on: a handshake gate over the TCP
+ * socket when the native thread could take the connection over once it is established
+ * (tls-gate.ts), null (build it on the socket itself) when new channels get the JS relay.
+ */
+export function dataTlsGate(plain: net.Socket, role: 'server' | 'client'): TlsHandshakeGate | null {
+  return relayImplementation().kind === 'splice' ? new TlsHandshakeGate(plain, role) : null;
+}
+
 interface HandleInternals {
   fd?: number;
   reading?: boolean;
@@ -110,21 +127,41 @@ export interface RelayChoice {
 
 /**
  * Which relay these two sockets can take, judged by the sockets alone (whether the addon
- * loads, and FTPNP_RELAY, are relayImplementation()'s part). Never splice for TLS
- * (RFC 4217 PROT P data connection, or any socket upgraded with tls): splice(2) would move
- * the TCP payload, i.e. ciphertext from one leg to a peer that expects plaintext, and would
- * starve Node's TLS layer of the records it must decrypt. The JS relay reads and writes the
- * TLSSocket, so it carries plaintext between the two TLS sessions (or TLS and plain TCP).
+ * loads, and FTPNP_RELAY, are relayImplementation()'s part). A TLS leg (RFC 4217 PROT P data)
+ * is never spliced as it is: splice(2) would move ciphertext from one leg to a peer that
+ * expects other keys or plaintext. It goes to the native thread only through its handshake
+ * gate (tls-gate.ts), once TLS 1.3 with AES-GCM is established: the thread then opens and
+ * seals its records itself (src/native/tls_record.c). Any other TLS leg (TLS 1.2, another
+ * suite, built without the gate) takes the JS relay, which reads and writes the TLSSocket.
  */
 export function relayKindFor(client: net.Socket, upstream: net.Socket): RelayChoice {
   const legs = [['client', client], ['upstream', upstream]] as const;
   for (const [leg, socket] of legs) {
-    if (isTlsSocket(socket)) return { kind: 'js', reason: `${leg} leg is TLS: the kernel would move ciphertext` };
+    if (isTlsSocket(socket) && !gateOf(socket)?.canHandOff) return { kind: 'js', reason: `${leg} leg is TLS that the native relay cannot take over (not TLS 1.3 AES-GCM behind a handshake gate)` };
   }
   for (const [leg, socket] of legs) {
-    if (spliceableFd(socket) === null) return { kind: 'js', reason: `${leg} leg is closed, ended or has bytes buffered in JS` };
+    if (takeoverFd(socket) === null) return { kind: 'js', reason: `${leg} leg is closed, ended or has bytes buffered in JS` };
   }
-  return { kind: 'splice', reason: 'both legs are plain TCP with nothing buffered in JS' };
+  const tls = legs.filter(([, socket]) => isTlsSocket(socket)).map(([leg]) => leg);
+  return tls.length > 0
+    ? { kind: 'splice', reason: `TLS 1.3 records of the ${tls.join(' and ')} leg${tls.length > 1 ? 's' : ''} opened and sealed natively` }
+    : { kind: 'splice', reason: 'both legs are plain TCP with nothing buffered in JS' };
+}
+
+/** The TCP socket that carries a leg: the socket, or the one under its handshake gate. */
+function transportOf(socket: net.Socket): net.Socket {
+  return isTlsSocket(socket) ? (gateOf(socket)?.raw ?? socket) : socket;
+}
+
+/**
+ * The descriptor the native thread would take for a leg: a plain leg's if spliceable, a gated
+ * TLS leg's TCP socket's if its gate can hand over (bytes that socket buffered in JS are
+ * handed over with the TLS state: TlsHandshakeGate.handOff).
+ */
+function takeoverFd(socket: net.Socket): number | null {
+  if (!isTlsSocket(socket)) return spliceableFd(socket);
+  const gate = gateOf(socket);
+  return gate?.canHandOff ? socketDescriptor(gate.raw) : null;
 }
 
 /** Stop libuv reading: from now on only the native thread reads this socket. */
@@ -137,27 +174,47 @@ function stopReading(socket: net.Socket): void {
   }
 }
 
-/** The relay for a freshly paired data channel: kernel splice when possible, else JS. */
+/** The relay for a freshly paired data channel: the native thread when possible, else JS. */
 export function createRelay(client: net.Socket, upstream: net.Socket, options: RelayOptions = {}): Relay {
   if (process.env[RELAY_ENV] !== 'js') {
     const { addon } = loadSpliceAddon();
     if (addon && relayKindFor(client, upstream).kind === 'splice') {
-      const clientFd = spliceableFd(client);
-      const upstreamFd = spliceableFd(upstream);
-      if (clientFd !== null && upstreamFd !== null) {
-        try {
-          return new SpliceRelay(client, upstream, options, addon, clientFd, upstreamFd);
-        } catch {
-          // Out of descriptors or threads: the JS relay still works (it resumes reading).
-        }
-      }
+      const relay = startNative(addon, client, upstream, options);
+      if (relay) return relay;
     }
   }
+  // The JS relay reads the TLSSockets: their gates let everything through from now on.
+  for (const socket of [client, upstream]) if (isTlsSocket(socket)) gateOf(socket)?.release();
   return new DataRelay(client, upstream, options);
 }
 
+function startNative(addon: SpliceAddon, client: net.Socket, upstream: net.Socket, options: RelayOptions): Relay | null {
+  const clientTcp = transportOf(client);
+  const upstreamTcp = transportOf(upstream);
+  const clientFd = takeoverFd(client);
+  const upstreamFd = takeoverFd(upstream);
+  if (clientFd === null || upstreamFd === null) return null;
+  // Checked by relayKindFor: a TLS leg here has a gate that can hand over (canHandOff implies
+  // a TLS 1.3 AES-GCM connection with both traffic secrets, so handOff() gives its state).
+  const clientTls = isTlsSocket(client) ? gateOf(client)!.handOff() : null;
+  const upstreamTls = isTlsSocket(upstream) ? gateOf(upstream)!.handOff() : null;
+  const handedOff = clientTls !== null || upstreamTls !== null;
+  const complete = (clientTls !== null || !isTlsSocket(client)) && (upstreamTls !== null || !isTlsSocket(upstream));
+  try {
+    if (!complete) throw new Error('a TLS leg could not be handed over');
+    return new SpliceRelay(clientTcp, upstreamTcp, options, addon, clientFd, upstreamFd, clientTls, upstreamTls);
+  } catch {
+    // Out of descriptors or threads. Plain legs: the JS relay still works (it resumes
+    // reading). A TLS leg handed over is nobody's now: end both with a reset (a 426).
+    if (!handedOff) return null;
+    resetSocket(clientTcp);
+    resetSocket(upstreamTcp);
+    return new DataRelay(clientTcp, upstreamTcp, options);
+  }
+}
+
 export class SpliceRelay implements Relay {
-  readonly kind = 'splice';
+  readonly kind: RelayKind;
   readonly client: net.Socket;
   readonly upstream: net.Socket;
   /** Settles once both sockets are closed and the native thread has ended. Never rejects. */
@@ -179,8 +236,18 @@ export class SpliceRelay implements Relay {
   private readonly now: () => number;
 
   /** Throws (before touching either socket) when the native side cannot start, or for a TLS socket. */
-  constructor(client: net.Socket, upstream: net.Socket, options: RelayOptions, addon: SpliceAddon, clientFd: number, upstreamFd: number) {
+  constructor(
+    client: net.Socket,
+    upstream: net.Socket,
+    options: RelayOptions,
+    addon: SpliceAddon,
+    clientFd: number,
+    upstreamFd: number,
+    clientTls: TlsLegState | null = null,
+    upstreamTls: TlsLegState | null = null,
+  ) {
     if (isTlsSocket(client) || isTlsSocket(upstream)) throw new Error('a TLS socket cannot be spliced (see relayKindFor)');
+    this.kind = clientTls || upstreamTls ? 'native-tls' : 'splice';
     this.client = client;
     this.upstream = upstream;
     this.addon = addon;
@@ -196,7 +263,7 @@ export class SpliceRelay implements Relay {
     };
     // The thread may start moving bytes at once; libuv cannot read in between, since the
     // event loop does not run until this constructor has returned.
-    this.handle = addon.start(clientFd, upstreamFd, PIPE_BYTES, this.onNativeEvent);
+    this.handle = addon.start(clientFd, upstreamFd, PIPE_BYTES, this.onNativeEvent, clientTls, upstreamTls);
     for (const socket of [client, upstream]) {
       stopReading(socket);
       socket.on('error', this.onSocketError);

@@ -18,8 +18,16 @@
  * descriptors, the thread never touches a number that has been reused for another socket.
  * The kernel socket is closed when the last descriptor goes, after both sides let go.
  *
+ * PROT P data (RFC 4217) cannot be spliced: the bytes on each leg are TLS records under that
+ * leg's own keys. When Node has established TLS 1.3 with AES-GCM on a leg, the leg comes here
+ * with its traffic keys and sequence numbers (src/data/tls-gate.ts) and the thread opens and
+ * seals its records itself (tls_pump below, tls_record.c), still one thread per channel and
+ * no event-loop work per record.
+ *
  * JS interface (see src/data/splice-relay.ts):
- *   start(clientFd, upstreamFd, pipeBytes, onEvent) -> handle
+ *   start(clientFd, upstreamFd, pipeBytes, onEvent[, clientTls, upstreamTls]) -> handle
+ *     clientTls / upstreamTls: null for a plain leg, else that leg's TLS 1.3 state
+ *     { bits, readKey, readIv, readSeq, writeKey, writeIv, writeSeq, pending } (tls_leg)
  *     pipeBytes: capacity asked for each pipe (0: kernel default; -1: no pipe, copy through
  *     a 64 KiB buffer, which is also what happens when no pipe can be made)
  *     onEvent(kind, a, b, c): kind 0 = direction a finished (0 to client, 1 to upstream);
@@ -45,6 +53,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tls_record.h"
+
 enum { DIR_TO_CLIENT = 0, DIR_TO_UPSTREAM = 1 };
 enum { SIDE_CLIENT = 0, SIDE_UPSTREAM = 1 };
 enum { EV_FINISHED = 0, EV_END = 1 };
@@ -69,6 +79,18 @@ typedef struct {
   int src_eof;
   int finished;
   _Atomic uint64_t bytes;
+  /* TLS 1.3 on either end (PROT P, tls_record.c): records are opened and sealed here
+   * instead of spliced. NULL keys: that end is plain. */
+  tls_keys_t* rx; /* src is TLS: open its records */
+  tls_keys_t* tx; /* dst is TLS: seal into records */
+  uint8_t* in;    /* read from src, not yet processed (a TLS src: ciphertext) */
+  size_t in_len;
+  size_t in_cap;
+  uint8_t* out; /* ready for dst */
+  size_t out_off;
+  size_t out_len;
+  uint8_t* scratch; /* one record's plaintext */
+  int close_sent;   /* our close_notify is queued (a TLS dst) */
 } direction_t;
 
 typedef struct {
@@ -129,6 +151,16 @@ static void arm_reset(int fd) {
   if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
 }
 
+static void free_tls(direction_t* x) {
+  tls_keys_free(x->rx);
+  tls_keys_free(x->tx);
+  x->rx = x->tx = NULL;
+  free(x->in);
+  free(x->out);
+  free(x->scratch);
+  x->in = x->out = x->scratch = NULL;
+}
+
 static int make_pipe(direction_t* x, size_t want) {
   int p[2];
   if (pipe2(p, O_NONBLOCK | O_CLOEXEC) != 0) return -1;
@@ -184,6 +216,215 @@ static ssize_t drain(direction_t* x) {
   return splice(x->pipe_r, NULL, x->dst, NULL, x->pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 }
 
+
+/*
+ * A direction with TLS on either end (PROT P data, RFC 4217; tls_record.c). Same contract as
+ * the spliced one (counts, FIN, errors), in terms of TLS 1.3 (RFC 8446 §6.1):
+ *   - bytes counted are application data (plaintext), like the JS relay's;
+ *   - a TLS source ends with close_notify; its TCP FIN without one after application data is
+ *     a truncation, an error (the other side gets a reset, so a cut upload is a 426 at the
+ *     server, never a 226); before any, a plain end;
+ *   - the end is passed on as close_notify (a TLS sink: vsftpd's strict_ssl_read_eof wants
+ *     it) and then shutdown(SHUT_WR);
+ *   - a source's post-handshake NewSessionTicket is dropped (the data connection's own tickets
+ *     are of no use to anyone here); a KeyUpdate, any other handshake message, an alert other
+ *     than close_notify/user_canceled, or a record that does not authenticate is an error.
+ */
+#define TLS_IN_BYTES (65536 + TLS_HEADER + TLS_MAX_CIPHERTEXT)
+#define TLS_SEALED_MAX (TLS_HEADER + TLS_MAX_PLAINTEXT + 1 + TLS_TAG)
+#define TLS_OUT_BYTES (4 * TLS_SEALED_MAX)
+#define TLS_CT_ALERT 21
+#define TLS_CT_HANDSHAKE 22
+#define TLS_CT_APPLICATION 23
+#define TLS_HS_NEW_SESSION_TICKET 4
+
+/* Buffers on first use: a download's upload direction may only ever carry a close_notify. */
+static int tls_prepare(direction_t* x, size_t want_in) {
+  if (x->out) return 0;
+  x->in_cap = want_in > TLS_IN_BYTES ? want_in : TLS_IN_BYTES;
+  x->in = malloc(x->in_cap);
+  x->out = malloc(TLS_OUT_BYTES);
+  x->scratch = malloc(TLS_MAX_CIPHERTEXT);
+  if (!x->in || !x->out || !x->scratch) {
+    errno = ENOMEM;
+    return -1;
+  }
+  return 0;
+}
+
+/* Queue plaintext for dst: sealed into records for a TLS sink, as is for a plain one. */
+static int tls_emit(direction_t* x, uint8_t type, const uint8_t* data, size_t n) {
+  if (!x->tx) {
+    memcpy(x->out + x->out_len, data, n);
+    x->out_len += n;
+    return 0;
+  }
+  long m = tls_seal(x->tx, type, data, n, x->out + x->out_len);
+  if (m < 0) {
+    errno = EPROTO;
+    return -1;
+  }
+  x->out_len += (size_t)m;
+  return 0;
+}
+
+/* Handshake messages after the handshake: only NewSessionTicket is expected (and dropped). */
+static int tls_post_handshake(const uint8_t* p, size_t n) {
+  while (n > 0) {
+    if (n < 4) return -1;
+    size_t len = ((size_t)p[1] << 16) | ((size_t)p[2] << 8) | p[3];
+    if (p[0] != TLS_HS_NEW_SESSION_TICKET || len > n - 4) return -1;
+    p += 4 + len;
+    n -= 4 + len;
+  }
+  return 0;
+}
+
+/*
+ * Turn what `in` holds into output while `out` has room for one more record. Returns 1 when
+ * something changed, 0 when more input (or room) is needed, -1 on a protocol error (errno).
+ */
+static int tls_transform(direction_t* x) {
+  size_t pos = 0;
+  int changed = 0;
+  while (!x->src_eof && x->out_len + TLS_SEALED_MAX <= TLS_OUT_BYTES) {
+    size_t avail = x->in_len - pos;
+    if (!x->rx) {
+      /* Plain source, TLS sink: seal up to a record's worth. */
+      if (avail == 0) break;
+      size_t n = avail < TLS_MAX_PLAINTEXT ? avail : TLS_MAX_PLAINTEXT;
+      if (tls_emit(x, TLS_CT_APPLICATION, x->in + pos, n) != 0) return -1;
+      pos += n;
+      changed = 1;
+      continue;
+    }
+    if (avail < TLS_HEADER) break;
+    const uint8_t* rec = x->in + pos;
+    size_t body = ((size_t)rec[3] << 8) | rec[4];
+    /* After the handshake every record is an outer application_data record (§5.2). */
+    if (rec[0] != TLS_CT_APPLICATION || body > TLS_MAX_CIPHERTEXT) {
+      errno = EPROTO;
+      return -1;
+    }
+    if (avail < TLS_HEADER + body) break;
+    uint8_t type = 0;
+    long n = tls_open(x->rx, rec, TLS_HEADER + body, x->scratch, &type);
+    if (n < 0 || n > TLS_MAX_PLAINTEXT) {
+      errno = EBADMSG;
+      return -1;
+    }
+    pos += TLS_HEADER + body;
+    changed = 1;
+    if (type == TLS_CT_APPLICATION) {
+      atomic_fetch_add_explicit(&x->bytes, (uint64_t)n, memory_order_relaxed);
+      if (n > 0 && tls_emit(x, TLS_CT_APPLICATION, x->scratch, (size_t)n) != 0) return -1;
+    } else if (type == TLS_CT_ALERT) {
+      if (n != 2) {
+        errno = EPROTO;
+        return -1;
+      }
+      if (x->scratch[1] == 0) {
+        /* close_notify: the end of this direction; anything after it is ignored (§6.1). */
+        x->src_eof = 1;
+        pos = x->in_len;
+      } else if (x->scratch[1] != 90) { /* user_canceled comes before a close_notify */
+        errno = ECONNRESET;
+        return -1;
+      }
+    } else if (type != TLS_CT_HANDSHAKE || tls_post_handshake(x->scratch, (size_t)n) != 0) {
+      errno = EPROTO;
+      return -1;
+    }
+  }
+  if (pos > 0) {
+    memmove(x->in, x->in + pos, x->in_len - pos);
+    x->in_len -= pos;
+  }
+  return changed;
+}
+
+static int tls_pump(relay_t* r, direction_t* x, int d, int* side) {
+  int progressed = 0;
+  if (x->finished) return 0;
+  for (;;) {
+    if (!x->out && tls_prepare(x, 0) != 0) {
+      *side = x->src_side;
+      return -1;
+    }
+    if (x->out_len > x->out_off) {
+      ssize_t m = send(x->dst, x->out + x->out_off, x->out_len - x->out_off, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (m > 0) {
+        x->out_off += (size_t)m;
+        if (x->out_off == x->out_len) x->out_off = x->out_len = 0;
+        progressed = 1;
+        atomic_store_explicit(&r->last_activity_ms, now_ms(), memory_order_relaxed);
+        continue;
+      }
+      if (m < 0 && (errno == EAGAIN || errno == EINTR)) {
+        x->pending = x->out_len - x->out_off; /* the loop polls dst for POLLOUT */
+        return progressed;
+      }
+      if (m == 0) errno = EPIPE;
+      *side = x->dst_side;
+      return -1;
+    }
+    x->pending = 0;
+    if (atomic_load_explicit(&r->cancelled, memory_order_relaxed)) return progressed;
+    if (x->src_eof && (x->rx || x->in_len == 0)) {
+      if (x->tx && !x->close_sent) {
+        static const uint8_t close_notify[2] = {1, 0}; /* warning, close_notify */
+        if (tls_emit(x, TLS_CT_ALERT, close_notify, sizeof close_notify) != 0) {
+          *side = x->dst_side;
+          return -1;
+        }
+        x->close_sent = 1;
+        continue;
+      }
+      if (shutdown(x->dst, SHUT_WR) != 0) {
+        *side = x->dst_side;
+        return -1;
+      }
+      x->finished = 1;
+      post(r, EV_FINISHED, d, 0, 0);
+      return 1;
+    }
+    int t = tls_transform(x);
+    if (t < 0) {
+      *side = x->src_side;
+      return -1;
+    }
+    if (t > 0) {
+      progressed = 1;
+      continue;
+    }
+    if (x->src_eof) continue; /* plain source ended: its last bytes were sealed above */
+    ssize_t n = recv(x->src, x->in + x->in_len, x->in_cap - x->in_len, MSG_DONTWAIT);
+    if (n > 0) {
+      x->in_len += (size_t)n;
+      if (!x->rx) atomic_fetch_add_explicit(&x->bytes, (uint64_t)n, memory_order_relaxed);
+      progressed = 1;
+      atomic_store_explicit(&r->last_activity_ms, now_ms(), memory_order_relaxed);
+      continue;
+    }
+    if (n == 0) {
+      /* A FIN without close_notify (RFC 8446 §6.1) after application data, or in the middle
+       * of a record: the transfer was truncated. Before any data it ends nothing that was
+       * sent: clients that download and then close their (empty) upload direction without
+       * a close_notify are common, and Node's TLS layer takes that for an end too. */
+      if (x->rx && (x->in_len > 0 || atomic_load_explicit(&x->bytes, memory_order_relaxed) > 0)) {
+        errno = ECONNRESET;
+        *side = x->src_side;
+        return -1;
+      }
+      x->src_eof = 1;
+      continue;
+    }
+    if (errno == EAGAIN || errno == EINTR) return progressed;
+    *side = x->src_side;
+    return -1;
+  }
+}
+
 /*
  * Move what can be moved now in one direction. Returns 1 on progress, 0 when blocked,
  * -1 on error (errno and *side set).
@@ -191,6 +432,7 @@ static ssize_t drain(direction_t* x) {
 static int pump(relay_t* r, int d, int* side) {
   direction_t* x = &r->dir[d];
   int progressed = 0;
+  if (x->rx || x->tx) return tls_pump(r, x, d, side);
   if (x->finished) return 0;
   for (;;) {
     int moved = 0;
@@ -291,6 +533,7 @@ static void* relay_thread(void* arg) {
     close_fd(&r->dir[d].pipe_w);
     free(r->dir[d].buf);
     r->dir[d].buf = NULL;
+    free_tls(&r->dir[d]);
   }
   /* Every descriptor goes now, not when the JS handle is garbage-collected. */
   pthread_mutex_lock(&r->lock);
@@ -331,11 +574,73 @@ static napi_value throw_errno(napi_env env, const char* what, int err) {
   return NULL;
 }
 
+
+/* Read a Buffer property; NULL (and *len 0) when absent. */
+static const uint8_t* buffer_prop(napi_env env, napi_value obj, const char* name, size_t* len) {
+  napi_value v;
+  bool is_buffer = false;
+  void* data = NULL;
+  *len = 0;
+  if (napi_get_named_property(env, obj, name, &v) != napi_ok || napi_is_buffer(env, v, &is_buffer) != napi_ok || !is_buffer) return NULL;
+  if (napi_get_buffer_info(env, v, &data, len) != napi_ok) return NULL;
+  return data;
+}
+
+static int64_t number_prop(napi_env env, napi_value obj, const char* name) {
+  napi_value v;
+  int64_t out = -1;
+  if (napi_get_named_property(env, obj, name, &v) != napi_ok || napi_get_value_int64(env, v, &out) != napi_ok) return -1;
+  return out;
+}
+
+/*
+ * A leg's TLS state from JS (src/data/splice-relay.ts, TlsLegState): { bits, readKey, readIv,
+ * readSeq, writeKey, writeIv, writeSeq, pending }. `pending` is ciphertext the leg's TLS
+ * gate read past the handshake; it goes first into the direction that reads this leg.
+ * Returns 0 (also for undefined/null: a plain leg), -1 with a message.
+ */
+static int tls_leg(napi_env env, napi_value value, direction_t* reading, direction_t* writing, const char** what) {
+  napi_valuetype type;
+  if (napi_typeof(env, value, &type) != napi_ok || type == napi_undefined || type == napi_null) return 0;
+  if (type != napi_object) {
+    *what = "TLS leg state must be an object";
+    return -1;
+  }
+  int64_t bits = number_prop(env, value, "bits");
+  int64_t read_seq = number_prop(env, value, "readSeq");
+  int64_t write_seq = number_prop(env, value, "writeSeq");
+  size_t rk_len, ri_len, wk_len, wi_len, pending_len;
+  const uint8_t* rk = buffer_prop(env, value, "readKey", &rk_len);
+  const uint8_t* ri = buffer_prop(env, value, "readIv", &ri_len);
+  const uint8_t* wk = buffer_prop(env, value, "writeKey", &wk_len);
+  const uint8_t* wi = buffer_prop(env, value, "writeIv", &wi_len);
+  const uint8_t* pending = buffer_prop(env, value, "pending", &pending_len);
+  if (!rk || !ri || !wk || !wi || read_seq < 0 || write_seq < 0) {
+    *what = "TLS leg state needs keys, IVs and sequence numbers";
+    return -1;
+  }
+  reading->rx = tls_keys_new((int)bits, rk, rk_len, ri, ri_len, (uint64_t)read_seq);
+  writing->tx = tls_keys_new((int)bits, wk, wk_len, wi, wi_len, (uint64_t)write_seq);
+  if (!reading->rx || !writing->tx) {
+    *what = "TLS leg state: unsupported cipher or key size";
+    return -1;
+  }
+  if (pending && pending_len > 0) {
+    if (tls_prepare(reading, pending_len + TLS_IN_BYTES) != 0) {
+      *what = "TLS leg state: no memory";
+      return -1;
+    }
+    memcpy(reading->in, pending, pending_len);
+    reading->in_len = pending_len;
+  }
+  return 0;
+}
+
 static napi_value start(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
+  size_t argc = 6;
+  napi_value argv[6];
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 4) {
-    napi_throw_type_error(env, NULL, "start(clientFd, upstreamFd, pipeBytes, onEvent)");
+    napi_throw_type_error(env, NULL, "start(clientFd, upstreamFd, pipeBytes, onEvent[, clientTls, upstreamTls])");
     return NULL;
   }
   int32_t client_fd, upstream_fd, pipe_bytes;
@@ -374,6 +679,12 @@ static napi_value start(napi_env env, napi_callback_info info) {
   r->dir[DIR_TO_UPSTREAM].dst = r->upstream_fd;
   r->dir[DIR_TO_UPSTREAM].src_side = SIDE_CLIENT;
   r->dir[DIR_TO_UPSTREAM].dst_side = SIDE_UPSTREAM;
+  /* The client leg is read by DIR_TO_UPSTREAM and written by DIR_TO_CLIENT; and vice versa. */
+  if ((argc > 4 && tls_leg(env, argv[4], &r->dir[DIR_TO_UPSTREAM], &r->dir[DIR_TO_CLIENT], &what) != 0) ||
+      (argc > 5 && tls_leg(env, argv[5], &r->dir[DIR_TO_CLIENT], &r->dir[DIR_TO_UPSTREAM], &what) != 0)) {
+    err = EINVAL;
+    goto fail;
+  }
   atomic_store(&r->last_activity_ms, now_ms());
   atomic_store(&r->refs, 2);
   napi_value name;
@@ -405,6 +716,7 @@ static napi_value start(napi_env env, napi_callback_info info) {
     for (int d = 0; d < 2; d++) {
       close_fd(&r->dir[d].pipe_r);
       close_fd(&r->dir[d].pipe_w);
+      free_tls(&r->dir[d]);
     }
     close_fd(&r->cancel_fd);
     relay_unref(r);
@@ -419,6 +731,7 @@ fail:
   for (int d = 0; d < 2; d++) {
     close_fd(&r->dir[d].pipe_r);
     close_fd(&r->dir[d].pipe_w);
+    free_tls(&r->dir[d]);
   }
   pthread_mutex_destroy(&r->lock);
   free(r);

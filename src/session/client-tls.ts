@@ -19,6 +19,7 @@ import type { ClientTlsConfig } from '../config/schema.js';
 import { initialProtection, type ClientProtection, type ProtectionLevel } from '../control/security.js';
 import { handshakeDone, TlsSessionBinding } from '../data/tls.js';
 import { resetSocket } from '../data/relay.js';
+import { dataTlsGate } from '../data/splice-relay.js';
 import { ProxyError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { TlsChannel, TlsHandshakeResult } from '../metrics.js';
@@ -102,7 +103,9 @@ export class ClientTls {
     const required = this.config?.dataSessionReuse === 'required';
     return async (plain, adopt) => {
       const scope = binding.socketScope();
-      const socket = new tls.TLSSocket(plain, { isServer: true, secureContext: context, server: scope.emitter as unknown as net.Server });
+      const gate = dataTlsGate(plain, 'server');
+      const socket = new tls.TLSSocket(gate ?? plain, { isServer: true, secureContext: context, server: scope.emitter as unknown as net.Server });
+      gate?.attach(socket);
       adopt(socket);
       try {
         await handshakeDone(socket, 'server', this.handshakeMs, 'FTPP_ERR_TLS_DATA_HANDSHAKE');
@@ -124,6 +127,7 @@ export class ClientTls {
       scope.admit(socket);
       this.hooks.handshake('data', 'ok');
       this.log.debug({ event: 'tls-data', leg: 'client', tlsVersion: socket.getProtocol(), resumed }, 'client data connection secured');
+      await gate?.flushed();
       return socket;
     };
   }

@@ -222,6 +222,7 @@ export class Transfers {
         upstreamDataPort: channel.upstreamPort,
         clientMode: channel.clientLeg.kind === 'active' ? 'active' : 'passive',
         dataPath: channel.isForwarded ? 'kernel' : 'relay',
+        relay: channel.carrier,
         upstreamMode: channel.upstreamLeg.kind === 'passive' ? 'passive' : 'active',
         clientTls: transfer.tls.client,
         serverTls: transfer.tls.server,

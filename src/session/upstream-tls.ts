@@ -22,6 +22,7 @@ import type { UpstreamTlsConfig } from '../config/schema.js';
 import type { Reply } from '../control/reply.js';
 import { handshakeDone } from '../data/tls.js';
 import { resetSocket } from '../data/relay.js';
+import { dataTlsGate } from '../data/splice-relay.js';
 import { ProxyError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { TlsChannel, TlsHandshakeResult } from '../metrics.js';
@@ -112,7 +113,9 @@ export class UpstreamTls {
   /** Secure the server's data connections (always PROT P toward a TLS server). */
   dataLeg(): SecureDataLeg {
     return async (plain, adopt) => {
-      const socket = tls.connect({ ...this.identity(), socket: plain, ...(this.session ? { session: this.session } : {}) });
+      const gate = dataTlsGate(plain, 'client');
+      const socket = tls.connect({ ...this.identity(), socket: gate ?? plain, ...(this.session ? { session: this.session } : {}) });
+      gate?.attach(socket);
       adopt(socket);
       try {
         await handshakeDone(socket, 'client', this.limits.handshakeMs, 'FTPP_ERR_TLS_DATA_HANDSHAKE');
@@ -124,6 +127,7 @@ export class UpstreamTls {
       }
       this.hooks.handshake('data', 'ok');
       this.log.debug({ event: 'tls-data', leg: 'server', tlsVersion: socket.getProtocol(), resumed: socket.isSessionReused() }, 'server data connection secured');
+      await gate?.flushed();
       return socket;
     };
   }
