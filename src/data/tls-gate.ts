@@ -94,7 +94,6 @@ export class TlsHandshakeGate extends Duplex {
   private readonly secrets = new Map<TrafficSecretLabel, Buffer>();
   /** Records Node wrote to the peer since its handshake completed (application keys). */
   private recordsWrittenSince = 0;
-  private established = false;
   /** Partial record header/body Node has written so far (records are counted as they end). */
   private writeRemainder = 0;
   private writeHeader: number[] = [];
@@ -191,7 +190,7 @@ export class TlsHandshakeGate extends Duplex {
     }
     // Only the TLS server writes after its handshake (session tickets); the client's last
     // handshake record, its Finished, goes out after secureConnect and is not counted.
-    if (this.established && this.role === 'server') this.countWrittenRecords(chunk);
+    if (this.state === 'holding' && this.role === 'server') this.countWrittenRecords(chunk);
     this.raw.write(chunk, callback);
   }
 
@@ -282,7 +281,6 @@ export class TlsHandshakeGate extends Duplex {
   };
 
   private readonly onEstablished = (): void => {
-    this.established = true;
     const socket = this.secure;
     const eligible = socket !== null && socket.getProtocol() === 'TLSv1.3' && recordCipher(socket.getCipher()?.standardName) !== null && this.secrets.size === 2;
     if (!eligible || this.rawEnded) {
