@@ -29,6 +29,8 @@ export interface SpliceAddon {
     onEvent: (kind: number, a: number, b: number, c: number) => void,
     clientTls?: TlsLegState | null,
     upstreamTls?: TlsLegState | null,
+    clientPending?: Buffer | null,
+    upstreamPending?: Buffer | null,
   ): object;
   cancel(handle: object): void;
   bytes(handle: object, direction: 0 | 1): number;
@@ -139,10 +141,10 @@ export function relayKindFor(client: net.Socket, upstream: net.Socket): RelayCho
   for (const [leg, socket] of legs) {
     if (isTlsSocket(socket) && !gateOf(socket)?.canHandOff) return { kind: 'js', reason: `${leg} leg is TLS that the native relay cannot take over (not TLS 1.3 AES-GCM behind a handshake gate)` };
   }
-  for (const [leg, socket] of legs) {
-    if (takeoverFd(socket) === null) return { kind: 'js', reason: `${leg} leg is closed, ended or has bytes buffered in JS` };
-  }
   const tls = legs.filter(([, socket]) => isTlsSocket(socket)).map(([leg]) => leg);
+  for (const [leg, socket] of legs) {
+    if (takeoverFd(socket, tls.length > 0) === null) return { kind: 'js', reason: `${leg} leg is closed, ended or has bytes buffered in JS` };
+  }
   return tls.length > 0
     ? { kind: 'splice', reason: `TLS 1.3 records of the ${tls.join(' and ')} leg${tls.length > 1 ? 's' : ''} opened and sealed natively` }
     : { kind: 'splice', reason: 'both legs are plain TCP with nothing buffered in JS' };
@@ -154,14 +156,30 @@ function transportOf(socket: net.Socket): net.Socket {
 }
 
 /**
- * The descriptor the native thread would take for a leg: a plain leg's if spliceable, a gated
- * TLS leg's TCP socket's if its gate can hand over (bytes that socket buffered in JS are
- * handed over with the TLS state: TlsHandshakeGate.handOff).
+ * The descriptor the native thread would take for a leg: a gated TLS leg's TCP socket's if
+ * its gate can hand over (bytes that socket buffered in JS go with the TLS state:
+ * TlsHandshakeGate.handOff); a plain leg's if spliceable, or, beside a TLS leg, if it is
+ * open for writing: what it already read into JS (a server that started sending before the
+ * client's data handshake was done, the usual order for a download) goes first to the
+ * thread (readAhead), and a FIN it saw is still there for the thread to read.
  */
-function takeoverFd(socket: net.Socket): number | null {
-  if (!isTlsSocket(socket)) return spliceableFd(socket);
-  const gate = gateOf(socket);
-  return gate?.canHandOff ? socketDescriptor(gate.raw) : null;
+function takeoverFd(socket: net.Socket, besideTls: boolean): number | null {
+  if (isTlsSocket(socket)) {
+    const gate = gateOf(socket);
+    return gate?.canHandOff ? socketDescriptor(gate.raw) : null;
+  }
+  if (!besideTls) return spliceableFd(socket);
+  if (socket.destroyed || socket.connecting || !socket.writable || socket.writableLength > 0 || socket.writableEnded) return null;
+  return socketDescriptor(socket);
+}
+
+/** Take what a plain socket read into JS and nobody consumed (reading stays stopped after). */
+function readAhead(socket: net.Socket): Buffer | null {
+  socket.pause();
+  const chunks: Buffer[] = [];
+  // read() may restart libuv's reading; SpliceRelay stops it in the same turn, before any read.
+  for (let chunk = socket.read() as Buffer | null; chunk !== null; chunk = socket.read() as Buffer | null) chunks.push(chunk);
+  return chunks.length > 0 ? Buffer.concat(chunks) : null;
 }
 
 /** Stop libuv reading: from now on only the native thread reads this socket. */
@@ -191,8 +209,9 @@ export function createRelay(client: net.Socket, upstream: net.Socket, options: R
 function startNative(addon: SpliceAddon, client: net.Socket, upstream: net.Socket, options: RelayOptions): Relay | null {
   const clientTcp = transportOf(client);
   const upstreamTcp = transportOf(upstream);
-  const clientFd = takeoverFd(client);
-  const upstreamFd = takeoverFd(upstream);
+  const besideTls = isTlsSocket(client) || isTlsSocket(upstream);
+  const clientFd = takeoverFd(client, besideTls);
+  const upstreamFd = takeoverFd(upstream, besideTls);
   if (clientFd === null || upstreamFd === null) return null;
   // Checked by relayKindFor: a TLS leg here has a gate that can hand over (canHandOff implies
   // a TLS 1.3 AES-GCM connection with both traffic secrets, so handOff() gives its state).
@@ -202,7 +221,9 @@ function startNative(addon: SpliceAddon, client: net.Socket, upstream: net.Socke
   const complete = (clientTls !== null || !isTlsSocket(client)) && (upstreamTls !== null || !isTlsSocket(upstream));
   try {
     if (!complete) throw new Error('a TLS leg could not be handed over');
-    return new SpliceRelay(clientTcp, upstreamTcp, options, addon, clientFd, upstreamFd, clientTls, upstreamTls);
+    const clientPending = besideTls && !isTlsSocket(client) ? readAhead(client) : null;
+    const upstreamPending = besideTls && !isTlsSocket(upstream) ? readAhead(upstream) : null;
+    return new SpliceRelay(clientTcp, upstreamTcp, options, addon, clientFd, upstreamFd, clientTls, upstreamTls, clientPending, upstreamPending);
   } catch {
     // Out of descriptors or threads. Plain legs: the JS relay still works (it resumes
     // reading). A TLS leg handed over is nobody's now: end both with a reset (a 426).
@@ -245,6 +266,8 @@ export class SpliceRelay implements Relay {
     upstreamFd: number,
     clientTls: TlsLegState | null = null,
     upstreamTls: TlsLegState | null = null,
+    clientPending: Buffer | null = null,
+    upstreamPending: Buffer | null = null,
   ) {
     if (isTlsSocket(client) || isTlsSocket(upstream)) throw new Error('a TLS socket cannot be spliced (see relayKindFor)');
     this.kind = clientTls || upstreamTls ? 'native-tls' : 'splice';
@@ -263,7 +286,7 @@ export class SpliceRelay implements Relay {
     };
     // The thread may start moving bytes at once; libuv cannot read in between, since the
     // event loop does not run until this constructor has returned.
-    this.handle = addon.start(clientFd, upstreamFd, PIPE_BYTES, this.onNativeEvent, clientTls, upstreamTls);
+    this.handle = addon.start(clientFd, upstreamFd, PIPE_BYTES, this.onNativeEvent, clientTls, upstreamTls, clientPending, upstreamPending);
     for (const socket of [client, upstream]) {
       stopReading(socket);
       socket.on('error', this.onSocketError);

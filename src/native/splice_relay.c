@@ -28,6 +28,7 @@
  *   start(clientFd, upstreamFd, pipeBytes, onEvent[, clientTls, upstreamTls]) -> handle
  *     clientTls / upstreamTls: null for a plain leg, else that leg's TLS 1.3 state
  *     { bits, readKey, readIv, readSeq, writeKey, writeIv, writeSeq, pending } (tls_leg)
+ *     clientPending / upstreamPending: a plain leg's bytes already read into JS (plain_pending)
  *     pipeBytes: capacity asked for each pipe (0: kernel default; -1: no pipe, copy through
  *     a 64 KiB buffer, which is also what happens when no pipe can be made)
  *     onEvent(kind, a, b, c): kind 0 = direction a finished (0 to client, 1 to upstream);
@@ -656,11 +657,37 @@ static int tls_leg(napi_env env, napi_value value, direction_t* reading, directi
   return 0;
 }
 
+/*
+ * Plaintext a plain leg's socket had already read into JS when the relay took it (the server
+ * started sending before the client's TLS handshake was done): it goes first into the
+ * direction that reads this leg, which must be sealing for a TLS leg (only that direction
+ * has a buffer to put it in; two plain legs are spliced, and take no such bytes).
+ */
+static int plain_pending(napi_env env, napi_value value, direction_t* reading, const char** what) {
+  bool is_buffer = false;
+  void* data = NULL;
+  size_t len = 0;
+  if (napi_is_buffer(env, value, &is_buffer) != napi_ok || !is_buffer) return 0;
+  if (napi_get_buffer_info(env, value, &data, &len) != napi_ok || len == 0) return 0;
+  if (!reading->tx || reading->rx) {
+    *what = "bytes read ahead on a plain leg need a TLS leg on the other side";
+    return -1;
+  }
+  if (tls_prepare(reading, len + TLS_IN_BYTES) != 0) {
+    *what = "no memory";
+    return -1;
+  }
+  memcpy(reading->in, data, len);
+  reading->in_len = len;
+  atomic_fetch_add_explicit(&reading->bytes, (uint64_t)len, memory_order_relaxed);
+  return 0;
+}
+
 static napi_value start(napi_env env, napi_callback_info info) {
-  size_t argc = 6;
-  napi_value argv[6];
+  size_t argc = 8;
+  napi_value argv[8];
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 4) {
-    napi_throw_type_error(env, NULL, "start(clientFd, upstreamFd, pipeBytes, onEvent[, clientTls, upstreamTls])");
+    napi_throw_type_error(env, NULL, "start(clientFd, upstreamFd, pipeBytes, onEvent[, clientTls, upstreamTls, clientPending, upstreamPending])");
     return NULL;
   }
   int32_t client_fd, upstream_fd, pipe_bytes;
@@ -701,7 +728,9 @@ static napi_value start(napi_env env, napi_callback_info info) {
   r->dir[DIR_TO_UPSTREAM].dst_side = SIDE_UPSTREAM;
   /* The client leg is read by DIR_TO_UPSTREAM and written by DIR_TO_CLIENT; and vice versa. */
   if ((argc > 4 && tls_leg(env, argv[4], &r->dir[DIR_TO_UPSTREAM], &r->dir[DIR_TO_CLIENT], &what) != 0) ||
-      (argc > 5 && tls_leg(env, argv[5], &r->dir[DIR_TO_CLIENT], &r->dir[DIR_TO_UPSTREAM], &what) != 0)) {
+      (argc > 5 && tls_leg(env, argv[5], &r->dir[DIR_TO_CLIENT], &r->dir[DIR_TO_UPSTREAM], &what) != 0) ||
+      (argc > 6 && plain_pending(env, argv[6], &r->dir[DIR_TO_UPSTREAM], &what) != 0) ||
+      (argc > 7 && plain_pending(env, argv[7], &r->dir[DIR_TO_CLIENT], &what) != 0)) {
     err = EINVAL;
     goto fail;
   }

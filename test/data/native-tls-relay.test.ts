@@ -266,6 +266,30 @@ function cases(): void {
     });
   }
 
+  for (const [size, what] of [[1000, 'all of it and the FIN'], [300 * 1024, 'the first part']] as const) {
+    t.test(`plain server leg that read ${what} into JS before the relay (${size} bytes): nothing lost, sealed for the TLS client`, async (t) => {
+      // A download's usual order: the server sends at once, the client's data handshake ends later.
+      const c = await clientLeg(true);
+      const s = await upstreamLeg(false);
+      const data = randomBytes(size);
+      s.app.end(data);
+      // As after a dial: Node reads a connected socket into its buffer before anyone asks.
+      s.relaySide.read(0);
+      t.ok(await waitFor(() => s.relaySide.readableLength > 0, 3000), `the plain socket holds ${s.relaySide.readableLength} bytes in JS`);
+      if (size < 16384) t.ok(await waitFor(() => (s.relaySide as unknown as { _readableState: { ended: boolean } })._readableState.ended, 3000), 'and has seen the FIN');
+      const relay = createRelay(c.relaySide, s.relaySide, {});
+      t.equal(relay.kind, 'native-tls', 'still the native thread');
+      const ch = { c, s, relay };
+      const clientRead = readApp(c, 10000);
+      const r = await clientRead;
+      t.equal(r.outcome, 'end', 'clean end (close_notify)');
+      t.equal(sha256(r.data), sha256(data), `every byte, in order (${r.data.length})`);
+      c.app.end();
+      const result = await settles(t, ch, 'complete');
+      t.equal(result.upstreamToClientBytes, size, 'counted, the bytes read ahead included');
+    });
+  }
+
   t.test('empty transfer: the server ends at once; the client sees a clean end and no data', async (t) => {
     const ch = await channel(t, true, true);
     const clientRead = readApp(ch.c, 5000);

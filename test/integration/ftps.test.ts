@@ -36,6 +36,7 @@
  * Relay ports 21000-21999 belong to this file.
  */
 import t from 'tap';
+import { relayImplementation } from '../../src/data/splice-relay.js';
 import { commandsMissing } from '../helpers/netns.js';
 import { chmodSync, copyFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -135,6 +136,8 @@ const COMBINATIONS: readonly Combination[] = [
 ];
 
 const ACTIVE_MODES: ReadonlySet<ClientMode> = new Set(['port', 'eprt']);
+/** The native relay thread is built and picked (else every transfer takes the JS relay). */
+const NATIVE = relayImplementation().kind === 'splice';
 
 
 function excerpt(result: RunResult): string {
@@ -254,6 +257,11 @@ if (reason) {
     t.equal(record.upstreamMode, combo.dataMode === 'mirror' ? clientMode : 'passive', `server data connection ${String(record.upstreamMode)} (dataMode ${combo.dataMode})`);
     t.same(record.clientTls, clientVersion ? { tlsVersion: clientVersion, resumed: true } : null, `client data leg: ${clientVersion ? `${clientVersion}, resumed` : 'plain'}`);
     t.same(record.serverTls, serverVersion ? { tlsVersion: serverVersion, resumed: true } : null, `server data leg: ${serverVersion ? `${serverVersion}, resumed` : 'plain'}`);
+    // What carried the bytes: with the addon, the native thread, which opens and seals TLS 1.3
+    // records itself (relay `native-tls`) and splices plain legs; a TLS 1.2 leg keeps Node's TLS.
+    const versions = [clientVersion, serverVersion].filter((v): v is string => v !== null);
+    const carrier = !NATIVE ? 'js' : versions.includes('TLSv1.2') ? 'js' : versions.length > 0 ? 'native-tls' : 'splice';
+    t.equal(record.relay, carrier, `carried by ${carrier}`);
 
     const session = record.session;
     const end = await proxy.waitLog((r) => r.event === 'session-end' && r.session === session, 5000);
