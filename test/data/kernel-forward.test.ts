@@ -118,7 +118,7 @@ t.test('scripts', async (t) => {
     const key = `ct original ${expr} saddr \\. ct original ${expr} daddr \\. ct original proto-dst`;
     const n = suffix === '' ? 4 : 6;
     const lookup = `meta nfproto ipv${n} meta l4proto tcp ct direction . ${key.replaceAll('\\', '')} vmap @flows${suffix}`;
-    for (const [chain, ours] of [['forward', 'ct status dnat'], ['filter_output', 'ct status dnat'], ['filter_input', 'ct status dnat iif != "lo"']]) {
+    for (const [chain, ours] of [['forward', 'ct status dnat'], ['filter_output', 'ct status dnat'], ['filter_input', 'ct status dnat iif != "lo"']] as const) {
       const rules = (new RegExp(`  chain ${chain} \\{\n((?:    .*\n)*)  \\}`).exec(table)?.[1] ?? '').split('\n').filter(Boolean).map((rule) => rule.trim());
       t.same(rules.slice(0, 2), [`type filter hook ${chain.replace('filter_', '')} priority filter; policy accept;`, `${ours} meta l4proto tcp tcp flags & (fin | rst) != 0 jump count_ends`], `${family} ${chain}: FIN/RST to count_ends first (a flags test for every other packet)`);
       t.ok(rules.includes(`${ours} ${lookup}`), `${family} ${chain}: then the one lookup, only for its own family's packets`);

@@ -3,6 +3,7 @@
  * loopback pair, a writer that honours backpressure. Every wait is bounded.
  */
 import net from 'node:net';
+import { isTlsSocket, tlsParentOf } from '../../src/data/relay.js';
 import { DEFAULT_WAIT_MS, withTimeout } from './async.js';
 import type { TeardownHost } from './tap.js';
 
@@ -20,13 +21,16 @@ export interface ReadResult {
  * Tells a reset from a FIN even when libuv reports the RST as EOF (it does when the RST lands
  * while this socket's reading is stopped: POLLHUP after a partial read): on 'end' a
  * zero-length write is sent; it succeeds on a half-closed connection and fails with
- * ECONNRESET/EPIPE on a reset one.
+ * ECONNRESET/EPIPE on a reset one. For a TLS socket the probe goes to the TCP socket under it:
+ * a zero-length write to a TLSSocket stays in Node's TLS layer, and Node takes any EOF for an
+ * 'end', so a reset TLS peer looked like a clean end (seen once in test/data).
  */
 export function readAll(socket: net.Socket, timeoutMs = DEFAULT_WAIT_MS, endOnEnd = true): Promise<ReadResult> {
   const chunks: Buffer[] = [];
   const result = new Promise<ReadResult>((resolve) => {
     let error: NodeJS.ErrnoException | null = null;
     let ended = false;
+    const probe = isTlsSocket(socket) ? tlsParentOf(socket) : socket;
     socket.on('data', (chunk: Buffer) => chunks.push(chunk));
     socket.once('end', () => {
       const confirm = (): void => {
@@ -34,8 +38,10 @@ export function readAll(socket: net.Socket, timeoutMs = DEFAULT_WAIT_MS, endOnEn
         // Half-open sockets stay open until our side ends too.
         if (endOnEnd && !socket.writableEnded) socket.end();
       };
+      // Nothing to probe with (our side ended, writes queued, no TCP socket in reach): trust it.
       if (socket.destroyed || socket.writableEnded || socket.writableLength > 0) return confirm();
-      socket.write(Buffer.alloc(0), (err) => {
+      if (!probe || probe.destroyed || probe.writableEnded || probe.writableLength > 0) return confirm();
+      probe.write(Buffer.alloc(0), (err) => {
         if (err) error ??= err as NodeJS.ErrnoException;
         else confirm();
       });
@@ -43,6 +49,7 @@ export function readAll(socket: net.Socket, timeoutMs = DEFAULT_WAIT_MS, endOnEn
     socket.on('error', (err: NodeJS.ErrnoException) => {
       error ??= err;
     });
+    if (probe && probe !== socket) probe.on('error', (err: NodeJS.ErrnoException) => (error ??= err));
     socket.once('close', () => {
       resolve({ data: Buffer.concat(chunks), outcome: error ? 'error' : ended ? 'end' : 'close', error });
     });
