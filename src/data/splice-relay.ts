@@ -81,10 +81,13 @@ export function relayImplementation(): { readonly kind: 'splice' | 'js'; readonl
 /**
  * The stream a PROT P data connection's TLSSocket is built on: a handshake gate over the TCP
  * socket when the native thread could take the connection over once it is established
- * (tls-gate.ts), null (build it on the socket itself) when new channels get the JS relay.
+ * (tls-gate.ts), null (build it on the socket itself) otherwise: when new channels get the
+ * JS relay, or when the control connection is not TLS 1.3. Data connections resume the
+ * control connection's session and so speak its version, and for TLS 1.2 the gate would only
+ * add a JS stream hop in front of Node's TLS.
  */
-export function dataTlsGate(plain: net.Socket, role: 'server' | 'client'): TlsHandshakeGate | null {
-  return relayImplementation().kind === 'splice' ? new TlsHandshakeGate(plain, role) : null;
+export function dataTlsGate(plain: net.Socket, role: 'server' | 'client', controlVersion: string | null): TlsHandshakeGate | null {
+  return controlVersion === 'TLSv1.3' && relayImplementation().kind === 'splice' ? new TlsHandshakeGate(plain, role) : null;
 }
 
 interface HandleInternals {
@@ -196,10 +199,9 @@ function stopReading(socket: net.Socket): void {
 export function createRelay(client: net.Socket, upstream: net.Socket, options: RelayOptions = {}): Relay {
   if (process.env[RELAY_ENV] !== 'js') {
     const { addon } = loadSpliceAddon();
-    if (addon && relayKindFor(client, upstream).kind === 'splice') {
-      const relay = startNative(addon, client, upstream, options);
-      if (relay) return relay;
-    }
+    // startNative takes the legs relayKindFor calls `splice` (takeoverFd decides both).
+    const relay = addon ? startNative(addon, client, upstream, options) : null;
+    if (relay) return relay;
   }
   // The JS relay reads the TLSSockets: their gates let everything through from now on.
   for (const socket of [client, upstream]) if (isTlsSocket(socket)) gateOf(socket)?.release();
@@ -213,7 +215,7 @@ function startNative(addon: SpliceAddon, client: net.Socket, upstream: net.Socke
   const clientFd = takeoverFd(client, besideTls);
   const upstreamFd = takeoverFd(upstream, besideTls);
   if (clientFd === null || upstreamFd === null) return null;
-  // Checked by relayKindFor: a TLS leg here has a gate that can hand over (canHandOff implies
+  // Checked by takeoverFd: a TLS leg here has a gate that can hand over (canHandOff implies
   // a TLS 1.3 AES-GCM connection with both traffic secrets, so handOff() gives its state).
   const clientTls = isTlsSocket(client) ? gateOf(client)!.handOff() : null;
   const upstreamTls = isTlsSocket(upstream) ? gateOf(upstream)!.handOff() : null;

@@ -103,9 +103,7 @@ export class ClientTls {
     const required = this.config?.dataSessionReuse === 'required';
     return async (plain, adopt) => {
       const scope = binding.socketScope();
-      // Data connections resume the control connection's session, so they speak its TLS
-      // version: the handshake gate (native record relay) only pays off for TLS 1.3.
-      const gate = this.controlVersion === 'TLSv1.3' ? dataTlsGate(plain, 'server') : null;
+      const gate = dataTlsGate(plain, 'server', this.controlVersion);
       const socket = new tls.TLSSocket(gate ?? plain, { isServer: true, secureContext: context, server: scope.emitter as unknown as net.Server });
       gate?.attach(socket);
       adopt(socket);

@@ -113,9 +113,7 @@ export class UpstreamTls {
   /** Secure the server's data connections (always PROT P toward a TLS server). */
   dataLeg(): SecureDataLeg {
     return async (plain, adopt) => {
-      // Data connections resume the control connection's session, so they speak its TLS
-      // version: the handshake gate (native record relay) only pays off for TLS 1.3.
-      const gate = this.controlVersion === 'TLSv1.3' ? dataTlsGate(plain, 'client') : null;
+      const gate = dataTlsGate(plain, 'client', this.controlVersion);
       const socket = tls.connect({ ...this.identity(), socket: gate ?? plain, ...(this.session ? { session: this.session } : {}) });
       gate?.attach(socket);
       adopt(socket);
