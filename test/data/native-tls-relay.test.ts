@@ -21,39 +21,31 @@ import t from 'tap';
 import net from 'node:net';
 import tls from 'node:tls';
 import { EventEmitter } from 'node:events';
-import { execFileSync } from 'node:child_process';
-import { createCipheriv, createHash, randomBytes, type CipherGCM } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { createHash, randomBytes } from 'node:crypto';
 import { createRelay, dataTlsGate, relayImplementation, relayKindFor } from '../../src/data/splice-relay.js';
 import type { Relay, RelayOptions, RelayResult } from '../../src/data/relay.js';
 import type { TlsHandshakeGate } from '../../src/data/tls-gate.js';
 import { parseTrafficSecret, recordCipher, trafficKeys } from '../../src/data/tls-records.js';
 import { waitFor, withTimeout } from '../helpers/async.js';
-import { socketPair, type ReadResult } from '../helpers/sockets.js';
+import { readAll, socketPair, type ReadResult } from '../helpers/sockets.js';
+import { makeSelfSigned, type SelfSigned } from '../helpers/tls.js';
+import { sealRecord } from '../helpers/tls-records.js';
 import type { TapTest } from '../helpers/tap.js';
 
 let ca: Buffer;
 let key: Buffer;
-let certDir: string | null = null;
+let certificate: SelfSigned | null = null;
 const cleanups: Array<() => void> = [];
 
 function suite(): void {
   t.before(() => {
-    certDir = mkdtempSync(join(tmpdir(), 'ftpnp-native-tls-'));
-    const keyPath = join(certDir, 'k.pem');
-    const certPath = join(certDir, 'c.pem');
-    execFileSync('openssl', [
-      'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', keyPath, '-out', certPath,
-      '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1',
-    ], { stdio: 'ignore' });
-    ca = readFileSync(certPath);
-    key = readFileSync(keyPath);
+    certificate = makeSelfSigned('ftpnp-native-tls-');
+    ca = certificate.cert;
+    key = certificate.key;
   });
   t.teardown(() => {
     for (const cleanup of cleanups.reverse()) cleanup();
-    if (certDir) rmSync(certDir, { recursive: true, force: true });
+    certificate?.cleanup();
   });
   cases();
 }
@@ -85,7 +77,7 @@ interface Leg {
 async function clientLeg(secure: boolean, ciphers?: string): Promise<Leg> {
   const { app: appRaw, inner } = await socketPair(owner);
   if (!secure) return { relaySide: inner, app: appRaw, appRaw, gate: null, secrets: new Map() };
-  const gate = dataTlsGate(inner, 'server')!;
+  const gate = dataTlsGate(inner, 'server', 'TLSv1.3')!;
   const emitter = new EventEmitter();
   emitter.on('newSession', (_id: Buffer, _data: Buffer, done: () => void) => done());
   emitter.on('resumeSession', (_id: Buffer, done: (err: Error | null, data: Buffer | null) => void) => done(null, null));
@@ -108,7 +100,7 @@ async function clientLeg(secure: boolean, ciphers?: string): Promise<Leg> {
 async function upstreamLeg(secure: boolean, ciphers?: string): Promise<Leg> {
   const { app: dialled, inner: accepted } = await socketPair(owner);
   if (!secure) return { relaySide: accepted, app: dialled, appRaw: dialled, gate: null, secrets: new Map() };
-  const gate = dataTlsGate(dialled, 'client')!;
+  const gate = dataTlsGate(dialled, 'client', 'TLSv1.3')!;
   const relaySide = track(tls.connect({ socket: gate as unknown as net.Socket, host: '127.0.0.1', ca }));
   gate.attach(relaySide);
   const context = tls.createSecureContext({ key, cert: ca, ...(ciphers ? { ciphers } : {}) });
@@ -148,52 +140,8 @@ function sha256(data: Buffer): string {
   return createHash('sha256').update(data).digest('hex');
 }
 
-/**
- * readAll (helpers/sockets.ts) for a leg's app, TLS or not: read to the end, telling a reset
- * from a clean end. libuv may report a RST as EOF (POLLHUP after a partial read), and a
- * Node TLSSocket takes any EOF for an 'end'; readAll then confirms with a zero-length write,
- * which on a TLSSocket never reaches the kernel. So the confirming write goes to the TCP
- * socket under the app: it fails (EPIPE) on a reset connection, succeeds on a half-closed one.
- */
-function readApp(leg: Leg, ms = 10000): Promise<ReadResult> {
-  const { app, appRaw } = leg;
-  const chunks: Buffer[] = [];
-  let error: NodeJS.ErrnoException | null = null;
-  let ended = false;
-  const result = new Promise<ReadResult>((resolve) => {
-    app.on('data', (chunk: Buffer) => chunks.push(chunk));
-    app.on('error', (err: NodeJS.ErrnoException) => (error ??= err));
-    appRaw.on('error', (err: NodeJS.ErrnoException) => (error ??= err));
-    app.once('end', () => {
-      const confirm = (): void => {
-        ended = true;
-        if (!app.writableEnded) app.end();
-      };
-      // Our side already ended (sent its FIN): nothing to probe with, as in readAll.
-      if (app.destroyed || app.writableEnded || appRaw.destroyed || appRaw.writableEnded) return confirm();
-      appRaw.write(Buffer.alloc(0), (err) => (err ? (error ??= err as NodeJS.ErrnoException) : confirm()));
-    });
-    app.once('close', () => resolve({ data: Buffer.concat(chunks), outcome: error ? 'error' : ended ? 'end' : 'close', error }));
-    app.resume();
-  });
-  return withTimeout(result, ms, 'read the app socket to its end');
-}
-
 function resetSeen(r: ReadResult): boolean {
   return r.outcome === 'error' && ['ECONNRESET', 'EPIPE'].includes(r.error?.code ?? '');
-}
-
-/** A TLS 1.3 record sealed by hand (RFC 8446 §5.2, nonce §5.3): outer type 23, legacy version 0x0303. */
-function seal(k: Buffer, iv: Buffer, seq: number, type: number, data: Buffer): Buffer {
-  const nonce = Buffer.from(iv);
-  const s = Buffer.alloc(8);
-  s.writeBigUInt64BE(BigInt(seq));
-  for (let i = 0; i < 8; i++) nonce[4 + i]! ^= s[i]!;
-  const header = Buffer.from([23, 3, 3, 0, 0]);
-  header.writeUInt16BE(data.length + 1 + 16, 3);
-  const cipher = createCipheriv(`aes-${k.length * 8}-gcm`, k, nonce) as CipherGCM;
-  cipher.setAAD(header);
-  return Buffer.concat([header, cipher.update(Buffer.concat([data, Buffer.from([type])])), cipher.final(), cipher.getAuthTag()]);
 }
 
 /** Seals records as the client app would send them next (its write direction, from record 0). */
@@ -203,7 +151,7 @@ function clientAppSealer(leg: Leg): (type: number, data: Buffer) => Buffer {
   if (!cipher || !secret) throw new Error('no client traffic secret from keylog');
   const { key: k, iv } = trafficKeys(cipher, secret);
   let seq = 0;
-  return (type, data) => seal(k, iv, seq++, type, data);
+  return (type, data) => sealRecord(k, iv, seq++, type, data);
 }
 
 function cases(): void {
@@ -213,8 +161,8 @@ function cases(): void {
       t.equal((ch.c.app as tls.TLSSocket).getCipher().standardName, suiteName, 'client leg suite');
       t.equal((ch.s.app as tls.TLSSocket).getCipher().standardName, suiteName, 'upstream leg suite');
       const data = randomBytes(8 * 1024 * 1024);
-      const clientRead = readApp(ch.c, 20000);
-      const serverRead = readApp(ch.s, 20000);
+      const clientRead = readAll(ch.c.app, 20000);
+      const serverRead = readAll(ch.s.app, 20000);
       ch.s.app.end(data);
       const r = await clientRead;
       t.equal(r.outcome, 'end', 'the client app sees a clean end (close_notify)');
@@ -234,8 +182,8 @@ function cases(): void {
   t.test('upload, both legs TLS: the server gets every byte, then a clean end (close_notify)', async (t) => {
     const ch = await channel(t, true, true);
     const data = randomBytes(3 * 1024 * 1024 + 17);
-    const serverRead = readApp(ch.s, 20000);
-    const clientRead = readApp(ch.c, 20000);
+    const serverRead = readAll(ch.s.app, 20000);
+    const clientRead = readAll(ch.c.app, 20000);
     ch.c.app.end(data);
     const s = await serverRead;
     t.equal(s.outcome, 'end', "a Node TLS server sees 'end': the relay sent close_notify");
@@ -251,8 +199,8 @@ function cases(): void {
       const ch = await channel(t, clientTls, upstreamTls);
       const down = randomBytes(2_000_000);
       const up = randomBytes(1_234_567);
-      const clientRead = readApp(ch.c, 20000);
-      const serverRead = readApp(ch.s, 20000);
+      const clientRead = readAll(ch.c.app, 20000);
+      const serverRead = readAll(ch.s.app, 20000);
       ch.s.app.end(down);
       ch.c.app.end(up);
       const [c, s] = await Promise.all([clientRead, serverRead]);
@@ -280,7 +228,7 @@ function cases(): void {
       const relay = createRelay(c.relaySide, s.relaySide, {});
       t.equal(relay.kind, 'native-tls', 'still the native thread');
       const ch = { c, s, relay };
-      const clientRead = readApp(c, 10000);
+      const clientRead = readAll(c.app, 10000);
       const r = await clientRead;
       t.equal(r.outcome, 'end', 'clean end (close_notify)');
       t.equal(sha256(r.data), sha256(data), `every byte, in order (${r.data.length})`);
@@ -292,8 +240,8 @@ function cases(): void {
 
   t.test('empty transfer: the server ends at once; the client sees a clean end and no data', async (t) => {
     const ch = await channel(t, true, true);
-    const clientRead = readApp(ch.c, 5000);
-    const serverRead = readApp(ch.s, 5000);
+    const clientRead = readAll(ch.c.app, 5000);
+    const serverRead = readAll(ch.s.app, 5000);
     ch.s.app.end();
     const [c, s] = await Promise.all([clientRead, serverRead]);
     t.equal(c.outcome, 'end', 'client: clean end');
@@ -305,8 +253,8 @@ function cases(): void {
 
   t.test('truncated download: the server TCP connection FINs without close_notify: both legs reset', async (t) => {
     const ch = await channel(t, true, true);
-    const clientRead = readApp(ch.c, 10000);
-    const serverRead = readApp(ch.s, 10000);
+    const clientRead = readAll(ch.c.app, 10000);
+    const serverRead = readAll(ch.s.app, 10000);
     const started = new Promise((resolve) => ch.c.app.once('data', resolve));
     ch.s.app.write(randomBytes(1024 * 1024));
     await withTimeout(started, 3000, 'download started');
@@ -320,8 +268,8 @@ function cases(): void {
   t.test('a download whose client closes its unused direction with a bare FIN (no close_notify): still complete', async (t) => {
     const ch = await channel(t, true, true);
     const data = randomBytes(512 * 1024);
-    const clientRead = readApp(ch.c, 10000);
-    const serverRead = readApp(ch.s, 10000);
+    const clientRead = readAll(ch.c.app, 10000);
+    const serverRead = readAll(ch.s.app, 10000);
     // The client's upload direction carried nothing: its FIN without close_notify truncates
     // nothing (RFC 8446 §6.1 asks for close_notify, but many clients close this way).
     ch.c.appRaw.end();
@@ -337,7 +285,7 @@ function cases(): void {
 
   t.test('truncated upload: the client TCP connection FINs without close_notify: the server sees a reset', async (t) => {
     const ch = await channel(t, true, true);
-    const serverRead = readApp(ch.s, 10000);
+    const serverRead = readAll(ch.s.app, 10000);
     ch.c.app.on('error', () => {});
     ch.c.app.write(randomBytes(256 * 1024));
     t.ok(await waitFor(() => ch.relay.clientToUpstreamBytes > 0, 3000, 5), 'upload started');
@@ -354,8 +302,8 @@ function cases(): void {
   for (const [name, bytes] of BAD) {
     t.test(`injected on the server's TCP connection: ${name}: both legs reset`, async (t) => {
       const ch = await channel(t, true, true);
-      const clientRead = readApp(ch.c, 10000);
-      const serverRead = readApp(ch.s, 10000);
+      const clientRead = readAll(ch.c.app, 10000);
+      const serverRead = readAll(ch.s.app, 10000);
       const before = new Promise((resolve) => ch.c.app.once('data', resolve));
       ch.s.app.write('before');
       await withTimeout(before, 3000, 'a real record first');
@@ -377,7 +325,7 @@ function cases(): void {
     t.test(`sealed with the client's keys: ${name} is refused: both legs reset`, async (t) => {
       const ch = await channel(t, true, true);
       const sealNext = clientAppSealer(ch.c);
-      const serverRead = readApp(ch.s, 10000);
+      const serverRead = readAll(ch.s.app, 10000);
       ch.c.app.on('error', () => {});
       ch.c.appRaw.write(sealNext(23, Buffer.from('hello ')));
       t.ok(await waitFor(() => ch.relay.clientToUpstreamBytes === 6, 3000, 5), 'a record sealed by the test is relayed (keys and sequence right)');
@@ -392,7 +340,7 @@ function cases(): void {
   t.test("sealed with the client's keys: a NewSessionTicket is dropped and user_canceled tolerated; the transfer completes", async (t) => {
     const ch = await channel(t, true, true);
     const sealNext = clientAppSealer(ch.c);
-    const serverRead = readApp(ch.s, 10000);
+    const serverRead = readAll(ch.s.app, 10000);
     const clientEnd = withTimeout(once(ch.c.app, 'end'), 5000, 'client app end');
     const ticket = Buffer.concat([Buffer.from([4, 0, 0, 12]), randomBytes(12)]);
     ch.c.appRaw.write(Buffer.concat([
@@ -413,8 +361,8 @@ function cases(): void {
 
   t.test('abort(): both TLS peers see a reset; done settles aborted', async (t) => {
     const ch = await channel(t, true, true);
-    const clientRead = readApp(ch.c, 5000);
-    const serverRead = readApp(ch.s, 5000);
+    const clientRead = readAll(ch.c.app, 5000);
+    const serverRead = readAll(ch.s.app, 5000);
     const arrived = new Promise((resolve) => ch.c.app.once('data', resolve));
     ch.s.app.write('partial');
     await withTimeout(arrived, 3000, 'relayed');
@@ -429,8 +377,8 @@ function cases(): void {
 
   t.test('idle timeout: nothing moves for idleTimeoutMs: both legs reset, outcome idle', async (t) => {
     const ch = await channel(t, true, true, { idleTimeoutMs: 300 });
-    const clientRead = readApp(ch.c, 5000);
-    const serverRead = readApp(ch.s, 5000);
+    const clientRead = readAll(ch.c.app, 5000);
+    const serverRead = readAll(ch.s.app, 5000);
     const started = Date.now();
     const [c, s] = await Promise.all([clientRead, serverRead]);
     t.ok(Date.now() - started >= 250, `not before the timeout (${Date.now() - started} ms)`);

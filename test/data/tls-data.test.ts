@@ -14,40 +14,31 @@
 import t from 'tap';
 import net from 'node:net';
 import tls from 'node:tls';
-import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { createRelay, relayImplementation, relayKindFor, SpliceRelay } from '../../src/data/splice-relay.js';
 import { DataRelay, resetSocket, type Relay } from '../../src/data/relay.js';
 import { delay, waitFor, withTimeout } from '../helpers/async.js';
 import { readAll, socketPair, type SocketPair } from '../helpers/sockets.js';
+import { makeSelfSigned, type SelfSigned } from '../helpers/tls.js';
 
 /** The type of `t` inside a subtest callback. */
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0];
 
 let ca: Buffer;
 let secureContext: tls.SecureContext;
-let certDir: string | null = null;
+let certificate: SelfSigned | null = null;
 
 t.before(() => {
-  certDir = mkdtempSync(join(tmpdir(), 'ftpnp-tls-data-'));
-  const keyPath = join(certDir, 'k.pem');
-  const certPath = join(certDir, 'c.pem');
-  execFileSync('openssl', [
-    'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', keyPath, '-out', certPath,
-    '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1',
-  ], { stdio: 'ignore' });
-  ca = readFileSync(certPath);
-  secureContext = tls.createSecureContext({ key: readFileSync(keyPath), cert: ca });
+  certificate = makeSelfSigned('ftpnp-tls-data-');
+  ca = certificate.cert;
+  secureContext = tls.createSecureContext({ key: certificate.key, cert: ca });
 });
 
 const allSockets = new Set<net.Socket>();
 t.teardown(() => {
   // Wrappers first (added after the sockets under them): a TLSSocket closes its parent.
   for (const socket of [...allSockets].reverse()) socket.destroy();
-  if (certDir) rmSync(certDir, { recursive: true, force: true });
+  certificate?.cleanup();
 });
 
 /** Two connected plain TCP sockets on loopback: `app` dialled, `inner` accepted (closed with allSockets). */

@@ -19,90 +19,40 @@ import t from 'tap';
 import net from 'node:net';
 import tls from 'node:tls';
 import { EventEmitter } from 'node:events';
-import { execFileSync } from 'node:child_process';
-import { createCipheriv, createDecipheriv, randomBytes, type CipherGCM, type DecipherGCM } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
 import { GATE_HOLD_BYTES, gateOf, TlsHandshakeGate, type TlsLegState } from '../../src/data/tls-gate.js';
 import { resetSocket } from '../../src/data/relay.js';
 import { waitFor, withTimeout } from '../helpers/async.js';
 import { readAll, socketPair } from '../helpers/sockets.js';
+import { makeSelfSigned, type SelfSigned } from '../helpers/tls.js';
+import { openRecords, sealRecord } from '../helpers/tls-records.js';
 import type { TapTest } from '../helpers/tap.js';
 
 let ca: Buffer;
 let key: Buffer;
 let secureContext: tls.SecureContext;
-let certDir: string | null = null;
+let certificate: SelfSigned | null = null;
 
 t.before(() => {
-  certDir = mkdtempSync(join(tmpdir(), 'ftpnp-tls-gate-'));
-  const keyPath = join(certDir, 'k.pem');
-  const certPath = join(certDir, 'c.pem');
-  execFileSync('openssl', [
-    'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', keyPath, '-out', certPath,
-    '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1',
-  ], { stdio: 'ignore' });
-  ca = readFileSync(certPath);
-  key = readFileSync(keyPath);
+  certificate = makeSelfSigned('ftpnp-tls-gate-');
+  ca = certificate.cert;
+  key = certificate.key;
   secureContext = tls.createSecureContext({ key, cert: ca });
 });
 
 const cleanups: Array<() => void> = [];
 t.teardown(() => {
   for (const cleanup of cleanups.reverse()) cleanup();
-  if (certDir) rmSync(certDir, { recursive: true, force: true });
+  certificate?.cleanup();
 });
 function track<T extends net.Socket | net.Server>(thing: T): T {
   cleanups.push(() => (thing instanceof net.Server ? thing.close() : thing.destroy()));
   return thing;
 }
 
-// ---- TLS 1.3 record protection done by hand (RFC 8446 §5.2, §5.3) ----
-
-function nonce(iv: Buffer, seq: number): Buffer {
-  const n = Buffer.from(iv);
-  const s = Buffer.alloc(8);
-  s.writeBigUInt64BE(BigInt(seq));
-  for (let i = 0; i < 8; i++) n[4 + i]! ^= s[i]!;
-  return n;
-}
-
-function seal(k: Buffer, iv: Buffer, seq: number, type: number, data: Buffer): Buffer {
-  const header = Buffer.from([23, 3, 3, 0, 0]);
-  header.writeUInt16BE(data.length + 1 + 16, 3);
-  const cipher = createCipheriv(`aes-${k.length * 8}-gcm`, k, nonce(iv, seq)) as CipherGCM;
-  cipher.setAAD(header);
-  const body = Buffer.concat([cipher.update(Buffer.concat([data, Buffer.from([type])])), cipher.final(), cipher.getAuthTag()]);
-  return Buffer.concat([header, body]);
-}
-
-interface Opened { readonly type: number; readonly data: Buffer }
-
-/** Open every whole record of `bytes` from sequence `seq` on; throws if one does not authenticate. */
-function openAll(k: Buffer, iv: Buffer, seq: number, bytes: Buffer): { records: Opened[]; rest: Buffer } {
-  const records: Opened[] = [];
-  let off = 0;
-  while (bytes.length - off >= 5) {
-    const len = bytes.readUInt16BE(off + 3);
-    if (bytes.length - off < 5 + len) break;
-    if (bytes[off] !== 23) throw new Error(`outer record type ${bytes[off]} after the handshake`);
-    const body = bytes.subarray(off + 5, off + 5 + len);
-    const decipher = createDecipheriv(`aes-${k.length * 8}-gcm`, k, nonce(iv, seq++)) as DecipherGCM;
-    decipher.setAAD(bytes.subarray(off, off + 5));
-    decipher.setAuthTag(body.subarray(len - 16));
-    const inner = Buffer.concat([decipher.update(body.subarray(0, len - 16)), decipher.final()]);
-    let end = inner.length;
-    while (end > 0 && inner[end - 1] === 0) end--;
-    records.push({ type: inner[end - 1]!, data: inner.subarray(0, end - 1) });
-    off += 5 + len;
-  }
-  return { records, rest: bytes.subarray(off) };
-}
-
 /** The application data in `bytes`, handshake records (session tickets) skipped. */
 function appData(state: TlsLegState, bytes: Buffer): Buffer {
-  const { records } = openAll(state.readKey, state.readIv, state.readSeq, bytes);
+  const { records } = openRecords(state.readKey, state.readIv, state.readSeq, bytes);
   return Buffer.concat(records.filter((r) => r.type === 23).map((r) => r.data));
 }
 
@@ -189,7 +139,7 @@ for (const [suite, bits] of SUITES) {
     t.equal(gate.handOff(), null, 'handOff() only once');
 
     const ping = new Promise<string>((resolve) => peer.once('data', (d: Buffer) => resolve(d.toString())));
-    gate.raw.write(seal(state.writeKey, state.writeIv, state.writeSeq, 23, Buffer.from('ping')));
+    gate.raw.write(sealRecord(state.writeKey, state.writeIv, state.writeSeq, 23, Buffer.from('ping')));
     t.equal(await withTimeout(ping, 3000, 'peer reads ping'), 'ping', 'the peer opens a record sealed at writeSeq');
     t.equal(tickets, state.writeSeq, `writeSeq equals the tickets the peer received (${tickets})`);
 
@@ -209,14 +159,14 @@ for (const [suite, bits] of SUITES) {
     t.equal(state.writeSeq, 0, 'writeSeq 0: a TLS client writes nothing after its Finished');
 
     const ping = new Promise<string>((resolve) => peer.once('data', (d: Buffer) => resolve(d.toString())));
-    gate.raw.write(seal(state.writeKey, state.writeIv, 0, 23, Buffer.from('ping')));
+    gate.raw.write(sealRecord(state.writeKey, state.writeIv, 0, 23, Buffer.from('ping')));
     t.equal(await withTimeout(ping, 3000, 'peer reads ping'), 'ping', 'the server opens a record sealed at seq 0');
 
     const raw = collect(gate.raw);
     peer.write('pong');
     const all = (): Buffer => Buffer.concat([state.pending, raw.bytes()]);
     t.ok(await waitFor(() => appData(state, all()).toString() === 'pong', 3000), 'pong opens from readSeq');
-    const types = openAll(state.readKey, state.readIv, 0, all()).records.map((r) => r.type);
+    const types = openRecords(state.readKey, state.readIv, 0, all()).records.map((r) => r.type);
     t.ok(types.filter((type) => type === 22).length > 0, `session tickets came first as inner handshake records (${types.join(',')})`);
     t.equal(types.at(-1), 23, 'then the application data');
   });
@@ -230,7 +180,7 @@ t.test('server role: application data sent with the client Finished stays in pen
   const state = gate.handOff();
   if (!state) return t.fail('handOff() returned null');
   t.ok(state.pending.length > 0, `pending holds ${state.pending.length} bytes`);
-  const { records, rest } = openAll(state.readKey, state.readIv, state.readSeq, state.pending);
+  const { records, rest } = openRecords(state.readKey, state.readIv, state.readSeq, state.pending);
   t.same(records.map((r) => [r.type, r.data.toString()]), [[23, 'early bird']], 'pending opens at readSeq 0 to the early data');
   t.equal(rest.length, 0, 'whole records only');
   t.equal(early, 0, 'Node never saw it');
@@ -347,7 +297,7 @@ t.test('the hold bound: a peer that writes at once is paused near GATE_HOLD_BYTE
   const state = gate.handOff();
   if (!state) return t.fail('handOff() returned null');
   t.equal(state.pending.length, read, 'pending is every byte read after the handshake');
-  const { records, rest } = openAll(state.readKey, state.readIv, state.readSeq, state.pending);
+  const { records, rest } = openRecords(state.readKey, state.readIv, state.readSeq, state.pending);
   const plain = Buffer.concat(records.map((r) => r.data));
   t.ok(records.every((r) => r.type === 23), 'all application data');
   t.ok(plain.length > GATE_HOLD_BYTES - 32 * 1024, `${plain.length} plaintext bytes`);

@@ -137,3 +137,35 @@ function openssl(args: readonly string[]): void {
 function pemFile(path: string): PemFile {
   return { path, pem: readFileSync(path, 'utf8') };
 }
+
+/** A self-signed certificate and its key, as PEM buffers. */
+export interface SelfSigned {
+  readonly cert: Buffer;
+  readonly key: Buffer;
+  /** Remove the directory (idempotent). */
+  cleanup(): void;
+}
+
+/**
+ * A self-signed RSA 2048 certificate for 127.0.0.1 (CN localhost) in a fresh temporary
+ * directory: for socket-level TLS tests that trust the certificate itself (`ca: cert`).
+ */
+export function makeSelfSigned(prefix = 'ftpnp-tls-'): SelfSigned {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  let cleaned = false;
+  const cleanup = (): void => {
+    if (cleaned) return;
+    cleaned = true;
+    rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    const keyPath = join(dir, 'k.pem');
+    const certPath = join(dir, 'c.pem');
+    openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', keyPath, '-out', certPath,
+      '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1']);
+    return { cert: readFileSync(certPath), key: readFileSync(keyPath), cleanup };
+  } catch (err) {
+    cleanup();
+    throw err;
+  }
+}
