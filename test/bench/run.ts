@@ -721,9 +721,13 @@ function reportSteps(r: Record<string, unknown>, names: readonly string[]): stri
 
 // ---- NOOP latency
 
+/** The direct target measured a second time in each repetition: the A/A noise floor of a ratio or a difference. */
+const DIRECT_AGAIN = 'direct-again';
+
 async function benchNoop(ctx: Context): Promise<Record<string, unknown>> {
   const reps = ctx.options.reps ?? 5;
-  const targets = allTargets(ctx);
+  // The same vsftpd twice: how far p99 moves between two runs with no proxy at all.
+  const targets = [...allTargets(ctx), { ...ctx.direct, name: DIRECT_AGAIN }];
   const per: Record<string, { p50: number[]; p99: number[]; over50: number[]; over99: number[] }> = {};
   for (const t of targets) per[t.name] = { p50: [], p99: [], over50: [], over99: [] };
   for (let rep = 0; rep < reps; rep++) {
@@ -948,9 +952,14 @@ const KERNEL_CASES: ReadonlyArray<{ readonly family: 4 | 6; readonly mode: DataM
   { family: 6, mode: 'eprt' },
 ];
 
-/** What each target of the kernel section is, in latest.json and the table. */
-type KernelRole = 'direct' | 'edge' | 'relay' | 'mod_proxy';
-const KERNEL_ROLES: readonly KernelRole[] = ['direct', 'edge', 'relay', 'mod_proxy'];
+/**
+ * What each target of the kernel section is, in latest.json and the table. `direct-again` is
+ * the direct target measured a second time in the same repetition (an A/A comparison): its
+ * ratio to direct is what the measurement itself swings by on this machine, the floor under
+ * which no difference between direct and the edge can be told apart.
+ */
+type KernelRole = 'direct' | 'direct-again' | 'edge' | 'relay' | 'mod_proxy';
+const KERNEL_ROLES: readonly KernelRole[] = ['direct', 'direct-again', 'edge', 'relay', 'mod_proxy'];
 
 /** One measured proxy's `transfer` log line, as far as the proof needs it. */
 interface TransferLine {
@@ -1032,7 +1041,7 @@ async function startKernelTargets(ctx: Context): Promise<KernelTargets> {
   const startErrors: Record<string, string> = {};
   const logging = new Map<Server, LoggingProxy>();
   const { lab } = ctx;
-  const byFamily: KernelTargets['byFamily'] = lab ? { 4: {}, 6: {} } : { 4: { direct: ctx.direct, ...(ctx.modProxy ? { mod_proxy: ctx.modProxy } : {}) }, 6: {} };
+  const byFamily: KernelTargets['byFamily'] = lab ? { 4: {}, 6: {} } : { 4: { direct: ctx.direct, 'direct-again': ctx.direct, ...(ctx.modProxy ? { mod_proxy: ctx.modProxy } : {}) }, 6: {} };
   // Where clients, proxies and servers sit: the routed lab (clients and servers in namespaces
   // of their own, everything else on the edge between them) or one loopback.
   const place = (family: 4 | 6): { listen: string; upstream: string; clientNetns?: string } =>
@@ -1057,6 +1066,7 @@ async function startKernelTargets(ctx: Context): Promise<KernelTargets> {
       });
       started.push(server);
       byFamily[d.family].direct = server;
+      byFamily[d.family]['direct-again'] = server;
     } catch (err) {
       startErrors[d.name] = oneLine(err);
     }
@@ -1171,7 +1181,7 @@ async function benchKernel(ctx: Context): Promise<Record<string, unknown>> {
           const slot = slots[role]!;
           const logging = targets.logging.get(t);
           await settle();
-          const remote = `kernel-${t.name}-${c.mode}-${rep}.bin`;
+          const remote = `kernel-${role}-${t.name}-${c.mode}-${rep}.bin`;
           const get = await curlTransfer(t, 'get', ctx.files.big, '', bytes, c.mode);
           const getLine = logging ? await logging.take('RETR', ctx.files.big, 5000) : null;
           const put = await curlTransfer(t, 'put', remote, ctx.files.upload, bytes, c.mode);
@@ -1199,7 +1209,7 @@ async function benchKernel(ctx: Context): Promise<Record<string, unknown>> {
           slot.stor.push(put.mibPerSec);
           thisRep[role] = { retr: get.mibPerSec, stor: put.mibPerSec };
           const via = logging ? ` (dataPath ${getLine?.dataPath ?? 'not logged'} / ${putLine?.dataPath ?? 'not logged'})` : '';
-          log(`kernel rep ${rep + 1}/${reps} ${name} ${t.name}: RETR ${fmt(get.mibPerSec)} MiB/s, STOR ${fmt(put.mibPerSec)} MiB/s${via}`);
+          log(`kernel rep ${rep + 1}/${reps} ${name} ${role === 'direct-again' ? `${t.name} (again)` : t.name}: RETR ${fmt(get.mibPerSec)} MiB/s, STOR ${fmt(put.mibPerSec)} MiB/s${via}`);
         }
         const d = thisRep.direct!;
         for (const role of roles) {
@@ -1258,7 +1268,7 @@ function pathsText(paths: Record<string, number> | undefined): string {
 /** The kernel section's table (one row per family, client mode and direction) and its verdicts. */
 function reportKernel(k: Record<string, unknown>, verdicts: Verdict[]): string[][] {
   const rows: string[][] = [
-    [`edge setup (${String((k.setup as { topology?: string } | undefined)?.topology ?? '').split(':')[0] || 'loopback'}), ${k.sizeMiB} MiB, MiB/s (median of ${k.reps})`, 'op', 'direct', 'edge (ratio)', 'edge data path', 'relay (ratio)', 'mod_proxy (ratio)', 'edge >= 0.95x', 'relay > mod_proxy'],
+    [`edge setup (${String((k.setup as { topology?: string } | undefined)?.topology ?? '').split(':')[0] || 'loopback'}), ${k.sizeMiB} MiB, MiB/s (median of ${k.reps})`, 'op', 'direct', 'direct again (A/A)', 'edge (ratio)', 'edge data path', 'relay (ratio)', 'mod_proxy (ratio)', 'edge >= 0.95x', 'relay > mod_proxy'],
   ];
   const passText = (pass: boolean | null): string => (pass === null ? 'n/a' : pass ? 'PASS' : 'FAIL');
   const cases = (k.cases ?? {}) as Record<string, Record<string, unknown>>;
@@ -1276,7 +1286,8 @@ function reportKernel(k: Record<string, unknown>, verdicts: Verdict[]): string[]
       const edgeErrors = errorsOf('edge');
       const edgePass = Number.isFinite(er) ? er >= 0.95 && edgeErrors === 0 : null;
       const paths = (c.edge as { dataPaths?: Record<string, Record<string, number>> } | undefined)?.dataPaths?.[dir];
-      verdicts.push({ name: `edge setup ${name} ${op} >= 0.95 of direct`, variant: 'edge', pass: edgePass, detail: `${ratio(er)}${edgeErrors ? `, ${edgeErrors} transfer errors` : ''}; data path: ${pathsText(paths)}` });
+      const aa = num(c, 'direct-again', rkey);
+      verdicts.push({ name: `edge setup ${name} ${op} >= 0.95 of direct`, variant: 'edge', pass: edgePass, detail: `${ratio(er)}${edgeErrors ? `, ${edgeErrors} transfer errors` : ''} (direct against itself: ${ratio(aa)}); data path: ${pathsText(paths)}` });
       const total = Object.values(paths ?? {}).reduce((a, n) => a + n, 0);
       if (total > 0) {
         const kernel = paths?.kernel ?? 0;
@@ -1287,11 +1298,40 @@ function reportKernel(k: Record<string, unknown>, verdicts: Verdict[]): string[]
       const mr = num(c, 'mod_proxy', rkey);
       const relayPass = c.mod_proxy && Number.isFinite(rr) && Number.isFinite(mr) ? rr > mr && errorsOf('relay') === 0 : null;
       if (c.mod_proxy) verdicts.push({ name: `relay fallback ${name} ${op} above mod_proxy`, variant: 'relay', pass: relayPass, detail: `${ratio(rr)} vs mod_proxy ${ratio(mr)}` });
-      rows.push([op === 'RETR' ? name : '', op, fmt(num(c, 'direct', key)), cell('edge', true), pathsText(paths), cell('relay', true), cell('mod_proxy', true), passText(edgePass), c.mod_proxy ? passText(relayPass) : 'n/a']);
+      rows.push([op === 'RETR' ? name : '', op, fmt(num(c, 'direct', key)), cell('direct-again', true), cell('edge', true), pathsText(paths), cell('relay', true), cell('mod_proxy', true), passText(edgePass), c.mod_proxy ? passText(relayPass) : 'n/a']);
     }
     verdicts.push({ name: `edge setup ${name}: every measured transfer logged with dataPath=kernel`, variant: 'edge', pass: allKernel, detail: kernelCounts.length ? `kernel in ${kernelCounts.join(', ')}` : 'no transfer lines' });
   }
   return rows;
+}
+
+/**
+ * The section's noise floor: the direct target against itself (A/A) per row and per single
+ * repetition, beside the edge's rows. A row's edge ratio is only told apart from direct's
+ * when it lies further from 1 than the A/A rows do.
+ */
+function kernelNoiseLine(k: Record<string, unknown>): string | null {
+  const rowMedians: Record<'aa' | 'edge', number[]> = { aa: [], edge: [] };
+  const single: number[] = [];
+  const edgeSingle: number[] = [];
+  const runsOf = (c: Record<string, unknown>, role: KernelRole, rkey: 'retrRatio' | 'storRatio'): number[] =>
+    ((c[role] as { runs?: Record<string, number[]> } | undefined)?.runs?.[rkey] ?? []).filter((r) => Number.isFinite(r));
+  for (const c of Object.values((k.cases ?? {}) as Record<string, Record<string, unknown>>)) {
+    for (const rkey of ['retrRatio', 'storRatio'] as const) {
+      rowMedians.aa.push(num(c, 'direct-again', rkey));
+      rowMedians.edge.push(num(c, 'edge', rkey));
+      single.push(...runsOf(c, 'direct-again', rkey));
+      edgeSingle.push(...runsOf(c, 'edge', rkey));
+    }
+  }
+  const span = (values: number[]): string => {
+    const finite = values.filter((v) => Number.isFinite(v));
+    return finite.length ? `${ratio(Math.min(...finite))}-${ratio(Math.max(...finite))}` : 'n/a';
+  };
+  if (!single.length) return null;
+  single.sort((a, b) => a - b);
+  const quartile = (q: number): number => single[Math.min(single.length - 1, Math.floor(q * single.length))]!;
+  return `noise floor: direct against itself (A/A), median per row ${span(rowMedians.aa)}, single repetitions ${span(single)} (middle half ${ratio(quartile(0.25))}-${ratio(quartile(0.75))}); edge per row ${span(rowMedians.edge)}; every row's repetitions pooled: A/A ${ratio(median(single))}, edge ${ratio(median(edgeSingle))} (${edgeSingle.length} ratios)`;
 }
 
 /**
@@ -1303,6 +1343,8 @@ function kernelProofLines(k: Record<string, unknown>): string[] {
   const setup = k.setup as { edgeStart?: Record<string, unknown> | null } | undefined;
   const start = setup?.edgeStart;
   lines.push(`edge start: ${start ? `dataPath auto -> ${String(start.dataPath)} (${String(start.reason ?? '')})` : 'no data-path line logged'}`);
+  const noise = kernelNoiseLine(k);
+  if (noise) lines.push(noise);
   for (const [name, c] of Object.entries((k.cases ?? {}) as Record<string, Record<string, unknown>>)) {
     const edge = c.edge as { name?: string; dataPaths?: Record<string, Record<string, number>>; lastTransferLines?: Record<string, TransferLine> } | undefined;
     if (!edge) continue;
@@ -1466,6 +1508,14 @@ function diagnosticLines(results: Record<string, unknown>, variants: readonly st
     const events = (results.proxyLogEvents as Record<string, Record<string, number>> | undefined)?.[v] ?? {};
     if (Object.keys(events).length) parts.push(`logged ${Object.entries(events).map(([e, n]) => `${e} x${n}`).join(', ')}`);
     if (parts.length) lines.push(`${v}: ${parts.join(', ')}`);
+  }
+  const noop = results.noop as Record<string, unknown> | undefined;
+  if (noop?.[DIRECT_AGAIN]) {
+    const over99 = ((noop[DIRECT_AGAIN] as { runs?: { over99?: number[] } }).runs?.over99 ?? []).filter((v) => Number.isFinite(v));
+    const signed = (v: number): string => `${v >= 0 ? '+' : ''}${fmt(v, 3)}`;
+    lines.push(
+      `noise floor: NOOP direct against itself (A/A), p50 ${signed(num(noop, DIRECT_AGAIN, 'overheadP50Ms'))} ms, p99 ${signed(num(noop, DIRECT_AGAIN, 'overheadP99Ms'))} ms (median), single repetitions p99 ${over99.length ? `${signed(Math.min(...over99))} to ${signed(Math.max(...over99))}` : 'n/a'} ms`,
+    );
   }
   if (results.kernel) lines.push(...kernelProofLines(results.kernel as Record<string, unknown>));
   if (results.ftps) lines.push(...ftpsDiagnosticLines(results.ftps as Record<string, unknown>));
