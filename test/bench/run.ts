@@ -44,7 +44,7 @@ import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, wait
 import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
 import { inNetns, routedLabPlan, routedLabSteps, type RoutedLab } from './routed-lab.js';
 import { HOST, HOST6, hostPort, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
-import { SESSION_STEPS, fmt, median, num, ratio, rotate, table, type Verdict } from './stats.js';
+import { SESSION_STEPS, fmt, median, num, ratio, ratioOfGeometricMeans, rotate, table, type RatioInterval, type Verdict } from './stats.js';
 import { summarizeFile } from './profile-summary.js';
 import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target, TransferJob } from './load-worker.js';
 import { FTPS_LABELS, FTPS_NAMES, FTPS_PORTS, FTPS_PROXY_VARIANTS, ftpsDiagnosticLines, makeBenchPki, reportFtps, startFtpsTargets, type FtpsTargets } from './ftps.js';
@@ -1310,6 +1310,10 @@ function reportKernel(k: Record<string, unknown>, verdicts: Verdict[]): string[]
  * repetition, beside the edge's rows. A row's edge ratio is only told apart from direct's
  * when it lies further from 1 than the A/A rows do.
  */
+function againstNoiseText(r: RatioInterval | null): string {
+  return r ? `edge against A/A ${ratio(r.ratio, 3)} (95% interval ${ratio(r.low, 3)}-${ratio(r.high, 3)})` : 'edge against A/A: n/a';
+}
+
 function kernelNoiseLine(k: Record<string, unknown>): string | null {
   const rowMedians: Record<'aa' | 'edge', number[]> = { aa: [], edge: [] };
   const single: number[] = [];
@@ -1331,7 +1335,7 @@ function kernelNoiseLine(k: Record<string, unknown>): string | null {
   if (!single.length) return null;
   single.sort((a, b) => a - b);
   const quartile = (q: number): number => single[Math.min(single.length - 1, Math.floor(q * single.length))]!;
-  return `noise floor: direct against itself (A/A), median per row ${span(rowMedians.aa)}, single repetitions ${span(single)} (middle half ${ratio(quartile(0.25))}-${ratio(quartile(0.75))}); edge per row ${span(rowMedians.edge)}; every row's repetitions pooled: A/A ${ratio(median(single))}, edge ${ratio(median(edgeSingle))} (${edgeSingle.length} ratios)`;
+  return `noise floor: direct against itself (A/A), median per row ${span(rowMedians.aa)}, single repetitions ${span(single)} (middle half ${ratio(quartile(0.25))}-${ratio(quartile(0.75))}); edge per row ${span(rowMedians.edge)}; every row's repetitions pooled: A/A ${ratio(median(single))}, edge ${ratio(median(edgeSingle))} (${edgeSingle.length} ratios); ${againstNoiseText(ratioOfGeometricMeans(edgeSingle, single))}`;
 }
 
 /**

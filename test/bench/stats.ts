@@ -59,3 +59,30 @@ export interface Verdict {
  * importing that module runs a worker.
  */
 export const SESSION_STEPS = ['connect to 220', 'USER', 'PASS', 'PASV + data connect', 'RETR to 150', '150 to data end', 'data end to 226', 'QUIT'] as const;
+
+/** A ratio with its 95% interval. */
+export interface RatioInterval {
+  readonly ratio: number;
+  readonly low: number;
+  readonly high: number;
+}
+
+/**
+ * How `values` compare with `baseline` when both are ratios measured many times (the kernel
+ * section's edge and A/A ratios to direct, pooled over rows): the ratio of their geometric
+ * means, with a 95% interval from the normal approximation on the logarithms, which a few
+ * hundred pairs allow. Null with fewer than two finite positive values on either side.
+ */
+export function ratioOfGeometricMeans(values: readonly number[], baseline: readonly number[]): RatioInterval | null {
+  const logs = (xs: readonly number[]): number[] => xs.filter((v) => Number.isFinite(v) && v > 0).map(Math.log);
+  const [v, b] = [logs(values), logs(baseline)];
+  if (v.length < 2 || b.length < 2) return null;
+  const mean = (xs: number[]): number => xs.reduce((sum, x) => sum + x, 0) / xs.length;
+  const variance = (xs: number[]): number => {
+    const m = mean(xs);
+    return xs.reduce((sum, x) => sum + (x - m) ** 2, 0) / (xs.length - 1);
+  };
+  const diff = mean(v) - mean(b);
+  const se = Math.sqrt(variance(v) / v.length + variance(b) / b.length);
+  return { ratio: Math.exp(diff), low: Math.exp(diff - 1.96 * se), high: Math.exp(diff + 1.96 * se) };
+}
