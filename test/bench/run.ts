@@ -11,6 +11,8 @@
  * Options: --quick (small sizes, few repetitions), --cpu-prof (V8 profiles of the proxies in
  * bench-results/profiles/), --size-mib=N, --reps=N (every section;
  * default 9 for throughput and kernel, whose single figures swing most, 5 elsewhere),
+ * --kernel-targets=direct-again,edge,relay,mod_proxy (the kernel section's targets besides
+ * direct; default all: fewer make the many repetitions a pooled comparison needs affordable),
  * --only=throughput,rate,noop,scale,idle,ftps,kernel, --variants=auto,js,splice,kernel (proxy variants
  * to run; the first is the headline). `auto`, `js` and `splice` are `client.dataPath: relay`
  * with FTPNP_RELAY unset, `js` or `splice`; `kernel` is `client.dataPath: kernel` (nftables
@@ -43,7 +45,7 @@ import { nftablesUnavailable } from '../helpers/netns.js';
 import { countFds, readCpuSeconds, readRssKiB, startChild, stopAllChildren, waitForLine, waitQuiet, type Child } from './procs.js';
 import { ensurePackages, isRoot, prepareProftpd, type ProftpdSetup } from './setup.js';
 import { inNetns, routedLabPlan, routedLabSteps, type RoutedLab } from './routed-lab.js';
-import { HOST, HOST6, hostPort, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchVsftpd, type Server } from './servers.js';
+import { HOST, HOST6, hostPort, NOFILE, withNofile, startBenchProftpd, startBenchProxy, startBenchProxyListeners, startBenchVsftpd, type Server } from './servers.js';
 import { SESSION_STEPS, fmt, median, num, ratio, ratioOfGeometricMeans, rotate, table, type RatioInterval, type Verdict } from './stats.js';
 import { summarizeFile } from './profile-summary.js';
 import type { IdleJob, Job, NoopJob, RateJob, ScaleFile, ScaleJob, Target, TransferJob } from './load-worker.js';
@@ -102,6 +104,8 @@ interface Options {
   readonly inside: boolean;
   /** Write a V8 CPU profile of every measured proxy to bench-results/profiles/ (--cpu-prof). */
   readonly cpuProf: boolean;
+  /** The kernel section's targets besides direct (--kernel-targets=), or null for all of them. */
+  readonly kernelTargets: ReadonlySet<string> | null;
 }
 
 const SECTIONS = ['throughput', 'rate', 'noop', 'scale', 'idle', 'ftps', 'kernel'];
@@ -121,6 +125,7 @@ function parseOptions(argv: readonly string[]): Options {
     variants: get('variants')?.split(',').filter(Boolean) ?? null,
     inside: argv.includes('--inside'),
     cpuProf: argv.includes('--cpu-prof'),
+    kernelTargets: get('kernel-targets') !== undefined ? new Set(get('kernel-targets')!.split(',').filter(Boolean)) : null,
   };
 }
 
@@ -982,13 +987,14 @@ interface LoggingProxy {
   take(command: string, path: string, timeoutMs: number): Promise<TransferLine | null>;
 }
 
-function logTransfers(server: Server): LoggingProxy {
+/** The transfer lines of one listener (a process may have one per family). */
+function logTransfers(server: Server, listener: string): LoggingProxy {
   const lines: TransferLine[] = [];
   server.child.onLine((line) => {
     if (!line.includes('"transfer"')) return;
     try {
       const entry = JSON.parse(line) as Record<string, unknown>;
-      if (entry.event === 'transfer') lines.push(entry as TransferLine);
+      if (entry.event === 'transfer' && entry.listener === listener) lines.push(entry as TransferLine);
     } catch {
       /* not a log line */
     }
@@ -997,7 +1003,7 @@ function logTransfers(server: Server): LoggingProxy {
   for (const line of server.child.output().split('\n')) {
     try {
       const entry = JSON.parse(line) as Record<string, unknown>;
-      if (entry.event === 'data-path') startLine = entry;
+      if (entry.event === 'data-path' && entry.listener === listener) startLine = entry;
     } catch {
       /* not a log line */
     }
@@ -1092,39 +1098,64 @@ async function startKernelTargets(ctx: Context): Promise<KernelTargets> {
       startErrors['mod_proxy-routed'] = oneLine(err);
     }
   }
+  // One process per role holds both families' listeners, as an operator runs it: every
+  // kernel-path process has an nftables table of its own whose forward chain sees every
+  // forwarded packet, so a second edge process (or the other sections' kernel variant, stopped
+  // before this section) would make each packet pay for tables that are not the edge's.
   const specs = [
-    { family: 4, role: 'edge', name: 'edge', port: PORTS.edge4, passive: PORTS.edge4Passive, active: PORTS.edge4Active, upstreamPort: PORTS.vsftpd },
-    { family: 4, role: 'relay', name: 'relay', port: PORTS.relay4, passive: PORTS.relay4Passive, active: PORTS.relay4Active, upstreamPort: PORTS.vsftpd },
-    { family: 6, role: 'edge', name: 'edge6', port: PORTS.edge6, passive: PORTS.edge6Passive, active: PORTS.edge6Active, upstreamPort: PORTS.vsftpd6 },
-    { family: 6, role: 'relay', name: 'relay6', port: PORTS.relay6, passive: PORTS.relay6Passive, active: PORTS.relay6Active, upstreamPort: PORTS.vsftpd6 },
+    { role: 'edge', names: { 4: 'edge', 6: 'edge6' }, ports: { 4: [PORTS.edge4, PORTS.edge4Passive, PORTS.edge4Active], 6: [PORTS.edge6, PORTS.edge6Passive, PORTS.edge6Active] } },
+    { role: 'relay', names: { 4: 'relay', 6: 'relay6' }, ports: { 4: [PORTS.relay4, PORTS.relay4Passive, PORTS.relay4Active], 6: [PORTS.relay6, PORTS.relay6Passive, PORTS.relay6Active] } },
   ] as const;
+  const upstreamPorts = { 4: PORTS.vsftpd, 6: PORTS.vsftpd6 } as const;
   for (const spec of specs) {
-    if (!byFamily[spec.family].direct) continue;
-    try {
-      const where = place(spec.family);
-      const server = await startBenchProxy({
-        name: spec.name,
+    const families = ([4, 6] as const).filter((family) => byFamily[family].direct);
+    if (families.length === 0) continue;
+    const listeners = families.map((family) => {
+      const where = place(family);
+      const [port, passivePorts, activePorts] = spec.ports[family];
+      return {
+        family,
+        name: family === 4 ? 'bench' : 'bench6',
+        serverName: spec.names[family],
         host: where.listen,
+        port,
         upstreamHost: where.upstream,
+        upstreamPort: upstreamPorts[family],
+        passivePorts,
+        activePorts,
         ...(where.clientNetns ? { clientNetns: where.clientNetns } : {}),
-        port: spec.port,
+      };
+    });
+    const [first, ...more] = listeners;
+    const name = listeners.map((l) => l.serverName).join('+');
+    try {
+      const servers = await startBenchProxyListeners({
+        name: first!.serverName,
+        listener: first!.name,
+        host: first!.host,
+        upstreamHost: first!.upstreamHost,
+        ...(first!.clientNetns ? { clientNetns: first!.clientNetns } : {}),
+        port: first!.port,
         work: join(ctx.work, 'proxy-kernel-section'),
-        upstreamPort: spec.upstreamPort,
-        passivePorts: spec.passive,
+        upstreamPort: first!.upstreamPort,
+        passivePorts: first!.passivePorts,
+        moreListeners: more,
         // conf/edge.yaml's data settings; the relay twin differs in dataPath only.
         dataPath: spec.role === 'edge' ? 'auto' : 'relay',
         upstreamDataMode: 'mirror',
-        activePorts: spec.active,
+        activePorts: first!.activePorts,
         repoDir: ctx.repo,
         // Info: every transfer line says which path carried it (a few lines per 256 MiB).
         logLevel: 'info',
-        nodeArgs: cpuProfArgs(ctx.options, ctx.repo, spec.name),
+        nodeArgs: cpuProfArgs(ctx.options, ctx.repo, first!.serverName),
       });
-      started.push(server);
-      byFamily[spec.family][spec.role] = server;
-      logging.set(server, logTransfers(server));
+      started.push(servers[0]!);
+      servers.forEach((server, i) => {
+        byFamily[listeners[i]!.family][spec.role] = server;
+        logging.set(server, logTransfers(server, listeners[i]!.name));
+      });
     } catch (err) {
-      startErrors[spec.name] = oneLine(err);
+      startErrors[name] = oneLine(err);
     }
   }
   for (const [name, why] of Object.entries(startErrors)) log(`kernel section: ${name} did not start: ${why}`);
@@ -1165,7 +1196,8 @@ async function benchKernel(ctx: Context): Promise<Record<string, unknown>> {
     for (const c of cases) {
       const slots: Partial<Record<KernelRole, KernelSlot>> = {};
       for (const role of KERNEL_ROLES) {
-        if (targets.byFamily[c.family][role]) slots[role] = { retr: [], stor: [], retrRatio: [], storRatio: [], errors: [], paths: { retr: {}, stor: {} }, sample: {} };
+        const wanted = role === 'direct' || !ctx.options.kernelTargets || ctx.options.kernelTargets.has(role);
+        if (wanted && targets.byFamily[c.family][role]) slots[role] = { retr: [], stor: [], retrRatio: [], storRatio: [], errors: [], paths: { retr: {}, stor: {} }, sample: {} };
       }
       per[caseName(c.family, c.mode)] = slots;
     }
@@ -1567,6 +1599,8 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
       spawnSync('chown', ['-R', `${TEST_USER}:`, root]);
       const direct = await startBenchVsftpd({ port: PORTS.vsftpd, work: join(work, 'vsftpd'), root, pasvMin: PORTS.vsftpdPasv[0], pasvMax: PORTS.vsftpdPasv[1] });
       const proxies: Server[] = [];
+      /** The kernel variant's proxies: each has an nftables table of its own. */
+      const tableOwners = new Set<Server>();
       for (const [i, variant] of (plainSections ? variants : []).entries()) {
         const name = i === 0 ? 'proxy' : `proxy-${variant}`;
         const kernel = variant === 'kernel';
@@ -1584,6 +1618,7 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
           proxies.push(
             await startBenchProxy({ name, port: PORTS.proxyBase + i, work: join(work, 'proxy'), upstreamPort: PORTS.vsftpd, passivePorts: PORTS.proxyPassive(i), repoDir: repo, env, ...(kernel ? { dataPath: 'kernel' as const } : {}), nodeArgs: cpuProfArgs(options, repo, name) }),
           );
+          if (kernel) tableOwners.add(proxies[proxies.length - 1]!);
         } catch (err) {
           // Without the kernel variant the rest of the run still means something.
           if (!kernel) throw err;
@@ -1650,7 +1685,12 @@ async function inner(options: Options, setup: SetupInfo): Promise<number> {
       }
       if (options.only.has('noop')) results.noop = await benchNoop(ctx);
       if (options.only.has('scale')) results.scale = await benchScale(ctx);
-      if (options.only.has('kernel')) results.kernel = await benchKernel(ctx);
+      if (options.only.has('kernel')) {
+        // Their tables' forward chains would see the edge's packets too (startKernelTargets);
+        // the sections that use them are done.
+        for (const p of tableOwners) await p.child.stop();
+        results.kernel = await benchKernel(ctx);
+      }
       if (options.only.has('ftps')) results.ftps = await benchFtps(ctx, setup.proftpd);
       for (const p of proxies) await p.child.stop();
       if (modProxy) await modProxy.child.stop();

@@ -184,6 +184,27 @@ export interface ProxyBenchOptions {
   readonly tls?: BenchTlsFiles;
   /** `upstream.tls` (explicit FTPS toward the server), checked against this CA. */
   readonly upstreamTls?: { readonly ca: string };
+  /** Listener name in the config and in every log line, default `bench` (`bench-ftps` with tls). */
+  readonly listener?: string;
+  /**
+   * More plain listeners in the same process, with the same data settings (the kernel section's
+   * IPv6 edge beside the IPv4 one: one process, so one nftables table, as deployed).
+   */
+  readonly moreListeners?: readonly BenchListener[];
+}
+
+/** One more listener of a bench proxy: where it listens, its upstream and its port ranges. */
+export interface BenchListener {
+  readonly name: string;
+  /** Server.name of its result. */
+  readonly serverName: string;
+  readonly host: string;
+  readonly port: number;
+  readonly upstreamHost: string;
+  readonly upstreamPort: number;
+  readonly passivePorts: string;
+  readonly activePorts?: string;
+  readonly clientNetns?: string;
 }
 
 /** A YAML double-quoted scalar (JSON's string syntax is a subset of it). */
@@ -193,21 +214,31 @@ function yamlString(text: string): string {
 
 export function proxyBenchYaml(options: ProxyBenchOptions): string {
   const host = options.host ?? HOST;
-  return [
-    `log: { level: ${options.logLevel ?? 'warn'} }`,
-    'listeners:',
-    `  - name: ${options.tls ? 'bench-ftps' : 'bench'}`,
-    `    listen: "${hostPort(host, options.port)}"`,
-    ...(options.tls ? [`    tls: { mode: explicit, cert: ${yamlString(options.tls.cert)}, key: ${yamlString(options.tls.key)} }`] : []),
+  const first: BenchListener & { readonly tls?: BenchTlsFiles; readonly upstreamTls?: { readonly ca: string } } = {
+    name: options.listener ?? (options.tls ? 'bench-ftps' : 'bench'),
+    serverName: options.name,
+    host,
+    port: options.port,
+    upstreamHost: options.upstreamHost ?? host,
+    upstreamPort: options.upstreamPort,
+    passivePorts: options.passivePorts,
+    ...(options.activePorts ? { activePorts: options.activePorts } : {}),
+    ...(options.tls ? { tls: options.tls } : {}),
+    ...(options.upstreamTls ? { upstreamTls: options.upstreamTls } : {}),
+  };
+  const listener = (l: typeof first): string[] => [
+    `  - name: ${l.name}`,
+    `    listen: "${hostPort(l.host, l.port)}"`,
+    ...(l.tls ? [`    tls: { mode: explicit, cert: ${yamlString(l.tls.cert)}, key: ${yamlString(l.tls.key)} }`] : []),
     '    upstream:',
-    `      host: ${yamlString(options.upstreamHost ?? host)}`,
-    `      port: ${options.upstreamPort}`,
-    ...(options.upstreamTls ? [`      tls: { mode: explicit, ca: ${yamlString(options.upstreamTls.ca)}, servername: ${HOST} }`] : []),
+    `      host: ${yamlString(l.upstreamHost)}`,
+    `      port: ${l.upstreamPort}`,
+    ...(l.upstreamTls ? [`      tls: { mode: explicit, ca: ${yamlString(l.upstreamTls.ca)}, servername: ${HOST} }`] : []),
     `      dataMode: ${options.upstreamDataMode ?? 'passive'}`,
-    ...(options.activePorts ? [`      activePorts: "${options.activePorts}"`] : []),
+    ...(l.activePorts ? [`      activePorts: "${l.activePorts}"`] : []),
     '    client:',
     '      advertise: auto',
-    `      passivePorts: "${options.passivePorts}"`,
+    `      passivePorts: "${l.passivePorts}"`,
     ...(options.dataPath ? [`      dataPath: ${options.dataPath}`] : []),
     '    limits:',
     // Every bench client comes from 127.0.0.1: no per-address share of sessions or of relay
@@ -216,11 +247,16 @@ export function proxyBenchYaml(options: ProxyBenchOptions): string {
     '      maxSessions: 100000',
     '      maxSessionsPerIp: 100000',
     '      maxRelayPortsPerIp: 65535',
-    '',
-  ].join('\n');
+  ];
+  return [`log: { level: ${options.logLevel ?? 'warn'} }`, 'listeners:', ...[first, ...(options.moreListeners ?? [])].flatMap(listener), ''].join('\n');
 }
 
 export async function startBenchProxy(options: ProxyBenchOptions): Promise<Server> {
+  return (await startBenchProxyListeners(options))[0]!;
+}
+
+/** A bench proxy with all its listeners: the first from `options` itself, then `moreListeners`, one Server each (one child). */
+export async function startBenchProxyListeners(options: ProxyBenchOptions): Promise<Server[]> {
   mkdirSync(options.work, { recursive: true });
   const yaml = join(options.work, `${options.name}.yaml`);
   writeFileSync(yaml, proxyBenchYaml(options));
@@ -228,12 +264,19 @@ export async function startBenchProxy(options: ProxyBenchOptions): Promise<Serve
   const child = startChild(options.name, command, args, { env: { ...process.env, ...(options.env ?? {}) } });
   const host = options.host ?? HOST;
   await ready(child, host, options.port);
-  return serverOf(options.name, child, host, options.port, {
-    user: options.user,
-    password: options.password,
-    ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}),
-    clientNetns: options.clientNetns,
-  });
+  const servers = [
+    serverOf(options.name, child, host, options.port, {
+      user: options.user,
+      password: options.password,
+      ...(options.tls ? { tls: { caFile: options.tls.ca, host: HOST } } : {}),
+      clientNetns: options.clientNetns,
+    }),
+  ];
+  for (const more of options.moreListeners ?? []) {
+    await ready(child, more.host, more.port);
+    servers.push(serverOf(more.serverName, child, more.host, more.port, { user: options.user, password: options.password, clientNetns: more.clientNetns }));
+  }
+  return servers;
 }
 
 export interface ProftpdBenchOptions {
