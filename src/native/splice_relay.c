@@ -25,7 +25,7 @@
  * no event-loop work per record.
  *
  * JS interface (see src/data/splice-relay.ts):
- *   start(clientFd, upstreamFd, pipeBytes, onEvent[, clientTls, upstreamTls]) -> handle
+ *   start(clientFd, upstreamFd, pipeBytes, onEvent[, clientTls, upstreamTls, clientPending, upstreamPending]) -> handle
  *     clientTls / upstreamTls: null for a plain leg, else that leg's TLS 1.3 state
  *     { bits, readKey, readIv, readSeq, writeKey, writeIv, writeSeq, pending } (tls_leg)
  *     clientPending / upstreamPending: a plain leg's bytes already read into JS (plain_pending)

@@ -73,14 +73,7 @@ export function makeTestPki(options: TestPkiOptions = {}): TestPki {
   const sans = [...DEFAULT_SANS, ...(options.extraSans ?? [])];
   for (const san of sans) if (!SAN_PATTERN.test(san)) throw new Error(`unsupported subjectAltName entry: ${JSON.stringify(san)}`);
   const days = String(options.days ?? 2);
-  const dir = mkdtempSync(join(options.parentDir ?? tmpdir(), 'ftpnp-pki-'));
-  chmodSync(dir, 0o700);
-  let cleaned = false;
-  const cleanup = (): void => {
-    if (cleaned) return;
-    cleaned = true;
-    rmSync(dir, { recursive: true, force: true });
-  };
+  const { dir, cleanup } = privateTempDir('ftpnp-pki-', options.parentDir);
   try {
     const extFile = join(dir, 'server-ext.cnf');
     writeFileSync(extFile, [
@@ -125,6 +118,21 @@ export function makeTestPki(options: TestPkiOptions = {}): TestPki {
   }
 }
 
+/** A fresh temporary directory only we can read (it holds private keys), and its idempotent removal. */
+function privateTempDir(prefix: string, parentDir: string = tmpdir()): { readonly dir: string; cleanup(): void } {
+  const dir = mkdtempSync(join(parentDir, prefix));
+  chmodSync(dir, 0o700);
+  let cleaned = false;
+  return {
+    dir,
+    cleanup: () => {
+      if (cleaned) return;
+      cleaned = true;
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
 function openssl(args: readonly string[]): void {
   try {
     execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -151,13 +159,7 @@ export interface SelfSigned {
  * directory: for socket-level TLS tests that trust the certificate itself (`ca: cert`).
  */
 export function makeSelfSigned(prefix = 'ftpnp-tls-'): SelfSigned {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
-  let cleaned = false;
-  const cleanup = (): void => {
-    if (cleaned) return;
-    cleaned = true;
-    rmSync(dir, { recursive: true, force: true });
-  };
+  const { dir, cleanup } = privateTempDir(prefix);
   try {
     const keyPath = join(dir, 'k.pem');
     const certPath = join(dir, 'c.pem');
